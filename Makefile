@@ -1,0 +1,65 @@
+# runbridge — the two set-up commands are `make demo` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+# The crash tests need the failpoints compiled in (never in a release build).
+TEST_FEATURES ?= --features failpoints
+
+.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small clean
+
+# Fault-injection run (see src/bin/chaos.rs): N triggers, every fault on, a
+# seed to replay it. `make chaos SEED=42 N=10000`.
+N ?= 10000
+RATE ?= 100
+SEED ?=
+
+all: build
+
+build:
+	$(CARGO) build
+
+release:
+	$(CARGO) build --release
+
+services:
+	@bash scripts/ensure-services.sh
+
+# The whole suite: the 1,000-trigger fault-injection profile, then unit and
+# integration tests against the real RabbitMQ and Redis on this machine and
+# the emulator over HTTP (last, so the test runner's summary closes the output).
+test: services chaos-small
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run $(TEST_FEATURES) --no-fail-fast; \
+	else \
+		echo "[test] cargo-nextest not found; using cargo test"; \
+		$(CARGO) test $(TEST_FEATURES) --no-fail-fast; \
+	fi
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets $(TEST_FEATURES) -- -D warnings
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+# The main job end to end against the emulator; stops what it starts.
+demo: services build
+	@bash scripts/demo.sh
+
+# Validates docker-compose.yml without an engine (Debian's docker-compose).
+compose-config:
+	@if command -v docker-compose >/dev/null; then docker-compose config -q && echo "docker-compose.yml is valid"; \
+	elif docker compose version >/dev/null 2>&1; then docker compose config -q && echo "docker-compose.yml is valid"; \
+	else echo "no docker-compose here: apt-get install docker-compose" >&2; exit 1; fi
+
+chaos: services
+	$(CARGO) build --features failpoints --bins
+	target/debug/chaos --triggers $(N) --rate $(RATE) $(if $(SEED),--seed $(SEED),)
+
+# The profile `make test` runs: 1,000 triggers, every fault kind.
+chaos-small: services
+	$(CARGO) build --features failpoints --bins
+	target/debug/chaos --triggers 1000 --rate 50 --fault-every 1.5 $(if $(SEED),--seed $(SEED),)
+
+clean:
+	$(CARGO) clean

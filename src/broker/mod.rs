@@ -1,0 +1,692 @@
+//! RabbitMQ, through lapin: the only module that imports lapin.
+//!
+//! It declares the topology of DESIGN.md §2/§5, turns deliveries into plain
+//! [`Envelope`]s with an [`Incoming`] handle to settle them, and publishes
+//! with publisher confirms: [`Publisher::publish`] returns only once the
+//! broker confirmed the message with no `basic.return`.
+//!
+//! Reconnection is the caller's loop: every long-running task (trigger
+//! consumer, relay) owns its connection, and on any connection error drops it
+//! and connects again with backoff. Deliveries that were in flight are
+//! redelivered by the broker, which the worker's steps are built to absorb.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::domain::{CompletionEvent, Envelope};
+
+pub const ERROR_HEADER: &str = "x-runbridge-error";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot connect to RabbitMQ at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("rabbitmq: {0}")]
+    Amqp(String),
+    /// The broker confirmed but returned the message: no queue is bound for it.
+    #[error("unroutable: exchange {exchange:?} has no queue bound for routing key {routing_key:?}")]
+    Returned {
+        exchange: String,
+        routing_key: String,
+    },
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+}
+
+fn amqp(e: lapin::Error) -> BrokerError {
+    BrokerError::Amqp(e.to_string())
+}
+
+#[derive(Clone)]
+pub struct BrokerSettings {
+    pub url: SecretString,
+    pub triggers_queue: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    pub events_exchange: String,
+    /// Operator commands (`{"action":"cancel",...}`).
+    pub control_queue: String,
+    pub delivery_limit: u32,
+    pub prefetch: u16,
+    pub connection_name: String,
+}
+
+impl std::fmt::Debug for BrokerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerSettings")
+            .field("url", &redact_amqp_url(self.url.expose_secret()))
+            .field("triggers_queue", &self.triggers_queue)
+            .field("events_exchange", &self.events_exchange)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The AMQP URL with its password replaced, for messages and logs.
+pub fn redact_amqp_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<unparseable url>".into(),
+    }
+}
+
+/// One connection to the broker.
+pub struct Broker {
+    conn: Connection,
+    settings: BrokerSettings,
+}
+
+impl Broker {
+    pub async fn connect(settings: &BrokerSettings) -> Result<Self, BrokerError> {
+        let props = ConnectionProperties::default()
+            .with_connection_name(settings.connection_name.clone().into());
+        let conn = tokio::time::timeout(
+            Duration::from_secs(10),
+            Connection::connect(settings.url.expose_secret(), props),
+        )
+        .await
+        .map_err(|_| BrokerError::Connect {
+            url: redact_amqp_url(settings.url.expose_secret()),
+            reason: "timed out after 10s".into(),
+        })?
+        .map_err(|e| BrokerError::Connect {
+            url: redact_amqp_url(settings.url.expose_secret()),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            conn,
+            settings: settings.clone(),
+        })
+    }
+
+    /// Declares the trigger queue (quorum, delivery limit, dead-lettering),
+    /// the dead-letter exchange and queue, and the events exchange. Safe to
+    /// repeat; a queue declared earlier with other arguments is a clear error.
+    pub async fn declare_topology(&self) -> Result<(), BrokerError> {
+        let s = &self.settings;
+        let ch = self.conn.create_channel().await.map_err(amqp)?;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            s.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp)?;
+        ch.exchange_declare(
+            s.events_exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp)?;
+        let mut dead_args = FieldTable::default();
+        dead_args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        ch.queue_declare(
+            s.dead_letter_queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            dead_args,
+        )
+        .await
+        .map_err(amqp)?;
+        ch.queue_bind(
+            s.dead_letter_queue.as_str().into(),
+            s.dead_letter_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp)?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(s.delivery_limit)),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(s.dead_letter_exchange.as_str().into()),
+        );
+        ch.queue_declare(
+            s.triggers_queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            args,
+        )
+        .await
+        .map_err(|e| {
+            BrokerError::Amqp(format!(
+                "declaring {:?} (an existing queue with other arguments must be deleted or renamed): {e}",
+                s.triggers_queue
+            ))
+        })?;
+        let mut control_args = FieldTable::default();
+        control_args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        control_args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(s.dead_letter_exchange.as_str().into()),
+        );
+        ch.queue_declare(
+            s.control_queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            control_args,
+        )
+        .await
+        .map_err(amqp)?;
+        let _ = ch.close(200, "topology declared".into()).await;
+        Ok(())
+    }
+
+    /// Starts consuming triggers with the configured prefetch.
+    pub async fn consume_triggers(
+        &self,
+        consumer_tag: &str,
+    ) -> Result<TriggerConsumer, BrokerError> {
+        self.consume_acked(&self.settings.triggers_queue, consumer_tag)
+            .await
+    }
+
+    /// Starts consuming operator commands from the control queue.
+    pub async fn consume_control(
+        &self,
+        consumer_tag: &str,
+    ) -> Result<TriggerConsumer, BrokerError> {
+        self.consume_acked(&self.settings.control_queue, consumer_tag)
+            .await
+    }
+
+    async fn consume_acked(
+        &self,
+        queue: &str,
+        consumer_tag: &str,
+    ) -> Result<TriggerConsumer, BrokerError> {
+        let ch = self.conn.create_channel().await.map_err(amqp)?;
+        ch.basic_qos(self.settings.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(amqp)?;
+        let consumer = ch
+            .basic_consume(
+                queue.into(),
+                consumer_tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp)?;
+        Ok(TriggerConsumer {
+            channel: ch,
+            consumer,
+        })
+    }
+
+    /// A channel in confirm mode.
+    pub async fn publisher(&self) -> Result<Publisher, BrokerError> {
+        let ch = self.conn.create_channel().await.map_err(amqp)?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(amqp)?;
+        Ok(Publisher {
+            channel: ch,
+            events_exchange: self.settings.events_exchange.clone(),
+            dead_letter_exchange: self.settings.dead_letter_exchange.clone(),
+            triggers_queue: self.settings.triggers_queue.clone(),
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.conn.status().connected()
+    }
+
+    pub async fn close(&self) {
+        let _ = self.conn.close(200, "shutting down".into()).await;
+    }
+}
+
+pub struct TriggerConsumer {
+    channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+impl TriggerConsumer {
+    /// The next delivery; `None` when the consumer or its connection ended
+    /// (the caller reconnects).
+    pub async fn next(&mut self) -> Option<Result<Incoming, BrokerError>> {
+        match self.consumer.next().await? {
+            Ok(d) => Some(Ok(Incoming::from_delivery(d))),
+            Err(e) => Some(Err(amqp(e))),
+        }
+    }
+
+    /// Stops new deliveries (shutdown); unacked ones go back to the queue
+    /// when the channel closes.
+    pub async fn cancel(&self) {
+        let _ = self
+            .channel
+            .basic_cancel(self.consumer.tag(), Default::default())
+            .await;
+    }
+}
+
+fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// One trigger delivery: its envelope and what the worker decides about it.
+pub struct Incoming {
+    pub envelope: Envelope,
+    pub redelivered: bool,
+    delivery: Delivery,
+}
+
+impl Incoming {
+    fn from_delivery(d: Delivery) -> Self {
+        let p = &d.properties;
+        let s = |v: &Option<ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
+        let envelope = Envelope {
+            body: d.data.clone(),
+            message_id: s(p.message_id()),
+            reply_to: s(p.reply_to()),
+            correlation_id: s(p.correlation_id()),
+            traceparent: header_str(p, "traceparent"),
+        };
+        Self {
+            envelope,
+            redelivered: d.redelivered,
+            delivery: d,
+        }
+    }
+
+    pub async fn ack(&self) -> Result<(), BrokerError> {
+        self.delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(amqp)
+    }
+
+    /// Back to the queue for another try (counts toward the delivery limit).
+    pub async fn requeue(&self) -> Result<(), BrokerError> {
+        self.delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(amqp)
+    }
+
+    /// Copies the message to the dead-letter exchange with the reason in
+    /// `x-runbridge-error` (confirmed), then acks the original.
+    pub async fn dead_letter(
+        &self,
+        publisher: &Publisher,
+        reason: &str,
+    ) -> Result<(), BrokerError> {
+        let mut headers = self
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        headers.insert(
+            ERROR_HEADER.into(),
+            AMQPValue::LongString(reason.chars().take(1000).collect::<String>().into()),
+        );
+        let props = self
+            .delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        publisher
+            .raw_publish(
+                &publisher.dead_letter_exchange,
+                &publisher.triggers_queue,
+                &self.delivery.data,
+                props,
+                false,
+            )
+            .await?;
+        self.ack().await
+    }
+}
+
+/// A confirm-mode channel.
+pub struct Publisher {
+    channel: Channel,
+    events_exchange: String,
+    dead_letter_exchange: String,
+    triggers_queue: String,
+}
+
+impl Publisher {
+    async fn raw_publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), BrokerError> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory,
+                    ..Default::default()
+                },
+                body,
+                props,
+            )
+            .await
+            .map_err(amqp)?
+            .await
+            .map_err(amqp)?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(BrokerError::Returned {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+            }),
+            Confirmation::Nack(_) => Err(BrokerError::Nacked),
+            Confirmation::NotRequested => {
+                Err(BrokerError::Amqp("channel is not in confirm mode".into()))
+            }
+        }
+    }
+
+    fn event_props(e: &CompletionEvent) -> BasicProperties {
+        let mut props = BasicProperties::default()
+            .with_message_id(e.id.as_str().into())
+            .with_content_type(crate::domain::event::CONTENT_TYPE.into())
+            .with_delivery_mode(2)
+            .with_type(
+                format!(
+                    "io.runbridge.promise.{}",
+                    e.state.as_str().to_ascii_lowercase()
+                )
+                .into(),
+            );
+        if let Some(tp) = &e.traceparent {
+            let mut h = FieldTable::default();
+            h.insert(
+                "traceparent".into(),
+                AMQPValue::LongString(tp.as_str().into()),
+            );
+            props = props.with_headers(h);
+        }
+        props
+    }
+
+    /// Publishes a completion event to the events exchange (mandatory,
+    /// persistent, confirmed, `message_id` = event id).
+    pub async fn publish_event(&self, e: &CompletionEvent) -> Result<(), BrokerError> {
+        self.raw_publish(
+            &self.events_exchange,
+            &e.routing_key,
+            &e.body,
+            Self::event_props(e),
+            true,
+        )
+        .await
+    }
+
+    /// Sends the event to the trigger's `reply_to` queue with its
+    /// `correlation_id` (RPC over RabbitMQ). `Ok(false)` if it has none.
+    pub async fn publish_reply(&self, e: &CompletionEvent) -> Result<bool, BrokerError> {
+        let Some(reply_to) = &e.reply_to else {
+            return Ok(false);
+        };
+        let mut props = Self::event_props(e);
+        if let Some(c) = &e.correlation_id {
+            props = props.with_correlation_id(c.as_str().into());
+        }
+        self.raw_publish("", reply_to, &e.body, props, true).await?;
+        Ok(true)
+    }
+
+    /// Publishes an operator command to the control queue.
+    pub async fn publish_control(&self, queue: &str, body: &[u8]) -> Result<(), BrokerError> {
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        self.raw_publish("", queue, body, props, true).await
+    }
+
+    /// Publishes a trigger (the `trigger` CLI and tests).
+    pub async fn publish_trigger(
+        &self,
+        body: &[u8],
+        message_id: Option<&str>,
+        reply_to: Option<&str>,
+        correlation_id: Option<&str>,
+    ) -> Result<(), BrokerError> {
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        if let Some(m) = message_id {
+            props = props.with_message_id(m.into());
+        }
+        if let Some(r) = reply_to {
+            props = props.with_reply_to(r.into());
+        }
+        if let Some(c) = correlation_id {
+            props = props.with_correlation_id(c.into());
+        }
+        self.raw_publish("", &self.triggers_queue, body, props, true)
+            .await
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.channel.status().connected()
+    }
+}
+
+/// A private, exclusive, auto-delete queue bound to the events exchange, for
+/// `trigger --wait` and tests: receives what consumers of the exchange receive.
+pub struct EventListener {
+    _channel: Channel,
+    consumer: lapin::Consumer,
+    pub queue: String,
+}
+
+/// An event as a listener received it.
+#[derive(Debug, Clone)]
+pub struct ReceivedEvent {
+    pub routing_key: String,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub content_type: Option<String>,
+    pub persistent: bool,
+    /// String-valued headers (e.g. `x-runbridge-error`, `traceparent`).
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl Broker {
+    /// Listens on the events exchange (`binding` e.g. `promise.#`), or with
+    /// `exchange = None` on a fresh server-named queue only (a `reply_to` target).
+    pub async fn listen(
+        &self,
+        exchange: Option<&str>,
+        binding: &str,
+    ) -> Result<EventListener, BrokerError> {
+        let ch = self.conn.create_channel().await.map_err(amqp)?;
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp)?;
+        let name = q.name().as_str().to_owned();
+        if let Some(x) = exchange {
+            ch.queue_bind(
+                name.as_str().into(),
+                x.into(),
+                binding.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp)?;
+        }
+        Self::listen_on(ch, &name).await
+    }
+
+    /// Auto-ack consumer on `queue`, owning its channel.
+    async fn listen_on(ch: Channel, queue: &str) -> Result<EventListener, BrokerError> {
+        let consumer = ch
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp)?;
+        Ok(EventListener {
+            _channel: ch,
+            consumer,
+            queue: queue.to_owned(),
+        })
+    }
+
+    pub fn events_exchange(&self) -> &str {
+        &self.settings.events_exchange
+    }
+
+    /// Consumes an existing queue (auto-ack), e.g. the dead-letter queue.
+    pub async fn consume_queue(&self, queue: &str) -> Result<EventListener, BrokerError> {
+        let ch = self.conn.create_channel().await.map_err(amqp)?;
+        Self::listen_on(ch, queue).await
+    }
+
+    /// Declares a durable queue bound to `exchange` with `binding`: a
+    /// consumer's event queue, which keeps events while nobody is connected.
+    pub async fn declare_bound_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        binding: &str,
+    ) -> Result<(), BrokerError> {
+        let ch = self.conn.create_channel().await.map_err(amqp)?;
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp)?;
+        ch.queue_bind(
+            queue.into(),
+            exchange.into(),
+            binding.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp)?;
+        let _ = ch.close(200, "declared".into()).await;
+        Ok(())
+    }
+
+    /// Deletes the queues and exchanges of this topology (test clean-up,
+    /// decommissioning). Messages in them are lost: never on a live deployment.
+    pub async fn delete_topology(&self, extra_queues: &[&str]) -> Result<(), BrokerError> {
+        let s = &self.settings;
+        let ch = self.conn.create_channel().await.map_err(amqp)?;
+        for q in [
+            s.triggers_queue.as_str(),
+            s.dead_letter_queue.as_str(),
+            s.control_queue.as_str(),
+        ]
+        .into_iter()
+        .chain(extra_queues.iter().copied())
+        {
+            ch.queue_delete(q.into(), Default::default())
+                .await
+                .map_err(amqp)?;
+        }
+        for x in [s.events_exchange.as_str(), s.dead_letter_exchange.as_str()] {
+            ch.exchange_delete(x.into(), Default::default())
+                .await
+                .map_err(amqp)?;
+        }
+        let _ = ch.close(200, "deleted".into()).await;
+        Ok(())
+    }
+}
+
+impl EventListener {
+    pub async fn next(&mut self) -> Option<ReceivedEvent> {
+        let d = self.consumer.next().await?.ok()?;
+        let s = |v: &Option<ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
+        let headers = d
+            .properties
+            .headers()
+            .as_ref()
+            .map(|h| {
+                h.inner()
+                    .keys()
+                    .filter_map(|k| {
+                        header_str(&d.properties, k.as_str()).map(|v| (k.as_str().to_owned(), v))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(ReceivedEvent {
+            routing_key: d.routing_key.as_str().to_owned(),
+            message_id: s(d.properties.message_id()),
+            correlation_id: s(d.properties.correlation_id()),
+            content_type: s(d.properties.content_type()),
+            persistent: *d.properties.delivery_mode() == Some(2),
+            headers,
+            body: d.data,
+        })
+    }
+}

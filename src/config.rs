@@ -1,0 +1,467 @@
+//! Configuration: `config/default.toml` (also compiled in), then
+//! `config/<RUNBRIDGE_ENV>.toml`, then `RUNBRIDGE__SECTION__KEY` variables, then
+//! the standard `DATABRICKS_HOST` / `DATABRICKS_TOKEN`.
+//!
+//! Secrets are `SecretString`s: their `Debug` prints `[REDACTED]`, so a
+//! logged `Settings` shows none of them. [`Settings::validate`] turns every
+//! mistake into a sentence an operator can act on, before anything starts.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::keys::Keys;
+
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration could not be loaded: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub log: LogSettings,
+    pub redis: RedisSection,
+    pub amqp: AmqpSection,
+    pub worker: WorkerSection,
+    pub relay: RelaySection,
+    pub sidecar: SidecarSection,
+    pub auth: AuthSection,
+    pub databricks: DatabricksSection,
+    pub emulator: EmulatorSection,
+    pub reconciler: ReconcilerSection,
+    /// `[workspaces.<name>]`: the same as `[databricks.workspaces.<name>]`
+    /// (merged into it at load; a name in both is an error).
+    #[serde(default)]
+    pub workspaces: BTreeMap<String, WorkspaceSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub format: String,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RedisSection {
+    pub url: SecretString,
+    pub key_prefix: String,
+    pub partitions: u32,
+    pub pool_size: usize,
+    pub response_timeout_ms: u64,
+    pub retention_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AmqpSection {
+    pub url: SecretString,
+    pub triggers_queue: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    pub events_exchange: String,
+    pub control_queue: String,
+    pub delivery_limit: u32,
+    pub prefetch: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerSection {
+    pub default_timeout_seconds: u64,
+    pub max_timeout_seconds: u64,
+    pub requeue_delay_ms: u64,
+    pub retries_in_place: u32,
+    pub drain_timeout_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RelaySection {
+    pub batch: usize,
+    pub block_ms: u64,
+    pub reclaim_idle_ms: u64,
+    pub reclaim_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SidecarSection {
+    pub listen: String,
+    pub public_url: String,
+    pub body_limit_bytes: usize,
+    pub max_wait_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthSection {
+    #[serde(default)]
+    pub callback_secrets: Vec<SecretString>,
+    #[serde(default)]
+    pub operator_tokens: Vec<SecretString>,
+    /// Basic-auth credentials of Databricks job notification destinations.
+    #[serde(default)]
+    pub notification_username: String,
+    #[serde(default)]
+    pub notification_password: Option<SecretString>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkspaceSection {
+    pub host: String,
+    pub token: SecretString,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabricksSection {
+    pub default_workspace: String,
+    pub request_timeout_ms: u64,
+    pub retry_min_delay_ms: u64,
+    pub retry_max_delay_ms: u64,
+    pub retry_max_times: usize,
+    pub launch_per_second: f64,
+    pub poll_per_second: f64,
+    pub cancel_per_second: f64,
+    pub burst: u32,
+    pub param_promise_id: String,
+    pub param_url: String,
+    pub param_callback_token: String,
+    #[serde(default)]
+    pub workspaces: BTreeMap<String, WorkspaceSection>,
+}
+
+/// What to do when a run succeeded but nobody called back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoCallbackPolicy {
+    /// `REJECTED`, reason `completed_without_callback`.
+    Reject,
+    /// `RESOLVED` with a null value.
+    ResolveNull,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReconcilerSection {
+    pub enabled: bool,
+    pub tick_ms: u64,
+    pub batch: usize,
+    pub lease_ms: u64,
+    pub first_poll_ms: u64,
+    pub max_poll_ms: u64,
+    pub grace_ms: u64,
+    pub success_without_output: NoCallbackPolicy,
+    pub success_with_failures: NoCallbackPolicy,
+    #[serde(default)]
+    pub output_task_key: String,
+    pub cancel_retry_max_ms: u64,
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmulatorSection {
+    pub listen: String,
+}
+
+/// Which parts a subcommand needs validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Worker,
+    Sidecar,
+    Client,
+}
+
+impl Settings {
+    /// Loads the layered configuration from the process environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        let env = std::env::var("RUNBRIDGE_ENV").unwrap_or_else(|_| "local".into());
+        let dir = std::env::var("RUNBRIDGE_CONFIG_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| "config".into());
+        Self::load_from(&dir, &env, &[])
+    }
+
+    /// Loads with explicit overrides (highest priority), as tests do.
+    pub fn load_from(
+        dir: &std::path::Path,
+        env: &str,
+        overrides: &[(&str, String)],
+    ) -> Result<Self, ConfigError> {
+        if !env
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            || env.is_empty()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "RUNBRIDGE_ENV must be a plain name, got {env:?}"
+            )));
+        }
+        let mut b = Config::builder()
+            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
+            .add_source(File::from(dir.join("default.toml")).required(false))
+            .add_source(File::from(dir.join(format!("{env}.toml"))).required(false))
+            .add_source(
+                Environment::with_prefix("RUNBRIDGE")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("auth.callback_secrets")
+                    .with_list_parse_key("auth.operator_tokens")
+                    .try_parsing(true),
+            );
+        if let Ok(host) = std::env::var("DATABRICKS_HOST") {
+            b = b.set_override("databricks.workspaces.default.host", host)?;
+        }
+        if let Ok(token) = std::env::var("DATABRICKS_TOKEN") {
+            b = b.set_override("databricks.workspaces.default.token", token)?;
+        }
+        for (k, v) in overrides {
+            b = b.set_override(*k, v.clone())?;
+        }
+        let mut s: Settings = b.build()?.try_deserialize()?;
+        for (name, w) in std::mem::take(&mut s.workspaces) {
+            if s.databricks.workspaces.contains_key(&name) {
+                return Err(ConfigError::Invalid(format!(
+                    "workspace {name:?} is configured both under [workspaces] and [databricks.workspaces]"
+                )));
+            }
+            s.databricks.workspaces.insert(name, w);
+        }
+        Ok(s)
+    }
+
+    pub fn keys(&self) -> Result<Keys, ConfigError> {
+        Keys::new(&self.redis.key_prefix, self.redis.partitions)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.redis.retention_seconds)
+    }
+
+    pub fn public_url(&self) -> Result<url::Url, ConfigError> {
+        let u = url::Url::parse(&self.sidecar.public_url).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "sidecar.public_url {:?}: {e}",
+                self.sidecar.public_url
+            ))
+        })?;
+        if !matches!(u.scheme(), "http" | "https") || u.query().is_some() {
+            return Err(ConfigError::Invalid(format!(
+                "sidecar.public_url must be an http(s) URL without a query, got {:?}",
+                self.sidecar.public_url
+            )));
+        }
+        Ok(u)
+    }
+
+    pub fn listen_addr(s: &str, key: &str) -> Result<SocketAddr, ConfigError> {
+        s.parse()
+            .map_err(|e| ConfigError::Invalid(format!("{key} {s:?} is not host:port: {e}")))
+    }
+
+    /// Checks everything the given role uses, with messages that name the key.
+    pub fn validate(&self, role: Role) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        self.keys()?;
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return bad(format!(
+                "log.format must be \"text\" or \"json\", got {:?}",
+                self.log.format
+            ));
+        }
+        for (key, url, schemes) in [
+            (
+                "redis.url",
+                self.redis.url.expose_secret(),
+                &["redis", "rediss", "redis+unix", "unix"][..],
+            ),
+            (
+                "amqp.url",
+                self.amqp.url.expose_secret(),
+                &["amqp", "amqps"][..],
+            ),
+        ] {
+            match url::Url::parse(url) {
+                Ok(u) if schemes.contains(&u.scheme()) => {}
+                Ok(u) => return bad(format!("{key} must use {schemes:?}, got {:?}", u.scheme())),
+                Err(e) => return bad(format!("{key} is not a URL: {e}")),
+            }
+        }
+        if self.redis.pool_size == 0 || self.redis.response_timeout_ms == 0 {
+            return bad("redis.pool_size and redis.response_timeout_ms must be positive".into());
+        }
+        if role == Role::Client {
+            return Ok(());
+        }
+        if self.auth.callback_secrets.is_empty() {
+            return bad("auth.callback_secrets is empty: set RUNBRIDGE__AUTH__CALLBACK_SECRETS (32+ bytes each)".into());
+        }
+        if self
+            .auth
+            .callback_secrets
+            .iter()
+            .any(|s| s.expose_secret().len() < 32)
+        {
+            return bad("every auth.callback_secrets entry must be at least 32 bytes".into());
+        }
+        self.public_url()?;
+        match role {
+            Role::Worker => {
+                if self.amqp.prefetch == 0 {
+                    return bad("amqp.prefetch must be at least 1".into());
+                }
+                if self.amqp.delivery_limit == 0 {
+                    return bad("amqp.delivery_limit must be at least 1".into());
+                }
+                if self.databricks.workspaces.is_empty() {
+                    return bad("no Databricks workspace configured: set DATABRICKS_HOST and DATABRICKS_TOKEN (or [databricks.workspaces.<name>])".into());
+                }
+                if !self
+                    .databricks
+                    .workspaces
+                    .contains_key(&self.databricks.default_workspace)
+                {
+                    return bad(format!(
+                        "databricks.default_workspace {:?} is not configured; configured: {:?}",
+                        self.databricks.default_workspace,
+                        self.databricks.workspaces.keys().collect::<Vec<_>>()
+                    ));
+                }
+                for (name, w) in &self.databricks.workspaces {
+                    if name.is_empty()
+                        || name.len() > 64
+                        || !name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                    {
+                        return bad(format!(
+                            "workspace name {name:?} must be 1-64 characters of [A-Za-z0-9_-]"
+                        ));
+                    }
+                    match url::Url::parse(&w.host) {
+                        Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                        _ => {
+                            return bad(format!(
+                                "databricks.workspaces.{name}.host {:?} is not an http(s) URL",
+                                w.host
+                            ));
+                        }
+                    }
+                    if w.token.expose_secret().is_empty() {
+                        return bad(format!(
+                            "databricks.workspaces.{name}.token is empty (DATABRICKS_TOKEN)"
+                        ));
+                    }
+                }
+                if self.worker.default_timeout_seconds == 0
+                    || self.worker.default_timeout_seconds > self.worker.max_timeout_seconds
+                {
+                    return bad("worker.default_timeout_seconds must be between 1 and worker.max_timeout_seconds".into());
+                }
+            }
+            Role::Sidecar => {
+                Self::listen_addr(&self.sidecar.listen, "sidecar.listen")?;
+                if self.sidecar.body_limit_bytes == 0 {
+                    return bad("sidecar.body_limit_bytes must be positive".into());
+                }
+            }
+            Role::Client => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(overrides: &[(&str, String)]) -> Result<Settings, ConfigError> {
+        Settings::load_from(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("config")
+                .as_path(),
+            "local",
+            overrides,
+        )
+    }
+
+    #[test]
+    fn local_config_is_valid_for_every_role() {
+        let s = load(&[]).unwrap();
+        for role in [Role::Worker, Role::Sidecar, Role::Client] {
+            s.validate(role).unwrap();
+        }
+        assert_eq!(s.redis.partitions, 16);
+        assert_eq!(s.sidecar.body_limit_bytes, 256 * 1024);
+    }
+
+    #[test]
+    fn embedded_defaults_alone_load() {
+        let s = Settings::load_from(std::path::Path::new("/nonexistent"), "local", &[]).unwrap();
+        assert_eq!(s.amqp.triggers_queue, "runbridge.triggers");
+        // No secret by default: the worker must refuse to start.
+        let e = s.validate(Role::Worker).unwrap_err().to_string();
+        assert!(e.contains("callback_secrets"), "{e}");
+    }
+
+    #[test]
+    fn mistakes_name_the_key() {
+        let e = load(&[("redis.key_prefix", "bad*".into())])
+            .unwrap()
+            .validate(Role::Worker)
+            .unwrap_err();
+        assert!(e.to_string().contains("key_prefix"), "{e}");
+        let e = load(&[("log.format", "xml".into())])
+            .unwrap()
+            .validate(Role::Worker)
+            .unwrap_err();
+        assert!(e.to_string().contains("log.format"), "{e}");
+        let e = load(&[("sidecar.public_url", "ftp://x".into())])
+            .unwrap()
+            .validate(Role::Sidecar)
+            .unwrap_err();
+        assert!(e.to_string().contains("public_url"), "{e}");
+        let e = load(&[("databricks.default_workspace", "nope".into())])
+            .unwrap()
+            .validate(Role::Worker)
+            .unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn top_level_workspaces_are_merged() {
+        let s = load(&[
+            (
+                "workspaces.analytics.host",
+                "https://adb-1.azuredatabricks.net".into(),
+            ),
+            ("workspaces.analytics.token", "dapi-x".into()),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.databricks.workspaces["analytics"].host,
+            "https://adb-1.azuredatabricks.net"
+        );
+        s.validate(Role::Worker).unwrap();
+        let e = load(&[
+            ("workspaces.default.host", "https://x".into()),
+            ("workspaces.default.token", "t".into()),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("both"), "{e}");
+    }
+
+    #[test]
+    fn debug_redacts_secrets() {
+        let s = load(&[("redis.url", "redis://:hunter2@127.0.0.1:6379".into())]).unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2"));
+        assert!(!shown.contains("local-dev-callback-secret"));
+        assert!(!shown.contains("dapi-local-emulator"));
+    }
+}

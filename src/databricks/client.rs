@@ -1,0 +1,571 @@
+//! [`Jobs`] over HTTP with reqwest.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use reqwest::{StatusCode, header};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+
+use super::ratelimit::TokenBucket;
+use super::{ApiErrorBody, CallClass, DatabricksError, Jobs, LaunchRequest, RateBudget, RunInfo};
+use crate::domain::{IdempotencyToken, RunId};
+
+/// One workspace: where it is and how to authenticate.
+#[derive(Clone)]
+pub struct WorkspaceSettings {
+    pub host: url::Url,
+    pub token: SecretString,
+}
+
+impl std::fmt::Debug for WorkspaceSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkspaceSettings")
+            .field("host", &self.host.as_str())
+            .field("token", &"[REDACTED]")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    pub workspaces: HashMap<String, WorkspaceSettings>,
+    pub request_timeout: Duration,
+    pub retry_min_delay: Duration,
+    pub retry_max_delay: Duration,
+    pub retry_max_times: usize,
+    /// Requests per second per workspace, by class (0 = unlimited).
+    pub launch_per_second: f64,
+    pub poll_per_second: f64,
+    pub cancel_per_second: f64,
+    pub burst: u32,
+}
+
+impl ClientSettings {
+    fn rate(&self, class: CallClass) -> f64 {
+        match class {
+            CallClass::Launch => self.launch_per_second,
+            CallClass::Poll => self.poll_per_second,
+            CallClass::Cancel => self.cancel_per_second,
+        }
+    }
+}
+
+struct Workspace {
+    host: url::Url,
+    token: SecretString,
+    /// Used when no shared budget is configured, or it cannot be reached.
+    local: HashMap<CallClass, TokenBucket>,
+    /// Local pause after a 429 (the shared one lives in the budget).
+    paused_until: std::sync::Mutex<tokio::time::Instant>,
+}
+
+const CLASSES: [CallClass; 3] = [CallClass::Launch, CallClass::Poll, CallClass::Cancel];
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    workspaces: Arc<HashMap<String, Workspace>>,
+    backoff: ExponentialBuilder,
+    settings: Arc<ClientSettings>,
+    budget: Option<Arc<dyn RateBudget>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<_> = self.workspaces.keys().collect();
+        names.sort();
+        f.debug_struct("Client")
+            .field("workspaces", &names)
+            .finish()
+    }
+}
+
+/// Error codes that mean "try again" whatever the HTTP status.
+const TRANSIENT_CODES: &[&str] = &[
+    "COULD_NOT_ACQUIRE_LOCK",
+    "TEMPORARILY_UNAVAILABLE",
+    "REQUEST_LIMIT_EXCEEDED",
+    "RESOURCE_EXHAUSTED",
+];
+
+/// One attempt's failure, as backon sees it.
+#[derive(Debug)]
+enum Attempt {
+    Retry {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    Stop(DatabricksError),
+}
+
+fn retry_after(h: &header::HeaderMap) -> Option<Duration> {
+    let v = h.get(header::RETRY_AFTER)?.to_str().ok()?;
+    // Seconds form only; an HTTP-date falls back to the backoff schedule.
+    v.trim()
+        .parse::<u64>()
+        .ok()
+        .map(|s| Duration::from_secs(s.min(300)))
+}
+
+impl Client {
+    /// `budget`: the request budget shared with other workers; `None` limits
+    /// this process alone.
+    pub fn new(
+        s: &ClientSettings,
+        budget: Option<Arc<dyn RateBudget>>,
+    ) -> Result<Self, DatabricksError> {
+        let http = reqwest::Client::builder()
+            .timeout(s.request_timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .user_agent(concat!("runbridge/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| DatabricksError::Protocol {
+                endpoint: "client",
+                reason: e.to_string(),
+            })?;
+        let workspaces = s
+            .workspaces
+            .iter()
+            .map(|(name, w)| {
+                (
+                    name.clone(),
+                    Workspace {
+                        host: w.host.clone(),
+                        token: w.token.clone(),
+                        local: CLASSES
+                            .iter()
+                            .map(|c| (*c, TokenBucket::new(s.rate(*c), s.burst)))
+                            .collect(),
+                        paused_until: std::sync::Mutex::new(tokio::time::Instant::now()),
+                    },
+                )
+            })
+            .collect();
+        let backoff = ExponentialBuilder::default()
+            .with_jitter()
+            .with_min_delay(s.retry_min_delay)
+            .with_max_delay(s.retry_max_delay)
+            .with_max_times(s.retry_max_times);
+        Ok(Self {
+            http,
+            workspaces: Arc::new(workspaces),
+            backoff,
+            settings: Arc::new(s.clone()),
+            budget,
+        })
+    }
+
+    fn workspace(&self, name: &str) -> Result<&Workspace, DatabricksError> {
+        self.workspaces
+            .get(name)
+            .ok_or_else(|| DatabricksError::UnknownWorkspace(name.to_owned()))
+    }
+
+    /// Waits for the workspace's budget: the shared one when configured and
+    /// reachable, else this process's own bucket; and any pause after a 429.
+    async fn acquire(&self, name: &str, ws: &Workspace, class: CallClass) {
+        let local_pause = ws
+            .paused_until
+            .lock()
+            .map(|t| *t)
+            .unwrap_or_else(|_| tokio::time::Instant::now());
+        tokio::time::sleep_until(local_pause).await;
+        let rate = self.settings.rate(class);
+        // Even with no rate limit the shared pause after a 429 applies.
+        if let Some(b) = &self.budget {
+            loop {
+                match b.try_acquire(name, class, rate, self.settings.burst).await {
+                    Ok(d) if d.is_zero() => return,
+                    Ok(d) => tokio::time::sleep(d.min(Duration::from_secs(5))).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "shared request budget unavailable; limiting this process alone");
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(bucket) = ws.local.get(&class).filter(|_| rate > 0.0) {
+            bucket.acquire().await;
+        }
+    }
+
+    /// A 429: hold the whole workspace (every class, every worker) for `d`.
+    async fn pause(&self, name: &str, ws: &Workspace, d: Duration) {
+        if let Ok(mut t) = ws.paused_until.lock() {
+            *t = (*t).max(tokio::time::Instant::now() + d);
+        }
+        if let Some(b) = &self.budget
+            && let Err(e) = b.pause(name, d).await
+        {
+            tracing::warn!(error = %e, "could not share the 429 pause with other workers");
+        }
+    }
+
+    async fn attempt(
+        &self,
+        name: &str,
+        ws: &Workspace,
+        method: reqwest::Method,
+        endpoint: &'static str,
+        class: CallClass,
+        body: &Value,
+    ) -> Result<Value, Attempt> {
+        self.acquire(name, ws, class).await;
+        let url = ws.host.join(endpoint).map_err(|e| {
+            Attempt::Stop(DatabricksError::Protocol {
+                endpoint,
+                reason: e.to_string(),
+            })
+        })?;
+        let req = self
+            .http
+            .request(method.clone(), url)
+            .bearer_auth(ws.token.expose_secret());
+        let req = if method == reqwest::Method::GET {
+            req.query(&body.as_object().map(|o| {
+                o.iter()
+                    .map(|(k, v)| (k.clone(), v.to_string().trim_matches('"').to_owned()))
+                    .collect::<Vec<_>>()
+            }))
+        } else {
+            req.json(body)
+        };
+        let resp = req.send().await.map_err(|e| Attempt::Retry {
+            reason: if e.is_timeout() {
+                "timeout".into()
+            } else {
+                format!("connection: {e}")
+            },
+            retry_after: None,
+        })?;
+        let status = resp.status();
+        let after = retry_after(resp.headers());
+        let bytes = resp.bytes().await.map_err(|e| Attempt::Retry {
+            reason: format!("reading body: {e}"),
+            retry_after: None,
+        })?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes).map_err(|e| {
+                Attempt::Stop(DatabricksError::Protocol {
+                    endpoint,
+                    reason: format!("body: {e}"),
+                })
+            });
+        }
+        let body: ApiErrorBody = serde_json::from_slice(&bytes).unwrap_or_else(|_| ApiErrorBody {
+            error_code: status
+                .canonical_reason()
+                .unwrap_or("ERROR")
+                .replace(' ', "_")
+                .to_uppercase(),
+            message: String::from_utf8_lossy(&bytes).chars().take(500).collect(),
+        });
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            self.pause(name, ws, after.unwrap_or(Duration::from_secs(1)))
+                .await;
+        }
+        let transient = status == StatusCode::TOO_MANY_REQUESTS
+            || status.is_server_error()
+            // A bad token is an operator's mistake, not the producer's: keep
+            // the trigger (requeue) rather than reject its promise.
+            || status == StatusCode::UNAUTHORIZED
+            || TRANSIENT_CODES.contains(&body.error_code.as_str());
+        if transient {
+            Err(Attempt::Retry {
+                reason: format!(
+                    "HTTP {} {}: {}",
+                    status.as_u16(),
+                    body.error_code,
+                    body.message
+                ),
+                retry_after: after,
+            })
+        } else {
+            Err(Attempt::Stop(DatabricksError::Permanent {
+                endpoint,
+                status: status.as_u16(),
+                body,
+            }))
+        }
+    }
+
+    async fn call(
+        &self,
+        workspace: &str,
+        method: reqwest::Method,
+        endpoint: &'static str,
+        class: CallClass,
+        body: Value,
+    ) -> Result<Value, DatabricksError> {
+        let ws = self.workspace(workspace)?;
+        (|| self.attempt(workspace, ws, method.clone(), endpoint, class, &body))
+            .retry(self.backoff)
+            .when(|e| matches!(e, Attempt::Retry { .. }))
+            .adjust(|e, planned| match e {
+                Attempt::Retry { retry_after: Some(ra), .. } => planned.map(|d| d.max(*ra)),
+                _ => planned,
+            })
+            .notify(|e, wait| {
+                if let Attempt::Retry { reason, .. } = e {
+                    tracing::warn!(endpoint, %reason, wait_ms = wait.as_millis() as u64, "databricks call failed; retrying");
+                }
+            })
+            .await
+            .map_err(|e| match e {
+                Attempt::Retry { reason, .. } => DatabricksError::Transient { endpoint, reason },
+                Attempt::Stop(e) => e,
+            })
+    }
+}
+
+fn run_id_of(endpoint: &'static str, v: &Value) -> Result<RunId, DatabricksError> {
+    v.get("run_id")
+        .and_then(Value::as_u64)
+        .and_then(|n| RunId::new(n).ok())
+        .ok_or(DatabricksError::Protocol {
+            endpoint,
+            reason: "no positive run_id in the response".into(),
+        })
+}
+
+impl Jobs for Client {
+    async fn launch(
+        &self,
+        workspace: &str,
+        req: &LaunchRequest,
+        token: &IdempotencyToken,
+    ) -> Result<RunId, DatabricksError> {
+        let (endpoint, body) = match req {
+            LaunchRequest::RunNow {
+                job_id,
+                job_parameters,
+                notebook_params,
+            } => {
+                let mut b = json!({ "job_id": job_id, "idempotency_token": token.as_str() });
+                if let Some(p) = job_parameters {
+                    b["job_parameters"] = json!(p);
+                }
+                if let Some(p) = notebook_params {
+                    b["notebook_params"] = json!(p);
+                }
+                ("api/2.2/jobs/run-now", b)
+            }
+            LaunchRequest::Submit(body) => {
+                let mut b = Value::Object(body.clone());
+                b["idempotency_token"] = json!(token.as_str());
+                ("api/2.2/jobs/runs/submit", b)
+            }
+        };
+        let v = self
+            .call(
+                workspace,
+                reqwest::Method::POST,
+                endpoint,
+                CallClass::Launch,
+                body,
+            )
+            .await?;
+        run_id_of(endpoint, &v)
+    }
+
+    async fn get_run(&self, workspace: &str, run: RunId) -> Result<RunInfo, DatabricksError> {
+        let endpoint = "api/2.2/jobs/runs/get";
+        let v = self
+            .call(
+                workspace,
+                reqwest::Method::GET,
+                endpoint,
+                CallClass::Poll,
+                json!({ "run_id": run.get() }),
+            )
+            .await?;
+        serde_json::from_value(v).map_err(|e| DatabricksError::Protocol {
+            endpoint,
+            reason: e.to_string(),
+        })
+    }
+
+    async fn get_output(
+        &self,
+        workspace: &str,
+        run: RunId,
+    ) -> Result<Option<String>, DatabricksError> {
+        let v = self
+            .call(
+                workspace,
+                reqwest::Method::GET,
+                "api/2.2/jobs/runs/get-output",
+                CallClass::Poll,
+                json!({ "run_id": run.get() }),
+            )
+            .await?;
+        Ok(v.pointer("/notebook_output/result")
+            .and_then(Value::as_str)
+            .map(str::to_owned))
+    }
+
+    async fn cancel_run(&self, workspace: &str, run: RunId) -> Result<(), DatabricksError> {
+        self.call(
+            workspace,
+            reqwest::Method::POST,
+            "api/2.2/jobs/runs/cancel",
+            CallClass::Cancel,
+            json!({ "run_id": run.get() }),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wiremock::matchers::{body_partial_json, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    fn client(uri: &str) -> Client {
+        let mut workspaces = HashMap::new();
+        workspaces.insert(
+            "default".to_string(),
+            WorkspaceSettings {
+                host: url::Url::parse(&format!("{uri}/")).unwrap(),
+                token: SecretString::from("dapi-test".to_string()),
+            },
+        );
+        Client::new(
+            &ClientSettings {
+                workspaces,
+                request_timeout: Duration::from_millis(500),
+                retry_min_delay: Duration::from_millis(10),
+                retry_max_delay: Duration::from_millis(50),
+                retry_max_times: 3,
+                launch_per_second: 0.0,
+                poll_per_second: 0.0,
+                cancel_per_second: 0.0,
+                burst: 1,
+            },
+            None,
+        )
+        .unwrap()
+    }
+
+    fn token() -> IdempotencyToken {
+        IdempotencyToken::derive("default", &crate::domain::PromiseId::parse("p").unwrap())
+    }
+
+    fn run_now() -> LaunchRequest {
+        LaunchRequest::RunNow {
+            job_id: 7,
+            job_parameters: None,
+            notebook_params: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_429_then_succeeds_with_the_same_token() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/api/2.2/jobs/run-now"))
+            .respond_with(
+                ResponseTemplate::new(429)
+                    .insert_header("Retry-After", "0")
+                    .set_body_json(
+                        json!({"error_code":"REQUEST_LIMIT_EXCEEDED","message":"slow down"}),
+                    ),
+            )
+            .up_to_n_times(2)
+            .expect(2)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/api/2.2/jobs/run-now"))
+            .and(body_partial_json(
+                json!({"idempotency_token": token().as_str(), "job_id": 7}),
+            ))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({"run_id": 99, "number_in_job": 99})),
+            )
+            .expect(1)
+            .mount(&server)
+            .await;
+        let run = client(&server.uri())
+            .launch("default", &run_now(), &token())
+            .await
+            .unwrap();
+        assert_eq!(run.get(), 99);
+    }
+
+    #[tokio::test]
+    async fn timeouts_are_retried_then_reported_transient() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(2)))
+            .expect(4) // first try + 3 retries
+            .mount(&server)
+            .await;
+        let e = client(&server.uri())
+            .launch("default", &run_now(), &token())
+            .await
+            .unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("timeout"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn not_found_is_permanent_with_the_body() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(404).set_body_json(
+                json!({"error_code":"RESOURCE_DOES_NOT_EXIST","message":"Job 7 does not exist."}),
+            ))
+            .expect(1)
+            .mount(&server)
+            .await;
+        match client(&server.uri())
+            .launch("default", &run_now(), &token())
+            .await
+        {
+            Err(DatabricksError::Permanent {
+                status: 404, body, ..
+            }) => {
+                assert_eq!(body.error_code, "RESOURCE_DOES_NOT_EXIST");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn lock_contention_is_retried() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(
+                ResponseTemplate::new(409)
+                    .set_body_json(json!({"error_code":"COULD_NOT_ACQUIRE_LOCK","message":"busy"})),
+            )
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"run_id": 5})))
+            .mount(&server)
+            .await;
+        let run = client(&server.uri())
+            .launch("default", &run_now(), &token())
+            .await
+            .unwrap();
+        assert_eq!(run.get(), 5);
+    }
+
+    #[test]
+    fn debug_hides_the_token() {
+        let w = WorkspaceSettings {
+            host: url::Url::parse("https://x.cloud.databricks.com").unwrap(),
+            token: SecretString::from("dapi-very-secret".to_string()),
+        };
+        assert!(!format!("{w:?}").contains("very-secret"));
+    }
+}

@@ -1,0 +1,306 @@
+//! Identifiers that cross a boundary, each built only by checked parsing.
+//!
+//! A value of one of these types is proof that the check ran: code that holds
+//! a [`PromiseId`] never has to ask whether it is 1–200 safe characters.
+
+use std::fmt;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+
+/// Why an identifier was refused. The message is shown to producers and
+/// notebook authors, so it says what the rule is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("promise id must be 1-200 characters of [A-Za-z0-9._:/-], got {0} characters")]
+    PromiseIdLength(usize),
+    #[error("promise id may contain only [A-Za-z0-9._:/-]; found {0:?}")]
+    PromiseIdChar(char),
+    #[error("run id must be a positive integer")]
+    RunId,
+    #[error("callback token is malformed")]
+    CallbackToken,
+}
+
+/// The promise id: also the idempotency key of the whole request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PromiseId(String);
+
+impl PromiseId {
+    pub const MAX_LEN: usize = 200;
+
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        if s.is_empty() || s.len() > Self::MAX_LEN {
+            return Err(IdError::PromiseIdLength(s.chars().count()));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-')))
+        {
+            return Err(IdError::PromiseIdChar(c));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PromiseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A Databricks run id (`run_id` in the Jobs API): a positive 64-bit integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunId(u64);
+
+impl RunId {
+    pub fn new(n: u64) -> Result<Self, IdError> {
+        if n == 0 {
+            Err(IdError::RunId)
+        } else {
+            Ok(Self(n))
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        s.parse::<u64>()
+            .map_err(|_| IdError::RunId)
+            .and_then(Self::new)
+    }
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The `idempotency_token` sent to Databricks. Derived, never random, so that
+/// a retry after any crash asks for the same run (DESIGN.md §3):
+/// `rb1-` + hex of the first 30 bytes of SHA-256(workspace + "\0" + promise_id).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyToken(String);
+
+impl IdempotencyToken {
+    pub fn derive(workspace: &str, promise_id: &PromiseId) -> Self {
+        let mut h = Sha256::new();
+        h.update(workspace.as_bytes());
+        h.update([0u8]);
+        h.update(promise_id.as_str().as_bytes());
+        let digest = h.finalize();
+        Self(format!("rb1-{}", hex::encode(&digest[..30])))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A capability token: `v1.` + base64url(HMAC-SHA256(secret, promise_id)).
+/// Holding it is the right to settle exactly one promise, so it is never logged
+/// (its `Debug` is redacted).
+#[derive(Clone, PartialEq, Eq)]
+pub struct CallbackToken(String);
+
+impl fmt::Debug for CallbackToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CallbackToken([REDACTED])")
+    }
+}
+
+const TOKEN_PREFIX: &str = "v1.";
+/// base64url without padding of a 32-byte MAC.
+const TOKEN_MAC_LEN: usize = 43;
+
+impl CallbackToken {
+    /// Checks the shape only; whether it opens a promise is [`CallbackSigner::verify`]'s job.
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        let mac = s.strip_prefix(TOKEN_PREFIX).ok_or(IdError::CallbackToken)?;
+        if mac.len() != TOKEN_MAC_LEN
+            || !mac
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(IdError::CallbackToken);
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The token text, for building the callback URL handed to the run.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Signs and checks capability tokens. The first secret signs; every secret
+/// verifies, so a secret can be rotated without refusing tokens already handed out.
+#[derive(Clone)]
+pub struct CallbackSigner {
+    secrets: Vec<SecretString>,
+}
+
+impl fmt::Debug for CallbackSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CallbackSigner({} secrets)", self.secrets.len())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("at least one callback secret of 32 or more bytes is required (auth.callback_secrets)")]
+pub struct NoSecret;
+
+impl CallbackSigner {
+    pub const MIN_SECRET_LEN: usize = 32;
+
+    pub fn new(secrets: Vec<SecretString>) -> Result<Self, NoSecret> {
+        if secrets.is_empty()
+            || secrets
+                .iter()
+                .any(|s| s.expose_secret().len() < Self::MIN_SECRET_LEN)
+        {
+            return Err(NoSecret);
+        }
+        Ok(Self { secrets })
+    }
+
+    fn mac(secret: &SecretString, id: &PromiseId) -> HmacSha256 {
+        // HMAC accepts keys of any length, so this cannot fail.
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(secret.expose_secret().as_bytes())
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(id.as_str().as_bytes());
+        mac
+    }
+
+    pub fn sign(&self, id: &PromiseId) -> CallbackToken {
+        let tag = Self::mac(&self.secrets[0], id).finalize().into_bytes();
+        CallbackToken(format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(tag)))
+    }
+
+    /// Constant-time check against every active secret (`Mac::verify_slice`).
+    pub fn verify(&self, token: &CallbackToken, id: &PromiseId) -> bool {
+        let Some(Ok(tag)) = token
+            .0
+            .strip_prefix(TOKEN_PREFIX)
+            .map(|m| URL_SAFE_NO_PAD.decode(m))
+        else {
+            return false;
+        };
+        // Check every secret, not the first match, so timing does not say which one.
+        self.secrets.iter().fold(false, |ok, s| {
+            Self::mac(s, id).verify_slice(&tag).is_ok() | ok
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> PromiseId {
+        PromiseId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn promise_id_rules() {
+        assert!(PromiseId::parse("nightly-sales-2026-11-23").is_ok());
+        assert!(PromiseId::parse("a/b:c.d_e-f").is_ok());
+        assert!(PromiseId::parse(&"x".repeat(200)).is_ok());
+        assert_eq!(
+            PromiseId::parse(&"x".repeat(201)),
+            Err(IdError::PromiseIdLength(201))
+        );
+        assert_eq!(PromiseId::parse(""), Err(IdError::PromiseIdLength(0)));
+        assert_eq!(PromiseId::parse("a b"), Err(IdError::PromiseIdChar(' ')));
+        assert_eq!(PromiseId::parse("é"), Err(IdError::PromiseIdChar('é')));
+        assert!(
+            PromiseId::parse("a{b}").is_err(),
+            "hash-tag braces must be refused"
+        );
+    }
+
+    #[test]
+    fn idempotency_token_is_derived_and_64_chars() {
+        let t = IdempotencyToken::derive("default", &id("p1"));
+        assert_eq!(t.as_str().len(), 64);
+        assert!(t.as_str().starts_with("rb1-"));
+        assert_eq!(t, IdempotencyToken::derive("default", &id("p1")));
+        assert_ne!(t, IdempotencyToken::derive("other", &id("p1")));
+        assert_ne!(t, IdempotencyToken::derive("default", &id("p2")));
+        // SHA-256("default\0p1"), first 30 bytes, computed independently with Python's hashlib.
+        let mut h = Sha256::new();
+        h.update(b"default\0p1");
+        assert_eq!(&t.as_str()[4..], hex::encode(&h.finalize()[..30]));
+    }
+
+    #[test]
+    fn run_id_must_be_positive() {
+        assert!(RunId::new(0).is_err());
+        assert_eq!(RunId::parse("42").unwrap().get(), 42);
+        assert!(RunId::parse("-1").is_err());
+        assert!(RunId::parse("x").is_err());
+    }
+
+    fn signer(secrets: &[&str]) -> CallbackSigner {
+        CallbackSigner::new(
+            secrets
+                .iter()
+                .map(|s| SecretString::from(s.to_string()))
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn token_opens_only_its_own_promise() {
+        let s = signer(&["0123456789abcdef0123456789abcdef"]);
+        let t = s.sign(&id("a"));
+        assert!(CallbackToken::parse(t.expose()).is_ok());
+        assert!(s.verify(&t, &id("a")));
+        assert!(!s.verify(&t, &id("b")));
+    }
+
+    #[test]
+    fn rotation_accepts_old_and_new_secret() {
+        let old = signer(&["old-secret-old-secret-old-secret-"]);
+        let both = signer(&[
+            "new-secret-new-secret-new-secret-",
+            "old-secret-old-secret-old-secret-",
+        ]);
+        let new_only = signer(&["new-secret-new-secret-new-secret-"]);
+        let t = old.sign(&id("p"));
+        assert!(both.verify(&t, &id("p")));
+        assert!(!new_only.verify(&t, &id("p")));
+        assert!(both.verify(&both.sign(&id("p")), &id("p")));
+    }
+
+    #[test]
+    fn malformed_tokens_are_refused() {
+        assert!(CallbackToken::parse("").is_err());
+        assert!(CallbackToken::parse("v2.abc").is_err());
+        let s = signer(&["0123456789abcdef0123456789abcdef"]);
+        let t = s.sign(&id("a"));
+        assert!(CallbackToken::parse(&format!("{}x", t.expose())).is_err());
+        assert!(CallbackToken::parse(&t.expose()[..t.expose().len() - 1]).is_err());
+        assert!(CallbackToken::parse(&t.expose().replace("v1.", "v1.!")).is_err());
+        assert!(!format!("{t:?}").contains(&t.expose()[3..]));
+    }
+
+    #[test]
+    fn short_or_missing_secrets_are_refused() {
+        assert!(CallbackSigner::new(vec![]).is_err());
+        assert!(CallbackSigner::new(vec![SecretString::from("short".to_string())]).is_err());
+    }
+}

@@ -1,0 +1,350 @@
+//! The durable promise: its states, its record and the JSON shape of the
+//! Durable Promise specification (`resonatehq/durable-promise-specification`).
+//!
+//! The record lives in a Redis hash (see `store`); [`Promise::from_fields`]
+//! is the one place that turns those fields back into a typed value, used for
+//! reads, for settlement answers and for outbox entries alike.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::ids::{PromiseId, RunId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum State {
+    Pending,
+    Resolved,
+    Rejected,
+    RejectedCanceled,
+    RejectedTimedout,
+}
+
+impl State {
+    pub const ALL: [State; 5] = [
+        State::Pending,
+        State::Resolved,
+        State::Rejected,
+        State::RejectedCanceled,
+        State::RejectedTimedout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "PENDING",
+            State::Resolved => "RESOLVED",
+            State::Rejected => "REJECTED",
+            State::RejectedCanceled => "REJECTED_CANCELED",
+            State::RejectedTimedout => "REJECTED_TIMEDOUT",
+        }
+    }
+
+    pub fn is_settled(self) -> bool {
+        self != State::Pending
+    }
+
+    pub fn is_rejection(self) -> bool {
+        matches!(
+            self,
+            State::Rejected | State::RejectedCanceled | State::RejectedTimedout
+        )
+    }
+
+    /// `promise.<state in lower case>` (DESIGN.md §5).
+    pub fn routing_key(self) -> String {
+        format!("promise.{}", self.as_str().to_ascii_lowercase())
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown promise state {0:?}")]
+pub struct UnknownState(pub String);
+
+impl FromStr for State {
+    type Err = UnknownState;
+    /// Case-insensitive, as the search API wants.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        State::ALL
+            .into_iter()
+            .find(|st| st.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+/// Who settled a promise (the event's `settled_by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SettledBy {
+    Callback,
+    Reconciler,
+    Timeout,
+    Operator,
+    /// The worker, from a permanent Databricks error at launch.
+    Worker,
+}
+
+impl SettledBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SettledBy::Callback => "callback",
+            SettledBy::Reconciler => "reconciler",
+            SettledBy::Timeout => "timeout",
+            SettledBy::Operator => "operator",
+            SettledBy::Worker => "worker",
+        }
+    }
+}
+
+/// `{headers, data}` as in the specification. `data` is kept as the string
+/// the client sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payload {
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub data: Option<String>,
+}
+
+impl Payload {
+    pub fn data(data: impl Into<String>) -> Self {
+        Self {
+            headers: BTreeMap::new(),
+            data: Some(data.into()),
+        }
+    }
+
+    /// The data as JSON when it is JSON, else as a JSON string: what events carry.
+    pub fn data_as_json(&self) -> Value {
+        match &self.data {
+            None => Value::Null,
+            Some(s) => serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone())),
+        }
+    }
+}
+
+/// One promise, as read from its record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Promise {
+    pub id: PromiseId,
+    pub state: State,
+    pub param: Payload,
+    pub value: Payload,
+    /// Deadline, milliseconds since the epoch.
+    pub timeout: i64,
+    pub tags: BTreeMap<String, String>,
+    pub ikey_create: Option<String>,
+    pub ikey_complete: Option<String>,
+    pub created_on: i64,
+    pub completed_on: Option<i64>,
+    pub run_id: Option<RunId>,
+    pub job_id: Option<u64>,
+    pub workspace: String,
+    pub run_page_url: Option<String>,
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
+    pub traceparent: Option<String>,
+    pub settled_by: Option<String>,
+    pub heartbeat_seconds: Option<u64>,
+    pub cancel_on_timeout: bool,
+}
+
+/// Field names of the Redis hash. Short, since every pending promise pays for
+/// them; the `store` module and its Lua scripts use exactly these.
+pub mod field {
+    pub const ID: &str = "id";
+    pub const STATE: &str = "state";
+    pub const PARAM: &str = "param";
+    pub const VALUE: &str = "value";
+    pub const TIMEOUT: &str = "timeout";
+    pub const TAGS: &str = "tags";
+    pub const IKEY_CREATE: &str = "ikc";
+    pub const IKEY_COMPLETE: &str = "iku";
+    pub const CREATED: &str = "created";
+    pub const COMPLETED: &str = "completed";
+    pub const RUN_ID: &str = "run_id";
+    pub const JOB_ID: &str = "job_id";
+    pub const WORKSPACE: &str = "ws";
+    pub const RUN_PAGE_URL: &str = "url";
+    pub const REPLY_TO: &str = "reply_to";
+    pub const CORRELATION_ID: &str = "corr";
+    pub const TRACEPARENT: &str = "tp";
+    pub const SETTLED_BY: &str = "by";
+    pub const HEARTBEAT: &str = "hb";
+    pub const CANCEL_ON_TIMEOUT: &str = "cot";
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("corrupt promise record: {0}")]
+pub struct CorruptRecord(pub String);
+
+fn opt(fields: &HashMap<String, String>, k: &str) -> Option<String> {
+    fields.get(k).filter(|v| !v.is_empty()).cloned()
+}
+
+fn json_field<T: serde::de::DeserializeOwned + Default>(
+    fields: &HashMap<String, String>,
+    k: &str,
+) -> Result<T, CorruptRecord> {
+    match fields.get(k).filter(|v| !v.is_empty()) {
+        None => Ok(T::default()),
+        Some(s) => serde_json::from_str(s).map_err(|e| CorruptRecord(format!("{k}: {e}"))),
+    }
+}
+
+fn int_field<T: FromStr>(
+    fields: &HashMap<String, String>,
+    k: &str,
+) -> Result<Option<T>, CorruptRecord> {
+    opt(fields, k)
+        .map(|v| {
+            v.parse::<T>()
+                .map_err(|_| CorruptRecord(format!("{k}: {v:?} is not a number")))
+        })
+        .transpose()
+}
+
+impl Promise {
+    pub fn from_fields(fields: &HashMap<String, String>) -> Result<Self, CorruptRecord> {
+        let id = opt(fields, field::ID).ok_or_else(|| CorruptRecord("no id".into()))?;
+        let id = PromiseId::parse(&id).map_err(|e| CorruptRecord(e.to_string()))?;
+        let state = opt(fields, field::STATE)
+            .ok_or_else(|| CorruptRecord("no state".into()))?
+            .parse::<State>()
+            .map_err(|e| CorruptRecord(e.to_string()))?;
+        let run_id = int_field::<u64>(fields, field::RUN_ID)?
+            .map(RunId::new)
+            .transpose()
+            .map_err(|e| CorruptRecord(e.to_string()))?;
+        Ok(Promise {
+            id,
+            state,
+            param: json_field(fields, field::PARAM)?,
+            value: json_field(fields, field::VALUE)?,
+            timeout: int_field(fields, field::TIMEOUT)?.unwrap_or(0),
+            tags: json_field(fields, field::TAGS)?,
+            ikey_create: opt(fields, field::IKEY_CREATE),
+            ikey_complete: opt(fields, field::IKEY_COMPLETE),
+            created_on: int_field(fields, field::CREATED)?.unwrap_or(0),
+            completed_on: int_field(fields, field::COMPLETED)?,
+            run_id,
+            job_id: int_field(fields, field::JOB_ID)?,
+            workspace: opt(fields, field::WORKSPACE).unwrap_or_else(|| "default".into()),
+            run_page_url: opt(fields, field::RUN_PAGE_URL),
+            reply_to: opt(fields, field::REPLY_TO),
+            correlation_id: opt(fields, field::CORRELATION_ID),
+            traceparent: opt(fields, field::TRACEPARENT),
+            settled_by: opt(fields, field::SETTLED_BY),
+            heartbeat_seconds: int_field(fields, field::HEARTBEAT)?,
+            cancel_on_timeout: opt(fields, field::CANCEL_ON_TIMEOUT).as_deref() != Some("0"),
+        })
+    }
+
+    /// The Durable Promise JSON (Resonate's `Promise` schema), plus the
+    /// bridge's own read-only fields, which spec clients ignore.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.id.as_str(),
+            "state": self.state,
+            "param": self.param,
+            "value": self.value,
+            "timeout": self.timeout,
+            "tags": self.tags,
+            "idempotencyKeyForCreate": self.ikey_create,
+            "idempotencyKeyForComplete": self.ikey_complete,
+            "createdOn": self.created_on,
+            "completedOn": self.completed_on,
+            "runId": self.run_id.map(RunId::get),
+            "jobId": self.job_id,
+            "runPageUrl": self.run_page_url,
+            "settledBy": self.settled_by,
+        })
+    }
+}
+
+/// What a client asks a pending promise to become.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    Resolve,
+    Reject,
+    Cancel,
+}
+
+impl Completion {
+    pub fn target(self) -> State {
+        match self {
+            Completion::Resolve => State::Resolved,
+            Completion::Reject => State::Rejected,
+            Completion::Cancel => State::RejectedCanceled,
+        }
+    }
+
+    pub fn from_target(s: State) -> Option<Self> {
+        match s {
+            State::Resolved => Some(Completion::Resolve),
+            State::Rejected => Some(Completion::Reject),
+            State::RejectedCanceled => Some(Completion::Cancel),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_parse_case_insensitively() {
+        assert_eq!("resolved".parse::<State>().unwrap(), State::Resolved);
+        assert_eq!(
+            "Rejected_TimedOut".parse::<State>().unwrap(),
+            State::RejectedTimedout
+        );
+        assert!("done".parse::<State>().is_err());
+        assert_eq!(
+            State::RejectedCanceled.routing_key(),
+            "promise.rejected_canceled"
+        );
+    }
+
+    #[test]
+    fn record_round_trip() {
+        let mut f = HashMap::new();
+        f.insert("id".to_string(), "p1".to_string());
+        f.insert("state".to_string(), "RESOLVED".to_string());
+        f.insert(
+            "value".to_string(),
+            r#"{"headers":{},"data":"hello world"}"#.to_string(),
+        );
+        f.insert("tags".to_string(), r#"{"team":"growth"}"#.to_string());
+        f.insert("run_id".to_string(), "42".to_string());
+        f.insert("created".to_string(), "1000".to_string());
+        f.insert("completed".to_string(), "2000".to_string());
+        let p = Promise::from_fields(&f).unwrap();
+        assert_eq!(p.run_id.unwrap().get(), 42);
+        let j = p.to_json();
+        assert_eq!(j["state"], "RESOLVED");
+        assert_eq!(j["value"]["data"], "hello world");
+        assert_eq!(j["param"], json!({"headers": {}, "data": null}));
+        assert_eq!(j["tags"]["team"], "growth");
+        assert_eq!(j["completedOn"], 2000);
+        assert_eq!(p.value.data_as_json(), json!("hello world"));
+    }
+
+    #[test]
+    fn corrupt_records_are_named() {
+        let mut f = HashMap::new();
+        f.insert("id".to_string(), "p1".to_string());
+        f.insert("state".to_string(), "WEIRD".to_string());
+        assert!(Promise::from_fields(&f).unwrap_err().0.contains("WEIRD"));
+    }
+}

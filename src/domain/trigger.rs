@@ -1,0 +1,379 @@
+//! The trigger message (DESIGN.md §2), parsed once at the edge.
+//!
+//! [`Trigger::parse`] is the only way to get a [`Trigger`]; its error says,
+//! in words a producer can act on, why a message was refused. The worker
+//! dead-letters on that error and nothing else happens.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::ids::{IdError, PromiseId};
+
+/// What the broker module hands over from one AMQP delivery: the body plus
+/// the properties the contract gives meaning to.
+#[derive(Debug, Clone, Default)]
+pub struct Envelope {
+    pub body: Vec<u8>,
+    pub message_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
+    pub traceparent: Option<String>,
+}
+
+/// Limits applied while parsing; they come from config.
+#[derive(Debug, Clone)]
+pub struct TriggerRules {
+    pub default_timeout: Duration,
+    pub max_timeout: Duration,
+}
+
+impl Default for TriggerRules {
+    fn default() -> Self {
+        Self {
+            default_timeout: Duration::from_secs(86_400),
+            max_timeout: Duration::from_secs(30 * 86_400),
+        }
+    }
+}
+
+/// What to ask Databricks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Launch {
+    /// `jobs/run-now`. Parameters go where the producer put them; with neither
+    /// given they go to `job_parameters` (Jobs API 2.2's default).
+    RunNow { job_id: u64, params: Parameters },
+    /// `jobs/runs/submit` with the producer's body.
+    Submit { body: Map<String, Value> },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Parameters {
+    Job(BTreeMap<String, String>),
+    Notebook(BTreeMap<String, String>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trigger {
+    pub id: PromiseId,
+    pub launch: Launch,
+    pub timeout: Duration,
+    pub heartbeat: Option<Duration>,
+    pub cancel_on_timeout: bool,
+    pub tags: BTreeMap<String, String>,
+    pub workspace: Option<String>,
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
+    pub traceparent: Option<String>,
+    /// The body as received, kept as the promise's `param.data`.
+    pub raw: String,
+}
+
+impl Trigger {
+    pub fn job_id(&self) -> Option<u64> {
+        match &self.launch {
+            Launch::RunNow { job_id, .. } => Some(*job_id),
+            Launch::Submit { .. } => None,
+        }
+    }
+}
+
+/// Why a trigger was refused; its `Display` is the `x-runbridge-error` header.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TriggerError {
+    #[error("body is not valid UTF-8 JSON: {0}")]
+    Json(String),
+    #[error("schema: {0}")]
+    Schema(String),
+    #[error("missing id: set \"id\" in the body or the AMQP message_id")]
+    MissingId,
+    #[error("invalid id: {0}")]
+    Id(#[from] IdError),
+    #[error("exactly one of \"job_id\" or \"submit\" is required, {0}")]
+    LaunchChoice(&'static str),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub const MAX_TAGS: usize = 64;
+pub const MAX_TAG_KEY: usize = 128;
+pub const MAX_TAG_VALUE: usize = 1024;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire {
+    id: Option<String>,
+    job_id: Option<Value>,
+    job_parameters: Option<Map<String, Value>>,
+    notebook_params: Option<Map<String, Value>>,
+    submit: Option<Value>,
+    timeout_seconds: Option<u64>,
+    heartbeat_seconds: Option<u64>,
+    cancel_on_timeout: Option<bool>,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    workspace: Option<String>,
+}
+
+fn param_map(name: &str, m: Map<String, Value>) -> Result<BTreeMap<String, String>, TriggerError> {
+    m.into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::String(s) => s,
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                other => {
+                    return Err(TriggerError::Invalid(format!(
+                        "{name}.{k} must be a string, number or boolean, got {}",
+                        kind(&other)
+                    )));
+                }
+            };
+            Ok((k, v))
+        })
+        .collect()
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+impl Trigger {
+    pub fn parse(env: &Envelope, rules: &TriggerRules) -> Result<Self, TriggerError> {
+        let raw = std::str::from_utf8(&env.body)
+            .map_err(|e| TriggerError::Json(e.to_string()))?
+            .to_owned();
+        let value: Value =
+            serde_json::from_str(&raw).map_err(|e| TriggerError::Json(e.to_string()))?;
+        if !value.is_object() {
+            return Err(TriggerError::Schema(format!(
+                "the body must be a JSON object, got {}",
+                kind(&value)
+            )));
+        }
+        let w: Wire =
+            serde_json::from_value(value).map_err(|e| TriggerError::Schema(e.to_string()))?;
+
+        let id = match (w.id, &env.message_id) {
+            (Some(id), _) => PromiseId::parse(&id)?,
+            (None, Some(mid)) if !mid.is_empty() => PromiseId::parse(mid)?,
+            _ => return Err(TriggerError::MissingId),
+        };
+
+        let launch = match (w.job_id, w.submit) {
+            (Some(_), Some(_)) => return Err(TriggerError::LaunchChoice("both were given")),
+            (None, None) => return Err(TriggerError::LaunchChoice("neither was given")),
+            (Some(job_id), None) => {
+                let job_id = job_id.as_u64().filter(|n| *n > 0).ok_or_else(|| {
+                    TriggerError::Invalid("job_id must be a positive integer".into())
+                })?;
+                let params = match (w.job_parameters, w.notebook_params) {
+                    (Some(_), Some(_)) => {
+                        return Err(TriggerError::Invalid(
+                            "give job_parameters or notebook_params, not both".into(),
+                        ));
+                    }
+                    (Some(p), None) => Parameters::Job(param_map("job_parameters", p)?),
+                    (None, Some(p)) => Parameters::Notebook(param_map("notebook_params", p)?),
+                    (None, None) => Parameters::Job(BTreeMap::new()),
+                };
+                Launch::RunNow { job_id, params }
+            }
+            (None, Some(submit)) => {
+                if w.job_parameters.is_some() || w.notebook_params.is_some() {
+                    return Err(TriggerError::Invalid(
+                        "job_parameters/notebook_params go with job_id; put a submit run's parameters in its tasks".into(),
+                    ));
+                }
+                match submit {
+                    Value::Object(body) => Launch::Submit { body },
+                    other => {
+                        return Err(TriggerError::Invalid(format!(
+                            "submit must be a runs/submit body (an object), got {}",
+                            kind(&other)
+                        )));
+                    }
+                }
+            }
+        };
+
+        let timeout = match w.timeout_seconds {
+            None => rules.default_timeout,
+            Some(0) => {
+                return Err(TriggerError::Invalid(
+                    "timeout_seconds must be at least 1".into(),
+                ));
+            }
+            Some(s) if Duration::from_secs(s) > rules.max_timeout => {
+                return Err(TriggerError::Invalid(format!(
+                    "timeout_seconds {s} is over the limit of {}",
+                    rules.max_timeout.as_secs()
+                )));
+            }
+            Some(s) => Duration::from_secs(s),
+        };
+        let heartbeat = match w.heartbeat_seconds {
+            None => None,
+            Some(0) => {
+                return Err(TriggerError::Invalid(
+                    "heartbeat_seconds must be at least 1".into(),
+                ));
+            }
+            Some(s) => Some(Duration::from_secs(s)),
+        };
+
+        if w.tags.len() > MAX_TAGS {
+            return Err(TriggerError::Invalid(format!(
+                "at most {MAX_TAGS} tags, got {}",
+                w.tags.len()
+            )));
+        }
+        if let Some((k, _)) = w
+            .tags
+            .iter()
+            .find(|(k, v)| k.is_empty() || k.len() > MAX_TAG_KEY || v.len() > MAX_TAG_VALUE)
+        {
+            return Err(TriggerError::Invalid(format!(
+                "tag {k:?}: keys are 1-{MAX_TAG_KEY} bytes, values at most {MAX_TAG_VALUE}"
+            )));
+        }
+        if let Some(ws) = &w.workspace
+            && (ws.is_empty() || ws.len() > 64)
+        {
+            return Err(TriggerError::Invalid(
+                "workspace must be 1-64 characters".into(),
+            ));
+        }
+
+        Ok(Trigger {
+            id,
+            launch,
+            timeout,
+            heartbeat,
+            cancel_on_timeout: w.cancel_on_timeout.unwrap_or(true),
+            tags: w.tags,
+            workspace: w.workspace,
+            reply_to: env.reply_to.clone().filter(|s| !s.is_empty()),
+            correlation_id: env.correlation_id.clone(),
+            traceparent: env.traceparent.clone(),
+            raw,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<Trigger, TriggerError> {
+        Trigger::parse(
+            &Envelope {
+                body: body.as_bytes().to_vec(),
+                ..Default::default()
+            },
+            &TriggerRules::default(),
+        )
+    }
+
+    #[test]
+    fn design_example_parses() {
+        let t = parse(
+            r#"{"id":"nightly-sales-2026-11-23","job_id":123,"job_parameters":{"date":"2026-11-23"},
+               "timeout_seconds":3600,"heartbeat_seconds":600,"cancel_on_timeout":true,"tags":{"team":"growth"}}"#,
+        )
+        .unwrap();
+        assert_eq!(t.id.as_str(), "nightly-sales-2026-11-23");
+        assert_eq!(t.job_id(), Some(123));
+        assert_eq!(t.timeout, Duration::from_secs(3600));
+        assert_eq!(t.heartbeat, Some(Duration::from_secs(600)));
+        assert_eq!(t.tags["team"], "growth");
+        match t.launch {
+            Launch::RunNow {
+                params: Parameters::Job(p),
+                ..
+            } => assert_eq!(p["date"], "2026-11-23"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn id_falls_back_to_message_id() {
+        let t = Trigger::parse(
+            &Envelope {
+                body: br#"{"job_id":1}"#.to_vec(),
+                message_id: Some("from-amqp".into()),
+                ..Default::default()
+            },
+            &TriggerRules::default(),
+        )
+        .unwrap();
+        assert_eq!(t.id.as_str(), "from-amqp");
+        assert_eq!(t.timeout, TriggerRules::default().default_timeout);
+        assert!(t.cancel_on_timeout);
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        assert!(matches!(parse("not json"), Err(TriggerError::Json(_))));
+        assert!(matches!(parse("[1]"), Err(TriggerError::Schema(_))));
+        assert_eq!(parse(r#"{"job_id":1}"#), Err(TriggerError::MissingId));
+        assert_eq!(
+            parse(r#"{"id":"a","job_id":1,"submit":{}}"#),
+            Err(TriggerError::LaunchChoice("both were given"))
+        );
+        assert_eq!(
+            parse(r#"{"id":"a"}"#),
+            Err(TriggerError::LaunchChoice("neither was given"))
+        );
+        assert!(matches!(
+            parse(r#"{"id":"a b","job_id":1}"#),
+            Err(TriggerError::Id(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"id":"a","job_id":-1}"#),
+            Err(TriggerError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"id":"a","job_id":1,"bogus":1}"#),
+            Err(TriggerError::Schema(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"id":"a","job_id":1,"timeout_seconds":0}"#),
+            Err(TriggerError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"id":"a","job_id":1,"tags":{"k":1}}"#),
+            Err(TriggerError::Schema(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"id":"a","submit":[]}"#),
+            Err(TriggerError::Invalid(_))
+        ));
+        let e = parse(r#"{"id":"a","job_id":1,"job_parameters":{"x":[1]}}"#).unwrap_err();
+        assert!(e.to_string().contains("job_parameters.x"), "{e}");
+    }
+
+    #[test]
+    fn scalar_parameters_become_strings() {
+        let t = parse(r#"{"id":"a","job_id":1,"notebook_params":{"n":3,"b":true}}"#).unwrap();
+        match t.launch {
+            Launch::RunNow {
+                params: Parameters::Notebook(p),
+                ..
+            } => {
+                assert_eq!(p["n"], "3");
+                assert_eq!(p["b"], "true");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! `runbridge emulate`: a Databricks Jobs API 2.2 emulator (DESIGN.md §9).
+//!
+//! It is a stand-in for Databricks in demos, tests and benchmarks, not part
+//! of the bridge: it is the one module besides `sidecar` that serves HTTP
+//! (axum) and besides `databricks` that calls out (reqwest, to play the
+//! notebook's callback). Nothing in the bridge imports it.
+//!
+//! Faithful where the bridge depends on it: request and response shapes of
+//! `jobs/run-now`, `jobs/runs/submit`, `jobs/runs/get`, `jobs/runs/get-output`,
+//! `jobs/runs/cancel`, `jobs/runs/list`, `jobs/create`, `jobs/get`; error bodies
+//! `{"error_code", "message"}`; and `idempotency_token`: the same token always
+//! returns the same `run_id`, never a second run (checked and inserted under
+//! one lock).
+//!
+//! A run goes PENDING → RUNNING → TERMINATING → TERMINATED and "executes its
+//! notebook" by calling `{url}/resolve?id=<promise_id>&value=<value>`, exactly
+//! the Resonate example notebook. Per-job behaviour comes from the job's tags
+//! (`emulator.outcome`, `emulator.delay_ms`, `emulator.value`) or from
+//! `--job ID:OUTCOME[:DELAY_MS]`; API faults from `--fault-*` flags, from
+//! `POST /emulator/faults`, or exactly scripted with `POST /emulator/inject`.
+
+mod api;
+mod model;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub use model::{Behaviour, Emulator, EmulatorSettings, Faults, NotifyTarget, Outcome};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Serves the emulator on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    emu: Arc<Emulator>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(%addr, "databricks emulator listening");
+    emu.set_shutdown(shutdown.clone());
+    if let Ok(mut b) = emu.base_url.lock() {
+        *b = format!("http://{addr}");
+    }
+    axum::serve(listener, api::router(emu))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}

@@ -1,0 +1,143 @@
+//! Every Redis key runbridge uses comes from here (DESIGN.md §6).
+//!
+//! All keys of one promise and of its partition share the hash tag `{p<N>}`,
+//! so each Lua script touches a single slot and the layout runs unchanged on
+//! Redis Cluster. `N` is FNV-1a (32-bit) of the promise id modulo the
+//! partition count: stable across versions and platforms, which matters
+//! because changing it would orphan every stored promise.
+
+use crate::domain::PromiseId;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+    partitions: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    #[error("redis.key_prefix must be 1-64 characters of [A-Za-z0-9_.:-], got {0:?}")]
+    Prefix(String),
+    #[error("redis.partitions must be between 1 and 16384, got {0}")]
+    Partitions(u32),
+}
+
+/// FNV-1a, 32-bit. Written out rather than taken from a crate so that the
+/// partition of a promise can never change under a dependency upgrade.
+pub fn fnv1a32(bytes: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in bytes {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+impl Keys {
+    pub fn new(prefix: &str, partitions: u32) -> Result<Self, KeysError> {
+        // The prefix goes into SCAN patterns, so glob characters are refused.
+        if prefix.is_empty()
+            || prefix.len() > 64
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'))
+        {
+            return Err(KeysError::Prefix(prefix.to_owned()));
+        }
+        if partitions == 0 || partitions > 16_384 {
+            return Err(KeysError::Partitions(partitions));
+        }
+        Ok(Self {
+            prefix: prefix.to_owned(),
+            partitions,
+        })
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    pub fn partition(&self, id: &PromiseId) -> u32 {
+        fnv1a32(id.as_str().as_bytes()) % self.partitions
+    }
+
+    pub fn promise(&self, id: &PromiseId) -> String {
+        format!("{}:{{p{}}}:promise:{}", self.prefix, self.partition(id), id)
+    }
+
+    pub fn deadlines(&self, partition: u32) -> String {
+        format!("{}:{{p{partition}}}:deadlines", self.prefix)
+    }
+
+    pub fn outbox(&self, partition: u32) -> String {
+        format!("{}:{{p{partition}}}:outbox", self.prefix)
+    }
+
+    pub fn runs(&self, partition: u32) -> String {
+        format!("{}:{{p{partition}}}:runs", self.prefix)
+    }
+
+    /// Pending promises with a run, by time of their next `runs/get` check.
+    pub fn polls(&self, partition: u32) -> String {
+        format!("{}:{{p{partition}}}:polls", self.prefix)
+    }
+
+    /// Runs to cancel (`<run_id>:<workspace>`), by time of the next attempt.
+    pub fn cancels(&self, partition: u32) -> String {
+        format!("{}:{{p{partition}}}:cancels", self.prefix)
+    }
+
+    /// A workspace's shared token bucket for one class of calls. The hash tag
+    /// is the workspace, so bucket and pause live in one slot.
+    pub fn budget(&self, workspace: &str, class: &str) -> String {
+        format!("{}:{{ws:{workspace}}}:budget:{class}", self.prefix)
+    }
+
+    /// Set (with an expiry) while a workspace answered 429 and must be left alone.
+    pub fn budget_pause(&self, workspace: &str) -> String {
+        format!("{}:{{ws:{workspace}}}:pause", self.prefix)
+    }
+
+    /// SCAN pattern for promise keys whose id matches `id_glob` (`*` only;
+    /// ids cannot contain other glob characters).
+    pub fn promise_pattern(&self, id_glob: &str) -> String {
+        format!("{}:{{p*}}:promise:{id_glob}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_matches_design() {
+        let k = Keys::new("rb", 16).unwrap();
+        let id = PromiseId::parse("nightly-sales-2026-11-23").unwrap();
+        let n = k.partition(&id);
+        assert!(n < 16);
+        assert_eq!(
+            k.promise(&id),
+            format!("rb:{{p{n}}}:promise:nightly-sales-2026-11-23")
+        );
+        assert_eq!(k.deadlines(n), format!("rb:{{p{n}}}:deadlines"));
+        assert_eq!(k.outbox(3), "rb:{p3}:outbox");
+        assert_eq!(k.runs(3), "rb:{p3}:runs");
+        assert_eq!(k.polls(3), "rb:{p3}:polls");
+        assert_eq!(k.cancels(3), "rb:{p3}:cancels");
+    }
+
+    #[test]
+    fn partition_is_stable() {
+        // Reference values of FNV-1a 32 (from the FNV test vectors).
+        assert_eq!(fnv1a32(b""), 0x811c9dc5);
+        assert_eq!(fnv1a32(b"a"), 0xe40c292c);
+        assert_eq!(fnv1a32(b"foobar"), 0xbf9cf968);
+    }
+
+    #[test]
+    fn bad_prefix_or_partitions() {
+        assert!(Keys::new("rb*", 16).is_err());
+        assert!(Keys::new("", 16).is_err());
+        assert!(Keys::new("rb", 0).is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! runbridge: RabbitMQ triggers → Databricks runs → durable promises in Redis →
+//! completion events on RabbitMQ. See ARCHITECTURE.md for the map.
+//!
+//! Boundary modules (each the only one importing its client library):
+//! `broker` (lapin), `store` (redis), `databricks` (reqwest), `sidecar` (axum).
+//! The core (`domain`, `worker`, `relay`) works through their traits.
+
+pub mod broker;
+pub mod config;
+pub mod databricks;
+pub mod domain;
+pub mod emulator;
+pub mod failpoint;
+pub mod keys;
+pub mod reconciler;
+pub mod relay;
+pub mod shutdown;
+pub mod sidecar;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+pub mod worker;

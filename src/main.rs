@@ -1,0 +1,446 @@
+//! The `runbridge` binary: parses the command line and hands over to the
+//! library. `anyhow` lives here and nowhere else.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use runbridge::broker::Broker;
+use runbridge::config::{Role, Settings};
+use runbridge::domain::{Payload, PromiseId, SettledBy, State};
+use runbridge::emulator::{
+    self, Behaviour, Emulator, EmulatorSettings, Faults, NotifyTarget, Outcome,
+};
+use runbridge::reconciler::{CancelFilter, cancel_matching};
+use runbridge::startup;
+use runbridge::store::{PromiseStore, SearchQuery, Settle, SettleOutcome};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(
+    name = "runbridge",
+    version,
+    about = "RabbitMQ triggers → Databricks runs → durable promises → completion events"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Trigger consumer and outbox relay.
+    Worker,
+    /// HTTP sidecar: callbacks, promise API, health.
+    Sidecar,
+    /// Worker and sidecar in one process (local use).
+    All,
+    /// A Databricks Jobs API 2.2 emulator.
+    Emulate(EmulateArgs),
+    /// Publish a trigger; with --wait, print its completion event.
+    Trigger(TriggerArgs),
+    /// Operate on promises.
+    #[command(subcommand)]
+    Promise(PromiseCmd),
+}
+
+#[derive(Args)]
+struct EmulateArgs {
+    /// host:port to listen on (default: emulator.listen).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Pre-created job: ID:OUTCOME[:DELAY_MS[:VALUE]], e.g. 1:callback:300:ok (repeatable).
+    #[arg(long = "job", value_name = "SPEC")]
+    jobs: Vec<String>,
+    /// Required bearer token (default: any).
+    #[arg(long)]
+    token: Option<String>,
+    /// Outcome of jobs created through jobs/create without emulator tags.
+    #[arg(long, default_value = "callback")]
+    default_outcome: String,
+    #[arg(long, default_value_t = 200)]
+    default_delay_ms: u64,
+    /// Fraction of API calls answered 429 with Retry-After.
+    #[arg(long, default_value_t = 0.0)]
+    fault_429_rate: f64,
+    /// Fraction of API calls answered 503.
+    #[arg(long, default_value_t = 0.0)]
+    fault_503_rate: f64,
+    /// Fraction of API calls answered slowly.
+    #[arg(long, default_value_t = 0.0)]
+    fault_slow_rate: f64,
+    #[arg(long, default_value_t = 3000)]
+    fault_slow_ms: u64,
+    /// Extra latency on every run-now / runs/submit.
+    #[arg(long, default_value_t = 0)]
+    launch_latency_ms: u64,
+    /// Send job notifications (on_start/on_success/on_failure) to this URL,
+    /// e.g. http://127.0.0.1:8080/databricks/notifications.
+    #[arg(long)]
+    notify_url: Option<String>,
+    #[arg(long, default_value = "databricks")]
+    notify_user: String,
+    #[arg(long, env = "RUNBRIDGE_EMULATOR_NOTIFY_PASSWORD", default_value = "")]
+    notify_password: String,
+}
+
+#[derive(Args)]
+struct TriggerArgs {
+    #[arg(long)]
+    job_id: u64,
+    /// Job parameter k=v (repeatable).
+    #[arg(long = "param", value_name = "K=V")]
+    params: Vec<String>,
+    /// Send parameters as legacy notebook_params instead of job_parameters.
+    #[arg(long)]
+    notebook_params: bool,
+    /// Promise id (default: a fresh one).
+    #[arg(long)]
+    id: Option<String>,
+    #[arg(long)]
+    timeout_seconds: Option<u64>,
+    /// Tag k=v (repeatable).
+    #[arg(long = "tag", value_name = "K=V")]
+    tags: Vec<String>,
+    /// Wait for the completion event and print it.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value_t = 300)]
+    wait_seconds: u64,
+    /// Print the event on one line.
+    #[arg(long)]
+    compact: bool,
+}
+
+#[derive(Subcommand)]
+enum PromiseCmd {
+    /// Print a promise.
+    Get { id: String },
+    /// Search promises.
+    List {
+        #[arg(long, default_value = "*")]
+        id: String,
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long = "tag", value_name = "K=V")]
+        tags: Vec<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Resolve a pending promise.
+    Resolve {
+        id: String,
+        #[arg(long)]
+        value: Option<String>,
+    },
+    /// Reject a pending promise.
+    Reject {
+        id: String,
+        #[arg(long)]
+        error: Option<String>,
+    },
+    /// Cancel pending promises (REJECTED_CANCELED) and their runs: one id,
+    /// or every pending promise matching --tag / --job-id / an id with `*`.
+    Cancel {
+        id: Option<String>,
+        #[arg(long = "tag", value_name = "K=V")]
+        tags: Vec<String>,
+        #[arg(long)]
+        job_id: Option<u64>,
+        #[arg(long, default_value = "canceled by an operator")]
+        reason: String,
+    },
+}
+
+fn kv(items: &[String], what: &str) -> Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("{what} {s:?} is not K=V"))
+        })
+        .collect()
+}
+
+fn parse_job(spec: &str) -> Result<(u64, Behaviour)> {
+    let mut parts = spec.splitn(4, ':');
+    let id: u64 = parts
+        .next()
+        .unwrap_or("")
+        .parse()
+        .with_context(|| format!("--job {spec:?}: ID must be a number"))?;
+    let mut b = Behaviour::default();
+    if let Some(o) = parts.next() {
+        b.outcome = o.parse::<Outcome>().map_err(anyhow::Error::msg)?;
+    }
+    if let Some(d) = parts.next() {
+        b.delay_ms = d
+            .parse()
+            .with_context(|| format!("--job {spec:?}: DELAY_MS must be a number"))?;
+    }
+    if let Some(v) = parts.next() {
+        b.value = v.to_owned();
+    }
+    Ok((id, b))
+}
+
+async fn emulate(s: &Settings, a: EmulateArgs) -> Result<()> {
+    let mut jobs = BTreeMap::new();
+    for spec in &a.jobs {
+        let (id, b) = parse_job(spec)?;
+        jobs.insert(id, b);
+    }
+    let settings = EmulatorSettings {
+        token: a.token,
+        default_behaviour: Behaviour {
+            outcome: a
+                .default_outcome
+                .parse::<Outcome>()
+                .map_err(anyhow::Error::msg)?,
+            delay_ms: a.default_delay_ms,
+            ..Default::default()
+        },
+        jobs,
+        faults: Faults {
+            rate_429: a.fault_429_rate,
+            rate_503: a.fault_503_rate,
+            rate_slow: a.fault_slow_rate,
+            slow_ms: a.fault_slow_ms,
+            retry_after_s: 1,
+            launch_latency_ms: a.launch_latency_ms,
+        },
+        url_param: s.databricks.param_url.clone(),
+        promise_param: s.databricks.param_promise_id.clone(),
+        notify: a.notify_url.map(|url| NotifyTarget {
+            url,
+            username: a.notify_user,
+            password: a.notify_password,
+        }),
+    };
+    let listen = a.listen.unwrap_or_else(|| s.emulator.listen.clone());
+    let listener = TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("emulator: cannot listen on {listen}"))?;
+    let shutdown = runbridge::shutdown::on_signals();
+    emulator::serve(listener, Emulator::new(settings), shutdown).await?;
+    Ok(())
+}
+
+async fn trigger(s: &Settings, a: TriggerArgs) -> Result<()> {
+    let id = match a.id {
+        Some(id) => PromiseId::parse(&id)
+            .map_err(anyhow::Error::msg)?
+            .to_string(),
+        None => format!(
+            "cli-{}-{}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S"),
+            std::process::id()
+        ),
+    };
+    let params = kv(&a.params, "--param")?;
+    let mut body = json!({ "id": id, "job_id": a.job_id });
+    if !params.is_empty() {
+        body[if a.notebook_params {
+            "notebook_params"
+        } else {
+            "job_parameters"
+        }] = json!(params);
+    }
+    if let Some(t) = a.timeout_seconds {
+        body["timeout_seconds"] = json!(t);
+    }
+    let tags = kv(&a.tags, "--tag")?;
+    if !tags.is_empty() {
+        body["tags"] = json!(tags);
+    }
+    let bs = startup::broker_settings(s, "cli");
+    let broker = Broker::connect(&bs).await?;
+    broker.declare_topology().await?;
+    let publisher = broker.publisher().await?;
+    // Bound to the events exchange (so the event is routable even where no
+    // consumer is bound yet) and used as reply_to (so a duplicate trigger of a
+    // settled promise still gets its stored outcome).
+    let mut listener = if a.wait {
+        Some(
+            broker
+                .listen(Some(broker.events_exchange()), "promise.#")
+                .await?,
+        )
+    } else {
+        None
+    };
+    let reply_to = listener.as_ref().map(|l| l.queue.clone());
+    publisher
+        .publish_trigger(
+            &serde_json::to_vec(&body)?,
+            Some(&id),
+            reply_to.as_deref(),
+            Some(&id),
+        )
+        .await
+        .context("publishing the trigger")?;
+    eprintln!("published trigger {id}");
+    if let Some(l) = listener.as_mut() {
+        let wait = async {
+            loop {
+                let ev = l
+                    .next()
+                    .await
+                    .context("broker connection closed while waiting")?;
+                let v: Value = serde_json::from_slice(&ev.body)?;
+                if v["subject"] == json!(id) {
+                    return anyhow::Ok(v);
+                }
+            }
+        };
+        let v = tokio::time::timeout(Duration::from_secs(a.wait_seconds), wait)
+            .await
+            .with_context(|| format!("no completion event within {}s", a.wait_seconds))??;
+        if a.compact {
+            println!("{}", serde_json::to_string(&v)?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+    }
+    broker.close().await;
+    Ok(())
+}
+
+async fn promise(s: &Settings, cmd: PromiseCmd) -> Result<()> {
+    let store = startup::store(s).await?;
+    let settle = |id: String, target: State, data: Option<String>| {
+        let store = store.clone();
+        async move {
+            let id = PromiseId::parse(&id).map_err(anyhow::Error::msg)?;
+            let req = Settle {
+                id: id.clone(),
+                target,
+                value: data.map(Payload::data).unwrap_or_default(),
+                ikey: None,
+                strict: true,
+                settled_by: SettledBy::Operator,
+                cancel_run: false,
+            };
+            match store.settle(&req).await? {
+                SettleOutcome::Settled(p) | SettleOutcome::Deduplicated(p) => Ok(p.to_json()),
+                SettleOutcome::TimedOut(p) => {
+                    bail!("promise {id} had passed its timeout: it is now {}", p.state)
+                }
+                SettleOutcome::AlreadySettled(p) => bail!("promise {id} is already {}", p.state),
+                SettleOutcome::NotFound => bail!("no promise {id}"),
+            }
+        }
+    };
+    let out = match cmd {
+        PromiseCmd::Get { id } => {
+            let id = PromiseId::parse(&id).map_err(anyhow::Error::msg)?;
+            store
+                .get(&id)
+                .await?
+                .with_context(|| format!("no promise {id}"))?
+                .to_json()
+        }
+        PromiseCmd::List {
+            id,
+            state,
+            tags,
+            limit,
+        } => {
+            let states = match state {
+                None => None,
+                Some(s) if s.eq_ignore_ascii_case("rejected") => Some(vec![
+                    State::Rejected,
+                    State::RejectedCanceled,
+                    State::RejectedTimedout,
+                ]),
+                Some(s) => Some(vec![s.parse::<State>().map_err(anyhow::Error::msg)?]),
+            };
+            let page = store
+                .search(&SearchQuery {
+                    id,
+                    states,
+                    tags: kv(&tags, "--tag")?,
+                    job_id: None,
+                    limit,
+                    cursor: None,
+                })
+                .await?;
+            json!({ "promises": page.promises.iter().map(|p| p.to_json()).collect::<Vec<_>>(), "cursor": page.cursor })
+        }
+        PromiseCmd::Resolve { id, value } => settle(id, State::Resolved, value).await?,
+        PromiseCmd::Reject { id, error } => settle(id, State::Rejected, error).await?,
+        PromiseCmd::Cancel {
+            id,
+            tags,
+            job_id,
+            reason,
+        } => {
+            let filter = CancelFilter {
+                id,
+                tags: kv(&tags, "--tag")?,
+                job_id,
+            };
+            if filter.is_empty() {
+                bail!("say what to cancel: an ID, --tag K=V or --job-id N");
+            }
+            let report = cancel_matching(&store, &filter, &reason, SettledBy::Operator).await?;
+            json!(report)
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let settings = Settings::load().context("loading configuration")?;
+    runbridge::telemetry::init(&settings.log.format, &settings.log.level);
+    match cli.command {
+        Command::Worker => {
+            let shutdown = runbridge::shutdown::on_signals();
+            startup::run_worker(&settings, shutdown).await?;
+        }
+        Command::Sidecar => {
+            let shutdown = runbridge::shutdown::on_signals();
+            startup::run_sidecar(&settings, None, shutdown).await?;
+        }
+        Command::All => {
+            settings.validate(Role::Worker)?;
+            settings.validate(Role::Sidecar)?;
+            let shutdown = runbridge::shutdown::on_signals();
+            let s = Arc::new(settings);
+            // Either half ending (an error at start-up, or a signal) stops the
+            // other, so the process never lives on half-working.
+            let (w, sc) = tokio::join!(
+                async {
+                    let r = startup::run_worker(&s, shutdown.clone()).await;
+                    shutdown.cancel();
+                    r
+                },
+                async {
+                    let r = startup::run_sidecar(&s, None, shutdown.clone()).await;
+                    shutdown.cancel();
+                    r
+                }
+            );
+            w?;
+            sc?;
+        }
+        Command::Emulate(a) => emulate(&settings, a).await?,
+        Command::Trigger(a) => {
+            settings.validate(Role::Client)?;
+            trigger(&settings, a).await?;
+        }
+        Command::Promise(cmd) => {
+            settings.validate(Role::Client)?;
+            promise(&settings, cmd).await?;
+        }
+    }
+    Ok(())
+}

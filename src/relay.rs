@@ -1,0 +1,189 @@
+//! The outbox relay: settled promises → completion events on RabbitMQ.
+//!
+//! A settlement's Lua script appends the settled record to its partition's
+//! outbox stream in the same step as the state change. The relay reads the
+//! streams as one consumer of a shared consumer group (any number of workers
+//! may run one), publishes each event persistent + mandatory with publisher
+//! confirms, and removes the entry only after a confirm with no
+//! `basic.return` (at-least-once; the stable event id lets consumers
+//! deduplicate). Entries a relay took and never acknowledged (it died, or the
+//! broker was away) are taken over with XAUTOCLAIM after `reclaim_idle`.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, BrokerError, BrokerSettings, Publisher};
+use crate::domain::CompletionEvent;
+use crate::store::{Outbox, OutboxEntry, RedisStore};
+use crate::worker::runner::{pause, reconnect_backoff};
+
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    pub group: String,
+    pub consumer: String,
+    pub batch: usize,
+    pub block: Duration,
+    pub reclaim_idle: Duration,
+    pub reclaim_interval: Duration,
+}
+
+/// What became of one entry.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Published {
+    /// Confirmed: the entry can go.
+    Confirmed,
+    /// Entry is unreadable: logged and dropped (it can never be published).
+    Dropped,
+    /// Not routed (no queue bound) or refused: kept for a later try.
+    Kept,
+    /// The connection failed: kept, and the relay reconnects.
+    Broken,
+}
+
+/// Publishes one entry's event (and its `reply_to` copy).
+pub async fn publish_entry(publisher: &Publisher, entry: &OutboxEntry) -> Published {
+    let promise = match &entry.promise {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(entry = %entry.entry_id, partition = entry.partition, error = %e, "unreadable outbox entry dropped");
+            return Published::Dropped;
+        }
+    };
+    let event = match CompletionEvent::from_promise(promise) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(entry = %entry.entry_id, error = %e, "outbox entry of a pending promise dropped");
+            return Published::Dropped;
+        }
+    };
+    match publisher.publish_event(&event).await {
+        Ok(()) => {}
+        Err(e @ (BrokerError::Returned { .. } | BrokerError::Nacked)) => {
+            tracing::warn!(event.id = %event.id, error = %e, "event not accepted; kept in the outbox for a later try");
+            return Published::Kept;
+        }
+        Err(e) => {
+            tracing::warn!(event.id = %event.id, error = %e, "publishing failed; kept in the outbox");
+            return Published::Broken;
+        }
+    }
+    match publisher.publish_reply(&event).await {
+        Ok(_) => {}
+        // The RPC caller is gone; its reply has nowhere to go. The event itself was confirmed.
+        Err(e @ BrokerError::Returned { .. }) => {
+            tracing::warn!(event.id = %event.id, error = %e, "reply_to queue is gone; reply dropped");
+        }
+        Err(e) => {
+            tracing::warn!(event.id = %event.id, error = %e, "reply publish failed; kept in the outbox");
+            return Published::Broken;
+        }
+    }
+    tracing::debug!(event.id = %event.id, routing_key = %event.routing_key, "event published");
+    Published::Confirmed
+}
+
+/// Publishes a batch concurrently (confirms awaited together) and acks what
+/// was confirmed. Returns false if the broker connection broke.
+async fn publish_batch<O: Outbox>(
+    publisher: &Publisher,
+    outbox: &mut O,
+    entries: Vec<OutboxEntry>,
+) -> Result<bool, crate::store::StoreError> {
+    let results = join_all(entries.iter().map(|e| publish_entry(publisher, e))).await;
+    let mut healthy = true;
+    for (entry, r) in entries.iter().zip(results) {
+        match r {
+            Published::Confirmed | Published::Dropped => {
+                crate::failpoint!("relay.after_confirm");
+                outbox.ack(entry.partition, &entry.entry_id).await?
+            }
+            Published::Kept => {}
+            Published::Broken => healthy = false,
+        }
+    }
+    Ok(healthy)
+}
+
+/// Runs the relay until `shutdown`, reconnecting to Redis and RabbitMQ as needed.
+pub async fn run(
+    store: RedisStore,
+    broker_settings: BrokerSettings,
+    settings: RelaySettings,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = reconnect_backoff();
+    while !shutdown.is_cancelled() {
+        let setup = async {
+            let broker = Broker::connect(&broker_settings)
+                .await
+                .map_err(|e| e.to_string())?;
+            broker.declare_topology().await.map_err(|e| e.to_string())?;
+            let publisher = broker.publisher().await.map_err(|e| e.to_string())?;
+            let outbox = store
+                .outbox(&settings.group, &settings.consumer, settings.block)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((broker, publisher, outbox))
+        };
+        let (broker, publisher, mut outbox) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = setup => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(error = %e, wait_ms = wait.as_millis() as u64, "relay cannot start; retrying");
+                    pause(wait, &shutdown).await;
+                    continue;
+                }
+            }
+        };
+        backoff = reconnect_backoff();
+        tracing::info!(consumer = %settings.consumer, "outbox relay running");
+        let mut last_reclaim = tokio::time::Instant::now() - settings.reclaim_interval;
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let round = async {
+                let mut entries = Vec::new();
+                if last_reclaim.elapsed() >= settings.reclaim_interval {
+                    last_reclaim = tokio::time::Instant::now();
+                    entries = outbox
+                        .reclaim(settings.reclaim_idle, settings.batch)
+                        .await?;
+                    if !entries.is_empty() {
+                        tracing::info!(n = entries.len(), "reclaimed idle outbox entries");
+                    }
+                }
+                if entries.is_empty() {
+                    entries = outbox.read_new(settings.batch, settings.block).await?;
+                }
+                publish_batch(&publisher, &mut outbox, entries).await
+            };
+            let outcome = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = round => r,
+            };
+            match outcome {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("broker connection lost; relay reconnecting");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox read failed; relay reconnecting");
+                    pause(backoff.next().unwrap_or(Duration::from_secs(1)), &shutdown).await;
+                    break;
+                }
+            }
+            if !publisher.is_connected() {
+                tracing::warn!("broker channel closed; relay reconnecting");
+                break;
+            }
+        }
+        broker.close().await;
+    }
+    tracing::info!("outbox relay stopped");
+}

@@ -1,0 +1,781 @@
+//! The HTTP sidecar (DESIGN.md §4): notebook callbacks, the Durable Promise
+//! API, health. The only module that imports axum (besides the emulator, a
+//! stand-in for Databricks that is not part of the bridge).
+//!
+//! Request handling order is fixed so that bad input changes nothing: the
+//! body is read raw with a size limit (413), its content type checked (415),
+//! the caller authenticated (401) before anything is written, then parsed
+//! (400) into domain types, then one store call does the transition.
+
+mod auth;
+mod error;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State as AxState};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use secrecy::SecretString;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use error::ApiError;
+
+use crate::domain::{
+    CallbackSigner, Completion, Payload, Promise, PromiseId, RunId, SettledBy, State,
+};
+use crate::reconciler::{CancelFilter, cancel_matching, valid_id_filter};
+use crate::store::{
+    CreateOutcome, HeartbeatOutcome, NewPromise, SearchQuery, Settle, SettleOutcome, Store, Timeout,
+};
+
+#[derive(Debug, Clone)]
+pub struct SidecarSettings {
+    pub body_limit: usize,
+    pub max_wait: Duration,
+    pub default_timeout: Duration,
+    pub default_workspace: String,
+}
+
+/// Shared by every handler.
+pub struct AppState<S> {
+    pub store: S,
+    pub signer: CallbackSigner,
+    pub operator_tokens: Vec<SecretString>,
+    pub settings: SidecarSettings,
+    /// Set by a background task that keeps a broker connection (for /readyz).
+    pub broker_ready: Arc<AtomicBool>,
+    /// HTTP Basic credentials Databricks notification destinations use
+    /// (`None`: the notification route refuses everything).
+    pub notification_auth: Option<(String, SecretString)>,
+}
+
+type St<S> = AxState<Arc<AppState<S>>>;
+type ApiResult = Result<Response, ApiError>;
+
+pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz::<S>))
+        .route("/cb/{token}/resolve", post(cb_resolve::<S>))
+        .route("/cb/{token}/reject", post(cb_reject::<S>))
+        .route("/cb/{token}/heartbeat", post(cb_heartbeat::<S>))
+        .route(
+            "/cb/{token}/promises/{*id}",
+            get(cb_get::<S>).patch(cb_patch::<S>),
+        )
+        .route("/resolve", post(resolve::<S>))
+        .route("/reject", post(reject::<S>))
+        .route("/heartbeat", post(heartbeat::<S>))
+        .route("/promises", get(search::<S>).post(create::<S>))
+        // A static route wins over the wildcard below, so GET of a promise
+        // whose id is "cancel" is served here too.
+        .route(
+            "/promises/cancel",
+            post(bulk_cancel::<S>).get(get_cancel_promise::<S>),
+        )
+        .route("/databricks/notifications", post(notification::<S>))
+        .route("/promises/{*id}", get(get_promise::<S>).patch(patch::<S>))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .with_state(state)
+}
+
+/// Serves until `shutdown`, then finishes in-flight requests.
+pub async fn serve<S: Store>(
+    listener: TcpListener,
+    state: Arc<AppState<S>>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "sidecar listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+// ---------- request plumbing ----------
+
+fn query_map(raw: &Option<String>) -> HashMap<String, String> {
+    raw.as_deref()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Reads the body raw, refusing it past the limit before buffering it all.
+async fn read_body<S>(
+    st: &AppState<S>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, ApiError> {
+    let limit = st.settings.body_limit;
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        && len > limit
+    {
+        return Err(ApiError::too_large(limit));
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit")
+        {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::bad_request(format!("could not read the body: {e}"))
+        }
+    })
+}
+
+/// A non-empty body must be JSON.
+fn json_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    bytes: &Bytes,
+) -> Result<Option<T>, ApiError> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if mime != "application/json" && !mime.ends_with("+json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "the body must be application/json, got {:?}",
+                if ct.is_empty() { "nothing" } else { ct }
+            ),
+        ));
+    }
+    serde_json::from_slice(bytes)
+        .map(Some)
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+}
+
+fn parse_id(s: &str) -> Result<PromiseId, ApiError> {
+    PromiseId::parse(s).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+fn promise_response(status: StatusCode, p: &Promise, deduplicated: bool) -> Response {
+    let mut v = p.to_json();
+    v["deduplicated"] = json!(deduplicated);
+    (status, Json(v)).into_response()
+}
+
+/// A JSON value as a promise payload: strings are kept as sent.
+fn payload_of(v: Option<Value>) -> Payload {
+    match v {
+        None | Some(Value::Null) => Payload::default(),
+        Some(Value::String(s)) => Payload::data(s),
+        Some(other) => Payload::data(other.to_string()),
+    }
+}
+
+fn settle_response(outcome: SettleOutcome, id: &PromiseId, strict: bool) -> ApiResult {
+    match outcome {
+        SettleOutcome::Settled(p) => Ok(promise_response(StatusCode::OK, &p, false)),
+        SettleOutcome::Deduplicated(p) => Ok(promise_response(StatusCode::OK, &p, true)),
+        // The specification: completing a timed-out promise without `strict` succeeds.
+        SettleOutcome::TimedOut(p) if !strict => Ok(promise_response(StatusCode::OK, &p, false)),
+        SettleOutcome::TimedOut(p) | SettleOutcome::AlreadySettled(p) => {
+            Err(ApiError::already_settled(&p))
+        }
+        SettleOutcome::NotFound => Err(ApiError::not_found(id.as_str())),
+    }
+}
+
+fn header_flag(headers: &HeaderMap, name: &str) -> Result<bool, ApiError> {
+    match headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+    {
+        None | Some("") => Ok(false),
+        Some(v) if v.eq_ignore_ascii_case("true") => Ok(true),
+        Some(v) if v.eq_ignore_ascii_case("false") => Ok(false),
+        Some(v) => Err(ApiError::bad_request(format!(
+            "header {name} must be true or false, got {v:?}"
+        ))),
+    }
+}
+
+fn ikey(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .filter(|s| !s.is_empty())
+}
+
+// ---------- capability callbacks: resolve / reject / heartbeat ----------
+
+#[derive(Deserialize, Default)]
+struct CallbackBody {
+    id: Option<String>,
+    value: Option<Value>,
+    error: Option<Value>,
+}
+
+/// Resolve or reject from a notebook: `?id=..&value=..` (or `error=`) or a JSON body.
+async fn callback_settle<S: Store>(
+    st: &AppState<S>,
+    completion: Completion,
+    path_token: Option<&str>,
+    headers: &HeaderMap,
+    raw_query: &Option<String>,
+    body: Body,
+) -> ApiResult {
+    let q = query_map(raw_query);
+    let bytes = read_body(st, headers, body).await?;
+    let b: CallbackBody = json_body(headers, &bytes)?.unwrap_or_default();
+    let id =
+        q.get("id").cloned().or(b.id).ok_or_else(|| {
+            ApiError::bad_request("missing promise id: pass ?id= or {\"id\": ...}")
+        })?;
+    let creds = auth::credentials(headers, path_token);
+    // Authenticate on the raw id before anything else can happen.
+    let id = match PromiseId::parse(&id) {
+        Ok(id) if auth::opens(&st.signer, &creds, &id) => id,
+        Ok(_) => return Err(ApiError::unauthorized()),
+        Err(e) => {
+            return Err(if creds.is_empty() {
+                ApiError::unauthorized()
+            } else {
+                ApiError::bad_request(e.to_string())
+            });
+        }
+    };
+    let value = match completion {
+        Completion::Resolve => q.get("value").map(|v| Value::String(v.clone())).or(b.value),
+        _ => q
+            .get("error")
+            .or(q.get("value"))
+            .map(|v| Value::String(v.clone()))
+            .or(b.error)
+            .or(b.value),
+    };
+    let req = Settle {
+        target: completion.target(),
+        value: payload_of(value),
+        // As in the Resonate example: the promise id is the idempotency key,
+        // and the action must match the state for a repeat to be deduplicated.
+        ikey: Some(id.to_string()),
+        strict: true,
+        settled_by: SettledBy::Callback,
+        // A notebook rejecting its own promise is finishing; nothing to cancel.
+        cancel_run: false,
+        id,
+    };
+    crate::failpoint!("sidecar.before_settle");
+    let outcome = st.store.settle(&req).await?;
+    crate::failpoint!("sidecar.after_settle");
+    settle_response(outcome, &req.id, true)
+}
+
+async fn callback_heartbeat<S: Store>(
+    st: &AppState<S>,
+    path_token: Option<&str>,
+    headers: &HeaderMap,
+    raw_query: &Option<String>,
+    body: Body,
+) -> ApiResult {
+    let q = query_map(raw_query);
+    let bytes = read_body(st, headers, body).await?;
+    let b: CallbackBody = json_body(headers, &bytes)?.unwrap_or_default();
+    let id = q
+        .get("id")
+        .cloned()
+        .or(b.id)
+        .ok_or_else(|| ApiError::bad_request("missing promise id"))?;
+    let id = parse_id(&id)?;
+    if !auth::opens(&st.signer, &auth::credentials(headers, path_token), &id) {
+        return Err(ApiError::unauthorized());
+    }
+    match st.store.heartbeat(&id).await? {
+        HeartbeatOutcome::Extended(p) => Ok(promise_response(StatusCode::OK, &p, false)),
+        HeartbeatOutcome::Settled(p) => Err(ApiError::already_settled(&p)),
+        HeartbeatOutcome::NotFound => Err(ApiError::not_found(id.as_str())),
+    }
+}
+
+async fn cb_resolve<S: Store>(
+    st: St<S>,
+    Path(token): Path<String>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Body,
+) -> ApiResult {
+    callback_settle(&st, Completion::Resolve, Some(&token), &h, &q, body).await
+}
+async fn cb_reject<S: Store>(
+    st: St<S>,
+    Path(token): Path<String>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Body,
+) -> ApiResult {
+    callback_settle(&st, Completion::Reject, Some(&token), &h, &q, body).await
+}
+async fn cb_heartbeat<S: Store>(
+    st: St<S>,
+    Path(token): Path<String>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Body,
+) -> ApiResult {
+    callback_heartbeat(&st, Some(&token), &h, &q, body).await
+}
+async fn resolve<S: Store>(
+    st: St<S>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Body,
+) -> ApiResult {
+    callback_settle(&st, Completion::Resolve, None, &h, &q, body).await
+}
+async fn reject<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery, body: Body) -> ApiResult {
+    callback_settle(&st, Completion::Reject, None, &h, &q, body).await
+}
+async fn heartbeat<S: Store>(
+    st: St<S>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Body,
+) -> ApiResult {
+    callback_heartbeat(&st, None, &h, &q, body).await
+}
+
+// ---------- Durable Promise API ----------
+
+/// Who may act on `/promises/{id}`: an operator, or the promise's own token.
+enum Caller {
+    Operator,
+    Capability,
+}
+
+fn caller_for<S>(
+    st: &AppState<S>,
+    headers: &HeaderMap,
+    path_token: Option<&str>,
+    id: &PromiseId,
+) -> Result<Caller, ApiError> {
+    let creds = auth::credentials(headers, path_token);
+    if path_token.is_none() && auth::is_operator(&st.operator_tokens, &creds) {
+        return Ok(Caller::Operator);
+    }
+    if auth::opens(&st.signer, &creds, id) {
+        return Ok(Caller::Capability);
+    }
+    Err(ApiError::unauthorized())
+}
+
+fn require_operator<S>(st: &AppState<S>, headers: &HeaderMap) -> Result<(), ApiError> {
+    if auth::is_operator(&st.operator_tokens, &auth::credentials(headers, None)) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid operator token",
+        ))
+    }
+}
+
+/// `30s`, `500ms`, `2m` or a number of seconds.
+fn parse_wait(s: &str) -> Result<Duration, ApiError> {
+    let bad = || ApiError::bad_request(format!("wait must look like 30s, 500ms or 2m, got {s:?}"));
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(bad()),
+    }
+}
+
+async fn read_promise<S: Store>(
+    st: &AppState<S>,
+    id: &PromiseId,
+    wait: Option<Duration>,
+) -> ApiResult {
+    let deadline = tokio::time::Instant::now() + wait.unwrap_or_default().min(st.settings.max_wait);
+    let mut interval = Duration::from_millis(25);
+    loop {
+        let p = st
+            .store
+            .get(id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(id.as_str()))?;
+        let now = tokio::time::Instant::now();
+        if p.state.is_settled() || now >= deadline {
+            return Ok((StatusCode::OK, Json(p.to_json())).into_response());
+        }
+        tokio::time::sleep(interval.min(deadline - now)).await;
+        interval = (interval * 2).min(Duration::from_millis(500));
+    }
+}
+
+async fn get_promise<S: Store>(
+    st: St<S>,
+    Path(id): Path<String>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    let id = parse_id(&id)?;
+    caller_for(&st, &h, None, &id)?;
+    let wait = query_map(&q)
+        .get("wait")
+        .map(|w| parse_wait(w))
+        .transpose()?;
+    read_promise(&st, &id, wait).await
+}
+
+async fn cb_get<S: Store>(
+    st: St<S>,
+    Path((token, id)): Path<(String, String)>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    let id = parse_id(&id)?;
+    caller_for(&st, &h, Some(&token), &id)?;
+    let wait = query_map(&q)
+        .get("wait")
+        .map(|w| parse_wait(w))
+        .transpose()?;
+    read_promise(&st, &id, wait).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchBody {
+    state: String,
+    #[serde(default)]
+    value: Option<Payload>,
+}
+
+async fn complete<S: Store>(
+    st: &AppState<S>,
+    id: String,
+    path_token: Option<&str>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let bytes = read_body(st, &headers, body).await?;
+    let id = parse_id(&id)?;
+    let caller = caller_for(st, &headers, path_token, &id)?;
+    let b: PatchBody = json_body(&headers, &bytes)?
+        .ok_or_else(|| ApiError::bad_request("missing body: {\"state\": ..., \"value\": ...}"))?;
+    let target: State = b
+        .state
+        .parse()
+        .map_err(|e: crate::domain::promise::UnknownState| ApiError::bad_request(e.to_string()))?;
+    if Completion::from_target(target).is_none() {
+        return Err(ApiError::bad_request(
+            "state must be RESOLVED, REJECTED or REJECTED_CANCELED",
+        ));
+    }
+    let strict = header_flag(&headers, "strict")?;
+    let req = Settle {
+        id,
+        target,
+        value: b.value.unwrap_or_default(),
+        ikey: ikey(&headers),
+        strict,
+        settled_by: match caller {
+            Caller::Operator => SettledBy::Operator,
+            Caller::Capability => SettledBy::Callback,
+        },
+        cancel_run: target == State::RejectedCanceled,
+    };
+    let outcome = st.store.settle(&req).await?;
+    settle_response(outcome, &req.id, strict)
+}
+
+async fn patch<S: Store>(st: St<S>, Path(id): Path<String>, h: HeaderMap, body: Body) -> ApiResult {
+    complete(&st, id, None, h, body).await
+}
+
+async fn cb_patch<S: Store>(
+    st: St<S>,
+    Path((token, id)): Path<(String, String)>,
+    h: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    complete(&st, id, Some(&token), h, body).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    id: String,
+    #[serde(default)]
+    param: Option<Payload>,
+    /// Milliseconds since the epoch.
+    #[serde(default)]
+    timeout: Option<i64>,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+}
+
+async fn create<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> ApiResult {
+    let bytes = read_body(&st, &h, body).await?;
+    require_operator(&st, &h)?;
+    let b: CreateBody =
+        json_body(&h, &bytes)?.ok_or_else(|| ApiError::bad_request("missing body"))?;
+    let id = parse_id(&b.id)?;
+    let strict = header_flag(&h, "strict")?;
+    let key = ikey(&h);
+    let new = NewPromise {
+        id,
+        param: b.param.unwrap_or_default(),
+        timeout: match b.timeout {
+            Some(ms) if ms > 0 => Timeout::At(ms),
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "timeout must be a positive epoch time in milliseconds",
+                ));
+            }
+            None => Timeout::After(st.settings.default_timeout),
+        },
+        tags: b.tags,
+        ikey_create: key.clone(),
+        job_id: None,
+        workspace: st.settings.default_workspace.clone(),
+        reply_to: None,
+        correlation_id: None,
+        traceparent: None,
+        heartbeat: None,
+        cancel_on_timeout: false,
+    };
+    match st.store.create(&new).await? {
+        CreateOutcome::Created(p) => Ok(promise_response(StatusCode::CREATED, &p, false)),
+        CreateOutcome::Existing(p) => {
+            let same_key = key.is_some() && p.ikey_create == key;
+            if same_key && (!p.state.is_settled() || !strict) {
+                Ok(promise_response(StatusCode::OK, &p, true))
+            } else {
+                Err(ApiError {
+                    status: StatusCode::CONFLICT,
+                    code: "already_exists",
+                    message: format!("promise {} already exists ({})", p.id, p.state),
+                    extra: Some(("promise", p.to_json())),
+                })
+            }
+        }
+    }
+}
+
+async fn search<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) -> ApiResult {
+    require_operator(&st, &h)?;
+    let mut query = SearchQuery {
+        id: "*".into(),
+        limit: 100,
+        ..Default::default()
+    };
+    for (k, v) in url::form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "id" => {
+                if !valid_id_filter(&v) {
+                    return Err(ApiError::bad_request(
+                        "id may use [A-Za-z0-9._:/-] and * wildcards",
+                    ));
+                }
+                query.id = v.into_owned();
+            }
+            "state" => {
+                let states = if v.eq_ignore_ascii_case("rejected") {
+                    vec![
+                        State::Rejected,
+                        State::RejectedCanceled,
+                        State::RejectedTimedout,
+                    ]
+                } else {
+                    vec![
+                        v.parse::<State>()
+                            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+                    ]
+                };
+                query.states = Some(states);
+            }
+            "limit" => {
+                query.limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| ApiError::bad_request("limit must be 1-1000"))?;
+            }
+            "cursor" => query.cursor = Some(v.into_owned()),
+            other => {
+                if let Some(tag) = other
+                    .strip_prefix("tags[")
+                    .and_then(|t| t.strip_suffix(']'))
+                {
+                    query.tags.insert(tag.to_owned(), v.into_owned());
+                } else {
+                    return Err(ApiError::bad_request(format!(
+                        "unknown search parameter {other:?}"
+                    )));
+                }
+            }
+        }
+    }
+    let page = match st.store.search(&query).await {
+        Ok(p) => p,
+        Err(crate::store::StoreError::Protocol(m)) if m.contains("cursor") => {
+            return Err(ApiError::bad_request("invalid cursor"));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let promises: Vec<Value> = page.promises.iter().map(Promise::to_json).collect();
+    Ok(Json(json!({ "promises": promises, "cursor": page.cursor })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    #[serde(default)]
+    job_id: Option<u64>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `POST /promises/cancel`: cancel every pending promise matching tags, a job
+/// id or an id wildcard (Databricks Connect's `interruptTag`, the Jobs API's
+/// `cancel_all`). Answers how many matched.
+async fn bulk_cancel<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> ApiResult {
+    let bytes = read_body(&st, &h, body).await?;
+    require_operator(&st, &h)?;
+    let b: CancelBody = json_body(&h, &bytes)?
+        .ok_or_else(|| ApiError::bad_request("missing body: {\"tags\"|\"job_id\"|\"id\": ...}"))?;
+    if b.id.as_deref().is_some_and(|id| !valid_id_filter(id)) {
+        return Err(ApiError::bad_request(
+            "id may use [A-Za-z0-9._:/-] and * wildcards",
+        ));
+    }
+    let filter = CancelFilter {
+        id: b.id,
+        tags: b.tags,
+        job_id: b.job_id,
+    };
+    if filter.is_empty() {
+        return Err(ApiError::bad_request(
+            "give at least one of id, tags, job_id",
+        ));
+    }
+    let reason = b.reason.unwrap_or_else(|| "canceled by an operator".into());
+    let report = cancel_matching(&st.store, &filter, &reason, SettledBy::Operator).await?;
+    Ok(Json(json!(report)).into_response())
+}
+
+async fn get_cancel_promise<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) -> ApiResult {
+    get_promise(st, Path("cancel".into()), h, RawQuery(q)).await
+}
+
+#[derive(Deserialize)]
+struct NotificationRun {
+    run_id: u64,
+    #[serde(default)]
+    parent_run_id: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Notification {
+    #[serde(default)]
+    event_type: String,
+    run: NotificationRun,
+}
+
+/// `POST /databricks/notifications`: a Databricks job webhook destination.
+/// Never settles anything by itself (the payload has no result); it makes the
+/// run's promise due for a `runs/get` check on the next reconciler tick.
+async fn notification<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> ApiResult {
+    let bytes = read_body(&st, &h, body).await?;
+    let Some((user, pass)) = &st.notification_auth else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "notifications are not configured (auth.notification_password)",
+        ));
+    };
+    if !auth::basic_matches(&h, user, pass) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "bad or missing basic auth",
+        ));
+    }
+    let n: Notification = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("not a job notification: {e}")))?;
+    let run = n.run.parent_run_id.unwrap_or(n.run.run_id);
+    let run = RunId::new(run).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let promise = st.store.poll_run_now(run).await?;
+    tracing::debug!(event_type = %n.event_type, run_id = run.get(), found = promise.is_some(), "job notification");
+    Ok(
+        Json(json!({"scheduled": promise.is_some(), "promise_id": promise.map(|p| p.to_string())}))
+            .into_response(),
+    )
+}
+
+async fn readyz<S: Store>(st: St<S>) -> Response {
+    let redis = st.store.ping().await.is_ok();
+    let broker = st.broker_ready.load(Ordering::Relaxed);
+    let status = if redis && broker {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let word = |ok: bool| if ok { "ok" } else { "unreachable" };
+    (status, Json(json!({ "status": if redis && broker { "ready" } else { "not_ready" }, "redis": word(redis), "broker": word(broker) })))
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_durations() {
+        assert_eq!(parse_wait("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_wait("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_wait("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_wait("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_wait("soon").is_err());
+        assert!(parse_wait("5h").is_err());
+    }
+}

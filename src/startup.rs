@@ -1,0 +1,269 @@
+//! The one place that builds real clients (Redis pool, RabbitMQ settings,
+//! Databricks HTTP client) from [`Settings`] and wires the parts together.
+//! Tests build the same parts through these functions with their own settings.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, BrokerSettings};
+use crate::config::{ConfigError, Settings};
+use crate::databricks::{self, ClientSettings, RateBudget, WorkspaceSettings};
+use crate::domain::{CallbackSigner, TriggerRules};
+use crate::reconciler::{Reconciler, ReconcilerSettings};
+use crate::relay::{self, RelaySettings};
+use crate::sidecar::{self, AppState, SidecarSettings};
+use crate::store::redis_store::StoreSettings;
+use crate::store::{RedisStore, StoreError};
+use crate::worker::runner::{self, RunnerSettings, pause, reconnect_backoff};
+use crate::worker::{ParamNames, WorkerContext};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("databricks client: {0}")]
+    Databricks(#[from] databricks::DatabricksError),
+    #[error("sidecar: cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("sidecar: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A name for this process in broker connections and relay consumers.
+pub fn instance_name(role: &str) -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    format!("runbridge-{role}-{host}-{}", std::process::id())
+}
+
+pub async fn store(s: &Settings) -> Result<RedisStore, StartupError> {
+    Ok(RedisStore::connect(&StoreSettings {
+        url: s.redis.url.expose_secret().to_owned(),
+        keys: s.keys()?,
+        retention: s.retention(),
+        pool_size: s.redis.pool_size,
+        response_timeout: Duration::from_millis(s.redis.response_timeout_ms),
+        first_poll: Duration::from_millis(s.reconciler.first_poll_ms),
+    })
+    .await?)
+}
+
+pub fn broker_settings(s: &Settings, role: &str) -> BrokerSettings {
+    BrokerSettings {
+        url: s.amqp.url.clone(),
+        triggers_queue: s.amqp.triggers_queue.clone(),
+        dead_letter_exchange: s.amqp.dead_letter_exchange.clone(),
+        dead_letter_queue: s.amqp.dead_letter_queue.clone(),
+        events_exchange: s.amqp.events_exchange.clone(),
+        control_queue: s.amqp.control_queue.clone(),
+        delivery_limit: s.amqp.delivery_limit,
+        prefetch: s.amqp.prefetch,
+        connection_name: instance_name(role),
+    }
+}
+
+pub fn signer(s: &Settings) -> Result<CallbackSigner, ConfigError> {
+    CallbackSigner::new(s.auth.callback_secrets.clone())
+        .map_err(|e| ConfigError::Invalid(e.to_string()))
+}
+
+/// The Databricks client. `budget`: the request budget shared by all workers
+/// (the Redis store); `None` limits this process alone.
+pub fn jobs_client(
+    s: &Settings,
+    budget: Option<Arc<dyn RateBudget>>,
+) -> Result<databricks::Client, StartupError> {
+    let mut workspaces = HashMap::new();
+    for (name, w) in &s.databricks.workspaces {
+        let mut host = url::Url::parse(&w.host)
+            .map_err(|e| ConfigError::Invalid(format!("databricks.workspaces.{name}.host: {e}")))?;
+        if !host.path().ends_with('/') {
+            host.set_path(&format!("{}/", host.path()));
+        }
+        workspaces.insert(
+            name.clone(),
+            WorkspaceSettings {
+                host,
+                token: w.token.clone(),
+            },
+        );
+    }
+    let d = &s.databricks;
+    Ok(databricks::Client::new(
+        &ClientSettings {
+            workspaces,
+            request_timeout: Duration::from_millis(d.request_timeout_ms),
+            retry_min_delay: Duration::from_millis(d.retry_min_delay_ms),
+            retry_max_delay: Duration::from_millis(d.retry_max_delay_ms),
+            retry_max_times: d.retry_max_times,
+            launch_per_second: d.launch_per_second,
+            poll_per_second: d.poll_per_second,
+            cancel_per_second: d.cancel_per_second,
+            burst: d.burst,
+        },
+        budget,
+    )?)
+}
+
+/// The worker: trigger consumer and outbox relay, until `shutdown`.
+pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(), StartupError> {
+    s.validate(crate::config::Role::Worker)?;
+    let store = store(s).await?;
+    let ctx = Arc::new(WorkerContext {
+        store: store.clone(),
+        jobs: jobs_client(s, Some(Arc::new(store.clone())))?,
+        signer: signer(s)?,
+        rules: TriggerRules {
+            default_timeout: Duration::from_secs(s.worker.default_timeout_seconds),
+            max_timeout: Duration::from_secs(s.worker.max_timeout_seconds),
+        },
+        public_url: s.public_url()?,
+        params: ParamNames {
+            promise_id: s.databricks.param_promise_id.clone(),
+            url: s.databricks.param_url.clone(),
+            callback_token: s.databricks.param_callback_token.clone(),
+        },
+        default_workspace: s.databricks.default_workspace.clone(),
+        workspaces: s.databricks.workspaces.keys().cloned().collect(),
+    });
+    let reconciler = s.reconciler.enabled.then(|| {
+        Arc::new(Reconciler::new(
+            store.clone(),
+            ctx.jobs.clone(),
+            reconciler_settings(s),
+        ))
+    });
+    let name = instance_name("worker");
+    let consumer = runner::run(
+        ctx,
+        broker_settings(s, "worker"),
+        RunnerSettings {
+            requeue_delay: Duration::from_millis(s.worker.requeue_delay_ms),
+            retries_in_place: s.worker.retries_in_place,
+            drain_timeout: Duration::from_secs(s.worker.drain_timeout_seconds),
+            consumer_tag: name.clone(),
+        },
+        shutdown.clone(),
+    );
+    let relay = relay::run(
+        store,
+        broker_settings(s, "relay"),
+        RelaySettings {
+            group: "relay".into(),
+            consumer: name,
+            batch: s.relay.batch,
+            block: Duration::from_millis(s.relay.block_ms),
+            reclaim_idle: Duration::from_millis(s.relay.reclaim_idle_ms),
+            reclaim_interval: Duration::from_millis(s.relay.reclaim_interval_ms),
+        },
+        shutdown.clone(),
+    );
+    let shutdown_r = shutdown;
+    let reconcile = async {
+        if let Some(r) = reconciler {
+            r.run(shutdown_r).await;
+        }
+    };
+    tokio::join!(consumer, relay, reconcile);
+    Ok(())
+}
+
+pub fn reconciler_settings(s: &Settings) -> ReconcilerSettings {
+    let r = &s.reconciler;
+    ReconcilerSettings {
+        tick: Duration::from_millis(r.tick_ms),
+        batch: r.batch,
+        lease: Duration::from_millis(r.lease_ms),
+        first_poll: Duration::from_millis(r.first_poll_ms),
+        max_poll: Duration::from_millis(r.max_poll_ms),
+        grace: Duration::from_millis(r.grace_ms),
+        success_without_output: r.success_without_output,
+        success_with_failures: r.success_with_failures,
+        output_task_key: Some(r.output_task_key.clone()).filter(|k| !k.is_empty()),
+        cancel_retry_max: Duration::from_millis(r.cancel_retry_max_ms),
+        concurrency: r.concurrency,
+    }
+}
+
+/// Keeps a broker connection open to answer /readyz truthfully.
+async fn watch_broker(
+    settings: BrokerSettings,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = reconnect_backoff();
+    while !shutdown.is_cancelled() {
+        match Broker::connect(&settings).await {
+            Ok(b) => {
+                backoff = reconnect_backoff();
+                ready.store(true, Ordering::Relaxed);
+                while b.is_connected() && pause(Duration::from_secs(1), &shutdown).await {}
+                ready.store(false, Ordering::Relaxed);
+                b.close().await;
+            }
+            Err(e) => {
+                ready.store(false, Ordering::Relaxed);
+                tracing::warn!(error = %e, "sidecar: broker not reachable (readyz reports it)");
+                pause(backoff.next().unwrap_or(Duration::from_secs(10)), &shutdown).await;
+            }
+        }
+    }
+}
+
+/// The sidecar, on `listener` (or `sidecar.listen`), until `shutdown`.
+pub async fn run_sidecar(
+    s: &Settings,
+    listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), StartupError> {
+    s.validate(crate::config::Role::Sidecar)?;
+    let listener = match listener {
+        Some(l) => l,
+        None => TcpListener::bind(&s.sidecar.listen)
+            .await
+            .map_err(|e| StartupError::Listen {
+                addr: s.sidecar.listen.clone(),
+                source: e,
+            })?,
+    };
+    let store = store(s).await?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let watcher = tokio::spawn(watch_broker(
+        broker_settings(s, "sidecar"),
+        ready.clone(),
+        shutdown.clone(),
+    ));
+    let state = Arc::new(AppState {
+        store,
+        signer: signer(s)?,
+        operator_tokens: s.auth.operator_tokens.clone(),
+        settings: SidecarSettings {
+            body_limit: s.sidecar.body_limit_bytes,
+            max_wait: Duration::from_secs(s.sidecar.max_wait_seconds),
+            default_timeout: Duration::from_secs(s.worker.default_timeout_seconds),
+            default_workspace: s.databricks.default_workspace.clone(),
+        },
+        broker_ready: ready,
+        notification_auth: s
+            .auth
+            .notification_password
+            .clone()
+            .filter(|p| !p.expose_secret().is_empty())
+            .map(|p| (s.auth.notification_username.clone(), p)),
+    });
+    let r = sidecar::serve(listener, state, shutdown)
+        .await
+        .map_err(StartupError::Serve);
+    let _ = watcher.await;
+    r
+}

@@ -1,0 +1,33 @@
+-- Create a PENDING promise if absent (DESIGN.md §7 step 2).
+-- KEYS[1] promise hash, KEYS[2] partition deadlines zset
+-- ARGV[1] id, ARGV[2] timeout relative ms (used when ARGV[3] is 0),
+-- ARGV[3] timeout absolute ms or 0, ARGV[4] retention ms,
+-- ARGV[5] heartbeat seconds or '', ARGV[6..] field/value pairs ('' values skipped)
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'EXISTS', redis.call('HGETALL', KEYS[1])}
+end
+local now = now_ms()
+local timeout = tonumber(ARGV[3])
+if timeout == 0 then timeout = now + tonumber(ARGV[2]) end
+local fields = {'id', ARGV[1], 'state', 'PENDING', 'created', now, 'timeout', timeout}
+for i = 6, #ARGV, 2 do
+  if ARGV[i + 1] ~= '' then
+    fields[#fields + 1] = ARGV[i]
+    fields[#fields + 1] = ARGV[i + 1]
+  end
+end
+local deadline = timeout
+local hb = tonumber(ARGV[5])
+if hb then
+  deadline = math.min(timeout, now + hb * 1000)
+  fields[#fields + 1] = 'hb'
+  fields[#fields + 1] = ARGV[5]
+  fields[#fields + 1] = 'hbd'
+  fields[#fields + 1] = deadline
+end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZADD', KEYS[2], deadline, ARGV[1])
+-- Backstop against leaks if no reconciler ever sweeps: gone a retention
+-- period after its deadline at the latest.
+redis.call('PEXPIREAT', KEYS[1], timeout + tonumber(ARGV[4]))
+return {'CREATED', redis.call('HGETALL', KEYS[1])}

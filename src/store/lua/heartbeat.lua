@@ -1,0 +1,13 @@
+-- Push the heartbeat deadline forward, never past the overall timeout.
+-- KEYS[1] promise hash, KEYS[2] deadlines zset; ARGV[1] id
+local st = redis.call('HGET', KEYS[1], 'state')
+if not st then return {'NOT_FOUND'} end
+if st ~= 'PENDING' then return {'SETTLED', redis.call('HGETALL', KEYS[1])} end
+local hb = tonumber(redis.call('HGET', KEYS[1], 'hb'))
+if hb then
+  local timeout = tonumber(redis.call('HGET', KEYS[1], 'timeout'))
+  local deadline = math.min(timeout, now_ms() + hb * 1000)
+  redis.call('HSET', KEYS[1], 'hbd', deadline)
+  redis.call('ZADD', KEYS[2], deadline, ARGV[1])
+end
+return {'OK', redis.call('HGETALL', KEYS[1])}

@@ -1,0 +1,267 @@
+//! The promise store: durable promises in Redis (DESIGN.md §6).
+//!
+//! This module is the only one that speaks to Redis. The rest of the code sees
+//! the [`PromiseStore`] and [`Outbox`] traits and plain domain types, so the
+//! worker, relay and sidecar logic can be called with any implementation.
+//!
+//! Every state transition is one Lua script (`lua/*.lua`) that reads, decides
+//! and writes atomically on one hash-tagged slot; a settlement writes its
+//! outbox entry in the same script, so there is no settled promise without its
+//! event and no event without its settlement. Scripts run with EVALSHA and are
+//! re-loaded transparently after a NOSCRIPT (a restarted Redis has an empty
+//! script cache).
+
+pub mod redis_store;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+pub use redis_store::RedisStore;
+
+use crate::domain::promise::CorruptRecord;
+use crate::domain::{Payload, Promise, PromiseId, RunId, SettledBy, State};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis could not be reached or answered with an error; worth retrying.
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    /// A record that does not parse: a bug or a foreign writer; not retryable.
+    #[error(transparent)]
+    Corrupt(#[from] CorruptRecord),
+    #[error("unexpected reply from redis script: {0}")]
+    Protocol(String),
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// A promise to create.
+#[derive(Debug, Clone)]
+pub struct NewPromise {
+    pub id: PromiseId,
+    pub param: Payload,
+    pub timeout: Timeout,
+    pub tags: BTreeMap<String, String>,
+    pub ikey_create: Option<String>,
+    pub job_id: Option<u64>,
+    pub workspace: String,
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
+    pub traceparent: Option<String>,
+    pub heartbeat: Option<Duration>,
+    pub cancel_on_timeout: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Timeout {
+    /// From now, by Redis's clock.
+    After(Duration),
+    /// Milliseconds since the epoch (the Durable Promise API's `timeout`).
+    At(i64),
+}
+
+#[derive(Debug, Clone)]
+pub enum CreateOutcome {
+    Created(Promise),
+    Existing(Promise),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordOutcome {
+    /// Recorded (or already recorded with this run id); the promise's state now.
+    Recorded(State),
+    NotFound,
+    /// The promise already has another run id; nothing changed.
+    Conflict(String),
+}
+
+/// A request to settle a promise.
+#[derive(Debug, Clone)]
+pub struct Settle {
+    pub id: PromiseId,
+    pub target: State,
+    pub value: Payload,
+    pub ikey: Option<String>,
+    pub strict: bool,
+    pub settled_by: SettledBy,
+    /// Also cancel the promise's Databricks run (scheduled in the same step).
+    pub cancel_run: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum SettleOutcome {
+    /// This request settled it; one outbox entry was written.
+    Settled(Promise),
+    /// It was past its timeout: it is now REJECTED_TIMEDOUT (one outbox entry).
+    TimedOut(Promise),
+    /// The same completion was already applied; nothing changed.
+    Deduplicated(Promise),
+    /// Settled otherwise before; nothing changed.
+    AlreadySettled(Promise),
+    NotFound,
+}
+
+#[derive(Debug, Clone)]
+pub enum HeartbeatOutcome {
+    Extended(Promise),
+    Settled(Promise),
+    NotFound,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SearchQuery {
+    /// Id pattern with `*` wildcards.
+    pub id: String,
+    pub states: Option<Vec<State>>,
+    pub tags: BTreeMap<String, String>,
+    pub job_id: Option<u64>,
+    pub limit: usize,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SearchPage {
+    pub promises: Vec<Promise>,
+    pub cursor: Option<String>,
+}
+
+/// Promise operations, each atomic and safe to repeat.
+pub trait PromiseStore: Clone + Send + Sync + 'static {
+    fn create(
+        &self,
+        new: &NewPromise,
+    ) -> impl Future<Output = Result<CreateOutcome, StoreError>> + Send;
+    fn record_run(
+        &self,
+        id: &PromiseId,
+        run: RunId,
+        run_page_url: Option<&str>,
+    ) -> impl Future<Output = Result<RecordOutcome, StoreError>> + Send;
+    fn settle(
+        &self,
+        req: &Settle,
+    ) -> impl Future<Output = Result<SettleOutcome, StoreError>> + Send;
+    fn heartbeat(
+        &self,
+        id: &PromiseId,
+    ) -> impl Future<Output = Result<HeartbeatOutcome, StoreError>> + Send;
+    fn get(
+        &self,
+        id: &PromiseId,
+    ) -> impl Future<Output = Result<Option<Promise>, StoreError>> + Send;
+    fn search(
+        &self,
+        q: &SearchQuery,
+    ) -> impl Future<Output = Result<SearchPage, StoreError>> + Send;
+    /// Is the store reachable (readiness)?
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// What the deadline sweep did with one due promise.
+#[derive(Debug, Clone)]
+pub enum ExpireOutcome {
+    /// It was due: now REJECTED_TIMEDOUT (one outbox entry; run cancel scheduled
+    /// if `cancel_on_timeout`).
+    TimedOut(Box<Promise>),
+    /// A heartbeat moved it; its deadline score was corrected.
+    NotDue,
+    /// Settled or gone meanwhile; removed from the deadline index.
+    Settled,
+}
+
+/// A run cancellation waiting in a partition's schedule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingCancel {
+    pub partition: u32,
+    pub member: String,
+    pub run: RunId,
+    pub workspace: String,
+}
+
+/// The schedules the reconciler works from (DESIGN.md §8). Each read takes
+/// only what is due; each claim leases what it took, so several workers can
+/// reconcile the same partitions without doing the same work twice.
+pub trait Lifecycle: Clone + Send + Sync + 'static {
+    fn partitions(&self) -> u32;
+    /// Promise ids whose deadline (timeout or heartbeat) has passed.
+    fn due_deadlines(
+        &self,
+        partition: u32,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<PromiseId>, StoreError>> + Send;
+    fn expire(
+        &self,
+        id: &PromiseId,
+    ) -> impl Future<Output = Result<ExpireOutcome, StoreError>> + Send;
+    /// Due run checks, leased for `lease`.
+    fn claim_polls(
+        &self,
+        partition: u32,
+        limit: usize,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Vec<PromiseId>, StoreError>> + Send;
+    fn reschedule_poll(
+        &self,
+        id: &PromiseId,
+        delay: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Due run cancellations, leased for `lease`.
+    fn claim_cancels(
+        &self,
+        partition: u32,
+        limit: usize,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Vec<PendingCancel>, StoreError>> + Send;
+    fn reschedule_cancel(
+        &self,
+        c: &PendingCancel,
+        delay: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn cancel_done(&self, c: &PendingCancel)
+    -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Makes the pending promise of this run due for a check now (job
+    /// notifications); its id, if the run belongs to a pending promise.
+    fn poll_run_now(
+        &self,
+        run: RunId,
+    ) -> impl Future<Output = Result<Option<PromiseId>, StoreError>> + Send;
+}
+
+/// Everything the sidecar and reconciler need from a store.
+pub trait Store: PromiseStore + Lifecycle {}
+impl<T: PromiseStore + Lifecycle> Store for T {}
+
+/// One outbox entry: where it lives, and the settled promise it announces.
+#[derive(Debug, Clone)]
+pub struct OutboxEntry {
+    pub partition: u32,
+    pub entry_id: String,
+    pub promise: Result<Promise, CorruptRecord>,
+}
+
+/// The outbox streams as the relay sees them.
+pub trait Outbox: Send + Sync + 'static {
+    /// New entries for this consumer, waiting up to `block` for some.
+    fn read_new(
+        &mut self,
+        count: usize,
+        block: Duration,
+    ) -> impl Future<Output = Result<Vec<OutboxEntry>, StoreError>> + Send;
+    /// Entries another consumer took and left idle for `min_idle` (a dead relay's).
+    fn reclaim(
+        &mut self,
+        min_idle: Duration,
+        count: usize,
+    ) -> impl Future<Output = Result<Vec<OutboxEntry>, StoreError>> + Send;
+    /// Remove an entry once the broker confirmed its event.
+    fn ack(
+        &mut self,
+        partition: u32,
+        entry_id: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}

@@ -1,0 +1,320 @@
+//! The trigger worker: DESIGN.md §7, one delivery at a time, many at once.
+//!
+//! [`process`] is the unit of work: given a trigger's [`Envelope`] it runs
+//! validate → create promise → launch → record run id, and returns a
+//! [`Disposition`] saying what to do with the delivery. It sees only the
+//! [`PromiseStore`] and [`Jobs`] traits, so tests call it directly.
+//! Every step is safe to repeat: a redelivery after a crash anywhere finds the
+//! promise, re-sends `run-now` with the same derived idempotency token (so
+//! Databricks answers with the same run) and records the same run id.
+//!
+//! [`runner`] connects this to RabbitMQ: it consumes with a prefetch, runs
+//! `process` concurrently for each delivery on a `TaskTracker`, and applies
+//! the disposition (ack / requeue / dead-letter / reply-then-ack).
+
+pub mod runner;
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+use tracing::field::Empty;
+use url::Url;
+
+use crate::databricks::{DatabricksError, Jobs, LaunchRequest};
+use crate::domain::{
+    CallbackSigner, CompletionEvent, Envelope, IdempotencyToken, Launch, Parameters, Payload,
+    Promise, SettledBy, State, Trigger, TriggerRules,
+};
+use crate::store::{
+    CreateOutcome, NewPromise, PromiseStore, RecordOutcome, Settle, StoreError, Timeout,
+};
+
+/// What to do with a delivery once [`process`] is done with it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposition {
+    /// The promise and its run id are recorded (or the promise is settled).
+    Ack,
+    /// A passing failure: put it back, after the configured pause.
+    Requeue(String),
+    /// Never retried: to the dead-letter queue with this reason.
+    DeadLetter(String),
+    /// Already settled: send its stored outcome to the trigger's `reply_to`, then ack.
+    ReplyThenAck(Box<CompletionEvent>),
+}
+
+/// Names of the three parameters the run receives (DESIGN.md §3).
+#[derive(Debug, Clone)]
+pub struct ParamNames {
+    pub promise_id: String,
+    pub url: String,
+    pub callback_token: String,
+}
+
+impl Default for ParamNames {
+    fn default() -> Self {
+        Self {
+            promise_id: "promise_id".into(),
+            url: "url".into(),
+            callback_token: "callback_token".into(),
+        }
+    }
+}
+
+/// Everything `process` needs; built once by `startup`.
+#[derive(Clone)]
+pub struct WorkerContext<S, J> {
+    pub store: S,
+    pub jobs: J,
+    pub signer: CallbackSigner,
+    pub rules: TriggerRules,
+    /// The sidecar's public base URL, as notebooks reach it.
+    pub public_url: Url,
+    pub params: ParamNames,
+    pub default_workspace: String,
+    pub workspaces: Vec<String>,
+}
+
+fn store_failure(e: StoreError) -> Disposition {
+    if e.is_retryable() {
+        Disposition::Requeue(e.to_string())
+    } else {
+        Disposition::DeadLetter(e.to_string())
+    }
+}
+
+impl<S: PromiseStore, J: Jobs> WorkerContext<S, J> {
+    /// `{public_url}/cb/{token}`: the capability URL handed to the run.
+    pub fn callback_url(&self, token: &str) -> String {
+        format!(
+            "{}/cb/{token}",
+            self.public_url.as_str().trim_end_matches('/')
+        )
+    }
+
+    fn launch_request(&self, t: &Trigger) -> LaunchRequest {
+        let token = self.signer.sign(&t.id);
+        let extra: BTreeMap<String, String> = [
+            (self.params.promise_id.clone(), t.id.to_string()),
+            (self.params.url.clone(), self.callback_url(token.expose())),
+            (
+                self.params.callback_token.clone(),
+                token.expose().to_owned(),
+            ),
+        ]
+        .into();
+        match &t.launch {
+            Launch::RunNow { job_id, params } => match params {
+                Parameters::Job(p) => {
+                    let mut p = p.clone();
+                    p.extend(extra);
+                    LaunchRequest::RunNow {
+                        job_id: *job_id,
+                        job_parameters: Some(p),
+                        notebook_params: None,
+                    }
+                }
+                Parameters::Notebook(p) => {
+                    let mut p = p.clone();
+                    p.extend(extra);
+                    LaunchRequest::RunNow {
+                        job_id: *job_id,
+                        job_parameters: None,
+                        notebook_params: Some(p),
+                    }
+                }
+            },
+            Launch::Submit { body } => {
+                let mut body = body.clone();
+                add_submit_params(&mut body, &extra);
+                LaunchRequest::Submit(body)
+            }
+        }
+    }
+}
+
+/// A one-time run has no job parameters: the three go to every notebook
+/// task's `base_parameters` (and a legacy top-level `notebook_task`).
+fn add_submit_params(body: &mut serde_json::Map<String, Value>, extra: &BTreeMap<String, String>) {
+    let add = |task: &mut Value| {
+        if let Some(nb) = task.get_mut("notebook_task").and_then(Value::as_object_mut) {
+            let bp = nb.entry("base_parameters").or_insert_with(|| json!({}));
+            if let Some(bp) = bp.as_object_mut() {
+                for (k, v) in extra {
+                    bp.insert(k.clone(), json!(v));
+                }
+            }
+        }
+    };
+    if let Some(tasks) = body.get_mut("tasks").and_then(Value::as_array_mut) {
+        tasks.iter_mut().for_each(add);
+    }
+    let mut top = Value::Object(std::mem::take(body));
+    add(&mut top);
+    if let Value::Object(m) = top {
+        *body = m;
+    }
+}
+
+fn new_promise(t: &Trigger, workspace: &str) -> NewPromise {
+    NewPromise {
+        id: t.id.clone(),
+        param: Payload::data(t.raw.clone()),
+        timeout: Timeout::After(t.timeout),
+        tags: t.tags.clone(),
+        ikey_create: Some(t.id.to_string()),
+        job_id: t.job_id(),
+        workspace: workspace.to_owned(),
+        reply_to: t.reply_to.clone(),
+        correlation_id: t.correlation_id.clone(),
+        traceparent: t.traceparent.clone(),
+        heartbeat: t.heartbeat,
+        cancel_on_timeout: t.cancel_on_timeout,
+    }
+}
+
+/// The stored outcome, addressed to this delivery's `reply_to`.
+fn reply_for(p: &Promise, t: &Trigger) -> Disposition {
+    let Some(reply_to) = &t.reply_to else {
+        return Disposition::Ack;
+    };
+    match CompletionEvent::from_promise(p) {
+        Ok(mut e) => {
+            e.reply_to = Some(reply_to.clone());
+            e.correlation_id = t.correlation_id.clone();
+            Disposition::ReplyThenAck(Box::new(e))
+        }
+        Err(_) => Disposition::Ack,
+    }
+}
+
+/// Handles one trigger (DESIGN.md §7). Never panics on input; every error
+/// becomes a [`Disposition`] and is logged once, by the runner.
+#[tracing::instrument(skip_all, fields(promise.id = Empty, databricks.run_id = Empty))]
+pub async fn process<S: PromiseStore, J: Jobs>(
+    ctx: &WorkerContext<S, J>,
+    env: &Envelope,
+) -> Disposition {
+    // 1. Parse and validate.
+    let t = match Trigger::parse(env, &ctx.rules) {
+        Ok(t) => t,
+        Err(e) => return Disposition::DeadLetter(e.to_string()),
+    };
+    let span = tracing::Span::current();
+    span.record("promise.id", t.id.as_str());
+    let workspace = t
+        .workspace
+        .clone()
+        .unwrap_or_else(|| ctx.default_workspace.clone());
+    if !ctx.workspaces.contains(&workspace) {
+        return Disposition::DeadLetter(format!(
+            "unknown workspace {workspace:?}: configured are {:?}",
+            ctx.workspaces
+        ));
+    }
+
+    // 2. Create the promise (or find it).
+    let promise = match ctx.store.create(&new_promise(&t, &workspace)).await {
+        Ok(CreateOutcome::Created(p)) => p,
+        Ok(CreateOutcome::Existing(p)) => {
+            tracing::debug!(state = %p.state, "promise exists (redelivery or duplicate trigger)");
+            p
+        }
+        Err(e) => return store_failure(e),
+    };
+    if promise.state.is_settled() {
+        return reply_for(&promise, &t);
+    }
+    if let Some(run) = promise.run_id {
+        span.record("databricks.run_id", run.get());
+        return Disposition::Ack;
+    }
+
+    // 3. Launch with the derived token: a repeat gets the same run back.
+    let token = IdempotencyToken::derive(&workspace, &t.id);
+    let req = ctx.launch_request(&t);
+    match ctx.jobs.launch(&workspace, &req, &token).await {
+        Ok(run) => {
+            span.record("databricks.run_id", run.get());
+            crate::failpoint!("worker.after_launch");
+            // 5. Record the run id, then ack.
+            match ctx.store.record_run(&t.id, run, None).await {
+                Ok(RecordOutcome::Recorded(_)) => Disposition::Ack,
+                Ok(RecordOutcome::NotFound) => {
+                    tracing::warn!(
+                        "promise vanished before its run id was recorded (expired or deleted)"
+                    );
+                    Disposition::Ack
+                }
+                Ok(RecordOutcome::Conflict(other)) => {
+                    tracing::error!(other_run = %other, "promise already has another run id; keeping it");
+                    Disposition::Ack
+                }
+                Err(e) => store_failure(e),
+            }
+        }
+        // 4. Permanent refusal: the producer hears it through the event.
+        Err(DatabricksError::Permanent {
+            endpoint,
+            status,
+            body,
+        }) => {
+            let value = json!({
+                "reason": "databricks_error",
+                "endpoint": endpoint,
+                "status": status,
+                "error_code": body.error_code,
+                "message": body.message,
+            });
+            let settle = Settle {
+                id: t.id.clone(),
+                target: State::Rejected,
+                value: Payload::data(value.to_string()),
+                ikey: Some(format!("launch:{}", t.id)),
+                strict: false,
+                settled_by: SettledBy::Worker,
+                cancel_run: false,
+            };
+            tracing::warn!(status, error_code = %body.error_code, "databricks refused the launch; rejecting the promise");
+            match ctx.store.settle(&settle).await {
+                Ok(_) => Disposition::Ack,
+                Err(e) => store_failure(e),
+            }
+        }
+        Err(e @ DatabricksError::UnknownWorkspace(_)) => Disposition::DeadLetter(e.to_string()),
+        Err(e) => Disposition::Requeue(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn submit_params_go_to_every_notebook_task() {
+        let mut body = serde_json::from_value::<serde_json::Map<String, Value>>(json!({
+            "run_name": "x",
+            "tasks": [
+                {"task_key": "a", "notebook_task": {"notebook_path": "/a"}},
+                {"task_key": "b", "spark_python_task": {"python_file": "b.py"}},
+                {"task_key": "c", "notebook_task": {"notebook_path": "/c", "base_parameters": {"k": "v"}}}
+            ]
+        }))
+        .unwrap();
+        let extra = BTreeMap::from([("promise_id".to_string(), "p1".to_string())]);
+        add_submit_params(&mut body, &extra);
+        assert_eq!(
+            body["tasks"][0]["notebook_task"]["base_parameters"]["promise_id"],
+            "p1"
+        );
+        assert!(body["tasks"][1].get("notebook_task").is_none());
+        assert_eq!(
+            body["tasks"][2]["notebook_task"]["base_parameters"]["k"],
+            "v"
+        );
+        assert_eq!(
+            body["tasks"][2]["notebook_task"]["base_parameters"]["promise_id"],
+            "p1"
+        );
+        assert_eq!(body["run_name"], "x");
+    }
+}

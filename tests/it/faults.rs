@@ -1,0 +1,282 @@
+//! Crashes and outages (issue 2 acceptance c and i).
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use runbridge::broker::Broker;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// (c) The worker is SIGKILLed after `run-now` returned and before the run id
+/// was recorded and the trigger acked. On restart the redelivery converges:
+/// the same idempotency token gets the same run back, one settlement, one
+/// distinct event id.
+#[cfg(feature = "failpoints")]
+#[tokio::test]
+async fn worker_killed_after_launch_converges_on_one_run() {
+    let mut app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let marker = std::env::temp_dir().join(format!("{}.failpoints", app.name));
+    let spawn_worker = |failpoints: &str| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_runbridge"))
+            .arg("worker")
+            .envs(app.env_vars())
+            .env("RUNBRIDGE_FAILPOINTS", failpoints)
+            .env("RUNBRIDGE_FAILPOINT_MARKER", &marker)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn worker")
+    };
+    let mut first = spawn_worker("worker.after_launch=pause");
+    let id = unique("killed");
+    app.publish(&trigger(&id, JOB_SLOW_CALLBACK)).await;
+
+    eventually(
+        Duration::from_secs(20),
+        "the worker to reach the crash point",
+        || async {
+            std::fs::read_to_string(&marker)
+                .ok()
+                .filter(|s| s.contains("worker.after_launch"))
+        },
+    )
+    .await;
+    assert_eq!(app.runs_for(&id).await.len(), 1, "run-now returned");
+    first.start_kill().expect("SIGKILL"); // tokio's kill is SIGKILL on Unix
+    let status = first.wait().await.unwrap();
+    assert!(!status.success(), "killed, not exited: {status:?}");
+    assert!(
+        app.promise(&id).await.unwrap().run_id.is_none(),
+        "the run id was never recorded"
+    );
+
+    let mut second = spawn_worker("");
+    let (ev, v) = app.first_event(&id, Duration::from_secs(30)).await;
+    assert_eq!(
+        ev.message_id.as_deref(),
+        Some(format!("{id}/RESOLVED").as_str())
+    );
+    assert_eq!(v["data"]["state"], "RESOLVED");
+    let runs = app.runs_for(&id).await;
+    assert_eq!(runs.len(), 1, "still exactly one run");
+    let stats = app.emulator_stats().await;
+    assert_eq!(
+        stats["calls"]["jobs/run-now"], 2,
+        "the redelivery asked again, with the same token: {stats}"
+    );
+    let p = eventually(
+        Duration::from_secs(10),
+        "run id recorded after restart",
+        || async { app.promise(&id).await.filter(|p| p.run_id.is_some()) },
+    )
+    .await;
+    assert_eq!(p.run_id.map(|r| r.get()), runs[0]["run_id"].as_u64());
+    let more = app.events_for(&id, Duration::from_secs(2)).await;
+    assert!(
+        more.iter().all(|(e, _)| e.message_id == ev.message_id),
+        "duplicates only with the same event id"
+    );
+    second.start_kill().ok();
+    let _ = std::fs::remove_file(&marker);
+    app.stop().await;
+}
+
+/// (i) With the broker unreachable the event stays in the outbox; when the
+/// broker is back it is published, once. Uses a private vhost whose
+/// permissions are revoked (connections closed and refused), never the
+/// shared one.
+#[tokio::test]
+async fn relay_keeps_events_while_broker_is_unreachable() {
+    let vhost = unique("it-vhost");
+    rabbitmqctl(&["add_vhost", &vhost]);
+    rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+    let app = TestApp::spawn_with(Options {
+        worker: true,
+        vhost: Some(vhost.clone()),
+        ..Default::default()
+    })
+    .await;
+    let sink = format!("{}.sink", app.name);
+    app.broker
+        .declare_bound_queue(&sink, &app.settings.amqp.events_exchange, "promise.#")
+        .await
+        .unwrap();
+
+    // Cut the broker off: no permission to connect, existing connections closed.
+    rabbitmqctl(&["clear_permissions", "-p", &vhost, "guest"]);
+    rabbitmqctl(&["close_all_connections", "-p", &vhost, "test outage"]);
+
+    // Settle a promise through the sidecar (it needs only Redis).
+    let id = unique("outage");
+    let base = &app.sidecar_url;
+    let r = app
+        .operator(app.http.post(format!("{base}/promises")))
+        .json(&json!({"id": id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = app
+        .operator(app.http.patch(format!("{base}/promises/{id}")))
+        .json(&json!({"state": "RESOLVED", "value": {"data": "kept"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    // The relay cannot publish: the event waits in the outbox.
+    assert_eq!(app.store.outbox_len().await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        app.store.outbox_len().await.unwrap(),
+        1,
+        "kept while the broker is away"
+    );
+
+    // The broker comes back.
+    rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+    eventually(Duration::from_secs(30), "outbox drained", || async {
+        (app.store.outbox_len().await.ok()? == 0).then_some(())
+    })
+    .await;
+    let broker = Broker::connect(&runbridge::startup::broker_settings(&app.settings, "test2"))
+        .await
+        .unwrap();
+    let mut l = broker.consume_queue(&sink).await.unwrap();
+    let mut got = Vec::new();
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(3), l.next()).await {
+        let v: Value = serde_json::from_slice(&ev.body).unwrap();
+        if v["subject"] == json!(id) {
+            got.push(ev);
+        }
+    }
+    assert_eq!(got.len(), 1, "published once when the broker returned");
+    assert_eq!(
+        got[0].message_id.as_deref(),
+        Some(format!("{id}/RESOLVED").as_str())
+    );
+    broker.close().await;
+    app.stop().await;
+    rabbitmqctl(&["delete_vhost", &vhost]);
+}
+
+/// SIGTERM: every long-running subcommand stops consuming, drains and exits 0.
+#[tokio::test]
+async fn every_subcommand_shuts_down_on_sigterm() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    type Case = (&'static str, Vec<String>, Vec<(String, String)>);
+    let cases: Vec<Case> = vec![
+        ("worker", vec!["worker".into()], vec![]),
+        (
+            "sidecar",
+            vec!["sidecar".into()],
+            vec![(
+                "RUNBRIDGE__SIDECAR__LISTEN".into(),
+                format!("127.0.0.1:{}", free_port()),
+            )],
+        ),
+        (
+            "all",
+            vec!["all".into()],
+            vec![(
+                "RUNBRIDGE__SIDECAR__LISTEN".into(),
+                format!("127.0.0.1:{}", free_port()),
+            )],
+        ),
+        (
+            "emulate",
+            vec![
+                "emulate".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{}", free_port()),
+            ],
+            vec![],
+        ),
+    ];
+    for (name, args, extra) in cases {
+        let log = std::env::temp_dir().join(format!("{}-{name}.log", app.name));
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_runbridge"))
+            .args(&args)
+            .envs(app.env_vars())
+            .envs(extra)
+            .env("RUST_LOG", "info")
+            .env("RUNBRIDGE__LOG__FORMAT", "json")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let started = |needle: &'static str| {
+            let log = log.clone();
+            move || {
+                let log = log.clone();
+                async move {
+                    std::fs::read_to_string(&log)
+                        .ok()
+                        .filter(|s| s.contains(needle))
+                        .map(|_| ())
+                }
+            }
+        };
+        let needle = match name {
+            "worker" | "all" => "consuming triggers",
+            "sidecar" => "sidecar listening",
+            _ => "emulator listening",
+        };
+        eventually(
+            Duration::from_secs(20),
+            &format!("{name} started"),
+            started(needle),
+        )
+        .await;
+        let pid = child.id().unwrap().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{name} did not exit within 20 s of SIGTERM"))
+            .unwrap();
+        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(status.success(), "{name} exited with {status:?}:\n{out}");
+        assert!(
+            out.contains("SIGTERM: shutting down"),
+            "{name} logged the signal:\n{out}"
+        );
+        assert!(!out.contains("panicked"), "{name} panicked:\n{out}");
+        let _ = std::fs::remove_file(&log);
+    }
+    app.stop().await;
+}

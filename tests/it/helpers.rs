@@ -1,0 +1,510 @@
+//! `TestApp`: the bridge against the machine's real RabbitMQ and Redis and the
+//! emulator over real HTTP, with names unique to each test (queues, exchanges,
+//! Redis key prefix), so tests run in parallel without seeing each other.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rand::Rng;
+use runbridge::broker::{Broker, EventListener, Publisher, ReceivedEvent};
+use runbridge::config::Settings;
+use runbridge::domain::{Promise, PromiseId};
+use runbridge::emulator::{self, Behaviour, Emulator, EmulatorSettings, Outcome};
+use runbridge::startup;
+use runbridge::store::{PromiseStore, RedisStore};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub const JOB_CALLBACK: u64 = 1;
+pub const JOB_FAIL: u64 = 2;
+pub const JOB_EARLY: u64 = 3;
+pub const JOB_DUPLICATE: u64 = 4;
+pub const JOB_NEVER: u64 = 5;
+pub const JOB_SLOW_CALLBACK: u64 = 6;
+pub const JOB_EXIT_ONLY: u64 = 7;
+pub const JOB_NO_OUTPUT: u64 = 8;
+pub const JOB_RETRIED: u64 = 9;
+pub const JOB_UNKNOWN: u64 = 999;
+
+/// Polls `f` until it returns `Some`, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut wait = Duration::from_millis(20);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(250));
+    }
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{:012x}",
+        rand::rng().random::<u64>() & 0xffff_ffff_ffff
+    )
+}
+
+pub fn config_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config")
+}
+
+#[derive(Clone)]
+pub struct Options {
+    pub worker: bool,
+    pub vhost: Option<String>,
+    /// More settings (highest priority).
+    pub overrides: Vec<(&'static str, String)>,
+    /// Workers besides the first (same queue, same Redis), in-process.
+    pub extra_workers: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            worker: true,
+            vhost: None,
+            overrides: Vec::new(),
+            extra_workers: 0,
+        }
+    }
+}
+
+pub struct TestApp {
+    pub name: String,
+    pub settings: Settings,
+    /// The overrides, also usable as RUNBRIDGE__* variables for a child process.
+    pub overrides: Vec<(&'static str, String)>,
+    pub store: RedisStore,
+    pub sidecar_url: String,
+    pub emulator_url: String,
+    pub http: reqwest::Client,
+    pub broker: Broker,
+    pub publisher: Publisher,
+    pub events: EventListener,
+    pub shutdown: CancellationToken,
+    pub operator_token: String,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(Options::default()).await
+    }
+
+    pub async fn spawn_with(opts: Options) -> TestApp {
+        let name = unique("it");
+        let shutdown = CancellationToken::new();
+
+        // The emulator, with one job per behaviour the tests need.
+        let mut jobs = BTreeMap::new();
+        let job = |outcome, delay_ms, value: &str| Behaviour {
+            outcome,
+            delay_ms,
+            value: value.into(),
+        };
+        jobs.insert(JOB_CALLBACK, job(Outcome::Callback, 50, "hello world"));
+        jobs.insert(JOB_FAIL, job(Outcome::Fail, 50, ""));
+        jobs.insert(JOB_EARLY, job(Outcome::EarlyCallback, 50, "early bird"));
+        jobs.insert(JOB_DUPLICATE, job(Outcome::DuplicateCallback, 50, "twice"));
+        jobs.insert(JOB_NEVER, job(Outcome::NeverFinish, 0, ""));
+        jobs.insert(JOB_SLOW_CALLBACK, job(Outcome::Callback, 1500, "slow"));
+        jobs.insert(
+            JOB_EXIT_ONLY,
+            job(Outcome::SuccessNoCallback, 50, "exit value"),
+        );
+        jobs.insert(JOB_NO_OUTPUT, job(Outcome::SuccessNoOutput, 50, ""));
+        jobs.insert(
+            JOB_RETRIED,
+            job(Outcome::RetryThenCallback, 300, "second attempt"),
+        );
+        let emu = Emulator::new(EmulatorSettings {
+            jobs,
+            token: Some("dapi-test".into()),
+            ..Default::default()
+        });
+        let emu_listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind emulator");
+        let emulator_url = format!("http://{}", emu_listener.local_addr().expect("addr"));
+        let t = tokio::spawn({
+            let (emu, sd) = (emu.clone(), shutdown.clone());
+            async move {
+                let _ = emulator::serve(emu_listener, emu, sd).await;
+            }
+        });
+
+        let sidecar_listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind sidecar");
+        let sidecar_url = format!("http://{}", sidecar_listener.local_addr().expect("addr"));
+        let vhost = opts
+            .vhost
+            .clone()
+            .map(|v| format!("/{v}"))
+            .unwrap_or_else(|| "/%2f".into());
+        let operator_token = "it-operator-token".to_string();
+        let overrides: Vec<(&'static str, String)> = vec![
+            ("redis.key_prefix", name.clone()),
+            (
+                "amqp.url",
+                format!("amqp://guest:guest@127.0.0.1:5672{vhost}"),
+            ),
+            ("amqp.triggers_queue", format!("{name}.triggers")),
+            ("amqp.dead_letter_exchange", format!("{name}.dlx")),
+            ("amqp.dead_letter_queue", format!("{name}.dead")),
+            ("amqp.events_exchange", format!("{name}.events")),
+            ("amqp.control_queue", format!("{name}.control")),
+            ("amqp.prefetch", "32".into()),
+            ("worker.requeue_delay_ms", "100".into()),
+            ("worker.drain_timeout_seconds", "2".into()),
+            ("relay.block_ms", "200".into()),
+            ("relay.reclaim_idle_ms", "1000".into()),
+            ("relay.reclaim_interval_ms", "300".into()),
+            ("sidecar.public_url", sidecar_url.clone()),
+            ("databricks.workspaces.default.host", emulator_url.clone()),
+            ("databricks.workspaces.default.token", "dapi-test".into()),
+            ("databricks.retry_min_delay_ms", "20".into()),
+            ("databricks.retry_max_delay_ms", "300".into()),
+            ("databricks.launch_per_second", "0".into()),
+            ("databricks.poll_per_second", "0".into()),
+            ("databricks.cancel_per_second", "0".into()),
+            ("reconciler.tick_ms", "200".into()),
+            ("reconciler.first_poll_ms", "300".into()),
+            ("reconciler.grace_ms", "300".into()),
+            ("reconciler.lease_ms", "5000".into()),
+        ];
+        let mut overrides = overrides;
+        // "{emulator}" in an override value stands for the emulator's URL.
+        overrides.extend(
+            opts.overrides
+                .iter()
+                .map(|(k, v)| (*k, v.replace("{emulator}", &emulator_url))),
+        );
+        let mut settings =
+            Settings::load_from(&config_dir(), "local", &overrides).expect("settings");
+        settings.auth.operator_tokens = vec![operator_token.clone().into()];
+
+        let store = startup::store(&settings).await.expect("redis reachable");
+        let bs = startup::broker_settings(&settings, "test");
+        let broker = Broker::connect(&bs).await.expect("rabbitmq reachable");
+        broker.declare_topology().await.expect("topology");
+        let publisher = broker.publisher().await.expect("publisher");
+        let events = broker
+            .listen(Some(&bs.events_exchange), "promise.#")
+            .await
+            .expect("listen");
+
+        let mut tasks = vec![t];
+        tasks.push(tokio::spawn({
+            let (s, sd) = (settings.clone(), shutdown.clone());
+            async move {
+                if let Err(e) = startup::run_sidecar(&s, Some(sidecar_listener), sd).await {
+                    panic!("sidecar failed: {e}");
+                }
+            }
+        }));
+        for _ in 0..opts.extra_workers {
+            tasks.push(tokio::spawn({
+                let (s, sd) = (settings.clone(), shutdown.clone());
+                async move {
+                    if let Err(e) = startup::run_worker(&s, sd).await {
+                        panic!("worker failed: {e}");
+                    }
+                }
+            }));
+        }
+        if opts.worker {
+            tasks.push(tokio::spawn({
+                let (s, sd) = (settings.clone(), shutdown.clone());
+                async move {
+                    if let Err(e) = startup::run_worker(&s, sd).await {
+                        panic!("worker failed: {e}");
+                    }
+                }
+            }));
+        }
+        let http = reqwest::Client::new();
+        let app = TestApp {
+            name,
+            settings,
+            overrides,
+            store,
+            sidecar_url,
+            emulator_url,
+            http,
+            broker,
+            publisher,
+            events,
+            shutdown,
+            operator_token,
+            tasks,
+        };
+        let url = format!("{}/healthz", app.sidecar_url);
+        let http = app.http.clone();
+        eventually(Duration::from_secs(10), "sidecar up", || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                http.get(&url)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+            }
+        })
+        .await;
+        app
+    }
+
+    /// The settings as RUNBRIDGE__* variables, for a child `runbridge` process.
+    pub fn env_vars(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = self
+            .overrides
+            .iter()
+            .map(|(k, val)| {
+                (
+                    format!("RUNBRIDGE__{}", k.to_uppercase().replace('.', "__")),
+                    val.clone(),
+                )
+            })
+            .collect();
+        v.push(("RUNBRIDGE_ENV".into(), "local".into()));
+        v.push((
+            "RUNBRIDGE_CONFIG_DIR".into(),
+            config_dir().display().to_string(),
+        ));
+        v
+    }
+
+    pub async fn publish(&self, body: &Value) {
+        self.publish_with(body, None, None, None).await;
+    }
+
+    pub async fn publish_with(
+        &self,
+        body: &Value,
+        message_id: Option<&str>,
+        reply_to: Option<&str>,
+        correlation_id: Option<&str>,
+    ) {
+        self.publisher
+            .publish_trigger(
+                &serde_json::to_vec(body).expect("json"),
+                message_id,
+                reply_to,
+                correlation_id,
+            )
+            .await
+            .expect("publish trigger");
+    }
+
+    pub async fn publish_raw(&self, bytes: &[u8], message_id: Option<&str>) {
+        self.publisher
+            .publish_trigger(bytes, message_id, None, None)
+            .await
+            .expect("publish trigger");
+    }
+
+    /// The next event on the test's queue bound to the events exchange.
+    pub async fn next_event(&mut self, limit: Duration) -> Option<ReceivedEvent> {
+        tokio::time::timeout(limit, self.events.next())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Events for `promise_id` received within `limit` (waits the whole time).
+    pub async fn events_for(
+        &mut self,
+        promise_id: &str,
+        limit: Duration,
+    ) -> Vec<(ReceivedEvent, Value)> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut out = Vec::new();
+        while let Some(ev) = self
+            .next_event(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await
+        {
+            let v: Value = serde_json::from_slice(&ev.body).expect("event json");
+            if v["subject"] == json!(promise_id) {
+                out.push((ev, v));
+            }
+        }
+        out
+    }
+
+    /// Asserts that no (further) event for `promise_id` arrives within `limit`.
+    pub async fn assert_no_event(&mut self, promise_id: &str, limit: Duration, why: &str) {
+        let more = self.events_for(promise_id, limit).await;
+        assert!(
+            more.is_empty(),
+            "{why}: unexpected events {:?}",
+            more.iter().map(|e| &e.1).collect::<Vec<_>>()
+        );
+    }
+
+    /// Waits for the first event of `promise_id`.
+    pub async fn first_event(
+        &mut self,
+        promise_id: &str,
+        limit: Duration,
+    ) -> (ReceivedEvent, Value) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let ev = self
+                .next_event(left)
+                .await
+                .unwrap_or_else(|| panic!("no event for {promise_id} within {limit:?}"));
+            let v: Value = serde_json::from_slice(&ev.body).expect("event json");
+            if v["subject"] == json!(promise_id) {
+                return (ev, v);
+            }
+        }
+    }
+
+    /// Waits until every id in `ids` has had an event; returns them by id.
+    pub async fn events_for_all(
+        &mut self,
+        ids: &[String],
+        limit: Duration,
+    ) -> BTreeMap<String, Vec<Value>> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut got: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        while ids.iter().any(|id| !got.contains_key(id)) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let ev = self.next_event(left).await.unwrap_or_else(|| {
+                let missing: Vec<_> = ids.iter().filter(|id| !got.contains_key(*id)).collect();
+                panic!("no event within {limit:?} for {missing:?}")
+            });
+            let v: Value = serde_json::from_slice(&ev.body).expect("event json");
+            if let Some(id) = v["subject"].as_str() {
+                got.entry(id.to_owned()).or_default().push(v);
+            }
+        }
+        got
+    }
+
+    pub async fn promise(&self, id: &str) -> Option<Promise> {
+        self.store
+            .get(&PromiseId::parse(id).expect("id"))
+            .await
+            .expect("store get")
+    }
+
+    /// GET an emulator endpoint (e.g. `/emulator/runs`) as JSON.
+    pub async fn emulator_get(&self, path: &str) -> Value {
+        self.http
+            .get(format!("{}{path}", self.emulator_url))
+            .send()
+            .await
+            .expect("emulator reachable")
+            .json()
+            .await
+            .expect("emulator json")
+    }
+
+    /// All emulator runs whose promise_id parameter is `id`.
+    pub async fn runs_for(&self, id: &str) -> Vec<Value> {
+        self.emulator_get("/emulator/runs").await["runs"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r["params"]["promise_id"] == json!(id))
+            .collect()
+    }
+
+    pub async fn emulator_stats(&self) -> Value {
+        self.emulator_get("/emulator/stats").await
+    }
+
+    pub async fn inject(&self, endpoint: &str, faults: Value) {
+        let r = self
+            .http
+            .post(format!("{}/emulator/inject", self.emulator_url))
+            .json(&json!({"endpoint": endpoint, "faults": faults}))
+            .send()
+            .await
+            .expect("inject");
+        assert!(r.status().is_success());
+    }
+
+    /// Waits for the run of `id` and returns its callback URL (`{url}` parameter).
+    pub async fn callback_url(&self, id: &str) -> String {
+        eventually(Duration::from_secs(10), "run with callback url", || async {
+            self.runs_for(id)
+                .await
+                .first()
+                .and_then(|r| r["params"]["url"].as_str().map(str::to_owned))
+        })
+        .await
+    }
+
+    pub fn operator(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        rb.bearer_auth(&self.operator_token)
+    }
+
+    pub async fn dead_letters(&self, limit: Duration, n: usize) -> Vec<ReceivedEvent> {
+        let mut l = self
+            .broker
+            .consume_queue(&self.settings.amqp.dead_letter_queue)
+            .await
+            .expect("consume dlq");
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + limit;
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, l.next()).await {
+                Ok(Some(ev)) => out.push(ev),
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// Stops everything and removes the test's queues, exchanges and keys.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        let _ = self.broker.delete_topology(&[]).await;
+        self.broker.close().await;
+        delete_keys(&self.settings, &self.name).await;
+    }
+}
+
+pub async fn delete_keys(settings: &Settings, prefix: &str) {
+    use secrecy::ExposeSecret;
+    let Ok(client) = redis::Client::open(settings.redis.url.expose_secret()) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+    }
+}
+
+pub fn trigger(id: &str, job_id: u64) -> Value {
+    json!({ "id": id, "job_id": job_id, "tags": {"team": "growth"} })
+}

@@ -1,0 +1,11 @@
+//! Integration tests: one binary, real RabbitMQ + Redis + the emulator over HTTP.
+
+// Test helpers panic on purpose: a failed set-up step is the test's failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod budget;
+mod callbacks;
+mod core_loop;
+mod faults;
+mod helpers;
+mod lifecycle;
