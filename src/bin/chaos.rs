@@ -48,9 +48,12 @@ struct Args {
     workers: usize,
     #[arg(long, default_value_t = 2)]
     sidecars: usize,
-    /// Comma-separated: kill, crash, broker, redis, proxy, emulator (default all).
-    #[arg(long, default_value = "kill,crash,broker,redis,proxy,emulator")]
-    faults: String,
+    /// Comma-separated: kill, crash, broker (connections dropped), node (a
+    /// private RabbitMQ node killed with -9 and restarted; needs root), redis,
+    /// proxy, emulator. Default: all (`node` left out, with a message, where
+    /// a private RabbitMQ node cannot be started).
+    #[arg(long)]
+    faults: Option<String>,
     /// Seconds between faults (drawn between 1x and 2x this).
     #[arg(long, default_value_t = 2.0)]
     fault_every: f64,
@@ -65,17 +68,46 @@ struct Args {
     bin: Option<PathBuf>,
 }
 
+/// A free port for a listener the harness restarts (Redis, RabbitMQ, the
+/// sidecars): below the kernel's ephemeral range, so that while the process
+/// is down no outgoing connection can take the port as its source port (it
+/// would then fail to listen again with "address in use").
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    use std::sync::atomic::AtomicU16;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.max(10_100));
+    // Start somewhere different in each run (several harnesses may share a
+    // machine), then walk up, skipping ports in use.
+    if NEXT.load(Ordering::Relaxed) == 0 {
+        let start = low + (std::process::id() as u16).wrapping_mul(7919) % (high - low);
+        let _ = NEXT.compare_exchange(0, start, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..(high - low) {
+        let p = NEXT.fetch_add(1, Ordering::Relaxed);
+        let p = if p >= high {
+            NEXT.store(low + 1, Ordering::Relaxed);
+            low
+        } else {
+            p
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return Ok(p);
+        }
+    }
+    bail!("no free port between {low} and {high}")
 }
 
-fn rabbitmqctl(args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .context("running rabbitmqctl")?;
+/// `rabbitmqctl` against the shared node, or with `node` a private one.
+fn rabbitmqctl(node: Option<&str>, args: &[&str]) -> Result<String> {
+    let mut cmd = std::process::Command::new("rabbitmqctl");
+    if let Some(n) = node {
+        cmd.args(["-n", n]);
+    }
+    let out = cmd.args(args).output().context("running rabbitmqctl")?;
     if !out.status.success() {
         bail!(
             "rabbitmqctl {args:?}: {}",
@@ -285,6 +317,131 @@ async fn pump(
     }
 }
 
+/// A private RabbitMQ node for the fault that kills the broker itself: its
+/// own node name, AMQP and distribution ports bound to 127.0.0.1, data and
+/// log directories under the run's folder, no plugins. It runs as the
+/// `rabbitmq` user like the packaged server (which is how `rabbitmqctl -n`
+/// reaches it with the installed Erlang cookie), so starting it needs root.
+/// Its quorum queues live on disk: a `kill -9` loses nothing confirmed.
+struct RabbitNode {
+    name: String,
+    port: u16,
+    dist_port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl RabbitNode {
+    const SERVER: &'static str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+
+    fn new(seed: u64, dir: PathBuf) -> Result<Self> {
+        if !std::path::Path::new(Self::SERVER).exists() {
+            bail!(
+                "the node fault needs a local RabbitMQ installation ({} not found); \
+                 leave it out with --faults",
+                Self::SERVER
+            );
+        }
+        let uid = std::process::Command::new("id").arg("-u").output()?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            bail!(
+                "the node fault runs a private RabbitMQ node as the rabbitmq user, \
+                 which needs root; leave it out with --faults"
+            );
+        }
+        for d in ["mnesia", "log"] {
+            std::fs::create_dir_all(dir.join(d))?;
+        }
+        let port = free_port()?;
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.1 = 127.0.0.1:{port}\n"),
+        )?;
+        std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
+        // An empty env file: the packaged one pins the shared node's name.
+        std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
+        let chown = std::process::Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(&dir)
+            .status()?;
+        if !chown.success() {
+            bail!("chown of {} to the rabbitmq user failed", dir.display());
+        }
+        Ok(Self {
+            name: format!("chaos-{seed}@localhost"),
+            port,
+            dist_port: free_port()?,
+            dir,
+            child: None,
+        })
+    }
+
+    async fn start(&mut self) -> Result<()> {
+        let d = self.dir.display();
+        let script = format!(
+            "cd /var/lib/rabbitmq && \
+             RABBITMQ_CONF_ENV_FILE={d}/rabbitmq-env.conf RABBITMQ_NODENAME={name} \
+             RABBITMQ_NODE_PORT={port} RABBITMQ_DIST_PORT={dist} \
+             RABBITMQ_CONFIG_FILE={d}/rabbitmq.conf RABBITMQ_MNESIA_BASE={d}/mnesia \
+             RABBITMQ_LOG_BASE={d}/log RABBITMQ_ENABLED_PLUGINS_FILE={d}/enabled_plugins \
+             RABBITMQ_PID_FILE={d}/pid ERL_EPMD_ADDRESS=127.0.0.1 \
+             ERL_FLAGS='-kernel inet_dist_use_interface {{127,0,0,1}}' \
+             exec {server}",
+            name = self.name,
+            port = self.port,
+            dist = self.dist_port,
+            server = Self::SERVER,
+        );
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("stdout.log"))?;
+        let child = Command::new("su")
+            .args(["rabbitmq", "-s", "/bin/sh", "-c", &script])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the private RabbitMQ node")?;
+        self.child = Some(child);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(90) {
+            if rabbitmqctl(Some(&self.name), &["await_startup", "-t", "2"]).is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        bail!(
+            "private RabbitMQ node {} did not start; see {}/stdout.log",
+            self.name,
+            d
+        )
+    }
+
+    /// The Erlang VM, not the `su` wrapper: SIGKILL, as a crash would.
+    fn kill9_now(&self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", pid.trim()])
+                .status();
+        }
+    }
+
+    async fn kill9(&mut self) {
+        self.kill9_now();
+        if let Some(mut c) = self.child.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), c.wait()).await;
+        }
+        let _ = std::fs::remove_file(self.dir.join("pid"));
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        self.kill9_now();
+    }
+}
+
 struct Redis {
     port: u16,
     dir: PathBuf,
@@ -340,14 +497,20 @@ async fn main() -> Result<()> {
     let seed = args
         .seed
         .unwrap_or_else(|| chrono::Utc::now().timestamp_millis() as u64);
-    let faults: HashSet<String> = args
+    let mut faults: HashSet<String> = args
         .faults
+        .as_deref()
+        .unwrap_or("kill,crash,broker,node,redis,proxy,emulator")
         .split(',')
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
         .collect();
     for f in &faults {
-        if !["kill", "crash", "broker", "redis", "proxy", "emulator"].contains(&f.as_str()) {
+        if ![
+            "kill", "crash", "broker", "node", "redis", "proxy", "emulator",
+        ]
+        .contains(&f.as_str())
+        {
             bail!("unknown fault {f:?}");
         }
     }
@@ -384,10 +547,43 @@ async fn main() -> Result<()> {
         child: None,
     };
     redis.start().await?;
+    // The broker: a private node when the node fault is on (it gets killed),
+    // else a private vhost on the shared node.
+    let node = if faults.contains("node") {
+        match RabbitNode::new(seed, root.join("rabbitmq")) {
+            Ok(n) => Some(n),
+            // Asked for by name: an error. By default: run without it, loudly.
+            Err(e) if args.faults.is_none() => {
+                println!("[chaos] NOTE: the node fault is skipped: {e}");
+                faults.remove("node");
+                None
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        None
+    };
+    let mut node = match node {
+        Some(mut n) => {
+            n.start().await?;
+            println!(
+                "[chaos] private RabbitMQ node {} on port {}",
+                n.name, n.port
+            );
+            Some(n)
+        }
+        None => None,
+    };
+    let node_name = node.as_ref().map(|n| n.name.clone());
+    let ctl_node = node_name.as_deref();
+    let amqp_port = node.as_ref().map_or(5672, |n| n.port);
     let vhost = format!("chaos-{seed}");
-    let _ = rabbitmqctl(&["delete_vhost", &vhost]);
-    rabbitmqctl(&["add_vhost", &vhost])?;
-    rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"])?;
+    let _ = rabbitmqctl(ctl_node, &["delete_vhost", &vhost]);
+    rabbitmqctl(ctl_node, &["add_vhost", &vhost])?;
+    rabbitmqctl(
+        ctl_node,
+        &["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"],
+    )?;
 
     let emu_port = free_port()?;
     let sidecar_ports: Vec<u16> = (0..args.sidecars)
@@ -397,7 +593,7 @@ async fn main() -> Result<()> {
     // proxies; the harness's own connections go direct.
     let proxies = vec![
         Proxy::start("redis", redis_port).await?,
-        Proxy::start("rabbitmq", 5672).await?,
+        Proxy::start("rabbitmq", amqp_port).await?,
         Proxy::start("emulator", emu_port).await?,
     ];
     let (redis_via, amqp_via, emu_via) = (proxies[0].port, proxies[1].port, proxies[2].port);
@@ -462,7 +658,7 @@ async fn main() -> Result<()> {
             ("redis.key_prefix", "chaos".into()),
             (
                 "amqp.url",
-                format!("amqp://guest:guest@127.0.0.1:5672/{vhost}"),
+                format!("amqp://guest:guest@127.0.0.1:{amqp_port}/{vhost}"),
             ),
         ],
     )?;
@@ -666,17 +862,19 @@ async fn main() -> Result<()> {
         // The fault task gets its own handles: the proxies must outlive it
         // (dropping one resets every connection through it).
         let links = proxies.clone();
-        let (procs, fault_log, stop, faults, vhost) = (
+        let (procs, fault_log, stop, faults, vhost, node_name) = (
             procs.clone(),
             fault_log.clone(),
             stop_faults.clone(),
             faults.clone(),
             vhost.clone(),
+            node_name.clone(),
         );
+        let mut node = node.take();
         let every = args.fault_every;
         let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
         let mut kinds: Vec<&'static str> = Vec::new();
-        for k in ["kill", "broker", "redis", "proxy", "crash"] {
+        for k in ["kill", "broker", "node", "redis", "proxy", "crash"] {
             if faults.contains(k) {
                 kinds.push(k);
             }
@@ -752,13 +950,28 @@ async fn main() -> Result<()> {
                             .await;
                         link.set(LinkMode::Pass);
                     }
+                    "node" => {
+                        if let Some(n) = node.as_mut() {
+                            n.kill9().await;
+                            tokio::time::sleep(Duration::from_millis(
+                                500 + rng.random_range(0..1000),
+                            ))
+                            .await;
+                            if let Err(e) = n.start().await {
+                                eprintln!("[chaos] rabbitmq node restart failed: {e}");
+                            }
+                        }
+                    }
                     "broker" => {
-                        let _ = rabbitmqctl(&[
-                            "close_all_connections",
-                            "-p",
-                            &vhost,
-                            "chaos: connections dropped",
-                        ]);
+                        let _ = rabbitmqctl(
+                            node_name.as_deref(),
+                            &[
+                                "close_all_connections",
+                                "-p",
+                                &vhost,
+                                "chaos: connections dropped",
+                            ],
+                        );
                     }
                     _ => {
                         redis.kill9().await;
@@ -771,7 +984,7 @@ async fn main() -> Result<()> {
                 }
                 *fault_log.lock().await.counts.entry(label).or_default() += 1;
             }
-            redis
+            (redis, node)
         })
     };
 
@@ -808,11 +1021,14 @@ async fn main() -> Result<()> {
         args.quiet_seconds
     );
     stop_faults.store(true, Ordering::Relaxed);
-    let mut redis = faulting.await?;
+    let (mut redis, mut node) = faulting.await?;
     let _ = sampling.await;
     let rss = rss_report(&rss_samples.lock().await);
     if redis.child.is_none() {
         redis.start().await?;
+    }
+    if let Some(n) = node.as_mut().filter(|n| n.child.is_none()) {
+        n.start().await?;
     }
 
     // Quiet period: until every valid trigger's promise is settled, bounded.
@@ -821,7 +1037,14 @@ async fn main() -> Result<()> {
     while Instant::now() < deadline {
         let promises = all_promises(&store).await.unwrap_or_default();
         let settled = promises.iter().filter(|p| p.state.is_settled()).count();
-        if promises.len() == valid_ids.len() && settled == promises.len() {
+        // Quiet means settled *and* the trigger queue drained: a re-published
+        // copy or a redelivery after a crash may still be on its way to a
+        // worker (which acks it as a duplicate). A copy that never drains is
+        // still reported by the check below.
+        if promises.len() == valid_ids.len()
+            && settled == promises.len()
+            && queue_depth(ctl_node, &vhost, &bs.triggers_queue).unwrap_or(1) == 0
+        {
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -858,6 +1081,7 @@ async fn main() -> Result<()> {
         &args,
         seed,
         &bs,
+        ctl_node,
         &vhost,
         &store,
         &valid_ids,
@@ -874,7 +1098,10 @@ async fn main() -> Result<()> {
     if let Some(mut c) = emulator.child.take() {
         let _ = c.start_kill();
     }
-    let _ = rabbitmqctl(&["delete_vhost", &vhost]);
+    let _ = rabbitmqctl(ctl_node, &["delete_vhost", &vhost]);
+    if let Some(n) = node.as_mut() {
+        n.kill9().await;
+    }
     if report > 0 {
         println!(
             "[chaos] FAILED: {report} invariant(s) violated (seed {seed}; logs in {})",
@@ -947,8 +1174,47 @@ async fn all_promises(
     }
 }
 
-fn queue_depth(vhost: &str, queue: &str) -> Result<u64> {
-    let out = rabbitmqctl(&["list_queues", "-q", "-p", vhost, "name", "messages"])?;
+/// What is left in the trigger queue once every process has stopped (so
+/// nothing is unacked): each message's id, how often it was delivered and
+/// its promise's state, to tell a late duplicate from a lost trigger.
+async fn leftover_triggers(
+    bs: &runbridge::broker::BrokerSettings,
+    store: &runbridge::store::RedisStore,
+) -> String {
+    let Ok(b) = Broker::connect(bs).await else {
+        return "(could not connect to inspect them)".into();
+    };
+    let mut out = Vec::new();
+    if let Ok(mut l) = b.consume_queue(&bs.triggers_queue).await {
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(3), l.next()).await {
+            let v: Value = serde_json::from_slice(&m.body).unwrap_or(Value::Null);
+            let id = v["id"].as_str().unwrap_or("<no id>").to_owned();
+            let state = match runbridge::domain::PromiseId::parse(&id) {
+                Ok(pid) => match store.get(&pid).await {
+                    Ok(Some(p)) => p.state.to_string(),
+                    Ok(None) => "no promise".into(),
+                    Err(e) => format!("store error {e}"),
+                },
+                Err(_) => "invalid id".into(),
+            };
+            out.push(format!(
+                "{id} (delivery count {}, promise {state})",
+                m.headers
+                    .get("x-delivery-count")
+                    .map(String::as_str)
+                    .unwrap_or("0")
+            ));
+        }
+    }
+    b.close().await;
+    out.join(", ")
+}
+
+fn queue_depth(node: Option<&str>, vhost: &str, queue: &str) -> Result<u64> {
+    let out = rabbitmqctl(
+        node,
+        &["list_queues", "-q", "-p", vhost, "name", "messages"],
+    )?;
     Ok(out
         .lines()
         .filter_map(|l| {
@@ -966,6 +1232,7 @@ async fn check(
     args: &Args,
     seed: u64,
     bs: &runbridge::broker::BrokerSettings,
+    node: Option<&str>,
     vhost: &str,
     store: &runbridge::store::RedisStore,
     valid_ids: &HashSet<String>,
@@ -1038,7 +1305,7 @@ async fn check(
             .or_default()
             .push(ev.body);
     }
-    let triggers_left = queue_depth(vhost, &bs.triggers_queue)?;
+    let triggers_left = queue_depth(node, vhost, &bs.triggers_queue)?;
     // Dead letters, by trigger id: exactly the malformed ones (a copy of one
     // re-published after a lost confirm counts once).
     let mut dl = b.consume_queue(&bs.dead_letter_queue).await?;
@@ -1090,7 +1357,10 @@ async fn check(
         ));
     }
     if triggers_left > 0 {
-        violations.push(format!("{triggers_left} triggers still in the queue"));
+        violations.push(format!(
+            "{triggers_left} triggers still in the queue: {}",
+            leftover_triggers(bs, store).await
+        ));
     }
     let wrongly_dead: Vec<&String> = dead_ids.difference(malformed_ids).collect();
     if !wrongly_dead.is_empty() {

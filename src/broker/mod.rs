@@ -300,6 +300,10 @@ fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
     match headers.inner().get(name)? {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        // Broker-set counters such as a quorum queue's `x-delivery-count`.
+        AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        AMQPValue::LongInt(n) => Some(n.to_string()),
+        AMQPValue::LongUInt(n) => Some(n.to_string()),
         _ => None,
     }
 }
