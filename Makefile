@@ -4,7 +4,7 @@ CARGO ?= cargo
 # The crash tests need the failpoints compiled in (never in a release build).
 TEST_FEATURES ?= --features failpoints
 
-.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small clean
+.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke clean
 
 # Fault-injection run (see src/bin/chaos.rs): N triggers, every fault on, a
 # seed to replay it. `make chaos SEED=42 N=10000`.
@@ -26,7 +26,7 @@ services:
 # The whole suite: the 1,000-trigger fault-injection profile, then unit and
 # integration tests against the real RabbitMQ and Redis on this machine and
 # the emulator over HTTP (last, so the test runner's summary closes the output).
-test: services chaos-small
+test: services chaos-small bench-smoke
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run $(TEST_FEATURES) --no-fail-fast; \
 	else \
@@ -60,6 +60,18 @@ chaos: services
 chaos-small: services
 	$(CARGO) build --features failpoints --bins
 	target/debug/chaos --triggers 1000 --rate 50 --fault-every 1.5 $(if $(SEED),--seed $(SEED),)
+
+# Benchmarks against baselines measured in the same run (src/bin/bench.rs):
+# writes bench/results.json, bench/results.md and bench/latency.svg.
+bench: services
+	$(CARGO) build --release --bins
+	target/release/bench --out bench
+
+# The profile `make test` runs: every scenario with a few hundred messages,
+# to keep the harness working. Its numbers mean nothing; nothing asserts them.
+bench-smoke: services
+	$(CARGO) build --bins
+	target/debug/bench --smoke --out target/bench-smoke
 
 clean:
 	$(CARGO) clean

@@ -1024,6 +1024,18 @@ async fn main() -> Result<()> {
     let (mut redis, mut node) = faulting.await?;
     let _ = sampling.await;
     let rss = rss_report(&rss_samples.lock().await);
+    // The whole series, kept beside the logs (which go on success) to look at
+    // the shape: a leak climbs, a backlog after an outage spikes and recedes.
+    let csv: String = rss_samples
+        .lock()
+        .await
+        .iter()
+        .map(|(t, pid, kb)| format!("{t:.1},{pid},{kb}\n"))
+        .collect();
+    let _ = std::fs::write(
+        std::env::temp_dir().join(format!("runbridge-chaos-{seed}-rss.csv")),
+        format!("seconds,pid,rss_kib\n{csv}"),
+    );
     if redis.child.is_none() {
         redis.start().await?;
     }
