@@ -64,8 +64,6 @@ enum Cmd {
         listen: String,
         #[arg(long)]
         redis_url: String,
-        #[arg(long, default_value_t = 32)]
-        pool_size: usize,
     },
 }
 
@@ -133,8 +131,7 @@ fn main() -> Result<()> {
         Some(Cmd::BaselineServer {
             ref listen,
             ref redis_url,
-            pool_size,
-        }) => rt.block_on(baseline_server(listen, redis_url, pool_size)),
+        }) => rt.block_on(baseline_server(listen, redis_url)),
         None => rt.block_on(run(&args)),
     }
 }
@@ -607,26 +604,22 @@ async fn closed_loop(urls: Arc<Vec<String>>, conns: usize) -> Result<(f64, Vec<f
     Ok((rate, all))
 }
 
-/// B3's baseline server (run as a child process, like the sidecar).
-async fn baseline_server(listen: &str, redis_url: &str, pool_size: usize) -> Result<()> {
+/// B3's baseline server (run as a child process, like the sidecar): the
+/// least an HTTP settle endpoint could do, one `SET` per request on a shared
+/// multiplexed connection (no pool checkout at all).
+async fn baseline_server(listen: &str, redis_url: &str) -> Result<()> {
     use axum::extract::{Path as AxPath, State};
+    use axum::http::StatusCode;
     use redis::AsyncCommands;
-    let cfg = deadpool_redis::Config::from_url(redis_url);
-    let pool = cfg
-        .builder()?
-        .max_size(pool_size)
-        .runtime(deadpool_redis::Runtime::Tokio1)
-        .build()?;
+    let conn = redis::Client::open(redis_url)?
+        .get_multiplexed_async_connection()
+        .await?;
     let app = axum::Router::new()
         .route(
             "/cb/{token}/resolve",
             axum::routing::post(
-                |State(pool): State<deadpool_redis::Pool>,
+                |State(mut c): State<redis::aio::MultiplexedConnection>,
                  AxPath(token): AxPath<String>| async move {
-                    use axum::http::StatusCode;
-                    let Ok(mut c) = pool.get().await else {
-                        return (StatusCode::SERVICE_UNAVAILABLE, "no redis");
-                    };
                     let r: redis::RedisResult<()> =
                         c.set(format!("bench-baseline:{token}"), "RESOLVED").await;
                     match r {
@@ -636,7 +629,7 @@ async fn baseline_server(listen: &str, redis_url: &str, pool_size: usize) -> Res
                 },
             ),
         )
-        .with_state(pool);
+        .with_state(conn);
     let l = tokio::net::TcpListener::bind(listen).await?;
     axum::serve(l, app).await?;
     Ok(())
@@ -691,7 +684,6 @@ async fn b3(env: &Env, n: usize, curves: &mut Curves) -> Result<Row> {
             "--redis-url",
             &env.redis_url,
         ])
-        .args(["--pool-size", &s.redis.pool_size.to_string()])
         .stdout(blog.try_clone()?)
         .stderr(blog)
         .kill_on_drop(true)

@@ -60,7 +60,16 @@ struct Workspace {
     local: HashMap<CallClass, TokenBucket>,
     /// Local pause after a 429 (the shared one lives in the budget).
     paused_until: std::sync::Mutex<tokio::time::Instant>,
+    /// Unlimited classes only look for another worker's pause this often.
+    pause_seen_clear_at: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
+
+/// With no rate limit, the shared budget is consulted only for another
+/// worker's 429 pause, and a "no pause" answer holds for this long: one Redis
+/// round trip per call would cost more than the call's own bookkeeping (make
+/// bench, B1), and a worker that misses a fresh pause for this long gets its
+/// own 429 and pauses anyway.
+const UNLIMITED_PAUSE_CHECK: Duration = Duration::from_millis(100);
 
 const CLASSES: [CallClass; 3] = [CallClass::Launch, CallClass::Poll, CallClass::Cancel];
 
@@ -140,6 +149,7 @@ impl Client {
                             .map(|c| (*c, TokenBucket::new(s.rate(*c), s.burst)))
                             .collect(),
                         paused_until: std::sync::Mutex::new(tokio::time::Instant::now()),
+                        pause_seen_clear_at: std::sync::Mutex::new(None),
                     },
                 )
             })
@@ -176,9 +186,25 @@ impl Client {
         let rate = self.settings.rate(class);
         // Even with no rate limit the shared pause after a 429 applies.
         if let Some(b) = &self.budget {
+            let unlimited = rate <= 0.0;
+            if unlimited
+                && ws
+                    .pause_seen_clear_at
+                    .lock()
+                    .ok()
+                    .and_then(|t| *t)
+                    .is_some_and(|t| t.elapsed() < UNLIMITED_PAUSE_CHECK)
+            {
+                return;
+            }
             loop {
                 match b.try_acquire(name, class, rate, self.settings.burst).await {
-                    Ok(d) if d.is_zero() => return,
+                    Ok(d) if d.is_zero() => {
+                        if unlimited && let Ok(mut t) = ws.pause_seen_clear_at.lock() {
+                            *t = Some(tokio::time::Instant::now());
+                        }
+                        return;
+                    }
                     Ok(d) => tokio::time::sleep(d.min(Duration::from_secs(5))).await,
                     Err(e) => {
                         tracing::warn!(error = %e, "shared request budget unavailable; limiting this process alone");

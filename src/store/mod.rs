@@ -11,6 +11,7 @@
 //! re-loaded transparently after a NOSCRIPT (a restarted Redis has an empty
 //! script cache).
 
+mod pool;
 pub mod redis_store;
 
 use std::collections::BTreeMap;

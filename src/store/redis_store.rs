@@ -4,9 +4,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::pool::{Conn, Manager, Pool};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use deadpool_redis::{Manager, Pool};
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{AsyncConnectionConfig, Script, Value};
@@ -145,8 +145,10 @@ impl RedisStore {
         let conn_cfg = AsyncConnectionConfig::new()
             .set_response_timeout(Some(s.response_timeout))
             .set_connection_timeout(Some(Duration::from_secs(3)));
-        let manager = Manager::new_with_config(s.url.as_str(), conn_cfg)
-            .map_err(|e| StoreError::Unavailable(format!("redis url {shown}: {e}")))?;
+        let manager = Manager::new(
+            deadpool_redis::Manager::new_with_config(s.url.as_str(), conn_cfg)
+                .map_err(|e| StoreError::Unavailable(format!("redis url {shown}: {e}")))?,
+        );
         let pool = Pool::builder(manager)
             .max_size(s.pool_size)
             .wait_timeout(Some(Duration::from_secs(5)))
@@ -175,8 +177,8 @@ impl RedisStore {
         &self.keys
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
-        self.pool.get().await.map_err(unavailable)
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        self.pool.get().await.map(Conn).map_err(unavailable)
     }
 
     /// An outbox reader for one relay consumer, on its own connection (its

@@ -1,0 +1,128 @@
+//! The connection pool: deadpool over deadpool-redis's connections, without
+//! a round trip per checkout.
+//!
+//! deadpool-redis's own manager checks every connection it hands out with a
+//! pipelined `UNWATCH` + `PING`, one extra round trip per pool checkout. The
+//! store checks out a connection for every operation, so that doubled the
+//! commands Redis served and most of the worker's context switches
+//! (measured in `make bench`, B1: 607k EVALSHA and 652k UNWATCH). runbridge
+//! never uses `WATCH` (every transition is one Lua script), so there is no
+//! watch state to clear; and a `PING` proves little about the next command.
+//! Instead a connection is replaced once a command on it fails for a reason
+//! other than Redis's answer (I/O error, dropped connection, timeout): the
+//! failing command reports an error as before (callers retry), and the next
+//! checkout gets a fresh connection.
+
+use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
+
+/// A connection that remembers whether it failed.
+pub struct Tracked {
+    conn: MultiplexedConnection,
+    broken: bool,
+}
+
+/// True for failures of the connection, false for errors Redis answered
+/// with (a script error, `NOSCRIPT`, a wrong type), after which the
+/// connection is as good as before.
+fn connection_failed(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error()
+}
+
+impl Tracked {
+    fn note<T>(&mut self, r: &Result<T, RedisError>) {
+        if let Err(e) = r
+            && connection_failed(e)
+        {
+            self.broken = true;
+        }
+    }
+}
+
+/// Creates connections with deadpool-redis's manager; recycles for free.
+pub struct Manager {
+    inner: deadpool_redis::Manager,
+}
+
+impl Manager {
+    pub fn new(inner: deadpool_redis::Manager) -> Self {
+        Self { inner }
+    }
+}
+
+impl managed::Manager for Manager {
+    type Type = Tracked;
+    type Error = RedisError;
+
+    async fn create(&self) -> Result<Tracked, RedisError> {
+        Ok(Tracked {
+            conn: managed::Manager::create(&self.inner).await?,
+            broken: false,
+        })
+    }
+
+    async fn recycle(&self, c: &mut Tracked, _: &Metrics) -> RecycleResult<RedisError> {
+        if c.broken {
+            Err(RecycleError::message(
+                "a command on it failed; replacing it",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+pub type Pool = managed::Pool<Manager>;
+
+/// A checked-out connection; returns to the pool when dropped.
+pub struct Conn(pub(super) managed::Object<Manager>);
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let r = self.0.conn.req_packed_command(cmd).await;
+            self.0.note(&r);
+            r
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let r = self.0.conn.req_packed_commands(cmd, offset, count).await;
+            self.0.note(&r);
+            r
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.conn.get_db()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::{ErrorKind, ServerErrorKind};
+
+    #[test]
+    fn server_answers_keep_the_connection() {
+        let e = RedisError::from((ErrorKind::Server(ServerErrorKind::NoScript), "NOSCRIPT"));
+        assert!(!connection_failed(&e));
+        let e = RedisError::from((ErrorKind::Server(ServerErrorKind::ResponseError), "ERR"));
+        assert!(!connection_failed(&e));
+    }
+
+    #[test]
+    fn io_failures_replace_it() {
+        let e = RedisError::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        assert!(connection_failed(&e));
+        let e = RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert!(connection_failed(&e));
+    }
+}
