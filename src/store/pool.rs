@@ -12,15 +12,26 @@
 //! other than Redis's answer (I/O error, dropped connection, timeout): the
 //! failing command reports an error as before (callers retry), and the next
 //! checkout gets a fresh connection.
+//!
+//! A checkout is also not exclusive: [`Conn`] is a clone of the pooled
+//! multiplexed connection, and the pool object goes back at once. Commands
+//! of concurrent operations then share a few connections and leave in one
+//! write (redis-rs pipelines what is queued on a multiplexed connection);
+//! holding a connection per operation allowed at most `pool_size` commands in
+//! flight, each in its own write and wake-up.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
-/// A connection that remembers whether it failed.
+/// A connection that remembers whether a command on it (or on a clone of
+/// it) failed.
 pub struct Tracked {
     conn: MultiplexedConnection,
-    broken: bool,
+    broken: Arc<AtomicBool>,
 }
 
 /// True for failures of the connection, false for errors Redis answered
@@ -28,16 +39,6 @@ pub struct Tracked {
 /// connection is as good as before.
 fn connection_failed(e: &RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error()
-}
-
-impl Tracked {
-    fn note<T>(&mut self, r: &Result<T, RedisError>) {
-        if let Err(e) = r
-            && connection_failed(e)
-        {
-            self.broken = true;
-        }
-    }
 }
 
 /// Creates connections with deadpool-redis's manager; recycles for free.
@@ -58,12 +59,12 @@ impl managed::Manager for Manager {
     async fn create(&self) -> Result<Tracked, RedisError> {
         Ok(Tracked {
             conn: managed::Manager::create(&self.inner).await?,
-            broken: false,
+            broken: Arc::new(AtomicBool::new(false)),
         })
     }
 
     async fn recycle(&self, c: &mut Tracked, _: &Metrics) -> RecycleResult<RedisError> {
-        if c.broken {
+        if c.broken.load(Ordering::Relaxed) {
             Err(RecycleError::message(
                 "a command on it failed; replacing it",
             ))
@@ -75,14 +76,36 @@ impl managed::Manager for Manager {
 
 pub type Pool = managed::Pool<Manager>;
 
-/// A checked-out connection; returns to the pool when dropped.
-pub struct Conn(pub(super) managed::Object<Manager>);
+/// A clone of a pooled connection, for one operation.
+pub struct Conn {
+    conn: MultiplexedConnection,
+    broken: Arc<AtomicBool>,
+}
+
+impl Conn {
+    /// Takes a connection from the pool and returns it at once: the clone
+    /// shares it with every other operation that took it.
+    pub(super) fn from_pool(obj: managed::Object<Manager>) -> Self {
+        Self {
+            conn: obj.conn.clone(),
+            broken: obj.broken.clone(),
+        }
+    }
+
+    fn note<T>(&self, r: &Result<T, RedisError>) {
+        if let Err(e) = r
+            && connection_failed(e)
+        {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+    }
+}
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let r = self.0.conn.req_packed_command(cmd).await;
-            self.0.note(&r);
+            let r = self.conn.req_packed_command(cmd).await;
+            self.note(&r);
             r
         })
     }
@@ -94,14 +117,14 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let r = self.0.conn.req_packed_commands(cmd, offset, count).await;
-            self.0.note(&r);
+            let r = self.conn.req_packed_commands(cmd, offset, count).await;
+            self.note(&r);
             r
         })
     }
 
     fn get_db(&self) -> i64 {
-        self.0.conn.get_db()
+        self.conn.get_db()
     }
 }
 

@@ -178,7 +178,11 @@ impl RedisStore {
     }
 
     async fn conn(&self) -> Result<Conn, StoreError> {
-        self.pool.get().await.map(Conn).map_err(unavailable)
+        self.pool
+            .get()
+            .await
+            .map(Conn::from_pool)
+            .map_err(unavailable)
     }
 
     /// An outbox reader for one relay consumer, on its own connection (its
