@@ -69,7 +69,9 @@ import json, sys
 label, ev = sys.argv[1], json.loads(sys.argv[2])
 d = ev["data"]
 shown = d["value"] if d["state"] == "RESOLVED" else d["error"]
-print(f"[demo] {label:<34} event {ev['id']:<34} {d['state']:<17} run_id={d['run_id']} settled_by={d['settled_by']} -> {json.dumps(shown)}")
+# One write per line: the waiters run concurrently on one terminal.
+sys.stdout.write(f"[demo] {label:<34} event {ev['id']:<34} {d['state']:<17} run_id={d['run_id']} settled_by={d['settled_by']} -> {json.dumps(shown)}\n")
+sys.stdout.flush()
 PY
   ) || echo "[demo] $label: no completion event within 30s" &
   waiters+=($!)
