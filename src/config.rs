@@ -80,6 +80,9 @@ pub struct WorkerSection {
     pub requeue_delay_ms: u64,
     pub retries_in_place: u32,
     pub drain_timeout_seconds: u64,
+    /// host:port of the worker's `/metrics`; empty: none.
+    #[serde(default)]
+    pub metrics_listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -408,9 +408,26 @@ impl<S: PromiseStore + Lifecycle, J: Jobs> Reconciler<S, J> {
             "reconciler running"
         );
         while !shutdown.is_cancelled() {
-            match self.tick().await {
-                Ok(r) if r != TickReport::default() => tracing::debug!(?r, "reconciler tick"),
-                Ok(_) => {}
+            let r = self.tick().await;
+            metrics::counter!(
+                "runbridge_reconciler_ticks_total",
+                "result" => if r.is_ok() { "ok" } else { "failed" }
+            )
+            .increment(1);
+            match r {
+                Ok(r) => {
+                    metrics::counter!("runbridge_reconciler_timed_out_total")
+                        .increment(r.timed_out as u64);
+                    metrics::counter!("runbridge_reconciler_runs_checked_total")
+                        .increment(r.polled as u64);
+                    metrics::counter!("runbridge_reconciler_settled_total")
+                        .increment(r.settled as u64);
+                    metrics::counter!("runbridge_reconciler_cancels_sent_total")
+                        .increment(r.cancels_sent as u64);
+                    if r != TickReport::default() {
+                        tracing::debug!(?r, "reconciler tick");
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "reconciler tick failed; retrying next tick"),
             }
             pause(self.settings.tick, &shutdown).await;

@@ -61,6 +61,12 @@ pub async fn publish_entry(publisher: &Publisher, entry: &OutboxEntry) -> Publis
     match publisher.publish_event(&event).await {
         Ok(()) => {}
         Err(e @ (BrokerError::Returned { .. } | BrokerError::Nacked)) => {
+            let what = if matches!(e, BrokerError::Nacked) {
+                "runbridge_events_nacked_total"
+            } else {
+                "runbridge_events_returned_total"
+            };
+            metrics::counter!(what).increment(1);
             tracing::warn!(event.id = %event.id, error = %e, "event not accepted; kept in the outbox for a later try");
             return Published::Kept;
         }
@@ -80,6 +86,8 @@ pub async fn publish_entry(publisher: &Publisher, entry: &OutboxEntry) -> Publis
             return Published::Broken;
         }
     }
+    metrics::counter!("runbridge_events_published_total", "routing_key" => event.routing_key.clone())
+        .increment(1);
     tracing::debug!(event.id = %event.id, routing_key = %event.routing_key, "event published");
     Published::Confirmed
 }

@@ -31,7 +31,7 @@ pub enum StartupError {
     Store(#[from] StoreError),
     #[error("databricks client: {0}")]
     Databricks(#[from] databricks::DatabricksError),
-    #[error("sidecar: cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
         source: std::io::Error,
@@ -118,7 +118,23 @@ pub fn jobs_client(
 /// The worker: trigger consumer and outbox relay, until `shutdown`.
 pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(), StartupError> {
     s.validate(crate::config::Role::Worker)?;
+    crate::telemetry::metrics::handle();
+    if !s.worker.metrics_listen.is_empty() {
+        let l = TcpListener::bind(&s.worker.metrics_listen)
+            .await
+            .map_err(|e| StartupError::Listen {
+                addr: s.worker.metrics_listen.clone(),
+                source: e,
+            })?;
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sidecar::serve_metrics(l, sd).await {
+                tracing::error!(error = %e, "metrics listener failed");
+            }
+        });
+    }
     let store = store(s).await?;
+    let store_for_gauges = store.clone();
     let ctx = Arc::new(WorkerContext {
         store: store.clone(),
         jobs: jobs_client(s, Some(Arc::new(store.clone())))?,
@@ -168,14 +184,42 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
         },
         shutdown.clone(),
     );
+    let gauges = sample_gauges(store_for_gauges, shutdown.clone());
     let shutdown_r = shutdown;
     let reconcile = async {
         if let Some(r) = reconciler {
             r.run(shutdown_r).await;
         }
     };
-    tokio::join!(consumer, relay, reconcile);
+    tokio::join!(consumer, relay, reconcile, gauges);
     Ok(())
+}
+
+/// The store's sizes as gauges, every few seconds until `shutdown`.
+async fn sample_gauges(store: RedisStore, shutdown: CancellationToken) {
+    loop {
+        match store.partition_stats().await {
+            Ok(stats) => {
+                let (mut outbox, mut oldest) = (0u64, 0f64);
+                for p in &stats {
+                    let partition = p.partition.to_string();
+                    metrics::gauge!("runbridge_promises_pending", "partition" => partition)
+                        .set(p.pending as f64);
+                    outbox += p.outbox;
+                    if let Some(a) = p.outbox_oldest_age {
+                        oldest = oldest.max(a.as_secs_f64());
+                    }
+                }
+                metrics::gauge!("runbridge_outbox_entries").set(outbox as f64);
+                metrics::gauge!("runbridge_outbox_oldest_age_seconds").set(oldest);
+            }
+            Err(e) => tracing::debug!(error = %e, "metrics: store sizes unavailable"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
 }
 
 pub fn reconciler_settings(s: &Settings) -> ReconcilerSettings {
@@ -227,6 +271,7 @@ pub async fn run_sidecar(
     shutdown: CancellationToken,
 ) -> Result<(), StartupError> {
     s.validate(crate::config::Role::Sidecar)?;
+    crate::telemetry::metrics::handle();
     let listener = match listener {
         Some(l) => l,
         None => TcpListener::bind(&s.sidecar.listen)

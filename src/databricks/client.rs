@@ -259,7 +259,18 @@ impl Client {
         } else {
             req.json(body)
         };
-        let resp = req.send().await.map_err(|e| Attempt::Retry {
+        let started = std::time::Instant::now();
+        let sent = req.send().await;
+        let status_label = match &sent {
+            Ok(r) => r.status().as_u16().to_string(),
+            Err(e) if e.is_timeout() => "timeout".into(),
+            Err(_) => "connection_error".into(),
+        };
+        metrics::counter!("runbridge_databricks_requests_total", "endpoint" => endpoint, "status" => status_label)
+            .increment(1);
+        metrics::histogram!("runbridge_databricks_request_duration_seconds", "endpoint" => endpoint)
+            .record(started.elapsed().as_secs_f64());
+        let resp = sent.map_err(|e| Attempt::Retry {
             reason: if e.is_timeout() {
                 "timeout".into()
             } else {

@@ -66,6 +66,7 @@ pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz::<S>))
+        .route("/metrics", get(metrics))
         .route("/cb/{token}/resolve", post(cb_resolve::<S>))
         .route("/cb/{token}/reject", post(cb_reject::<S>))
         .route("/cb/{token}/heartbeat", post(cb_heartbeat::<S>))
@@ -94,6 +95,33 @@ pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
             )
         })
         .with_state(state)
+}
+
+/// Prometheus text format (version 0.0.4).
+async fn metrics() -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::telemetry::metrics::render(),
+    )
+        .into_response()
+}
+
+/// The worker's own `/metrics` (and `/healthz`) listener: the worker serves
+/// no other HTTP, and axum stays inside this module.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }
 
 /// Serves until `shutdown`, then finishes in-flight requests.

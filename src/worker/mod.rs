@@ -222,10 +222,12 @@ pub async fn process<S: PromiseStore, J: Jobs>(
         Err(e) => return store_failure(e),
     };
     if promise.state.is_settled() {
+        launched("already_settled");
         return reply_for(&promise, &t);
     }
     if let Some(run) = promise.run_id {
         span.record("databricks.run_id", run.get());
+        launched("already_launched");
         return Disposition::Ack;
     }
 
@@ -235,6 +237,7 @@ pub async fn process<S: PromiseStore, J: Jobs>(
     match ctx.jobs.launch(&workspace, &req, &token).await {
         Ok(run) => {
             span.record("databricks.run_id", run.get());
+            launched("launched");
             crate::failpoint!("worker.after_launch");
             // 5. Record the run id, then ack.
             match ctx.store.record_run(&t.id, run, None).await {
@@ -275,14 +278,26 @@ pub async fn process<S: PromiseStore, J: Jobs>(
                 cancel_run: false,
             };
             tracing::warn!(status, error_code = %body.error_code, "databricks refused the launch; rejecting the promise");
+            launched("refused");
             match ctx.store.settle(&settle).await {
                 Ok(_) => Disposition::Ack,
                 Err(e) => store_failure(e),
             }
         }
         Err(e @ DatabricksError::UnknownWorkspace(_)) => Disposition::DeadLetter(e.to_string()),
-        Err(e) => Disposition::Requeue(e.to_string()),
+        Err(e) => {
+            launched("failed_for_now");
+            Disposition::Requeue(e.to_string())
+        }
     }
+}
+
+/// Launch attempts by outcome: `launched` (run-now/submit answered with a
+/// run id, a retry included), `already_launched` / `already_settled` (a
+/// redelivery or duplicate: nothing sent), `refused` (a permanent error,
+/// promise rejected), `failed_for_now` (transient, retried).
+fn launched(outcome: &'static str) {
+    metrics::counter!("runbridge_launches_total", "outcome" => outcome).increment(1);
 }
 
 #[cfg(test)]

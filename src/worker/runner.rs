@@ -75,6 +75,38 @@ async fn control<S: PromiseStore, J: Jobs>(ctx: &WorkerContext<S, J>, body: &[u8
     }
 }
 
+/// Deliveries by queue and what became of them.
+fn count(queue: Queue, d: &Disposition, body: &[u8]) {
+    let q = match queue {
+        Queue::Triggers => "triggers",
+        Queue::Control => "control",
+    };
+    metrics::counter!("runbridge_deliveries_total", "queue" => q).increment(1);
+    if matches!(queue, Queue::Triggers) {
+        metrics::counter!("runbridge_triggers_consumed_total").increment(1);
+    }
+    match d {
+        Disposition::DeadLetter(reason) => {
+            // A small set of labels, not the message (it names ids).
+            let reason = if matches!(queue, Queue::Control) {
+                "invalid_control"
+            } else if reason.starts_with("unknown workspace") {
+                "unknown_workspace"
+            } else if serde_json::from_slice::<serde_json::Value>(body).is_err() {
+                "malformed_json"
+            } else {
+                "invalid_trigger"
+            };
+            metrics::counter!("runbridge_dead_lettered_total", "queue" => q, "reason" => reason)
+                .increment(1);
+        }
+        Disposition::Requeue(_) => {
+            metrics::counter!("runbridge_requeued_total", "queue" => q).increment(1);
+        }
+        Disposition::Ack | Disposition::ReplyThenAck(_) => {}
+    }
+}
+
 async fn handle<S: PromiseStore, J: Jobs>(
     ctx: Arc<WorkerContext<S, J>>,
     queue: Queue,
@@ -108,6 +140,7 @@ async fn handle<S: PromiseStore, J: Jobs>(
             other => break other,
         }
     };
+    count(queue, &disposition, &inc.envelope.body);
     let result = match disposition {
         Disposition::Ack => {
             let r = inc.ack().await;

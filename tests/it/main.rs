@@ -9,3 +9,4 @@ mod core_loop;
 mod faults;
 mod helpers;
 mod lifecycle;
+mod metrics;
