@@ -4,7 +4,7 @@ CARGO ?= cargo
 # The crash tests need the failpoints compiled in (never in a release build).
 TEST_FEATURES ?= --features failpoints
 
-.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke clean
+.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke notebook-test clean
 
 # Fault-injection run (see src/bin/chaos.rs): N triggers, every fault on, a
 # seed to replay it. `make chaos SEED=42 N=10000`.
@@ -26,7 +26,7 @@ services:
 # The whole suite: the 1,000-trigger fault-injection profile, then unit and
 # integration tests against the real RabbitMQ and Redis on this machine and
 # the emulator over HTTP (last, so the test runner's summary closes the output).
-test: services chaos-small bench-smoke
+test: services chaos-small bench-smoke notebook-test
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run $(TEST_FEATURES) --no-fail-fast; \
 	else \
@@ -72,6 +72,13 @@ bench: services
 bench-smoke: services
 	$(CARGO) build --bins
 	target/debug/bench --smoke --out target/bench-smoke
+
+# The notebook helper's pytest suite against a real sidecar (and Redis), in a
+# venv of its own under target/ (pytest from PyPI; the helper needs nothing).
+notebook-test: services
+	$(CARGO) build --bins
+	@test -x target/pyvenv/bin/pytest || { python3 -m venv target/pyvenv && target/pyvenv/bin/pip install -q pytest; }
+	target/pyvenv/bin/pytest -q clients/python
 
 clean:
 	$(CARGO) clean

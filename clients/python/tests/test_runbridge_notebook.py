@@ -1,0 +1,231 @@
+"""The notebook helper against a real `runbridge sidecar` (and Redis).
+
+The sidecar runs from target/debug (built by `make test` before this runs),
+with a Redis key prefix and broker names of its own. Promises are created
+through the operator API; callback tokens are signed here with the local
+development secret exactly as the worker signs them (HMAC-SHA256 of the id,
+base64url, "v1." prefix).
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "clients" / "python"))
+import runbridge_notebook as rb  # noqa: E402
+
+SECRET = b"local-dev-callback-secret-0123456789abcdef"  # config/local.toml
+OPERATOR = "local-dev-operator-token"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sidecar():
+    binary = Path(os.environ.get("RUNBRIDGE_BIN", ROOT / "target" / "debug" / "runbridge"))
+    if not binary.exists():
+        pytest.fail(f"{binary} not found: run `cargo build` first")
+    port = free_port()
+    tag = f"pytest-{uuid.uuid4().hex[:8]}"
+    env = dict(
+        os.environ,
+        RUNBRIDGE_ENV="local",
+        RUNBRIDGE_CONFIG_DIR=str(ROOT / "config"),
+        RUNBRIDGE__SIDECAR__LISTEN=f"127.0.0.1:{port}",
+        RUNBRIDGE__REDIS__KEY_PREFIX=tag,
+        RUNBRIDGE__AMQP__TRIGGERS_QUEUE=f"{tag}.triggers",
+        RUNBRIDGE__AMQP__CONTROL_QUEUE=f"{tag}.control",
+        RUST_LOG="warn",
+    )
+    proc = subprocess.Popen([str(binary), "sidecar"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{base}/healthz", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"sidecar exited: {proc.stderr.read().decode()}")
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("sidecar did not come up")
+    yield base, tag
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def token(promise_id):
+    mac = hmac.new(SECRET, promise_id.encode(), hashlib.sha256).digest()
+    return "v1." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def operator(base, method, path, body=None):
+    req = urllib.request.Request(
+        base + path,
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={"Authorization": f"Bearer {OPERATOR}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def new_promise(sidecar, **extra):
+    base, tag = sidecar
+    pid = f"{tag}-{uuid.uuid4().hex[:10]}"
+    operator(base, "POST", "/promises", dict({"id": pid}, **extra))
+    return rb.Params(pid, f"{base}/cb/{token(pid)}", token(pid))
+
+
+def state(sidecar, p):
+    return operator(sidecar[0], "GET", f"/promises/{p.promise_id}")
+
+
+def test_params_from_widgets_then_argv_then_env():
+    class Widgets:
+        def get(self, name):
+            if name == "promise_id":
+                return "from-widget"
+            raise ValueError("no such widget")
+
+    class DBUtils:
+        widgets = Widgets()
+
+    p = rb.params(
+        dbutils=DBUtils(),
+        argv=["--url=http://x/cb/t", "--callback_token", "v1.abc"],
+        environ={"RUNBRIDGE_PROMISE_ID": "from-env"},
+    )
+    assert (p.promise_id, p.url, p.callback_token) == ("from-widget", "http://x/cb/t", "v1.abc")
+    assert "cb/t" not in repr(p)
+    with pytest.raises(rb.CallbackError, match="promise_id, url"):
+        rb.params(argv=[], environ={})
+
+
+def test_resolve_and_repeat_is_deduplicated(sidecar):
+    p = new_promise(sidecar)
+    r = rb.resolve({"rows": 3}, p)
+    assert r["state"] == "RESOLVED" and r["deduplicated"] is False
+    again = rb.resolve({"rows": 3}, p)
+    assert again["deduplicated"] is True
+    got = state(sidecar, p)
+    assert got["state"] == "RESOLVED"
+    assert json.loads(got["value"]["data"]) == {"rows": 3}
+
+
+def test_reject_after_resolve_is_a_clear_error(sidecar):
+    p = new_promise(sidecar)
+    rb.resolve("done", p)
+    with pytest.raises(rb.AlreadySettled) as e:
+        rb.reject("too late", p)
+    assert e.value.status == 403
+    assert e.value.state == "RESOLVED"
+    assert state(sidecar, p)["state"] == "RESOLVED"
+
+
+def test_context_manager_resolves_with_value(sidecar):
+    p = new_promise(sidecar)
+    with rb.promise(p=p) as run:
+        run.value = "hello world"
+    got = state(sidecar, p)
+    assert got["state"] == "RESOLVED" and got["value"]["data"] == "hello world"
+
+
+def test_context_manager_rejects_with_traceback_and_reraises(sidecar):
+    p = new_promise(sidecar)
+    with pytest.raises(ZeroDivisionError):
+        with rb.promise(p=p):
+            1 / 0
+    got = state(sidecar, p)
+    assert got["state"] == "REJECTED"
+    err = json.loads(got["value"]["data"])
+    assert err["type"] == "ZeroDivisionError"
+    assert "division by zero" in err["message"]
+    assert "Traceback" in err["traceback"]
+
+
+def test_context_manager_heartbeats_in_the_background(sidecar):
+    p = new_promise(sidecar)
+    beats = []
+    real = rb.heartbeat
+
+    def counting(p_):
+        beats.append(real(p_))
+        return beats[-1]
+
+    rb.heartbeat = counting
+    try:
+        with rb.promise(p=p, heartbeat_seconds=0.2) as run:
+            time.sleep(1.0)
+            run.value = "ok"
+    finally:
+        rb.heartbeat = real
+    assert len(beats) >= 3, beats
+    assert all(b["state"] == "PENDING" for b in beats)
+    assert state(sidecar, p)["state"] == "RESOLVED"
+
+
+def test_wrong_token_is_refused_and_changes_nothing(sidecar):
+    p = new_promise(sidecar)
+    bad = rb.Params(p.promise_id, p.url.rsplit("/", 1)[0] + "/" + token("another-id"))
+    with pytest.raises(rb.CallbackError) as e:
+        rb.resolve("x", bad)
+    assert e.value.status == 401
+    assert state(sidecar, p)["state"] == "PENDING"
+
+
+def test_retries_5xx_and_connection_errors_then_succeeds():
+    # A stand-in sidecar: 503 twice, then 200. The helper retries through it.
+    import http.server
+    import threading
+
+    calls = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            calls.append(self.path)
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if len(calls) <= 2:
+                self.send_response(503)
+                self.end_headers()
+                self.wfile.write(b'{"error":{"code":"store_unavailable"}}')
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"state":"RESOLVED","deduplicated":false}')
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        p = rb.Params("p1", f"http://127.0.0.1:{srv.server_port}/cb/v1.x")
+        r = rb._post(p, "resolve", {"value": "x"}, retries=4, backoff=0.01)
+        assert r["state"] == "RESOLVED"
+        assert len(calls) == 3 and all(c.startswith("/cb/v1.x/resolve?id=p1") for c in calls)
+    finally:
+        srv.shutdown()
+    # Nothing listening at all: a clear error after the retries.
+    dead = rb.Params("p1", f"http://127.0.0.1:{free_port()}/cb/v1.x")
+    with pytest.raises(rb.CallbackError, match="resolve"):
+        rb._post(dead, "resolve", {"value": "x"}, retries=2, backoff=0.01)
