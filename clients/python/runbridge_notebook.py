@@ -154,6 +154,10 @@ def _post(
     url = f"{p.url}/{action}?" + urllib.parse.urlencode({"id": p.promise_id})
     data = json.dumps(dict(body, id=p.promise_id)).encode()
     headers = {"Content-Type": "application/json"}
+    # The run's trace, when the job passed one on (runbridge logs it with the callback).
+    tp = os.environ.get("TRACEPARENT")
+    if tp:
+        headers["traceparent"] = tp
     if p.callback_token:
         headers["Authorization"] = f"Bearer {p.callback_token}"
     last: Optional[Exception] = None

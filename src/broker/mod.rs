@@ -517,6 +517,26 @@ impl Publisher {
             .await
     }
 
+    /// Publishes a trigger carrying a W3C `traceparent` header (the trace
+    /// the promise, the Databricks request and the event then continue).
+    pub async fn publish_trigger_traced(
+        &self,
+        body: &[u8],
+        traceparent: &str,
+    ) -> Result<(), BrokerError> {
+        let mut h = FieldTable::default();
+        h.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(traceparent.into()),
+        );
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_headers(h);
+        self.raw_publish("", &self.triggers_queue, body, props, true)
+            .await
+    }
+
     pub fn is_connected(&self) -> bool {
         self.channel.status().connected()
     }

@@ -71,6 +71,16 @@ struct Workspace {
 /// own 429 and pauses anyway.
 const UNLIMITED_PAUSE_CHECK: Duration = Duration::from_millis(100);
 
+/// One Jobs API request, as each attempt sends it.
+struct Call<'a> {
+    method: reqwest::Method,
+    endpoint: &'static str,
+    class: CallClass,
+    body: &'a Value,
+    /// W3C trace context to pass on (launches).
+    traceparent: Option<&'a str>,
+}
+
 const CLASSES: [CallClass; 3] = [CallClass::Launch, CallClass::Poll, CallClass::Cancel];
 
 #[derive(Clone)]
@@ -230,15 +240,14 @@ impl Client {
         }
     }
 
-    async fn attempt(
-        &self,
-        name: &str,
-        ws: &Workspace,
-        method: reqwest::Method,
-        endpoint: &'static str,
-        class: CallClass,
-        body: &Value,
-    ) -> Result<Value, Attempt> {
+    async fn attempt(&self, name: &str, ws: &Workspace, call: Call<'_>) -> Result<Value, Attempt> {
+        let Call {
+            method,
+            endpoint,
+            class,
+            body,
+            traceparent,
+        } = call;
         self.acquire(name, ws, class).await;
         let url = ws.host.join(endpoint).map_err(|e| {
             Attempt::Stop(DatabricksError::Protocol {
@@ -250,6 +259,10 @@ impl Client {
             .http
             .request(method.clone(), url)
             .bearer_auth(ws.token.expose_secret());
+        let req = match traceparent {
+            Some(tp) => req.header("traceparent", tp),
+            None => req,
+        };
         let req = if method == reqwest::Method::GET {
             req.query(&body.as_object().map(|o| {
                 o.iter()
@@ -336,9 +349,22 @@ impl Client {
         endpoint: &'static str,
         class: CallClass,
         body: Value,
+        traceparent: Option<&str>,
     ) -> Result<Value, DatabricksError> {
         let ws = self.workspace(workspace)?;
-        (|| self.attempt(workspace, ws, method.clone(), endpoint, class, &body))
+        (|| {
+            self.attempt(
+                workspace,
+                ws,
+                Call {
+                    method: method.clone(),
+                    endpoint,
+                    class,
+                    body: &body,
+                    traceparent,
+                },
+            )
+        })
             .retry(self.backoff)
             .when(|e| matches!(e, Attempt::Retry { .. }))
             .adjust(|e, planned| match e {
@@ -374,6 +400,7 @@ impl Jobs for Client {
         workspace: &str,
         req: &LaunchRequest,
         token: &IdempotencyToken,
+        traceparent: Option<&str>,
     ) -> Result<RunId, DatabricksError> {
         let (endpoint, body) = match req {
             LaunchRequest::RunNow {
@@ -403,6 +430,7 @@ impl Jobs for Client {
                 endpoint,
                 CallClass::Launch,
                 body,
+                traceparent,
             )
             .await?;
         run_id_of(endpoint, &v)
@@ -417,6 +445,7 @@ impl Jobs for Client {
                 endpoint,
                 CallClass::Poll,
                 json!({ "run_id": run.get() }),
+                None,
             )
             .await?;
         serde_json::from_value(v).map_err(|e| DatabricksError::Protocol {
@@ -437,6 +466,7 @@ impl Jobs for Client {
                 "api/2.2/jobs/runs/get-output",
                 CallClass::Poll,
                 json!({ "run_id": run.get() }),
+                None,
             )
             .await?;
         Ok(v.pointer("/notebook_output/result")
@@ -451,6 +481,7 @@ impl Jobs for Client {
             "api/2.2/jobs/runs/cancel",
             CallClass::Cancel,
             json!({ "run_id": run.get() }),
+            None,
         )
         .await
         .map(|_| ())
@@ -530,7 +561,7 @@ mod tests {
             .mount(&server)
             .await;
         let run = client(&server.uri())
-            .launch("default", &run_now(), &token())
+            .launch("default", &run_now(), &token(), None)
             .await
             .unwrap();
         assert_eq!(run.get(), 99);
@@ -545,7 +576,7 @@ mod tests {
             .mount(&server)
             .await;
         let e = client(&server.uri())
-            .launch("default", &run_now(), &token())
+            .launch("default", &run_now(), &token(), None)
             .await
             .unwrap_err();
         assert!(e.is_retryable(), "{e}");
@@ -563,7 +594,7 @@ mod tests {
             .mount(&server)
             .await;
         match client(&server.uri())
-            .launch("default", &run_now(), &token())
+            .launch("default", &run_now(), &token(), None)
             .await
         {
             Err(DatabricksError::Permanent {
@@ -591,7 +622,7 @@ mod tests {
             .mount(&server)
             .await;
         let run = client(&server.uri())
-            .launch("default", &run_now(), &token())
+            .launch("default", &run_now(), &token(), None)
             .await
             .unwrap();
         assert_eq!(run.get(), 5);

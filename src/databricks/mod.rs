@@ -166,11 +166,14 @@ pub trait RateBudget: Send + Sync + 'static {
 /// The Jobs API operations the bridge uses.
 pub trait Jobs: Clone + Send + Sync + 'static {
     /// `run-now` or `runs/submit` with the token; the run id Databricks gave.
+    /// `traceparent` (W3C) goes along as a header, so the trigger's trace
+    /// covers the launch.
     fn launch(
         &self,
         workspace: &str,
         req: &LaunchRequest,
         token: &IdempotencyToken,
+        traceparent: Option<&str>,
     ) -> impl Future<Output = Result<RunId, DatabricksError>> + Send;
     fn get_run(
         &self,

@@ -233,6 +233,12 @@ async fn after_launch(
     None
 }
 
+fn traceparent_of(h: &HeaderMap) -> Option<String> {
+    h.get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 fn new_run(
     id: u64,
     job_id: Option<u64>,
@@ -258,6 +264,7 @@ fn new_run(
         callbacks_sent: 0,
         callback_statuses: Vec::new(),
         attempt_number: 0,
+        traceparent: None,
         behaviour: Default::default(),
     }
 }
@@ -331,6 +338,7 @@ async fn run_now(
         r.job_parameters = jp;
         r.notebook_params = np;
         r.behaviour = job.behaviour.clone();
+        r.traceparent = traceparent_of(&headers);
         r
     });
     if let Some(r) = after_launch(&emu, run_id, created, fault).await {

@@ -145,6 +145,9 @@ pub struct Run {
     pub callbacks_sent: u32,
     pub callback_statuses: Vec<u16>,
     pub attempt_number: u32,
+    /// The W3C `traceparent` header of the request that created the run
+    /// (the emulator's record only; not part of the Jobs API's run object).
+    pub traceparent: Option<String>,
     #[serde(skip)]
     pub behaviour: Behaviour,
 }

@@ -272,6 +272,9 @@ struct CallbackBody {
 }
 
 /// Resolve or reject from a notebook: `?id=..&value=..` (or `error=`) or a JSON body.
+/// The callback's span carries the promise id and, when the notebook sends
+/// one back, its W3C `traceparent` (the trigger's trace continues here).
+#[tracing::instrument(skip_all, fields(promise.id = tracing::field::Empty, traceparent = tracing::field::Empty))]
 async fn callback_settle<S: Store>(
     st: &AppState<S>,
     completion: Completion,
@@ -300,6 +303,11 @@ async fn callback_settle<S: Store>(
             });
         }
     };
+    let span = tracing::Span::current();
+    span.record("promise.id", id.as_str());
+    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        span.record("traceparent", tp);
+    }
     let value = match completion {
         Completion::Resolve => q.get("value").map(|v| Value::String(v.clone())).or(b.value),
         _ => q

@@ -234,7 +234,11 @@ pub async fn process<S: PromiseStore, J: Jobs>(
     // 3. Launch with the derived token: a repeat gets the same run back.
     let token = IdempotencyToken::derive(&workspace, &t.id);
     let req = ctx.launch_request(&t);
-    match ctx.jobs.launch(&workspace, &req, &token).await {
+    match ctx
+        .jobs
+        .launch(&workspace, &req, &token, t.traceparent.as_deref())
+        .await
+    {
         Ok(run) => {
             span.record("databricks.run_id", run.get());
             launched("launched");

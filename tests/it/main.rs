@@ -10,3 +10,4 @@ mod faults;
 mod helpers;
 mod lifecycle;
 mod metrics;
+mod traces;
