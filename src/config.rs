@@ -117,7 +117,46 @@ pub struct AuthSection {
 #[derive(Debug, Clone, Deserialize)]
 pub struct WorkspaceSection {
     pub host: String,
-    pub token: SecretString,
+    /// Personal access token (`DATABRICKS_TOKEN`); or OAuth M2M below.
+    #[serde(default)]
+    pub token: Option<SecretString>,
+    /// OAuth machine-to-machine: a service principal's client id and secret
+    /// (`DATABRICKS_CLIENT_ID` / `DATABRICKS_CLIENT_SECRET`).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub client_secret: Option<SecretString>,
+}
+
+/// How runbridge authenticates to one workspace.
+#[derive(Debug, Clone)]
+pub enum WorkspaceAuth {
+    Token(SecretString),
+    OAuth {
+        client_id: String,
+        client_secret: SecretString,
+    },
+}
+
+impl WorkspaceSection {
+    /// The credentials to use: a token, or else a client id and secret;
+    /// `None` if neither is complete.
+    pub fn auth(&self) -> Option<WorkspaceAuth> {
+        let some = |s: &Option<SecretString>| s.clone().filter(|t| !t.expose_secret().is_empty());
+        if let Some(t) = some(&self.token) {
+            return Some(WorkspaceAuth::Token(t));
+        }
+        match (
+            self.client_id.clone().filter(|c| !c.is_empty()),
+            some(&self.client_secret),
+        ) {
+            (Some(client_id), Some(client_secret)) => Some(WorkspaceAuth::OAuth {
+                client_id,
+                client_secret,
+            }),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -216,11 +255,34 @@ impl Settings {
                     .with_list_parse_key("auth.operator_tokens")
                     .try_parsing(true),
             );
-        if let Ok(host) = std::env::var("DATABRICKS_HOST") {
-            b = b.set_override("databricks.workspaces.default.host", host)?;
+        // The Databricks CLI/SDK conventions, for the default workspace: a
+        // profile of ~/.databrickscfg (DATABRICKS_CONFIG_PROFILE, file at
+        // DATABRICKS_CONFIG_FILE), then DATABRICKS_* variables over it.
+        if let Ok(profile) = std::env::var("DATABRICKS_CONFIG_PROFILE") {
+            let file = std::env::var("DATABRICKS_CONFIG_FILE")
+                .map(std::path::PathBuf::from)
+                .or_else(|_| {
+                    std::env::var("HOME")
+                        .map(|h| std::path::Path::new(&h).join(".databrickscfg"))
+                })
+                .map_err(|_| {
+                    ConfigError::Invalid(
+                        "DATABRICKS_CONFIG_PROFILE is set but neither DATABRICKS_CONFIG_FILE nor HOME is".into(),
+                    )
+                })?;
+            for (k, v) in databricks_profile(&file, &profile)? {
+                b = b.set_override(format!("databricks.workspaces.default.{k}"), v)?;
+            }
         }
-        if let Ok(token) = std::env::var("DATABRICKS_TOKEN") {
-            b = b.set_override("databricks.workspaces.default.token", token)?;
+        for (var, key) in [
+            ("DATABRICKS_HOST", "host"),
+            ("DATABRICKS_TOKEN", "token"),
+            ("DATABRICKS_CLIENT_ID", "client_id"),
+            ("DATABRICKS_CLIENT_SECRET", "client_secret"),
+        ] {
+            if let Ok(v) = std::env::var(var) {
+                b = b.set_override(format!("databricks.workspaces.default.{key}"), v)?;
+            }
         }
         for (k, v) in overrides {
             b = b.set_override(*k, v.clone())?;
@@ -355,9 +417,9 @@ impl Settings {
                             ));
                         }
                     }
-                    if w.token.expose_secret().is_empty() {
+                    if w.auth().is_none() {
                         return bad(format!(
-                            "databricks.workspaces.{name}.token is empty (DATABRICKS_TOKEN)"
+                            "databricks.workspaces.{name} has no credentials: set a token (DATABRICKS_TOKEN) or client_id and client_secret for OAuth M2M (DATABRICKS_CLIENT_ID / DATABRICKS_CLIENT_SECRET)"
                         ));
                     }
                 }
@@ -379,9 +441,104 @@ impl Settings {
     }
 }
 
+/// The keys runbridge uses (`host`, `token`, `client_id`, `client_secret`)
+/// of one profile of a Databricks config file (INI, as the Databricks CLI
+/// and SDKs write it). A named profile that is missing is an error.
+fn databricks_profile(
+    file: &std::path::Path,
+    profile: &str,
+) -> Result<Vec<(&'static str, String)>, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        ConfigError::Invalid(format!(
+            "DATABRICKS_CONFIG_PROFILE={profile}: cannot read {}: {e}",
+            file.display()
+        ))
+    })?;
+    let mut section: Option<&str> = None;
+    let mut found = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = Some(name.trim());
+            found |= name.trim() == profile;
+            continue;
+        }
+        if section != Some(profile) {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            let key = match k.trim() {
+                "host" => "host",
+                "token" => "token",
+                "client_id" => "client_id",
+                "client_secret" => "client_secret",
+                _ => continue,
+            };
+            out.push((key, v.trim().to_owned()));
+        }
+    }
+    if !found {
+        return Err(ConfigError::Invalid(format!(
+            "DATABRICKS_CONFIG_PROFILE={profile}: no [{profile}] section in {}",
+            file.display()
+        )));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn databricks_profile_reads_one_section() {
+        let dir = std::env::temp_dir().join(format!("rb-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join(".databrickscfg");
+        std::fs::write(
+            &f,
+            "[DEFAULT]\nhost = https://a.example\ntoken = dapi-a\n\n\
+             # a service principal\n[sp]\nhost = https://b.example\n\
+             client_id = abc\nclient_secret = s3cret\nauth_type = oauth-m2m\n",
+        )
+        .unwrap();
+        let got = databricks_profile(&f, "sp").unwrap();
+        assert_eq!(
+            got,
+            vec![
+                ("host", "https://b.example".to_string()),
+                ("client_id", "abc".to_string()),
+                ("client_secret", "s3cret".to_string()),
+            ]
+        );
+        let err = databricks_profile(&f, "nope").unwrap_err().to_string();
+        assert!(err.contains("no [nope] section"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn oauth_credentials_or_token_are_required() {
+        let ws = |token: Option<&str>, id: Option<&str>, secret: Option<&str>| WorkspaceSection {
+            host: "https://x".into(),
+            token: token.map(|t| SecretString::from(t.to_string())),
+            client_id: id.map(str::to_owned),
+            client_secret: secret.map(|t| SecretString::from(t.to_string())),
+        };
+        assert!(matches!(
+            ws(Some("dapi"), None, None).auth(),
+            Some(WorkspaceAuth::Token(_))
+        ));
+        assert!(matches!(
+            ws(Some(""), Some("id"), Some("s")).auth(),
+            Some(WorkspaceAuth::OAuth { .. })
+        ));
+        assert!(ws(None, Some("id"), None).auth().is_none());
+        assert!(ws(Some(""), None, None).auth().is_none());
+    }
 
     fn load(overrides: &[(&str, String)]) -> Result<Settings, ConfigError> {
         Settings::load_from(

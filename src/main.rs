@@ -83,6 +83,18 @@ struct EmulateArgs {
     notify_url: Option<String>,
     #[arg(long, default_value = "databricks")]
     notify_user: String,
+    /// OAuth M2M: a service principal's client id (POST /oidc/v1/token).
+    #[arg(long)]
+    oauth_client_id: Option<String>,
+    #[arg(
+        long,
+        env = "RUNBRIDGE_EMULATOR_OAUTH_CLIENT_SECRET",
+        default_value = ""
+    )]
+    oauth_client_secret: String,
+    /// Lifetime of the OAuth access tokens it issues.
+    #[arg(long, default_value_t = 3600)]
+    oauth_token_ttl_seconds: u64,
     #[arg(long, env = "RUNBRIDGE_EMULATOR_NOTIFY_PASSWORD", default_value = "")]
     notify_password: String,
 }
@@ -206,6 +218,14 @@ async fn emulate(s: &Settings, a: EmulateArgs) -> Result<()> {
             ..Default::default()
         },
         jobs,
+        oauth: a
+            .oauth_client_id
+            .clone()
+            .map(|client_id| emulator::OAuthClient {
+                client_id,
+                client_secret: a.oauth_client_secret.clone(),
+                token_ttl: Duration::from_secs(a.oauth_token_ttl_seconds),
+            }),
         faults: Faults {
             rate_429: a.fault_429_rate,
             rate_503: a.fault_503_rate,

@@ -17,16 +17,39 @@ use crate::domain::{IdempotencyToken, RunId};
 #[derive(Clone)]
 pub struct WorkspaceSettings {
     pub host: url::Url,
-    pub token: SecretString,
+    pub credentials: Credentials,
+}
+
+/// A personal access token, or a service principal for OAuth
+/// machine-to-machine (client-credentials grant at `{host}/oidc/v1/token`).
+#[derive(Clone)]
+pub enum Credentials {
+    Token(SecretString),
+    OAuth {
+        client_id: String,
+        client_secret: SecretString,
+    },
 }
 
 impl std::fmt::Debug for WorkspaceSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let auth = match &self.credentials {
+            Credentials::Token(_) => "token [REDACTED]".to_string(),
+            Credentials::OAuth { client_id, .. } => {
+                format!("oauth client {client_id} secret [REDACTED]")
+            }
+        };
         f.debug_struct("WorkspaceSettings")
             .field("host", &self.host.as_str())
-            .field("token", &"[REDACTED]")
+            .field("auth", &auth)
             .finish()
     }
+}
+
+/// An OAuth access token and when to stop using it.
+struct CachedToken {
+    token: SecretString,
+    refresh_at: tokio::time::Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -55,7 +78,9 @@ impl ClientSettings {
 
 struct Workspace {
     host: url::Url,
-    token: SecretString,
+    credentials: Credentials,
+    /// OAuth only: the current access token (one refresh at a time).
+    oauth: tokio::sync::Mutex<Option<CachedToken>>,
     /// Used when no shared budget is configured, or it cannot be reached.
     local: HashMap<CallClass, TokenBucket>,
     /// Local pause after a 429 (the shared one lives in the budget).
@@ -153,7 +178,8 @@ impl Client {
                     name.clone(),
                     Workspace {
                         host: w.host.clone(),
-                        token: w.token.clone(),
+                        credentials: w.credentials.clone(),
+                        oauth: tokio::sync::Mutex::new(None),
                         local: CLASSES
                             .iter()
                             .map(|c| (*c, TokenBucket::new(s.rate(*c), s.burst)))
@@ -240,6 +266,62 @@ impl Client {
         }
     }
 
+    /// The bearer token for a request: the PAT, or a cached OAuth access
+    /// token, fetched with the client-credentials grant when there is none or
+    /// it is near its expiry (refreshed a fifth of its lifetime, at most a
+    /// minute, early).
+    async fn bearer(&self, ws: &Workspace) -> Result<SecretString, Attempt> {
+        let (client_id, client_secret) = match &ws.credentials {
+            Credentials::Token(t) => return Ok(t.clone()),
+            Credentials::OAuth {
+                client_id,
+                client_secret,
+            } => (client_id, client_secret),
+        };
+        let mut cache = ws.oauth.lock().await;
+        if let Some(c) = cache.as_ref()
+            && tokio::time::Instant::now() < c.refresh_at
+        {
+            return Ok(c.token.clone());
+        }
+        let endpoint = "oidc/v1/token";
+        let retry = |reason: String| Attempt::Retry {
+            reason: format!("oauth token: {reason}"),
+            retry_after: None,
+        };
+        let url = ws.host.join(endpoint).map_err(|e| retry(e.to_string()))?;
+        let resp = self
+            .http
+            .post(url)
+            .basic_auth(client_id, Some(client_secret.expose_secret()))
+            .form(&[("grant_type", "client_credentials"), ("scope", "all-apis")])
+            .send()
+            .await
+            .map_err(|e| retry(e.to_string()))?;
+        let status = resp.status();
+        metrics::counter!("runbridge_databricks_oauth_token_requests_total", "status" => status.as_u16().to_string())
+            .increment(1);
+        if !status.is_success() {
+            // A wrong client secret is the operator's to fix: retried like a
+            // 401 on an API call (the trigger is kept), and logged there.
+            return Err(retry(format!("HTTP {}", status.as_u16())));
+        }
+        #[derive(serde::Deserialize)]
+        struct TokenResponse {
+            access_token: String,
+            expires_in: u64,
+        }
+        let t: TokenResponse = resp.json().await.map_err(|e| retry(e.to_string()))?;
+        let life = Duration::from_secs(t.expires_in);
+        let early = (life / 5).min(Duration::from_secs(60));
+        let token = SecretString::from(t.access_token);
+        *cache = Some(CachedToken {
+            token: token.clone(),
+            refresh_at: tokio::time::Instant::now() + life - early,
+        });
+        Ok(token)
+    }
+
     async fn attempt(&self, name: &str, ws: &Workspace, call: Call<'_>) -> Result<Value, Attempt> {
         let Call {
             method,
@@ -258,7 +340,7 @@ impl Client {
         let req = self
             .http
             .request(method.clone(), url)
-            .bearer_auth(ws.token.expose_secret());
+            .bearer_auth(self.bearer(ws).await?.expose_secret());
         let req = match traceparent {
             Some(tp) => req.header("traceparent", tp),
             None => req,
@@ -323,6 +405,11 @@ impl Client {
             // the trigger (requeue) rather than reject its promise.
             || status == StatusCode::UNAUTHORIZED
             || TRANSIENT_CODES.contains(&body.error_code.as_str());
+        if status == StatusCode::UNAUTHORIZED {
+            // An OAuth token may have been revoked or expired early: the
+            // retry gets a fresh one.
+            *ws.oauth.lock().await = None;
+        }
         if transient {
             Err(Attempt::Retry {
                 reason: format!(
@@ -500,7 +587,7 @@ mod tests {
             "default".to_string(),
             WorkspaceSettings {
                 host: url::Url::parse(&format!("{uri}/")).unwrap(),
-                token: SecretString::from("dapi-test".to_string()),
+                credentials: Credentials::Token(SecretString::from("dapi-test".to_string())),
             },
         );
         Client::new(
@@ -632,7 +719,15 @@ mod tests {
     fn debug_hides_the_token() {
         let w = WorkspaceSettings {
             host: url::Url::parse("https://x.cloud.databricks.com").unwrap(),
-            token: SecretString::from("dapi-very-secret".to_string()),
+            credentials: Credentials::Token(SecretString::from("dapi-very-secret".to_string())),
+        };
+        assert!(!format!("{w:?}").contains("very-secret"));
+        let w = WorkspaceSettings {
+            host: url::Url::parse("https://x.cloud.databricks.com").unwrap(),
+            credentials: Credentials::OAuth {
+                client_id: "sp-1".into(),
+                client_secret: SecretString::from("oauth-very-secret".to_string()),
+            },
         };
         assert!(!format!("{w:?}").contains("very-secret"));
     }

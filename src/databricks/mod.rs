@@ -19,7 +19,7 @@ mod ratelimit;
 use std::collections::BTreeMap;
 use std::future::Future;
 
-pub use client::{Client, ClientSettings, WorkspaceSettings};
+pub use client::{Client, ClientSettings, Credentials, WorkspaceSettings};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 

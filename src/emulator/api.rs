@@ -46,6 +46,7 @@ pub fn router(emu: Arc<Emulator>) -> Router {
         .route("/api/{version}/jobs/runs/get-output", get(get_output))
         .route("/api/{version}/jobs/runs/cancel", post(cancel))
         .route("/api/{version}/jobs/runs/list", get(list_runs))
+        .route("/oidc/v1/token", post(oauth_token))
         .route("/emulator/faults", get(get_faults).post(set_faults))
         .route("/emulator/inject", post(inject))
         .route("/emulator/notifications", post(set_notify))
@@ -81,11 +82,25 @@ async fn gate(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let ok = match (&emu.settings.token, bearer) {
-        (_, None) => false,
-        (None, Some(t)) => !t.is_empty(),
-        (Some(want), Some(t)) => want == t,
-    };
+    // An OAuth access token the emulator issued: good until it expires.
+    let oauth = bearer.and_then(|t| emu.lock().oauth_tokens.get(t).copied());
+    if let Some(expires) = oauth
+        && now_ms() >= expires
+    {
+        emu.lock().oauth_expired_refused += 1;
+        return Err(err(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            "Token expired. Please obtain a new token.",
+        ));
+    }
+    let ok = oauth.is_some()
+        || match (&emu.settings.token, bearer) {
+            (_, None) => false,
+            // With OAuth configured, only its tokens (or the PAT) pass.
+            (None, Some(t)) => !t.is_empty() && emu.settings.oauth.is_none(),
+            (Some(want), Some(t)) => want == t,
+        };
     if !ok {
         return Err(err(
             StatusCode::UNAUTHORIZED,
@@ -711,9 +726,81 @@ async fn all_runs(State(emu): Emu) -> Response {
     Json(json!({ "runs": inner.runs.values().collect::<Vec<_>>() })).into_response()
 }
 
+/// The workspace's OAuth token endpoint (client-credentials grant, client
+/// authenticated with HTTP Basic), as Databricks serves it for service
+/// principals. Errors as OAuth 2.0 (RFC 6749 §5.2) bodies.
+async fn oauth_token(State(emu): Emu, headers: HeaderMap, body: Bytes) -> Response {
+    let oauth_err = |status: StatusCode, error: &str, description: &str| {
+        (
+            status,
+            Json(json!({"error": error, "error_description": description})),
+        )
+            .into_response()
+    };
+    let Some(client) = emu.settings.oauth.clone() else {
+        return oauth_err(
+            StatusCode::BAD_REQUEST,
+            "invalid_client",
+            "No OAuth client is configured for this workspace",
+        );
+    };
+    let form: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(&body).into_owned().collect();
+    let basic = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .and_then(|raw| String::from_utf8(raw).ok());
+    let (id, secret) = match basic.as_deref().and_then(|s| s.split_once(':')) {
+        Some((i, s)) => (i.to_owned(), s.to_owned()),
+        None => (
+            form.get("client_id").cloned().unwrap_or_default(),
+            form.get("client_secret").cloned().unwrap_or_default(),
+        ),
+    };
+    if id != client.client_id || secret != client.client_secret {
+        return oauth_err(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "Client authentication failed",
+        );
+    }
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        return oauth_err(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "Only client_credentials is supported",
+        );
+    }
+    let ttl = client.token_ttl;
+    let token = {
+        let mut inner = emu.lock();
+        let token = format!("emu-oauth-{}", inner.oauth_tokens.len() + 1);
+        inner
+            .oauth_tokens
+            .insert(token.clone(), now_ms() + ttl.as_millis() as i64);
+        token
+    };
+    Json(json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": ttl.as_secs(),
+        "scope": form.get("scope").cloned().unwrap_or_else(|| "all-apis".into()),
+    }))
+    .into_response()
+}
+
 async fn stats(State(emu): Emu) -> Response {
     let inner = emu.lock();
     Json(json!({
+        "oauth_tokens_issued": inner.oauth_tokens.len(),
+        "oauth_expired_refused": inner.oauth_expired_refused,
         "calls": inner.calls,
         "runs": inner.runs.len(),
         "jobs": inner.jobs.len(),

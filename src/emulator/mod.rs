@@ -25,7 +25,9 @@ mod model;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub use model::{Behaviour, Emulator, EmulatorSettings, Faults, NotifyTarget, Outcome};
+pub use model::{
+    Behaviour, Emulator, EmulatorSettings, Faults, NotifyTarget, OAuthClient, Outcome,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

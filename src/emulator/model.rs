@@ -101,6 +101,17 @@ pub struct EmulatorSettings {
     pub url_param: String,
     pub promise_param: String,
     pub notify: Option<NotifyTarget>,
+    /// A service principal for OAuth M2M (`POST /oidc/v1/token`); its access
+    /// tokens are accepted as bearer tokens until they expire.
+    pub oauth: Option<OAuthClient>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OAuthClient {
+    pub client_id: String,
+    pub client_secret: String,
+    /// Lifetime of the access tokens it issues (`expires_in`).
+    pub token_ttl: std::time::Duration,
 }
 
 impl Default for EmulatorSettings {
@@ -113,6 +124,7 @@ impl Default for EmulatorSettings {
             url_param: "url".into(),
             promise_param: "promise_id".into(),
             notify: None,
+            oauth: None,
         }
     }
 }
@@ -167,6 +179,10 @@ pub struct Inner {
     pub max_launches_in_flight: u64,
     /// Every API request: (endpoint, arrival in epoch ms, fault answered).
     pub call_log: Vec<(String, i64, Option<Injected>)>,
+    /// OAuth access tokens issued, with their expiry (epoch ms).
+    pub oauth_tokens: HashMap<String, i64>,
+    /// API requests refused for an expired OAuth token.
+    pub oauth_expired_refused: u64,
 }
 
 /// Where finished and started runs are announced, like a Databricks job's

@@ -69,6 +69,8 @@ pub struct Options {
     pub overrides: Vec<(&'static str, String)>,
     /// Workers besides the first (same queue, same Redis), in-process.
     pub extra_workers: usize,
+    /// A service principal the emulator accepts for OAuth M2M.
+    pub emulator_oauth: Option<emulator::OAuthClient>,
 }
 
 impl Default for Options {
@@ -78,6 +80,7 @@ impl Default for Options {
             vhost: None,
             overrides: Vec::new(),
             extra_workers: 0,
+            emulator_oauth: None,
         }
     }
 }
@@ -133,6 +136,7 @@ impl TestApp {
         let emu = Emulator::new(EmulatorSettings {
             jobs,
             token: Some("dapi-test".into()),
+            oauth: opts.emulator_oauth.clone(),
             ..Default::default()
         });
         let emu_listener = TcpListener::bind("127.0.0.1:0")
