@@ -215,17 +215,21 @@ async fn sample_gauges(store: RedisStore, shutdown: CancellationToken) {
     loop {
         match store.partition_stats().await {
             Ok(stats) => {
-                let (mut outbox, mut oldest) = (0u64, 0f64);
+                let (mut outbox, mut oldest, mut overdue) = (0u64, 0f64, 0f64);
                 for p in &stats {
                     let partition = p.partition.to_string();
                     metrics::gauge!("runbridge_promises_pending", "partition" => partition)
                         .set(p.pending as f64);
                     outbox += p.outbox;
+                    if let Some(o) = p.overdue {
+                        overdue = overdue.max(o.as_secs_f64());
+                    }
                     if let Some(a) = p.outbox_oldest_age {
                         oldest = oldest.max(a.as_secs_f64());
                     }
                 }
                 metrics::gauge!("runbridge_outbox_entries").set(outbox as f64);
+                metrics::gauge!("runbridge_promises_overdue_seconds").set(overdue);
                 metrics::gauge!("runbridge_outbox_oldest_age_seconds").set(oldest);
             }
             Err(e) => tracing::debug!(error = %e, "metrics: store sizes unavailable"),

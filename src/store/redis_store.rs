@@ -246,6 +246,11 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         for p in 0..self.keys.partitions() {
             pipe.cmd("ZCARD").arg(self.keys.deadlines(p));
+            pipe.cmd("ZRANGE")
+                .arg(self.keys.deadlines(p))
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES");
             pipe.cmd("XLEN").arg(self.keys.outbox(p));
             pipe.cmd("XRANGE")
                 .arg(self.keys.outbox(p))
@@ -262,17 +267,23 @@ impl RedisStore {
             .unwrap_or_default();
         let now_ms = secs * 1000 + micros / 1000;
         let mut out = Vec::new();
-        for (p, chunk) in replies.chunks(3).enumerate() {
+        for (p, chunk) in replies.chunks(4).enumerate() {
             let n = |v: &Value| redis::from_redis_value::<u64>(v.clone()).unwrap_or(0);
             // Entry ids are "<ms>-<seq>": the oldest entry's time is in its id.
-            let oldest_ms = redis::from_redis_value::<Vec<(String, Value)>>(chunk[2].clone())
+            let earliest_deadline = redis::from_redis_value::<Vec<(String, f64)>>(chunk[1].clone())
+                .ok()
+                .and_then(|v| v.first().map(|(_, score)| *score as u64));
+            let oldest_ms = redis::from_redis_value::<Vec<(String, Value)>>(chunk[3].clone())
                 .ok()
                 .and_then(|e| e.first().map(|(id, _)| id.clone()))
                 .and_then(|id| id.split('-').next()?.parse::<u64>().ok());
             out.push(PartitionStats {
                 partition: p as u32,
                 pending: n(&chunk[0]),
-                outbox: n(&chunk[1]),
+                overdue: earliest_deadline
+                    .filter(|d| *d < now_ms)
+                    .map(|d| Duration::from_millis(now_ms - d)),
+                outbox: n(&chunk[2]),
                 outbox_oldest_age: oldest_ms
                     .map(|ms| Duration::from_millis(now_ms.saturating_sub(ms))),
             });
@@ -286,6 +297,9 @@ impl RedisStore {
 pub struct PartitionStats {
     pub partition: u32,
     pub pending: u64,
+    /// How far past its deadline the most overdue pending promise is (the
+    /// reconciler should have timed it out: a sweep is not running).
+    pub overdue: Option<Duration>,
     pub outbox: u64,
     pub outbox_oldest_age: Option<Duration>,
 }

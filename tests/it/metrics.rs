@@ -152,3 +152,34 @@ async fn metrics_count_what_happened() {
     );
     app.stop().await;
 }
+
+/// The store gauges: a promise 60 s past its deadline that no sweep settles
+/// (reconciler off) shows as pending and overdue by at least 60 s.
+#[tokio::test]
+async fn overdue_and_pending_gauges() {
+    let app = TestApp::spawn_with(Options {
+        overrides: vec![("reconciler.enabled", "false".into())],
+        ..Default::default()
+    })
+    .await;
+    let id = unique("overdue");
+    let deadline = chrono::Utc::now().timestamp_millis() - 60_000;
+    let r = app
+        .http
+        .post(format!("{}/promises", app.sidecar_url))
+        .bearer_auth(&app.operator_token)
+        .json(&json!({"id": id, "timeout": deadline}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // The worker samples the store every 5 s (and once at start).
+    let s = eventually(Duration::from_secs(12), "overdue gauge", || async {
+        let s = scrape(&app).await;
+        (value(&s, "runbridge_promises_overdue_seconds", &[]) >= 60.0).then_some(s)
+    })
+    .await;
+    assert!(value(&s, "runbridge_promises_pending", &[]) >= 1.0);
+    assert!(value(&s, "runbridge_promises_overdue_seconds", &[]) < 120.0);
+    app.stop().await;
+}
