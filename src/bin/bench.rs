@@ -26,9 +26,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+mod harness;
+
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use futures_util::{StreamExt, stream};
+use harness::{rabbitmqctl, rss_kib};
 use runbridge::broker::{Broker, BrokerSettings};
 use runbridge::config::Settings;
 use runbridge::domain::{Payload, PromiseId, RunId};
@@ -267,20 +270,6 @@ async fn wait_port(port: u16, what: &str) -> Result<()> {
     bail!("{what} did not listen on port {port}")
 }
 
-fn rabbitmqctl(args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .context("running rabbitmqctl")?;
-    if !out.status.success() {
-        bail!(
-            "rabbitmqctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// An emulator child process; `launch_latency_ms` is added to every run-now.
 async fn emulator(env: &Env, tag: &str, launch_latency_ms: u64) -> Result<(Child, u16)> {
     let port = free_port()?;
@@ -310,16 +299,6 @@ async fn emulator_runs(client: &reqwest::Client, port: u16) -> Result<u64> {
         .json()
         .await?;
     Ok(v["runs"].as_u64().unwrap_or(0))
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 // ---------------------------------------------------------------------------
@@ -1112,7 +1091,7 @@ fn machine() -> Value {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    let rabbit = rabbitmqctl(&["version"])
+    let rabbit = rabbitmqctl(None, &["version"])
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
     let redis = std::process::Command::new("redis-server")
@@ -1161,8 +1140,11 @@ async fn run(args: &Args) -> Result<()> {
     std::fs::create_dir_all(&logs)?;
     std::fs::create_dir_all(&args.out)?;
     let vhost = run_id.clone();
-    rabbitmqctl(&["add_vhost", &vhost])?;
-    rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"])?;
+    rabbitmqctl(None, &["add_vhost", &vhost])?;
+    rabbitmqctl(
+        None,
+        &["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"],
+    )?;
     let env = Env {
         bin,
         config_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"),
@@ -1179,7 +1161,7 @@ async fn run(args: &Args) -> Result<()> {
     let started = Instant::now();
     let result = scenarios(&env, &sizes, &want).await;
     // Clean up whatever happened: the vhost and every key of this run.
-    let _ = rabbitmqctl(&["delete_vhost", &vhost]);
+    let _ = rabbitmqctl(None, &["delete_vhost", &vhost]);
     let _ = delete_keys(&env.redis_url, &format!("{run_id}*")).await;
     let _ = delete_keys(&env.redis_url, &format!("bench-baseline:{run_id}*")).await;
     let (rows, curves) = result?;

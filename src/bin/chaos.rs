@@ -22,8 +22,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+mod harness;
+
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use harness::{rabbitmqctl, rss_kib};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use runbridge::broker::Broker;
@@ -99,22 +102,6 @@ fn free_port() -> Result<u16> {
         }
     }
     bail!("no free port between {low} and {high}")
-}
-
-/// `rabbitmqctl` against the shared node, or with `node` a private one.
-fn rabbitmqctl(node: Option<&str>, args: &[&str]) -> Result<String> {
-    let mut cmd = std::process::Command::new("rabbitmqctl");
-    if let Some(n) = node {
-        cmd.args(["-n", n]);
-    }
-    let out = cmd.args(args).output().context("running rabbitmqctl")?;
-    if !out.status.success() {
-        bail!(
-            "rabbitmqctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A supervised child process: restarted whenever it exits, until stopped.
@@ -1002,7 +989,7 @@ async fn main() -> Result<()> {
                     .filter(|p| p.name.starts_with("worker"))
                 {
                     if let Some(pid) = p.child.as_ref().and_then(Child::id)
-                        && let Some(kb) = rss_kb(pid)
+                        && let Some(kb) = rss_kib(pid)
                     {
                         samples
                             .lock()
@@ -1124,16 +1111,6 @@ async fn main() -> Result<()> {
     println!("[chaos] all invariants hold (seed {seed})");
     let _ = std::fs::remove_dir_all(&root);
     Ok(())
-}
-
-fn rss_kb(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// Over the second half of the run, for the worker process that lived
