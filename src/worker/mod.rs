@@ -23,7 +23,7 @@ use url::Url;
 use crate::databricks::{DatabricksError, Jobs, LaunchRequest};
 use crate::domain::{
     CallbackSigner, CompletionEvent, Envelope, IdempotencyToken, Launch, Parameters, Payload,
-    Promise, SettledBy, State, Trigger, TriggerRules,
+    Promise, SettledBy, State, Trigger, TriggerError, TriggerRules,
 };
 use crate::store::{
     CreateOutcome, NewPromise, PromiseStore, RecordOutcome, Settle, StoreError, Timeout,
@@ -37,9 +37,37 @@ pub enum Disposition {
     /// A passing failure: put it back, after the configured pause.
     Requeue(String),
     /// Never retried: to the dead-letter queue with this reason.
-    DeadLetter(String),
+    DeadLetter(Refusal, String),
     /// Already settled: send its stored outcome to the trigger's `reply_to`, then ack.
     ReplyThenAck(Box<CompletionEvent>),
+}
+
+/// What kind of refusal a dead letter is, decided where the cause is known
+/// (the `reason` label of `runbridge_dead_lettered_total`; the message, which
+/// names ids, goes in the `x-runbridge-error` header instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The body is not JSON.
+    MalformedJson,
+    /// JSON, but not a valid trigger.
+    InvalidTrigger,
+    UnknownWorkspace,
+    /// A control-queue message that is not a valid command.
+    InvalidControl,
+    /// The stored record does not parse (not retryable).
+    StoreError,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::MalformedJson => "malformed_json",
+            Refusal::InvalidTrigger => "invalid_trigger",
+            Refusal::UnknownWorkspace => "unknown_workspace",
+            Refusal::InvalidControl => "invalid_control",
+            Refusal::StoreError => "store_error",
+        }
+    }
 }
 
 /// Names of the three parameters the run receives (DESIGN.md §3).
@@ -78,7 +106,7 @@ fn store_failure(e: StoreError) -> Disposition {
     if e.is_retryable() {
         Disposition::Requeue(e.to_string())
     } else {
-        Disposition::DeadLetter(e.to_string())
+        Disposition::DeadLetter(Refusal::StoreError, e.to_string())
     }
 }
 
@@ -197,7 +225,13 @@ pub async fn process<S: PromiseStore, J: Jobs>(
     // 1. Parse and validate.
     let t = match Trigger::parse(env, &ctx.rules) {
         Ok(t) => t,
-        Err(e) => return Disposition::DeadLetter(e.to_string()),
+        Err(e) => {
+            let kind = match e {
+                TriggerError::Json(_) => Refusal::MalformedJson,
+                _ => Refusal::InvalidTrigger,
+            };
+            return Disposition::DeadLetter(kind, e.to_string());
+        }
     };
     let span = tracing::Span::current();
     span.record("promise.id", t.id.as_str());
@@ -206,10 +240,13 @@ pub async fn process<S: PromiseStore, J: Jobs>(
         .clone()
         .unwrap_or_else(|| ctx.default_workspace.clone());
     if !ctx.workspaces.contains(&workspace) {
-        return Disposition::DeadLetter(format!(
-            "unknown workspace {workspace:?}: configured are {:?}",
-            ctx.workspaces
-        ));
+        return Disposition::DeadLetter(
+            Refusal::UnknownWorkspace,
+            format!(
+                "unknown workspace {workspace:?}: configured are {:?}",
+                ctx.workspaces
+            ),
+        );
     }
 
     // 2. Create the promise (or find it).
@@ -288,7 +325,9 @@ pub async fn process<S: PromiseStore, J: Jobs>(
                 Err(e) => store_failure(e),
             }
         }
-        Err(e @ DatabricksError::UnknownWorkspace(_)) => Disposition::DeadLetter(e.to_string()),
+        Err(e @ DatabricksError::UnknownWorkspace(_)) => {
+            Disposition::DeadLetter(Refusal::UnknownWorkspace, e.to_string())
+        }
         Err(e) => {
             launched("failed_for_now");
             Disposition::Requeue(e.to_string())

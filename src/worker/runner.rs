@@ -10,7 +10,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Disposition, WorkerContext, process};
+use super::{Disposition, Refusal, WorkerContext, process};
 use crate::broker::{Broker, BrokerError, BrokerSettings, Incoming, Publisher};
 use crate::databricks::Jobs;
 use crate::domain::SettledBy;
@@ -58,7 +58,7 @@ enum Queue {
 async fn control<S: PromiseStore, J: Jobs>(ctx: &WorkerContext<S, J>, body: &[u8]) -> Disposition {
     let (filter, reason) = match parse_control(body) {
         Ok(x) => x,
-        Err(reason) => return Disposition::DeadLetter(reason),
+        Err(reason) => return Disposition::DeadLetter(Refusal::InvalidControl, reason),
     };
     match cancel_matching(&ctx.store, &filter, &reason, SettledBy::Operator).await {
         Ok(r) => {
@@ -71,12 +71,12 @@ async fn control<S: PromiseStore, J: Jobs>(ctx: &WorkerContext<S, J>, body: &[u8
             Disposition::Ack
         }
         Err(e) if e.is_retryable() => Disposition::Requeue(e.to_string()),
-        Err(e) => Disposition::DeadLetter(e.to_string()),
+        Err(e) => Disposition::DeadLetter(Refusal::StoreError, e.to_string()),
     }
 }
 
 /// Deliveries by queue and what became of them.
-fn count(queue: Queue, d: &Disposition, body: &[u8]) {
+fn count(queue: Queue, d: &Disposition) {
     let q = match queue {
         Queue::Triggers => "triggers",
         Queue::Control => "control",
@@ -86,18 +86,8 @@ fn count(queue: Queue, d: &Disposition, body: &[u8]) {
         metrics::counter!("runbridge_triggers_consumed_total").increment(1);
     }
     match d {
-        Disposition::DeadLetter(reason) => {
-            // A small set of labels, not the message (it names ids).
-            let reason = if matches!(queue, Queue::Control) {
-                "invalid_control"
-            } else if reason.starts_with("unknown workspace") {
-                "unknown_workspace"
-            } else if serde_json::from_slice::<serde_json::Value>(body).is_err() {
-                "malformed_json"
-            } else {
-                "invalid_trigger"
-            };
-            metrics::counter!("runbridge_dead_lettered_total", "queue" => q, "reason" => reason)
+        Disposition::DeadLetter(kind, _) => {
+            metrics::counter!("runbridge_dead_lettered_total", "queue" => q, "reason" => kind.as_str())
                 .increment(1);
         }
         Disposition::Requeue(_) => {
@@ -140,7 +130,7 @@ async fn handle<S: PromiseStore, J: Jobs>(
             other => break other,
         }
     };
-    count(queue, &disposition, &inc.envelope.body);
+    count(queue, &disposition);
     let result = match disposition {
         Disposition::Ack => {
             let r = inc.ack().await;
@@ -151,7 +141,7 @@ async fn handle<S: PromiseStore, J: Jobs>(
             tracing::warn!(%reason, redelivered = inc.redelivered, "delivery still failing; back to the queue");
             inc.requeue().await
         }
-        Disposition::DeadLetter(reason) => {
+        Disposition::DeadLetter(_, reason) => {
             tracing::warn!(%reason, "delivery refused; dead-lettering");
             inc.dead_letter(&publisher, &reason).await
         }
