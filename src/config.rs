@@ -15,6 +15,7 @@ use config::{Config, Environment, File, FileFormat};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use crate::databricks::Credentials;
 use crate::keys::Keys;
 
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -128,29 +129,19 @@ pub struct WorkspaceSection {
     pub client_secret: Option<SecretString>,
 }
 
-/// How runbridge authenticates to one workspace.
-#[derive(Debug, Clone)]
-pub enum WorkspaceAuth {
-    Token(SecretString),
-    OAuth {
-        client_id: String,
-        client_secret: SecretString,
-    },
-}
-
 impl WorkspaceSection {
     /// The credentials to use: a token, or else a client id and secret;
     /// `None` if neither is complete.
-    pub fn auth(&self) -> Option<WorkspaceAuth> {
+    pub fn auth(&self) -> Option<Credentials> {
         let some = |s: &Option<SecretString>| s.clone().filter(|t| !t.expose_secret().is_empty());
         if let Some(t) = some(&self.token) {
-            return Some(WorkspaceAuth::Token(t));
+            return Some(Credentials::Token(t));
         }
         match (
             self.client_id.clone().filter(|c| !c.is_empty()),
             some(&self.client_secret),
         ) {
-            (Some(client_id), Some(client_secret)) => Some(WorkspaceAuth::OAuth {
+            (Some(client_id), Some(client_secret)) => Some(Credentials::OAuth {
                 client_id,
                 client_secret,
             }),
@@ -530,11 +521,11 @@ mod tests {
         };
         assert!(matches!(
             ws(Some("dapi"), None, None).auth(),
-            Some(WorkspaceAuth::Token(_))
+            Some(Credentials::Token(_))
         ));
         assert!(matches!(
             ws(Some(""), Some("id"), Some("s")).auth(),
-            Some(WorkspaceAuth::OAuth { .. })
+            Some(Credentials::OAuth { .. })
         ));
         assert!(ws(None, Some("id"), None).auth().is_none());
         assert!(ws(Some(""), None, None).auth().is_none());

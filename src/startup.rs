@@ -94,22 +94,11 @@ pub fn jobs_client(
             name.clone(),
             WorkspaceSettings {
                 host,
-                credentials: match w.auth() {
-                    Some(crate::config::WorkspaceAuth::Token(t)) => databricks::Credentials::Token(t),
-                    Some(crate::config::WorkspaceAuth::OAuth {
-                        client_id,
-                        client_secret,
-                    }) => databricks::Credentials::OAuth {
-                        client_id,
-                        client_secret,
-                    },
-                    None => {
-                        return Err(ConfigError::Invalid(format!(
-                            "databricks.workspaces.{name} has no credentials (token, or client_id and client_secret)"
-                        ))
-                        .into());
-                    }
-                },
+                credentials: w.auth().ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "databricks.workspaces.{name} has no credentials (token, or client_id and client_secret)"
+                    ))
+                })?,
             },
         );
     }
