@@ -308,6 +308,19 @@ fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
     }
 }
 
+/// W3C trace context as the `traceparent` header, on events and on
+/// triggers published with one.
+fn with_traceparent(props: BasicProperties, traceparent: Option<&str>) -> BasicProperties {
+    match traceparent {
+        Some(tp) => {
+            let mut h = FieldTable::default();
+            h.insert("traceparent".into(), AMQPValue::LongString(tp.into()));
+            props.with_headers(h)
+        }
+        None => props,
+    }
+}
+
 /// One trigger delivery: its envelope and what the worker decides about it.
 pub struct Incoming {
     pub envelope: Envelope,
@@ -436,7 +449,7 @@ impl Publisher {
     }
 
     fn event_props(e: &CompletionEvent) -> BasicProperties {
-        let mut props = BasicProperties::default()
+        let props = BasicProperties::default()
             .with_message_id(e.id.as_str().into())
             .with_content_type(crate::domain::event::CONTENT_TYPE.into())
             .with_delivery_mode(2)
@@ -447,15 +460,7 @@ impl Publisher {
                 )
                 .into(),
             );
-        if let Some(tp) = &e.traceparent {
-            let mut h = FieldTable::default();
-            h.insert(
-                "traceparent".into(),
-                AMQPValue::LongString(tp.as_str().into()),
-            );
-            props = props.with_headers(h);
-        }
-        props
+        with_traceparent(props, e.traceparent.as_deref())
     }
 
     /// Publishes a completion event to the events exchange (mandatory,
@@ -524,15 +529,10 @@ impl Publisher {
         body: &[u8],
         traceparent: &str,
     ) -> Result<(), BrokerError> {
-        let mut h = FieldTable::default();
-        h.insert(
-            "traceparent".into(),
-            AMQPValue::LongString(traceparent.into()),
-        );
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_headers(h);
+            .with_delivery_mode(2);
+        let props = with_traceparent(props, Some(traceparent));
         self.raw_publish("", &self.triggers_queue, body, props, true)
             .await
     }
