@@ -31,7 +31,7 @@ mod harness;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use futures_util::{StreamExt, stream};
-use harness::{rabbitmqctl, rss_kib};
+use harness::{rabbitmqctl, rss_kib, runbridge_bin};
 use runbridge::broker::{Broker, BrokerSettings};
 use runbridge::config::Settings;
 use runbridge::domain::{Payload, PromiseId, RunId};
@@ -163,8 +163,9 @@ impl Env {
     }
 
     /// Settings as a runbridge process of scenario `tag` sees them.
-    fn settings(&self, tag: &str, extra: &[(&str, String)]) -> Result<Settings> {
-        let mut o: Vec<(&str, String)> = vec![
+    /// What sets scenario `tag` apart: its Redis prefix and broker names.
+    fn overrides(&self, tag: &str) -> Vec<(&'static str, String)> {
+        vec![
             ("redis.url", self.redis_url.clone()),
             ("redis.key_prefix", format!("{}-{tag}", self.run_id)),
             ("amqp.url", self.amqp_url()),
@@ -173,12 +174,17 @@ impl Env {
             ("amqp.dead_letter_exchange", format!("{tag}.dlx")),
             ("amqp.events_exchange", format!("{tag}.events")),
             ("amqp.control_queue", format!("{tag}.control")),
-        ];
+        ]
+    }
+
+    fn settings(&self, tag: &str, extra: &[(&str, String)]) -> Result<Settings> {
+        let mut o: Vec<(&str, String)> = self.overrides(tag);
         o.extend(extra.iter().cloned());
         Ok(Settings::load_from(&self.config_dir, "local", &o)?)
     }
 
-    /// The same settings as environment variables for a child process.
+    /// The same settings as environment variables for a child process
+    /// (`section.key` is `RUNBRIDGE__SECTION__KEY`).
     fn child_env(
         &self,
         tag: &str,
@@ -191,32 +197,14 @@ impl Env {
                 "RUNBRIDGE_CONFIG_DIR".into(),
                 self.config_dir.display().to_string(),
             ),
-            ("RUNBRIDGE__REDIS__URL".into(), self.redis_url.clone()),
+        ];
+        env.extend(self.overrides(tag).into_iter().map(|(k, v)| {
             (
-                "RUNBRIDGE__REDIS__KEY_PREFIX".into(),
-                format!("{}-{tag}", self.run_id),
-            ),
-            ("RUNBRIDGE__AMQP__URL".into(), self.amqp_url()),
-            (
-                "RUNBRIDGE__AMQP__TRIGGERS_QUEUE".into(),
-                format!("{tag}.triggers"),
-            ),
-            (
-                "RUNBRIDGE__AMQP__DEAD_LETTER_QUEUE".into(),
-                format!("{tag}.triggers.dead"),
-            ),
-            (
-                "RUNBRIDGE__AMQP__DEAD_LETTER_EXCHANGE".into(),
-                format!("{tag}.dlx"),
-            ),
-            (
-                "RUNBRIDGE__AMQP__EVENTS_EXCHANGE".into(),
-                format!("{tag}.events"),
-            ),
-            (
-                "RUNBRIDGE__AMQP__CONTROL_QUEUE".into(),
-                format!("{tag}.control"),
-            ),
+                format!("RUNBRIDGE__{}", k.replace('.', "__").to_uppercase()),
+                v,
+            )
+        }));
+        env.extend([
             // The emulator is the only Databricks here; no request budget.
             (
                 "RUNBRIDGE__DATABRICKS__LAUNCH_PER_SECOND".into(),
@@ -229,7 +217,7 @@ impl Env {
             ),
             ("DATABRICKS_TOKEN".into(), "dapi-bench".into()),
             ("RUST_LOG".into(), "warn".into()),
-        ];
+        ]);
         if let Some(p) = emulator {
             env.push(("DATABRICKS_HOST".into(), format!("http://127.0.0.1:{p}")));
         }
@@ -1125,16 +1113,7 @@ async fn run(args: &Args) -> Result<()> {
         .as_ref()
         .map(|o| o.split(',').map(|s| s.trim().to_uppercase()).collect());
     let want = |id: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == id));
-    let bin = match &args.bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?.with_file_name("runbridge"),
-    };
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it first (`cargo build --release --bins`)",
-            bin.display()
-        );
-    }
+    let bin = runbridge_bin(args.bin.as_ref(), "cargo build --release --bins")?;
     let run_id = format!("bench{}", chrono::Utc::now().timestamp_millis());
     let logs = std::env::temp_dir().join(&run_id);
     std::fs::create_dir_all(&logs)?;

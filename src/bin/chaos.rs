@@ -26,7 +26,7 @@ mod harness;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use harness::{rabbitmqctl, rss_kib};
+use harness::{rabbitmqctl, rss_kib, runbridge_bin};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use runbridge::broker::Broker;
@@ -501,16 +501,7 @@ async fn main() -> Result<()> {
             bail!("unknown fault {f:?}");
         }
     }
-    let bin = match &args.bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?.with_file_name("runbridge"),
-    };
-    if !bin.exists() {
-        bail!(
-            "{} not found: build with `cargo build --features failpoints`",
-            bin.display()
-        );
-    }
+    let bin = runbridge_bin(args.bin.as_ref(), "cargo build --features failpoints")?;
     let config_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config");
     let root = std::env::temp_dir().join(format!("runbridge-chaos-{seed}"));
     let _ = std::fs::remove_dir_all(&root);

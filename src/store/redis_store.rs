@@ -239,8 +239,9 @@ impl RedisStore {
     }
 
     /// Per partition: pending promises (the deadline set holds every pending
-    /// one), outbox entries, and the oldest outbox entry's age. Three cheap
-    /// commands per partition, pipelined; for the metrics gauges.
+    /// one), how overdue the earliest deadline is, outbox entries, and the
+    /// oldest outbox entry's age. Four cheap commands per partition, one
+    /// pipeline; for the metrics gauges.
     pub async fn partition_stats(&self) -> Result<Vec<PartitionStats>, StoreError> {
         let mut conn = self.conn().await?;
         let mut pipe = redis::pipe();

@@ -1,6 +1,9 @@
 //! What the two harness binaries (`chaos`, `bench`) share: talking to the
-//! machine's RabbitMQ through `rabbitmqctl`, and reading a process's memory.
+//! machine's RabbitMQ through `rabbitmqctl`, finding the runbridge binary,
+//! and reading a process's memory.
 //! (A folder without `main.rs`, so Cargo does not take it for a binary.)
+
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 
@@ -18,6 +21,19 @@ pub fn rabbitmqctl(node: Option<&str>, args: &[&str]) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The `runbridge` binary to run: the one given, or the one built next to
+/// this harness; an error says how to build it.
+pub fn runbridge_bin(given: Option<&PathBuf>, build: &str) -> Result<PathBuf> {
+    let bin = match given {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name("runbridge"),
+    };
+    if !bin.exists() {
+        bail!("{} not found: build it first (`{build}`)", bin.display());
+    }
+    Ok(bin)
 }
 
 /// Resident memory of a process, KiB (`VmRSS` of /proc/PID/status).
