@@ -4,7 +4,7 @@ CARGO ?= cargo
 # The crash tests need the failpoints compiled in (never in a release build).
 TEST_FEATURES ?= --features failpoints
 
-.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke notebook-test clean
+.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke notebook-test docs docs-test clean
 
 # Fault-injection run (see src/bin/chaos.rs): N triggers, every fault on, a
 # seed to replay it. `make chaos SEED=42 N=10000`.
@@ -26,7 +26,7 @@ services:
 # The whole suite: the 1,000-trigger fault-injection profile, then unit and
 # integration tests against the real RabbitMQ and Redis on this machine and
 # the emulator over HTTP (last, so the test runner's summary closes the output).
-test: services chaos-small bench-smoke notebook-test
+test: services chaos-small bench-smoke notebook-test docs-test
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run $(TEST_FEATURES) --no-fail-fast; \
 	else \
@@ -79,6 +79,32 @@ notebook-test: services
 	$(CARGO) build --bins
 	@test -x target/pyvenv/bin/pytest || { python3 -m venv target/pyvenv && target/pyvenv/bin/pip install -q pytest; }
 	target/pyvenv/bin/pytest -q clients/python
+
+# Rewrites the generated contracts under docs/ (a test fails when they are
+# out of date): JSON Schemas, the sidecar's OpenAPI, the AsyncAPI document.
+docs: build
+	@mkdir -p docs/schemas
+	target/debug/runbridge schema trigger > docs/schemas/trigger.schema.json
+	target/debug/runbridge schema event > docs/schemas/event.schema.json
+	target/debug/runbridge schema control > docs/schemas/control.schema.json
+	target/debug/runbridge schema openapi > docs/openapi.json
+	target/debug/runbridge schema asyncapi --defaults > docs/asyncapi.yaml
+
+# The generated documents are valid by their standards' own tools:
+# openapi-spec-validator and jsonschema (PyPI, in the venv under target/), and
+# the AsyncAPI Initiative's parser (npm, under target/node; nodejs from apt
+# when it is missing and apt is there).
+ASYNCAPI_PARSER ?= @asyncapi/parser@3.6.3
+docs-test:
+	@test -x target/pyvenv/bin/pytest || { python3 -m venv target/pyvenv && target/pyvenv/bin/pip install -q pytest; }
+	@test -x target/pyvenv/bin/openapi-spec-validator || target/pyvenv/bin/pip install -q openapi-spec-validator
+	@command -v node >/dev/null && command -v npm >/dev/null || { \
+		echo "[docs-test] node/npm not found; installing nodejs and npm with apt-get"; \
+		apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
+	@test -d target/node/node_modules/@asyncapi/parser || { \
+		echo "[docs-test] installing $(ASYNCAPI_PARSER) under target/node"; \
+		npm install --silent --no-audit --no-fund --prefix target/node $(ASYNCAPI_PARSER); }
+	target/pyvenv/bin/pytest -q tests/documents
 
 clean:
 	$(CARGO) clean

@@ -218,6 +218,15 @@ impl Settings {
         Self::load_from(&dir, &env, &[])
     }
 
+    /// The compiled-in defaults alone (`config/default.toml`), with no file,
+    /// variable or profile applied: what the generated documents describe.
+    pub fn defaults() -> Result<Self, ConfigError> {
+        Ok(Config::builder()
+            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
+            .build()?
+            .try_deserialize()?)
+    }
+
     /// Loads with explicit overrides (highest priority), as tests do.
     pub fn load_from(
         dir: &std::path::Path,

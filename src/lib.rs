@@ -14,6 +14,7 @@ pub mod failpoint;
 pub mod keys;
 pub mod reconciler;
 pub mod relay;
+pub mod schemas;
 pub mod shutdown;
 pub mod sidecar;
 pub mod startup;

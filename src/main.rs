@@ -45,6 +45,56 @@ enum Command {
     /// Operate on promises.
     #[command(subcommand)]
     Promise(PromiseCmd),
+    /// Print a machine-readable contract, generated from the code: JSON
+    /// Schemas, the sidecar's OpenAPI document, the AsyncAPI document.
+    Schema(SchemaArgs),
+}
+
+#[derive(Args)]
+struct SchemaArgs {
+    #[arg(value_enum)]
+    document: SchemaDoc,
+    /// Describe the compiled-in default queue and exchange names rather than
+    /// this deployment's configuration (what docs/ holds).
+    #[arg(long)]
+    defaults: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SchemaDoc {
+    /// JSON Schema of the trigger message.
+    Trigger,
+    /// JSON Schema of the completion event.
+    Event,
+    /// JSON Schema of a control-queue message.
+    Control,
+    /// OpenAPI 3.1 of the sidecar (as served at /openapi.json).
+    Openapi,
+    /// AsyncAPI 3.0 (YAML) of the queues and exchanges.
+    Asyncapi,
+}
+
+fn schema(settings: &Settings, a: SchemaArgs) -> Result<()> {
+    use runbridge::schemas;
+    let pretty = |v: serde_json::Value| serde_json::to_string_pretty(&v);
+    let text = match a.document {
+        SchemaDoc::Trigger => pretty(schemas::trigger())?,
+        SchemaDoc::Event => pretty(schemas::event())?,
+        SchemaDoc::Control => pretty(schemas::control())?,
+        SchemaDoc::Openapi => runbridge::sidecar::openapi::document(),
+        SchemaDoc::Asyncapi => {
+            let defaults;
+            let amqp = if a.defaults {
+                defaults = Settings::defaults()?;
+                &defaults.amqp
+            } else {
+                &settings.amqp
+            };
+            schemas::to_yaml(&schemas::asyncapi(amqp))
+        }
+    };
+    println!("{}", text.trim_end());
+    Ok(())
 }
 
 #[derive(Args)]
@@ -461,6 +511,7 @@ async fn main() -> Result<()> {
             settings.validate(Role::Client)?;
             promise(&settings, cmd).await?;
         }
+        Command::Schema(a) => schema(&settings, a)?,
     }
     Ok(())
 }

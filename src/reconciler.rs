@@ -450,16 +450,34 @@ impl CancelFilter {
     }
 }
 
-#[derive(serde::Deserialize)]
+/// A message on the control queue. Its JSON Schema (in the AsyncAPI
+/// document, `runbridge schema control`) is derived from this struct.
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ControlMessage {
+#[schemars(
+    title = "runbridge control message",
+    description = "Cancel every pending promise that matches: an id (with * wildcards), tags, a job id, or several (all must match). Needs at least one of them.",
+    extend("anyOf" = [
+        {"required": ["id"], "properties": {"id": {"type": "string"}}},
+        {"required": ["tags"], "properties": {"tags": {"minProperties": 1}}},
+        {"required": ["job_id"], "properties": {"job_id": {"type": "integer"}}}
+    ])
+)]
+pub struct ControlMessage {
+    /// The only action is "cancel".
+    #[schemars(extend("const" = "cancel"))]
     action: String,
+    /// A promise id or a pattern with * wildcards.
     #[serde(default)]
+    #[schemars(length(min = 1, max = 200), regex(pattern = r"^[A-Za-z0-9._:/*-]+$"))]
     id: Option<String>,
+    /// Tags every matching promise has.
     #[serde(default)]
     tags: std::collections::BTreeMap<String, String>,
+    /// The Databricks job the promises run.
     #[serde(default)]
     job_id: Option<u64>,
+    /// Recorded as the promises' rejection.
     #[serde(default)]
     reason: Option<String>,
 }
@@ -501,7 +519,7 @@ pub fn parse_control(body: &[u8]) -> Result<(CancelFilter, String), String> {
     ))
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct CancelReport {
     /// Pending promises that matched.
     pub matched: usize,

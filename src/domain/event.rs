@@ -6,11 +6,15 @@
 //! same bytes with the same `id` (`<promise id>/<STATE>`), and consumers can
 //! deduplicate on it.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::{Value, json};
+use schemars::JsonSchema;
+use serde::Serialize;
+use serde_json::Value;
 
 use super::ids::RunId;
-use super::promise::{Promise, State};
+use super::promise::{Promise, SettledBy, State};
 
 pub const CONTENT_TYPE: &str = "application/cloudevents+json";
 
@@ -35,6 +39,67 @@ fn rfc3339(ms: i64) -> String {
         .to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
+/// The event body as it travels: a CloudEvents 1.0 structured JSON event.
+/// Its JSON Schema (`docs/schemas/event.schema.json`, `runbridge schema
+/// event`) is derived from this struct, which is also what the relay
+/// serialises, so the document cannot drift from the bytes.
+#[derive(Serialize, JsonSchema)]
+#[schemars(
+    title = "runbridge completion event",
+    description = "Published to the events exchange (routing key promise.<state in lower case>) once per settlement, as application/cloudevents+json. The AMQP message_id equals `id`."
+)]
+pub struct CloudEvent {
+    /// Always "1.0".
+    #[schemars(extend("const" = "1.0"))]
+    pub specversion: String,
+    /// `<promise id>/<STATE>`: stable across redelivery, for deduplication.
+    pub id: String,
+    /// `io.runbridge.promise.<state in lower case>`.
+    #[schemars(regex(
+        pattern = r"^io\.runbridge\.promise\.(resolved|rejected|rejected_canceled|rejected_timedout)$"
+    ))]
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `runbridge/<workspace>`.
+    pub source: String,
+    /// The promise id.
+    pub subject: String,
+    /// When the promise settled (RFC 3339, UTC, milliseconds).
+    #[schemars(extend("format" = "date-time"))]
+    pub time: String,
+    /// Always "application/json".
+    #[schemars(extend("const" = "application/json"))]
+    pub datacontenttype: String,
+    pub data: EventData,
+}
+
+/// The event's `data`: what happened to the promise.
+#[derive(Serialize, JsonSchema)]
+pub struct EventData {
+    pub promise_id: String,
+    /// Never PENDING.
+    #[schemars(extend("not" = {"const": "PENDING"}))]
+    pub state: State,
+    /// The resolved value (JSON when the notebook sent JSON, else a string);
+    /// null for a rejection.
+    pub value: Value,
+    /// The rejection's error (for a Databricks failure, its error body or the
+    /// run's state message); null when resolved.
+    pub error: Value,
+    /// The Databricks run, when one was recorded before the promise settled.
+    pub run_id: Option<u64>,
+    pub job_id: Option<u64>,
+    pub run_page_url: Option<String>,
+    pub tags: BTreeMap<String, String>,
+    #[schemars(extend("format" = "date-time"))]
+    pub created_at: String,
+    #[schemars(extend("format" = "date-time"))]
+    pub settled_at: String,
+    /// Who settled it.
+    #[schemars(with = "Option<SettledBy>")]
+    pub settled_by: Option<String>,
+}
+
 impl CompletionEvent {
     pub fn from_promise(p: &Promise) -> Result<Self, NotSettled> {
         if !p.state.is_settled() {
@@ -48,28 +113,31 @@ impl CompletionEvent {
             (data, Value::Null)
         };
         let settled_at = rfc3339(p.completed_on.unwrap_or(p.created_on));
-        let event = json!({
-            "specversion": "1.0",
-            "id": id,
-            "type": format!("io.runbridge.promise.{}", p.state.as_str().to_ascii_lowercase()),
-            "source": format!("runbridge/{}", p.workspace),
-            "subject": p.id.as_str(),
-            "time": settled_at,
-            "datacontenttype": "application/json",
-            "data": {
-                "promise_id": p.id.as_str(),
-                "state": p.state,
-                "value": value,
-                "error": error,
-                "run_id": p.run_id.map(RunId::get),
-                "job_id": p.job_id,
-                "run_page_url": p.run_page_url,
-                "tags": p.tags,
-                "created_at": rfc3339(p.created_on),
-                "settled_at": settled_at,
-                "settled_by": p.settled_by,
-            }
-        });
+        let event = CloudEvent {
+            specversion: "1.0".into(),
+            id: id.clone(),
+            kind: format!(
+                "io.runbridge.promise.{}",
+                p.state.as_str().to_ascii_lowercase()
+            ),
+            source: format!("runbridge/{}", p.workspace),
+            subject: p.id.to_string(),
+            time: settled_at.clone(),
+            datacontenttype: "application/json".into(),
+            data: EventData {
+                promise_id: p.id.to_string(),
+                state: p.state,
+                value,
+                error,
+                run_id: p.run_id.map(RunId::get),
+                job_id: p.job_id,
+                run_page_url: p.run_page_url.clone(),
+                tags: p.tags.clone(),
+                created_at: rfc3339(p.created_on),
+                settled_at,
+                settled_by: p.settled_by.clone(),
+            },
+        };
         let mut body = serde_json::to_vec(&event).unwrap_or_default();
         body.shrink_to_fit();
         Ok(Self {
@@ -89,7 +157,6 @@ mod tests {
     use super::*;
     use crate::domain::ids::PromiseId;
     use crate::domain::promise::Payload;
-    use std::collections::BTreeMap;
 
     fn promise(state: State, data: &str) -> Promise {
         Promise {

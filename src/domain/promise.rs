@@ -9,12 +9,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::ids::{PromiseId, RunId};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum State {
     Pending,
@@ -82,7 +84,7 @@ impl FromStr for State {
 }
 
 /// Who settled a promise (the event's `settled_by`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SettledBy {
     Callback,
@@ -107,7 +109,7 @@ impl SettledBy {
 
 /// `{headers, data}` as in the specification. `data` is kept as the string
 /// the client sent.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Payload {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -252,23 +254,55 @@ impl Promise {
     /// The Durable Promise JSON (Resonate's `Promise` schema), plus the
     /// bridge's own read-only fields, which spec clients ignore.
     pub fn to_json(&self) -> Value {
-        json!({
-            "id": self.id.as_str(),
-            "state": self.state,
-            "param": self.param,
-            "value": self.value,
-            "timeout": self.timeout,
-            "tags": self.tags,
-            "idempotencyKeyForCreate": self.ikey_create,
-            "idempotencyKeyForComplete": self.ikey_complete,
-            "createdOn": self.created_on,
-            "completedOn": self.completed_on,
-            "runId": self.run_id.map(RunId::get),
-            "jobId": self.job_id,
-            "runPageUrl": self.run_page_url,
-            "settledBy": self.settled_by,
-        })
+        serde_json::to_value(self.view()).unwrap_or_default()
     }
+
+    pub fn view(&self) -> PromiseView {
+        PromiseView {
+            id: self.id.to_string(),
+            state: self.state,
+            param: self.param.clone(),
+            value: self.value.clone(),
+            timeout: self.timeout,
+            tags: self.tags.clone(),
+            idempotency_key_for_create: self.ikey_create.clone(),
+            idempotency_key_for_complete: self.ikey_complete.clone(),
+            created_on: self.created_on,
+            completed_on: self.completed_on,
+            run_id: self.run_id.map(RunId::get),
+            job_id: self.job_id,
+            run_page_url: self.run_page_url.clone(),
+            settled_by: self.settled_by.clone(),
+        }
+    }
+}
+
+/// A promise as the HTTP API answers it: the Durable Promise specification's
+/// `Promise` (`resonatehq/resonate` `api/openapi.yml`) plus the bridge's
+/// read-only fields (`runId`, `jobId`, `runPageUrl`, `settledBy`). The
+/// sidecar's OpenAPI document takes its schema from this struct.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = Promise)]
+pub struct PromiseView {
+    pub id: String,
+    pub state: State,
+    pub param: Payload,
+    pub value: Payload,
+    /// The deadline, milliseconds since the epoch.
+    pub timeout: i64,
+    pub tags: BTreeMap<String, String>,
+    pub idempotency_key_for_create: Option<String>,
+    pub idempotency_key_for_complete: Option<String>,
+    /// Milliseconds since the epoch; never changes.
+    pub created_on: i64,
+    /// Milliseconds since the epoch; null while pending.
+    pub completed_on: Option<i64>,
+    pub run_id: Option<u64>,
+    pub job_id: Option<u64>,
+    pub run_page_url: Option<String>,
+    #[schema(value_type = Option<SettledBy>)]
+    pub settled_by: Option<String>,
 }
 
 /// What a client asks a pending promise to become.
@@ -301,6 +335,7 @@ impl Completion {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn states_parse_case_insensitively() {

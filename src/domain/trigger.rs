@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -101,20 +102,74 @@ pub const MAX_TAGS: usize = 64;
 pub const MAX_TAG_KEY: usize = 128;
 pub const MAX_TAG_VALUE: usize = 1024;
 
-#[derive(Deserialize)]
+/// The trigger message as it travels (DESIGN.md §2). Its JSON Schema
+/// (`docs/schemas/trigger.schema.json`, `runbridge schema trigger`) is derived
+/// from this struct, so the document and the parser cannot drift apart. What a
+/// schema cannot say is checked in [`Trigger::parse`] and written in the
+/// descriptions: the id may come from the AMQP `message_id` instead, and
+/// `timeout_seconds` has a configured upper limit.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct Wire {
+#[schemars(
+    title = "runbridge trigger",
+    description = "A request to run a Databricks job (job_id) or a one-time run (submit), published to the trigger queue as application/json. Exactly one of job_id and submit.",
+    extend(
+        "oneOf" = [{"required": ["job_id"]}, {"required": ["submit"]}],
+        "not" = {"required": ["job_parameters", "notebook_params"]},
+        "dependentRequired" = {"job_parameters": ["job_id"], "notebook_params": ["job_id"]}
+    )
+)]
+pub struct TriggerMessage {
+    /// The promise id and the idempotency key of the whole request; when
+    /// absent, the AMQP message_id is used. The same id twice never starts a
+    /// second run.
+    #[schemars(length(min = 1, max = 200), regex(pattern = r"^[A-Za-z0-9._:/-]+$"))]
     id: Option<String>,
+    /// The Databricks job to run with `jobs/run-now`.
+    // A `Value` so that a string or a negative number gets a message of ours.
+    #[schemars(with = "Option<u64>", range(min = 1))]
     job_id: Option<Value>,
+    /// Job-level parameters for `run-now` (values become strings).
+    #[schemars(with = "Option<BTreeMap<String, ParamValue>>")]
     job_parameters: Option<Map<String, Value>>,
+    /// Legacy notebook parameters for `run-now`, instead of job_parameters.
+    #[schemars(with = "Option<BTreeMap<String, ParamValue>>")]
     notebook_params: Option<Map<String, Value>>,
+    /// A `jobs/runs/submit` body, for a one-time run.
+    #[schemars(with = "Option<Map<String, Value>>")]
     submit: Option<Value>,
+    /// The promise deadline in seconds (default and upper limit from config:
+    /// `worker.default_timeout_seconds`, `worker.max_timeout_seconds`).
+    #[schemars(range(min = 1))]
     timeout_seconds: Option<u64>,
+    /// The notebook must heartbeat at least this often, or the promise times out.
+    #[schemars(range(min = 1))]
     heartbeat_seconds: Option<u64>,
+    /// Cancel the run when the promise times out (default true).
     cancel_on_timeout: Option<bool>,
+    /// Copied onto the promise and every event. Keys 1-128 bytes, values at
+    /// most 1,024 bytes (the schema counts characters: the same for ASCII).
     #[serde(default)]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "propertyNames" = {"minLength": 1, "maxLength": 128},
+        "additionalProperties" = {"type": "string", "maxLength": 1024}
+    ))]
     tags: BTreeMap<String, String>,
+    /// The name of a configured Databricks workspace (default: the default one).
+    #[schemars(length(min = 1, max = 64))]
     workspace: Option<String>,
+}
+
+/// A run parameter's value as the schema states it (the parser turns each
+/// into a string).
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // only describes; parsing goes through `param_map`
+enum ParamValue {
+    String(String),
+    Number(f64),
+    Boolean(bool),
 }
 
 fn param_map(name: &str, m: Map<String, Value>) -> Result<BTreeMap<String, String>, TriggerError> {
@@ -160,7 +215,7 @@ impl Trigger {
                 kind(&value)
             )));
         }
-        let w: Wire =
+        let w: TriggerMessage =
             serde_json::from_value(value).map_err(|e| TriggerError::Schema(e.to_string()))?;
 
         let id = match (w.id, &env.message_id) {

@@ -4,17 +4,41 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde::Serialize;
+use utoipa::ToSchema;
 
-use crate::domain::Promise;
+use crate::domain::promise::PromiseView;
+use crate::domain::{Promise, State};
 use crate::store::StoreError;
+
+/// Every error body (the OpenAPI document's `Error`).
+#[derive(Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// A stable, machine-readable code, e.g. `already_settled`.
+    pub code: String,
+    /// A sentence for people.
+    pub message: String,
+    /// With 403 `already_settled` and 409 `already_exists`: the promise's state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<State>,
+    /// With 403 `already_settled` and 409 `already_exists`: the promise as it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub promise: Option<PromiseView>,
+}
 
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
-    pub extra: Option<(&'static str, Value)>,
+    /// The promise the request ran into (403, 409).
+    pub promise: Option<Box<PromiseView>>,
 }
 
 impl ApiError {
@@ -23,7 +47,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
-            extra: None,
+            promise: None,
         }
     }
 
@@ -61,7 +85,7 @@ impl ApiError {
             status: StatusCode::FORBIDDEN,
             code: "already_settled",
             message: format!("promise {} is already {}", p.id, p.state),
-            extra: Some(("promise", p.to_json())),
+            promise: Some(Box::new(p.view())),
         }
     }
 }
@@ -80,13 +104,15 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut err = json!({ "code": self.code, "message": self.message });
-        if let Some((k, v)) = self.extra {
-            if k == "promise" {
-                err["state"] = v["state"].clone();
-            }
-            err[k] = v;
-        }
-        (self.status, Json(json!({ "error": err }))).into_response()
+        let promise = self.promise.map(|p| *p);
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+                state: promise.as_ref().map(|p| p.state),
+                promise,
+            },
+        };
+        (self.status, Json(body)).into_response()
     }
 }

@@ -9,6 +9,7 @@
 
 mod auth;
 mod error;
+pub mod openapi;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -23,17 +24,21 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use secrecy::SecretString;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
 
 pub use error::ApiError;
+use error::ErrorBody;
+use openapi::{Health, NotificationAnswer, Readiness, SearchPage};
 
+use crate::domain::promise::PromiseView;
 use crate::domain::{
     CallbackSigner, Completion, Payload, Promise, PromiseId, RunId, SettledBy, State,
 };
-use crate::reconciler::{CancelFilter, cancel_matching, valid_id_filter};
+use crate::reconciler::{CancelFilter, CancelReport, cancel_matching, valid_id_filter};
 use crate::store::{
     CreateOutcome, HeartbeatOutcome, NewPromise, SearchQuery, Settle, SettleOutcome, Store, Timeout,
 };
@@ -64,8 +69,9 @@ type ApiResult = Result<Response, ApiError>;
 
 pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<S>))
+        .route("/openapi.json", get(openapi_json))
         .route("/metrics", get(metrics))
         .route("/cb/{token}/resolve", post(cb_resolve::<S>))
         .route("/cb/{token}/reject", post(cb_reject::<S>))
@@ -98,6 +104,13 @@ pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
 }
 
 /// Prometheus text format (version 0.0.4).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    security(()),
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String))
+)]
 async fn metrics() -> Response {
     (
         [(
@@ -118,7 +131,7 @@ pub async fn serve_metrics(
     tracing::info!(addr = %listener.local_addr()?, "metrics listening");
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }));
+        .route("/healthz", get(healthz));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -134,6 +147,32 @@ pub async fn serve<S: Store>(
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    security(()),
+    responses((status = 200, description = "The process is up", body = Health))
+)]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    security(()),
+    responses((status = 200, description = "This document", content_type = "application/json"))
+)]
+async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        openapi::document(),
+    )
+        .into_response()
 }
 
 // ---------- request plumbing ----------
@@ -211,10 +250,22 @@ fn parse_id(s: &str) -> Result<PromiseId, ApiError> {
     PromiseId::parse(s).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
+/// A promise as a write answers it.
+#[derive(Serialize, ToSchema)]
+struct PromiseAnswer {
+    #[serde(flatten)]
+    promise: PromiseView,
+    /// True when this request repeated an earlier one (same idempotency key)
+    /// and changed nothing.
+    deduplicated: bool,
+}
+
 fn promise_response(status: StatusCode, p: &Promise, deduplicated: bool) -> Response {
-    let mut v = p.to_json();
-    v["deduplicated"] = json!(deduplicated);
-    (status, Json(v)).into_response()
+    let body = PromiseAnswer {
+        promise: p.view(),
+        deduplicated,
+    };
+    (status, Json(body)).into_response()
 }
 
 /// A JSON value as a promise payload: strings are kept as sent.
@@ -264,10 +315,14 @@ fn ikey(headers: &HeaderMap) -> Option<String> {
 
 // ---------- capability callbacks: resolve / reject / heartbeat ----------
 
-#[derive(Deserialize, Default)]
+/// A notebook's callback as JSON (the same fields as the query string).
+#[derive(Deserialize, Default, ToSchema)]
 struct CallbackBody {
+    /// The promise id (or `?id=`).
     id: Option<String>,
+    /// The result (`/resolve`): any JSON; a string is kept as sent.
     value: Option<Value>,
+    /// The error (`/reject`): any JSON.
     error: Option<Value>,
 }
 
@@ -361,6 +416,27 @@ async fn callback_heartbeat<S: Store>(
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/cb/{token}/resolve",
+    tag = "callbacks",
+    params(("token" = String, Path, description = "The capability token (the `url` parameter's last segment)"),
+        ("id" = Option<String>, Query, description = "The promise id (or in the body)"),
+        ("value" = Option<String>, Query, description = "The result (or in the body)"),
+    ),
+    request_body(content = Option<CallbackBody>, content_type = "application/json"),
+    security(()),
+    responses(
+        (status = 200, description = "Settled, or a repeat of the same settlement (`deduplicated`)", body = PromiseAnswer),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Already settled otherwise", body = ErrorBody),
+        (status = 404, description = "No such promise", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 503, description = "Store unavailable; retry", body = ErrorBody)
+    )
+)]
 async fn cb_resolve<S: Store>(
     st: St<S>,
     Path(token): Path<String>,
@@ -370,6 +446,27 @@ async fn cb_resolve<S: Store>(
 ) -> ApiResult {
     callback_settle(&st, Completion::Resolve, Some(&token), &h, &q, body).await
 }
+#[utoipa::path(
+    post,
+    path = "/cb/{token}/reject",
+    tag = "callbacks",
+    params(("token" = String, Path, description = "The capability token (the `url` parameter's last segment)"),
+        ("id" = Option<String>, Query, description = "The promise id (or in the body)"),
+        ("error" = Option<String>, Query, description = "The error (or in the body)"),
+    ),
+    request_body(content = Option<CallbackBody>, content_type = "application/json"),
+    security(()),
+    responses(
+        (status = 200, description = "Settled, or a repeat of the same settlement (`deduplicated`)", body = PromiseAnswer),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Already settled otherwise", body = ErrorBody),
+        (status = 404, description = "No such promise", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 503, description = "Store unavailable; retry", body = ErrorBody)
+    )
+)]
 async fn cb_reject<S: Store>(
     st: St<S>,
     Path(token): Path<String>,
@@ -379,6 +476,23 @@ async fn cb_reject<S: Store>(
 ) -> ApiResult {
     callback_settle(&st, Completion::Reject, Some(&token), &h, &q, body).await
 }
+#[utoipa::path(
+    post,
+    path = "/cb/{token}/heartbeat",
+    tag = "callbacks",
+    params(("token" = String, Path, description = "The capability token (the `url` parameter's last segment)"),
+        ("id" = Option<String>, Query, description = "The promise id (or in the body)"),
+    ),
+    request_body(content = Option<CallbackBody>, content_type = "application/json"),
+    security(()),
+    responses(
+        (status = 200, description = "Heartbeat deadline extended", body = PromiseAnswer),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Already settled", body = ErrorBody),
+        (status = 404, description = "No such promise", body = ErrorBody)
+    )
+)]
 async fn cb_heartbeat<S: Store>(
     st: St<S>,
     Path(token): Path<String>,
@@ -388,6 +502,27 @@ async fn cb_heartbeat<S: Store>(
 ) -> ApiResult {
     callback_heartbeat(&st, Some(&token), &h, &q, body).await
 }
+#[utoipa::path(
+    post,
+    path = "/resolve",
+    tag = "callbacks",
+    params(
+        ("id" = Option<String>, Query, description = "The promise id (or in the body)"),
+        ("value" = Option<String>, Query, description = "The result (or in the body)"),
+    ),
+    request_body(content = Option<CallbackBody>, content_type = "application/json"),
+    security(("bearer" = []), ("basic" = [])),
+    responses(
+        (status = 200, description = "Settled, or a repeat of the same settlement (`deduplicated`)", body = PromiseAnswer),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Already settled otherwise", body = ErrorBody),
+        (status = 404, description = "No such promise", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 503, description = "Store unavailable; retry", body = ErrorBody)
+    )
+)]
 async fn resolve<S: Store>(
     st: St<S>,
     h: HeaderMap,
@@ -396,9 +531,47 @@ async fn resolve<S: Store>(
 ) -> ApiResult {
     callback_settle(&st, Completion::Resolve, None, &h, &q, body).await
 }
+#[utoipa::path(
+    post,
+    path = "/reject",
+    tag = "callbacks",
+    params(
+        ("id" = Option<String>, Query, description = "The promise id (or in the body)"),
+        ("error" = Option<String>, Query, description = "The error (or in the body)"),
+    ),
+    request_body(content = Option<CallbackBody>, content_type = "application/json"),
+    security(("bearer" = []), ("basic" = [])),
+    responses(
+        (status = 200, description = "Settled, or a repeat of the same settlement (`deduplicated`)", body = PromiseAnswer),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Already settled otherwise", body = ErrorBody),
+        (status = 404, description = "No such promise", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 503, description = "Store unavailable; retry", body = ErrorBody)
+    )
+)]
 async fn reject<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery, body: Body) -> ApiResult {
     callback_settle(&st, Completion::Reject, None, &h, &q, body).await
 }
+#[utoipa::path(
+    post,
+    path = "/heartbeat",
+    tag = "callbacks",
+    params(
+        ("id" = Option<String>, Query, description = "The promise id (or in the body)"),
+    ),
+    request_body(content = Option<CallbackBody>, content_type = "application/json"),
+    security(("bearer" = []), ("basic" = [])),
+    responses(
+        (status = 200, description = "Heartbeat deadline extended", body = PromiseAnswer),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Already settled", body = ErrorBody),
+        (status = 404, description = "No such promise", body = ErrorBody)
+    )
+)]
 async fn heartbeat<S: Store>(
     st: St<S>,
     h: HeaderMap,
@@ -476,13 +649,29 @@ async fn read_promise<S: Store>(
             .ok_or_else(|| ApiError::not_found(id.as_str()))?;
         let now = tokio::time::Instant::now();
         if p.state.is_settled() || now >= deadline {
-            return Ok((StatusCode::OK, Json(p.to_json())).into_response());
+            return Ok((StatusCode::OK, Json(p.view())).into_response());
         }
         tokio::time::sleep(interval.min(deadline - now)).await;
         interval = (interval * 2).min(Duration::from_millis(500));
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/promises/{id}",
+    tag = "promises",
+    params(
+        ("id" = String, Path, description = "The promise id (may contain /)"),
+        ("wait" = Option<String>, Query, description = "Long-poll until settled, at most this long (30s, 500ms, 2m; capped by sidecar.max_wait_seconds)"),
+    ),
+    security(("bearer" = []), ("basic" = [])),
+    responses(
+        (status = 200, description = "The promise", body = PromiseView),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such promise", body = ErrorBody)
+    )
+)]
 async fn get_promise<S: Store>(
     st: St<S>,
     Path(id): Path<String>,
@@ -498,6 +687,22 @@ async fn get_promise<S: Store>(
     read_promise(&st, &id, wait).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/cb/{token}/promises/{id}",
+    tag = "promises",
+    params(("token" = String, Path, description = "The capability token (the `url` parameter's last segment)"),
+        ("id" = String, Path, description = "The promise id (may contain /)"),
+        ("wait" = Option<String>, Query, description = "Long-poll until settled, at most this long (30s, 500ms, 2m; capped by sidecar.max_wait_seconds)"),
+    ),
+    security(()),
+    responses(
+        (status = 200, description = "The promise", body = PromiseView),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such promise", body = ErrorBody)
+    )
+)]
 async fn cb_get<S: Store>(
     st: St<S>,
     Path((token, id)): Path<(String, String)>,
@@ -513,9 +718,12 @@ async fn cb_get<S: Store>(
     read_promise(&st, &id, wait).await
 }
 
-#[derive(Deserialize)]
+/// Complete a promise (Durable Promise specification).
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PatchBody {
+    /// RESOLVED, REJECTED or REJECTED_CANCELED (case-insensitive).
+    #[schema(example = "RESOLVED")]
     state: String,
     #[serde(default)]
     value: Option<Payload>,
@@ -559,10 +767,54 @@ async fn complete<S: Store>(
     settle_response(outcome, &req.id, strict)
 }
 
+#[utoipa::path(
+    patch,
+    path = "/promises/{id}",
+    tag = "promises",
+    params(
+        ("id" = String, Path, description = "The promise id (may contain /)"),
+        ("idempotency-key" = Option<String>, Header, description = "Repeats with the same key are deduplicated"),
+        ("strict" = Option<bool>, Header, description = "Refuse to complete a timed-out promise, and deduplicate only a matching state"),
+    ),
+    request_body(content = PatchBody, content_type = "application/json"),
+    security(("bearer" = []), ("basic" = [])),
+    responses(
+        (status = 200, description = "Settled, or a repeat of the same settlement (`deduplicated`)", body = PromiseAnswer),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Already settled otherwise", body = ErrorBody),
+        (status = 404, description = "No such promise", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 503, description = "Store unavailable; retry", body = ErrorBody)
+    )
+)]
 async fn patch<S: Store>(st: St<S>, Path(id): Path<String>, h: HeaderMap, body: Body) -> ApiResult {
     complete(&st, id, None, h, body).await
 }
 
+#[utoipa::path(
+    patch,
+    path = "/cb/{token}/promises/{id}",
+    tag = "promises",
+    params(("token" = String, Path, description = "The capability token (the `url` parameter's last segment)"),
+        ("id" = String, Path, description = "The promise id (may contain /)"),
+        ("idempotency-key" = Option<String>, Header, description = "Repeats with the same key are deduplicated"),
+        ("strict" = Option<bool>, Header, description = "Refuse to complete a timed-out promise, and deduplicate only a matching state"),
+    ),
+    request_body(content = PatchBody, content_type = "application/json"),
+    security(()),
+    responses(
+        (status = 200, description = "Settled, or a repeat of the same settlement (`deduplicated`)", body = PromiseAnswer),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Already settled otherwise", body = ErrorBody),
+        (status = 404, description = "No such promise", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 503, description = "Store unavailable; retry", body = ErrorBody)
+    )
+)]
 async fn cb_patch<S: Store>(
     st: St<S>,
     Path((token, id)): Path<(String, String)>,
@@ -572,7 +824,8 @@ async fn cb_patch<S: Store>(
     complete(&st, id, Some(&token), h, body).await
 }
 
-#[derive(Deserialize)]
+/// Create a bare promise (Durable Promise specification).
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
     id: String,
@@ -585,6 +838,24 @@ struct CreateBody {
     tags: BTreeMap<String, String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/promises",
+    tag = "promises",
+    params(
+        ("idempotency-key" = Option<String>, Header, description = "A repeat with the same key answers 200 with the existing promise"),
+        ("strict" = Option<bool>, Header, description = "With strict, a repeat of a settled promise is a conflict"),
+    ),
+    request_body(content = CreateBody, content_type = "application/json"),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Created", body = PromiseAnswer),
+        (status = 200, description = "A repeat with the same idempotency key", body = PromiseAnswer),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 409, description = "Exists already (another key)", body = ErrorBody)
+    )
+)]
 async fn create<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> ApiResult {
     let bytes = read_body(&st, &h, body).await?;
     require_operator(&st, &h)?;
@@ -626,13 +897,31 @@ async fn create<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> ApiResult {
                     status: StatusCode::CONFLICT,
                     code: "already_exists",
                     message: format!("promise {} already exists ({})", p.id, p.state),
-                    extra: Some(("promise", p.to_json())),
+                    promise: Some(Box::new(p.view())),
                 })
             }
         }
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/promises",
+    tag = "promises",
+    params(
+        ("id" = Option<String>, Query, description = "Id or pattern with * wildcards (default *)"),
+        ("state" = Option<String>, Query, description = "A state, case-insensitive; `rejected` matches every REJECTED_* state"),
+        ("tags" = Option<std::collections::HashMap<String, String>>, Query, style = DeepObject, explode, description = "tags[k]=v, all must match"),
+        ("limit" = Option<usize>, Query, description = "1-1000 (default 100)"),
+        ("cursor" = Option<String>, Query, description = "From the previous page"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A page of promises", body = SearchPage),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+    )
+)]
 async fn search<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) -> ApiResult {
     require_operator(&st, &h)?;
     let mut query = SearchQuery {
@@ -694,13 +983,18 @@ async fn search<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) -> Api
         }
         Err(e) => return Err(e.into()),
     };
-    let promises: Vec<Value> = page.promises.iter().map(Promise::to_json).collect();
-    Ok(Json(json!({ "promises": promises, "cursor": page.cursor })).into_response())
+    let body = SearchPage {
+        promises: page.promises.iter().map(Promise::view).collect(),
+        cursor: page.cursor,
+    };
+    Ok(Json(body).into_response())
 }
 
-#[derive(Deserialize)]
+/// Cancel every pending promise that matches all of the given filters.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CancelBody {
+    /// A promise id or a pattern with * wildcards.
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
@@ -714,6 +1008,18 @@ struct CancelBody {
 /// `POST /promises/cancel`: cancel every pending promise matching tags, a job
 /// id or an id wildcard (Databricks Connect's `interruptTag`, the Jobs API's
 /// `cancel_all`). Answers how many matched.
+#[utoipa::path(
+    post,
+    path = "/promises/cancel",
+    tag = "promises",
+    request_body(content = CancelBody, content_type = "application/json"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "How many matched and were cancelled (their runs too)", body = CancelReport),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+    )
+)]
 async fn bulk_cancel<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> ApiResult {
     let bytes = read_body(&st, &h, body).await?;
     require_operator(&st, &h)?;
@@ -736,21 +1042,23 @@ async fn bulk_cancel<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> ApiResult
     }
     let reason = b.reason.unwrap_or_else(|| "canceled by an operator".into());
     let report = cancel_matching(&st.store, &filter, &reason, SettledBy::Operator).await?;
-    Ok(Json(json!(report)).into_response())
+    Ok(Json(report).into_response())
 }
 
 async fn get_cancel_promise<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) -> ApiResult {
     get_promise(st, Path("cancel".into()), h, RawQuery(q)).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct NotificationRun {
     run_id: u64,
     #[serde(default)]
     parent_run_id: Option<u64>,
 }
 
-#[derive(Deserialize)]
+/// A Databricks job notification (webhook destination) payload; other
+/// fields are ignored.
+#[derive(Deserialize, ToSchema)]
 struct Notification {
     #[serde(default)]
     event_type: String,
@@ -760,6 +1068,18 @@ struct Notification {
 /// `POST /databricks/notifications`: a Databricks job webhook destination.
 /// Never settles anything by itself (the payload has no result); it makes the
 /// run's promise due for a `runs/get` check on the next reconciler tick.
+#[utoipa::path(
+    post,
+    path = "/databricks/notifications",
+    tag = "databricks",
+    request_body(content = Notification, content_type = "application/json"),
+    security(("basic" = [])),
+    responses(
+        (status = 200, description = "The run's promise (if any) is checked on the next reconciler tick", body = NotificationAnswer),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+    )
+)]
 async fn notification<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> ApiResult {
     let bytes = read_body(&st, &h, body).await?;
     let Some((user, pass)) = &st.notification_auth else {
@@ -782,12 +1102,23 @@ async fn notification<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> ApiResul
     let run = RunId::new(run).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let promise = st.store.poll_run_now(run).await?;
     tracing::debug!(event_type = %n.event_type, run_id = run.get(), found = promise.is_some(), "job notification");
-    Ok(
-        Json(json!({"scheduled": promise.is_some(), "promise_id": promise.map(|p| p.to_string())}))
-            .into_response(),
-    )
+    let body = NotificationAnswer {
+        scheduled: promise.is_some(),
+        promise_id: promise.map(|p| p.to_string()),
+    };
+    Ok(Json(body).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    security(()),
+    responses(
+        (status = 200, description = "Redis and the broker are reachable", body = Readiness),
+        (status = 503, description = "One of them is not", body = Readiness)
+    )
+)]
 async fn readyz<S: Store>(st: St<S>) -> Response {
     let redis = st.store.ping().await.is_ok();
     let broker = st.broker_ready.load(Ordering::Relaxed);
@@ -797,8 +1128,16 @@ async fn readyz<S: Store>(st: St<S>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let word = |ok: bool| if ok { "ok" } else { "unreachable" };
-    (status, Json(json!({ "status": if redis && broker { "ready" } else { "not_ready" }, "redis": word(redis), "broker": word(broker) })))
-        .into_response()
+    let body = Readiness {
+        status: if redis && broker {
+            "ready"
+        } else {
+            "not_ready"
+        },
+        redis: word(redis),
+        broker: word(broker),
+    };
+    (status, Json(body)).into_response()
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ mod auth;
 mod budget;
 mod callbacks;
 mod core_loop;
+mod documents;
 mod faults;
 mod helpers;
 mod lifecycle;

@@ -1,0 +1,111 @@
+//! The sidecar's OpenAPI 3.1 document, served at `/openapi.json` and kept in
+//! `docs/openapi.json`. It is assembled by utoipa from the `#[utoipa::path]`
+//! attributes on the handlers and from the types the handlers serialise and
+//! parse, so a field added to a response shows up here by itself; a test
+//! sends real requests and checks every answer against this document.
+
+use std::sync::OnceLock;
+
+use serde::Serialize;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use crate::domain::promise::PromiseView;
+use crate::domain::{Payload, SettledBy, State};
+use crate::reconciler::CancelReport;
+
+use super::error::{ErrorBody, ErrorDetail};
+use super::{__path_bulk_cancel, __path_cb_get, __path_cb_heartbeat, PromiseAnswer};
+use super::{__path_cb_patch, __path_cb_reject, __path_cb_resolve, __path_create};
+use super::{__path_get_promise, __path_healthz, __path_heartbeat, __path_metrics};
+use super::{__path_notification, __path_openapi_json, __path_patch, __path_readyz};
+use super::{__path_reject, __path_resolve, __path_search};
+use super::{CallbackBody, CancelBody, CreateBody, Notification, NotificationRun, PatchBody};
+
+/// `GET /promises`.
+#[derive(Serialize, ToSchema)]
+pub struct SearchPage {
+    /// Never null; empty when nothing matches.
+    pub promises: Vec<PromiseView>,
+    /// Pass as `cursor` for the next page; null on the last.
+    pub cursor: Option<String>,
+}
+
+/// `POST /databricks/notifications`.
+#[derive(Serialize, ToSchema)]
+pub struct NotificationAnswer {
+    /// Whether a pending promise runs this run (and will be checked).
+    pub scheduled: bool,
+    pub promise_id: Option<String>,
+}
+
+/// `GET /healthz`.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    pub status: &'static str,
+}
+
+/// `GET /readyz`.
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    pub status: &'static str,
+    /// `ok` or `unreachable`.
+    pub redis: &'static str,
+    /// `ok` or `unreachable`.
+    pub broker: &'static str,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "runbridge sidecar",
+        description = "Notebook callbacks (capability routes under {url} = {public_url}/cb/{token}), the Durable Promise API (resonatehq/durable-promise-specification), Databricks job notifications and health. Every response body is JSON, errors included: {\"error\": {\"code\", \"message\"}}.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        cb_resolve, cb_reject, cb_heartbeat, cb_get, cb_patch,
+        resolve, reject, heartbeat,
+        get_promise, patch, create, search, bulk_cancel,
+        notification, healthz, readyz, metrics, openapi_json
+    ),
+    components(schemas(
+        PromiseView, PromiseAnswer, Payload, State, SettledBy, ErrorBody, ErrorDetail,
+        CallbackBody, PatchBody, CreateBody, CancelBody, CancelReport, SearchPage,
+        Notification, NotificationRun, NotificationAnswer, Health, Readiness
+    )),
+    modifiers(&Security),
+    tags(
+        (name = "callbacks", description = "What a notebook calls: the capability token opens only its own promise"),
+        (name = "promises", description = "The Durable Promise API"),
+        (name = "databricks", description = "Databricks job notification destinations"),
+        (name = "operations", description = "Health, readiness, metrics, this document")
+    )
+)]
+struct ApiDoc;
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        let mut bearer = Http::new(HttpAuthScheme::Bearer);
+        bearer.description = Some(
+            "An operator token (auth.operator_tokens), or on a promise's own routes its capability token".into(),
+        );
+        components.add_security_scheme("bearer", SecurityScheme::Http(bearer));
+        let mut basic = Http::new(HttpAuthScheme::Basic);
+        basic.description = Some(
+            "Any user name and the capability token as the password (Resonate SDK clients); for notifications, auth.notification_username/password".into(),
+        );
+        components.add_security_scheme("basic", SecurityScheme::Http(basic));
+    }
+}
+
+/// The document as pretty JSON (built once).
+pub fn document() -> String {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| ApiDoc::openapi().to_pretty_json().unwrap_or_default())
+        .clone()
+}
