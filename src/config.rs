@@ -60,6 +60,9 @@ pub struct RedisSection {
     pub pool_size: usize,
     pub response_timeout_ms: u64,
     pub retention_seconds: u64,
+    /// PEM CA file for rediss:// (empty: the system's roots).
+    #[serde(default)]
+    pub tls_ca_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -72,6 +75,9 @@ pub struct AmqpSection {
     pub control_queue: String,
     pub delivery_limit: u32,
     pub prefetch: u16,
+    /// PEM CA file for amqps:// (empty: the system's roots).
+    #[serde(default)]
+    pub tls_ca_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -100,6 +106,27 @@ pub struct SidecarSection {
     pub public_url: String,
     pub body_limit_bytes: usize,
     pub max_wait_seconds: u64,
+    /// PEM certificate chain and key for HTTPS (both or neither).
+    #[serde(default)]
+    pub tls_cert_file: String,
+    #[serde(default)]
+    pub tls_key_file: String,
+}
+
+/// PEM files read at start-up, so a missing or unreadable file is a
+/// configuration error that names its key.
+pub fn read_pem(key: &str, path: &str) -> Result<Option<Vec<u8>>, ConfigError> {
+    if path.is_empty() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(path)
+        .map_err(|e| ConfigError::Invalid(format!("{key}: cannot read {path:?}: {e}")))?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Err(ConfigError::Invalid(format!(
+            "{key}: {path:?} is not a PEM file (no -----BEGIN line)"
+        )));
+    }
+    Ok(Some(bytes))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -357,6 +384,27 @@ impl Settings {
                 Err(e) => return bad(format!("{key} is not a URL: {e}")),
             }
         }
+        for (key, file, url, scheme) in [
+            (
+                "redis.tls_ca_file",
+                &self.redis.tls_ca_file,
+                &self.redis.url,
+                "rediss",
+            ),
+            (
+                "amqp.tls_ca_file",
+                &self.amqp.tls_ca_file,
+                &self.amqp.url,
+                "amqps",
+            ),
+        ] {
+            if !file.is_empty() && !url.expose_secret().starts_with(&format!("{scheme}://")) {
+                return bad(format!(
+                    "{key} is set, but the url is not {scheme}://: it would not be used"
+                ));
+            }
+            read_pem(key, file)?;
+        }
         if self.redis.pool_size == 0 || self.redis.response_timeout_ms == 0 {
             return bad("redis.pool_size and redis.response_timeout_ms must be positive".into());
         }
@@ -434,6 +482,12 @@ impl Settings {
                 if self.sidecar.body_limit_bytes == 0 {
                     return bad("sidecar.body_limit_bytes must be positive".into());
                 }
+                let (cert, key) = (&self.sidecar.tls_cert_file, &self.sidecar.tls_key_file);
+                if cert.is_empty() != key.is_empty() {
+                    return bad("sidecar.tls_cert_file and sidecar.tls_key_file go together: set both for HTTPS, or neither".into());
+                }
+                read_pem("sidecar.tls_cert_file", cert)?;
+                read_pem("sidecar.tls_key_file", key)?;
             }
             Role::Client => {}
         }

@@ -133,6 +133,10 @@ struct EmulateArgs {
     notify_url: Option<String>,
     #[arg(long, default_value = "databricks")]
     notify_user: String,
+    /// A PEM CA to trust when runs call back an https sidecar with a
+    /// private certificate (the system's roots always apply).
+    #[arg(long, value_name = "PEM_FILE")]
+    callback_ca_file: Option<std::path::PathBuf>,
     /// OAuth M2M: a service principal's client id (POST /oidc/v1/token).
     #[arg(long)]
     oauth_client_id: Option<String>,
@@ -291,6 +295,12 @@ async fn emulate(s: &Settings, a: EmulateArgs) -> Result<()> {
             username: a.notify_user,
             password: a.notify_password,
         }),
+        callback_ca_pem: a
+            .callback_ca_file
+            .map(|f| {
+                std::fs::read(&f).with_context(|| format!("--callback-ca-file {}", f.display()))
+            })
+            .transpose()?,
     };
     let listen = a.listen.unwrap_or_else(|| s.emulator.listen.clone());
     let listener = TcpListener::bind(&listen)

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerSettings};
-use crate::config::{ConfigError, Settings};
+use crate::config::{ConfigError, Settings, read_pem};
 use crate::databricks::{self, ClientSettings, RateBudget, WorkspaceSettings};
 use crate::domain::{CallbackSigner, TriggerRules};
 use crate::reconciler::{Reconciler, ReconcilerSettings};
@@ -54,6 +54,7 @@ pub async fn store(s: &Settings) -> Result<RedisStore, StartupError> {
         pool_size: s.redis.pool_size,
         response_timeout: Duration::from_millis(s.redis.response_timeout_ms),
         first_poll: Duration::from_millis(s.reconciler.first_poll_ms),
+        tls_ca_pem: read_pem("redis.tls_ca_file", &s.redis.tls_ca_file)?,
     })
     .await?)
 }
@@ -69,6 +70,7 @@ pub fn broker_settings(s: &Settings, role: &str) -> BrokerSettings {
         delivery_limit: s.amqp.delivery_limit,
         prefetch: s.amqp.prefetch,
         connection_name: instance_name(role),
+        tls_ca_file: s.amqp.tls_ca_file.clone(),
     }
 }
 
@@ -314,7 +316,14 @@ pub async fn run_sidecar(
             .filter(|p| !p.expose_secret().is_empty())
             .map(|p| (s.auth.notification_username.clone(), p)),
     });
-    let r = sidecar::serve(listener, state, shutdown)
+    let tls = match (
+        read_pem("sidecar.tls_cert_file", &s.sidecar.tls_cert_file)?,
+        read_pem("sidecar.tls_key_file", &s.sidecar.tls_key_file)?,
+    ) {
+        (Some(cert), Some(key)) => Some(sidecar::TlsPem { cert, key }),
+        _ => None,
+    };
+    let r = sidecar::serve(listener, state, tls, shutdown)
         .await
         .map_err(StartupError::Serve);
     let _ = watcher.await;

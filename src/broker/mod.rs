@@ -18,6 +18,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
@@ -60,6 +61,10 @@ pub struct BrokerSettings {
     pub delivery_limit: u32,
     pub prefetch: u16,
     pub connection_name: String,
+    /// With `amqps://`: a PEM file of the CA(s) to trust instead of the
+    /// system's roots (empty: the system's). Read at each connect, so a
+    /// renewed CA file is picked up on reconnection.
+    pub tls_ca_file: String,
 }
 
 impl std::fmt::Debug for BrokerSettings {
@@ -94,9 +99,24 @@ impl Broker {
     pub async fn connect(settings: &BrokerSettings) -> Result<Self, BrokerError> {
         let props = ConnectionProperties::default()
             .with_connection_name(settings.connection_name.clone().into());
+        let failed = |reason: String| BrokerError::Connect {
+            url: redact_amqp_url(settings.url.expose_secret()),
+            reason,
+        };
+        let tls =
+            OwnedTLSConfig {
+                identity: None,
+                cert_chain: match settings.tls_ca_file.as_str() {
+                    "" => None,
+                    path => Some(std::fs::read_to_string(path).map_err(|e| {
+                        failed(format!("cannot read amqp.tls_ca_file {path:?}: {e}"))
+                    })?),
+                },
+            };
+        let runtime = lapin::runtime::default_runtime().map_err(|e| failed(e.to_string()))?;
         let conn = tokio::time::timeout(
             Duration::from_secs(10),
-            Connection::connect(settings.url.expose_secret(), props),
+            Connection::connect_with_config(settings.url.expose_secret(), props, tls, runtime),
         )
         .await
         .map_err(|_| BrokerError::Connect {

@@ -104,6 +104,9 @@ pub struct EmulatorSettings {
     /// A service principal for OAuth M2M (`POST /oidc/v1/token`); its access
     /// tokens are accepted as bearer tokens until they expire.
     pub oauth: Option<OAuthClient>,
+    /// A PEM CA the "notebooks" trust when they call back an https sidecar
+    /// signed by a private CA (the system's roots always apply).
+    pub callback_ca_pem: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -125,6 +128,7 @@ impl Default for EmulatorSettings {
             promise_param: "promise_id".into(),
             notify: None,
             oauth: None,
+            callback_ca_pem: None,
         }
     }
 }
@@ -210,6 +214,19 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// The client runs use to call the sidecar back.
+fn callback_client(ca_pem: Option<&[u8]>) -> reqwest::Client {
+    let mut b = reqwest::Client::builder().timeout(Duration::from_secs(10));
+    match ca_pem.map(reqwest::Certificate::from_pem) {
+        Some(Ok(ca)) => b = b.add_root_certificate(ca),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "emulator: callback CA is not a PEM certificate; ignored")
+        }
+        None => {}
+    }
+    b.build().unwrap_or_default()
+}
+
 impl Emulator {
     pub fn new(settings: EmulatorSettings) -> Arc<Self> {
         let mut inner = Inner {
@@ -226,15 +243,13 @@ impl Emulator {
             });
         }
         let faults = settings.faults.clone();
+        let http = callback_client(settings.callback_ca_pem.as_deref());
         Arc::new(Self {
             notify: Mutex::new(settings.notify.clone()),
             settings,
             inner: Mutex::new(inner),
             faults: Mutex::new(faults),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap_or_default(),
+            http,
             base_url: Mutex::new("http://127.0.0.1".into()),
             shutdown: OnceLock::new(),
         })

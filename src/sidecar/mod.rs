@@ -137,15 +137,48 @@ pub async fn serve_metrics(
         .await
 }
 
-/// Serves until `shutdown`, then finishes in-flight requests.
+/// The sidecar's certificate chain and private key, PEM.
+pub struct TlsPem {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+/// Serves until `shutdown`, then finishes in-flight requests. With `tls`,
+/// HTTPS only (rustls; a plain-HTTP request fails its handshake).
 pub async fn serve<S: Store>(
     listener: TcpListener,
     state: Arc<AppState<S>>,
+    tls: Option<TlsPem>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, "sidecar listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+    let addr = listener.local_addr()?;
+    let app = router(state);
+    let Some(pem) = tls else {
+        tracing::info!(%addr, "sidecar listening (http)");
+        return axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+    };
+    let config = axum_server::tls_rustls::RustlsConfig::from_pem(pem.cert, pem.key)
+        .await
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("sidecar.tls_cert_file / tls_key_file: {e}"),
+            )
+        })?;
+    let handle = axum_server::Handle::new();
+    let on_shutdown = handle.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        // Like axum::serve's graceful shutdown: stop accepting, let the
+        // requests in flight finish.
+        on_shutdown.graceful_shutdown(None);
+    });
+    tracing::info!(%addr, "sidecar listening (https)");
+    axum_server::from_tcp_rustls(listener.into_std()?, config)?
+        .handle(handle)
+        .serve(app.into_make_service())
         .await
 }
 

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-pub use redis_store::RedisStore;
+pub use redis_store::{RedisStore, StoreSettings};
 
 use crate::domain::promise::CorruptRecord;
 use crate::domain::{Payload, Promise, PromiseId, RunId, SettledBy, State};

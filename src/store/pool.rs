@@ -1,5 +1,5 @@
-//! The connection pool: deadpool over deadpool-redis's connections, without
-//! a round trip per checkout.
+//! The connection pool: deadpool over redis-rs multiplexed connections
+//! (what deadpool-redis pools), without a round trip per checkout.
 //!
 //! deadpool-redis's own manager checks every connection it hands out with a
 //! pipelined `UNWATCH` + `PING`, one extra round trip per pool checkout. The
@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use redis::AsyncConnectionConfig;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
@@ -41,14 +42,17 @@ fn connection_failed(e: &RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error()
 }
 
-/// Creates connections with deadpool-redis's manager; recycles for free.
+/// Creates multiplexed connections (as deadpool-redis's manager does, but
+/// from a client built here, so `rediss://` can trust a private CA);
+/// recycles for free.
 pub struct Manager {
-    inner: deadpool_redis::Manager,
+    client: redis::Client,
+    config: AsyncConnectionConfig,
 }
 
 impl Manager {
-    pub fn new(inner: deadpool_redis::Manager) -> Self {
-        Self { inner }
+    pub fn new(client: redis::Client, config: AsyncConnectionConfig) -> Self {
+        Self { client, config }
     }
 }
 
@@ -58,7 +62,10 @@ impl managed::Manager for Manager {
 
     async fn create(&self) -> Result<Tracked, RedisError> {
         Ok(Tracked {
-            conn: managed::Manager::create(&self.inner).await?,
+            conn: self
+                .client
+                .get_multiplexed_async_connection_with_config(&self.config)
+                .await?,
             broken: Arc::new(AtomicBool::new(false)),
         })
     }

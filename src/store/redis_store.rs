@@ -65,6 +65,8 @@ pub struct StoreSettings {
     pub response_timeout: Duration,
     /// Delay before the first `runs/get` check of a newly recorded run.
     pub first_poll: Duration,
+    /// PEM CA(s) to trust for `rediss://` instead of the system's roots.
+    pub tls_ca_pem: Option<Vec<u8>>,
 }
 
 #[derive(Clone)]
@@ -155,10 +157,18 @@ impl RedisStore {
         let conn_cfg = AsyncConnectionConfig::new()
             .set_response_timeout(Some(s.response_timeout))
             .set_connection_timeout(Some(Duration::from_secs(3)));
-        let manager = Manager::new(
-            deadpool_redis::Manager::new_with_config(s.url.as_str(), conn_cfg)
-                .map_err(|e| StoreError::Unavailable(format!("redis url {shown}: {e}")))?,
-        );
+        let client = match &s.tls_ca_pem {
+            None => redis::Client::open(s.url.as_str()),
+            Some(ca) => redis::Client::build_with_tls(
+                s.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            ),
+        }
+        .map_err(|e| StoreError::Unavailable(format!("redis url {shown}: {e}")))?;
+        let manager = Manager::new(client.clone(), conn_cfg);
         let pool = Pool::builder(manager)
             .max_size(s.pool_size)
             .wait_timeout(Some(Duration::from_secs(5)))
@@ -166,8 +176,6 @@ impl RedisStore {
             .runtime(deadpool_redis::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Unavailable(format!("redis pool for {shown}: {e}")))?;
-        let client = redis::Client::open(s.url.as_str())
-            .map_err(|e| StoreError::Unavailable(format!("redis url {shown}: {e}")))?;
         let store = Self {
             pool,
             client,

@@ -71,6 +71,9 @@ pub struct Options {
     pub extra_workers: usize,
     /// A service principal the emulator accepts for OAuth M2M.
     pub emulator_oauth: Option<emulator::OAuthClient>,
+    /// Serve the sidecar over HTTPS with this certificate; the test's client
+    /// and the emulator's "notebooks" trust its CA.
+    pub sidecar_tls: Option<crate::tls::Pki>,
 }
 
 impl Default for Options {
@@ -81,6 +84,7 @@ impl Default for Options {
             overrides: Vec::new(),
             extra_workers: 0,
             emulator_oauth: None,
+            sidecar_tls: None,
         }
     }
 }
@@ -137,6 +141,10 @@ impl TestApp {
             jobs,
             token: Some("dapi-test".into()),
             oauth: opts.emulator_oauth.clone(),
+            callback_ca_pem: opts
+                .sidecar_tls
+                .as_ref()
+                .map(|p| p.ca_pem.clone().into_bytes()),
             ..Default::default()
         });
         let emu_listener = TcpListener::bind("127.0.0.1:0")
@@ -153,7 +161,15 @@ impl TestApp {
         let sidecar_listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind sidecar");
-        let sidecar_url = format!("http://{}", sidecar_listener.local_addr().expect("addr"));
+        let scheme = if opts.sidecar_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let sidecar_url = format!(
+            "{scheme}://{}",
+            sidecar_listener.local_addr().expect("addr")
+        );
         let vhost = opts
             .vhost
             .clone()
@@ -191,6 +207,10 @@ impl TestApp {
             ("reconciler.lease_ms", "5000".into()),
         ];
         let mut overrides = overrides;
+        if let Some(pki) = &opts.sidecar_tls {
+            overrides.push(("sidecar.tls_cert_file", pki.cert_file.display().to_string()));
+            overrides.push(("sidecar.tls_key_file", pki.key_file.display().to_string()));
+        }
         // "{emulator}" in an override value stands for the emulator's URL.
         overrides.extend(
             opts.overrides
@@ -240,7 +260,15 @@ impl TestApp {
                 }
             }));
         }
-        let http = reqwest::Client::new();
+        let http = match &opts.sidecar_tls {
+            None => reqwest::Client::new(),
+            Some(pki) => reqwest::Client::builder()
+                .add_root_certificate(
+                    reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).expect("CA pem"),
+                )
+                .build()
+                .expect("https client"),
+        };
         let app = TestApp {
             name,
             settings,

@@ -12,4 +12,5 @@ mod faults;
 mod helpers;
 mod lifecycle;
 mod metrics;
+mod tls;
 mod traces;
