@@ -31,6 +31,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
     pub log: LogSettings,
+    #[serde(default)]
+    pub telemetry: TelemetrySection,
     pub redis: RedisSection,
     pub amqp: AmqpSection,
     pub worker: WorkerSection,
@@ -44,6 +46,29 @@ pub struct Settings {
     /// (merged into it at load; a name in both is an error).
     #[serde(default)]
     pub workspaces: BTreeMap<String, WorkspaceSection>,
+}
+
+/// `[telemetry]`: trace export.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TelemetrySection {
+    /// OTLP/HTTP collector base URL; empty: no export.
+    #[serde(default)]
+    pub otlp_endpoint: String,
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+}
+
+fn default_service_name() -> String {
+    "runbridge".into()
+}
+
+impl Default for TelemetrySection {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            service_name: default_service_name(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -382,6 +407,17 @@ impl Settings {
                 Ok(u) if schemes.contains(&u.scheme()) => {}
                 Ok(u) => return bad(format!("{key} must use {schemes:?}, got {:?}", u.scheme())),
                 Err(e) => return bad(format!("{key} is not a URL: {e}")),
+            }
+        }
+        if !self.telemetry.otlp_endpoint.is_empty() {
+            match url::Url::parse(&self.telemetry.otlp_endpoint) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => {
+                    return bad(format!(
+                        "telemetry.otlp_endpoint must be an http(s) URL (OTLP/HTTP), got {:?}",
+                        self.telemetry.otlp_endpoint
+                    ));
+                }
             }
         }
         for (key, file, url, scheme) in [

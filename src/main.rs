@@ -480,7 +480,13 @@ async fn promise(s: &Settings, cmd: PromiseCmd) -> Result<()> {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load().context("loading configuration")?;
-    runbridge::telemetry::init(&settings.log.format, &settings.log.level);
+    let tracing = runbridge::telemetry::init(&settings.log, &settings.telemetry)?;
+    let result = run(cli, settings).await;
+    tracing.shutdown();
+    result
+}
+
+async fn run(cli: Cli, settings: Settings) -> Result<()> {
     match cli.command {
         Command::Worker => {
             let shutdown = runbridge::shutdown::on_signals();

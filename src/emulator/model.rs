@@ -330,7 +330,7 @@ impl Emulator {
 
     /// The callback a notebook makes: `POST {url}/{verb}?id=..&value=..`.
     pub async fn call_back(&self, run_id: u64, verb: &str) {
-        let (url, id, value) = {
+        let (url, id, value, traceparent) = {
             let inner = self.lock();
             let Some(run) = inner.runs.get(&run_id) else {
                 return;
@@ -345,20 +345,28 @@ impl Emulator {
                 );
                 return;
             };
-            (url, id, run.behaviour.value.clone())
+            (
+                url,
+                id,
+                run.behaviour.value.clone(),
+                run.traceparent.clone(),
+            )
         };
         let key = if verb == "reject" { "error" } else { "value" };
         // Like a notebook cell with a simple retry: connection errors and 5xx
         // are tried a few times.
         let mut status = 0u16;
         for attempt in 0..5u32 {
-            match self
+            // The notebook sends back the trace it was started in, as the
+            // Python helper does with $TRACEPARENT.
+            let mut req = self
                 .http
                 .post(format!("{url}/{verb}"))
-                .query(&[("id", id.as_str()), (key, value.as_str())])
-                .send()
-                .await
-            {
+                .query(&[("id", id.as_str()), (key, value.as_str())]);
+            if let Some(tp) = &traceparent {
+                req = req.header("traceparent", tp);
+            }
+            match req.send().await {
                 Ok(r) => {
                     status = r.status().as_u16();
                     if !r.status().is_server_error() {

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use utoipa::ToSchema;
 
 pub use error::ApiError;
@@ -361,9 +362,31 @@ struct CallbackBody {
 
 /// Resolve or reject from a notebook: `?id=..&value=..` (or `error=`) or a JSON body.
 /// The callback's span carries the promise id and, when the notebook sends
-/// one back, its W3C `traceparent` (the trigger's trace continues here).
-#[tracing::instrument(skip_all, fields(promise.id = tracing::field::Empty, traceparent = tracing::field::Empty))]
+/// one back, its W3C `traceparent`, which is also the span's parent (the
+/// trigger's trace continues here).
 async fn callback_settle<S: Store>(
+    st: &AppState<S>,
+    completion: Completion,
+    path_token: Option<&str>,
+    headers: &HeaderMap,
+    raw_query: &Option<String>,
+    body: Body,
+) -> ApiResult {
+    let tp = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    let span = tracing::info_span!(
+        "callback",
+        promise.id = tracing::field::Empty,
+        traceparent = tp
+    );
+    if let Some(tp) = tp {
+        crate::telemetry::continue_trace(&span, tp);
+    }
+    callback_settle_in_span(st, completion, path_token, headers, raw_query, body)
+        .instrument(span)
+        .await
+}
+
+async fn callback_settle_in_span<S: Store>(
     st: &AppState<S>,
     completion: Completion,
     path_token: Option<&str>,
@@ -391,11 +414,7 @@ async fn callback_settle<S: Store>(
             });
         }
     };
-    let span = tracing::Span::current();
-    span.record("promise.id", id.as_str());
-    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
-        span.record("traceparent", tp);
-    }
+    tracing::Span::current().record("promise.id", id.as_str());
     let value = match completion {
         Completion::Resolve => q.get("value").map(|v| Value::String(v.clone())).or(b.value),
         _ => q

@@ -17,6 +17,7 @@ pub mod runner;
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
+use tracing::Instrument;
 use tracing::field::Empty;
 use url::Url;
 
@@ -217,8 +218,22 @@ fn reply_for(p: &Promise, t: &Trigger) -> Disposition {
 
 /// Handles one trigger (DESIGN.md §7). Never panics on input; every error
 /// becomes a [`Disposition`] and is logged once, by the runner.
-#[tracing::instrument(skip_all, fields(promise.id = Empty, databricks.run_id = Empty))]
+///
+/// Its span (`process`, with `promise.id` and `databricks.run_id`) is a child
+/// of the trigger's `traceparent` when there is one, so an exported trace
+/// goes from the producer through this worker.
 pub async fn process<S: PromiseStore, J: Jobs>(
+    ctx: &WorkerContext<S, J>,
+    env: &Envelope,
+) -> Disposition {
+    let span = tracing::info_span!("process", promise.id = Empty, databricks.run_id = Empty);
+    if let Some(tp) = &env.traceparent {
+        crate::telemetry::continue_trace(&span, tp);
+    }
+    process_in_span(ctx, env).instrument(span).await
+}
+
+async fn process_in_span<S: PromiseStore, J: Jobs>(
     ctx: &WorkerContext<S, J>,
     env: &Envelope,
 ) -> Disposition {

@@ -12,5 +12,6 @@ mod faults;
 mod helpers;
 mod lifecycle;
 mod metrics;
+mod otlp;
 mod tls;
 mod traces;
