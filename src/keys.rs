@@ -69,6 +69,18 @@ impl Keys {
         format!("{}:{{p{partition}}}:deadlines", self.prefix)
     }
 
+    /// Pending promises counted by the second they were created in (hash:
+    /// second → count), and those seconds in order (sorted set, score = the
+    /// second): the oldest pending promise's age in O(log n), at a cost per
+    /// second with pending promises, not per promise.
+    pub fn pending_by_second(&self, partition: u32) -> String {
+        format!("{}:{{p{partition}}}:pending_by_second", self.prefix)
+    }
+
+    pub fn pending_seconds(&self, partition: u32) -> String {
+        format!("{}:{{p{partition}}}:pending_seconds", self.prefix)
+    }
+
     pub fn outbox(&self, partition: u32) -> String {
         format!("{}:{{p{partition}}}:outbox", self.prefix)
     }

@@ -206,7 +206,8 @@ async fn sample_gauges(store: RedisStore, shutdown: CancellationToken) {
     loop {
         match store.partition_stats().await {
             Ok(stats) => {
-                let (mut outbox, mut oldest, mut overdue) = (0u64, 0f64, 0f64);
+                let (mut outbox, mut oldest, mut overdue, mut pending_age) =
+                    (0u64, 0f64, 0f64, 0f64);
                 for p in &stats {
                     let partition = p.partition.to_string();
                     metrics::gauge!("runbridge_promises_pending", "partition" => partition)
@@ -215,12 +216,16 @@ async fn sample_gauges(store: RedisStore, shutdown: CancellationToken) {
                     if let Some(o) = p.overdue {
                         overdue = overdue.max(o.as_secs_f64());
                     }
+                    if let Some(a) = p.oldest_pending_age {
+                        pending_age = pending_age.max(a.as_secs_f64());
+                    }
                     if let Some(a) = p.outbox_oldest_age {
                         oldest = oldest.max(a.as_secs_f64());
                     }
                 }
                 metrics::gauge!("runbridge_outbox_entries").set(outbox as f64);
                 metrics::gauge!("runbridge_promises_overdue_seconds").set(overdue);
+                metrics::gauge!("runbridge_promises_oldest_pending_age_seconds").set(pending_age);
                 metrics::gauge!("runbridge_outbox_oldest_age_seconds").set(oldest);
             }
             Err(e) => tracing::debug!(error = %e, "metrics: store sizes unavailable"),

@@ -260,6 +260,11 @@ impl RedisStore {
                 .arg(0)
                 .arg(0)
                 .arg("WITHSCORES");
+            pipe.cmd("ZRANGE")
+                .arg(self.keys.pending_seconds(p))
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES");
             pipe.cmd("XLEN").arg(self.keys.outbox(p));
             pipe.cmd("XRANGE")
                 .arg(self.keys.outbox(p))
@@ -276,23 +281,32 @@ impl RedisStore {
             .unwrap_or_default();
         let now_ms = secs * 1000 + micros / 1000;
         let mut out = Vec::new();
-        for (p, chunk) in replies.chunks(4).enumerate() {
+        for (p, chunk) in replies.chunks(5).enumerate() {
             let n = |v: &Value| redis::from_redis_value::<u64>(v.clone()).unwrap_or(0);
             // Entry ids are "<ms>-<seq>": the oldest entry's time is in its id.
             let earliest_deadline = redis::from_redis_value::<Vec<(String, f64)>>(chunk[1].clone())
                 .ok()
                 .and_then(|v| v.first().map(|(_, score)| *score as u64));
-            let oldest_ms = redis::from_redis_value::<Vec<(String, Value)>>(chunk[3].clone())
+            let oldest_second = redis::from_redis_value::<Vec<(String, f64)>>(chunk[2].clone())
+                .ok()
+                .and_then(|v| v.first().map(|(_, score)| *score as u64));
+            let oldest_ms = redis::from_redis_value::<Vec<(String, Value)>>(chunk[4].clone())
                 .ok()
                 .and_then(|e| e.first().map(|(id, _)| id.clone()))
                 .and_then(|id| id.split('-').next()?.parse::<u64>().ok());
+            let pending = n(&chunk[0]);
             out.push(PartitionStats {
                 partition: p as u32,
-                pending: n(&chunk[0]),
+                pending,
                 overdue: earliest_deadline
                     .filter(|d| *d < now_ms)
                     .map(|d| Duration::from_millis(now_ms - d)),
-                outbox: n(&chunk[2]),
+                // Counted to the second; a partition with nothing pending has
+                // no age, whatever a count left by a backstop expiry says.
+                oldest_pending_age: oldest_second
+                    .filter(|_| pending > 0)
+                    .map(|s| Duration::from_millis(now_ms.saturating_sub(s * 1000))),
+                outbox: n(&chunk[3]),
                 outbox_oldest_age: oldest_ms
                     .map(|ms| Duration::from_millis(now_ms.saturating_sub(ms))),
             });
@@ -309,6 +323,9 @@ pub struct PartitionStats {
     /// How far past its deadline the most overdue pending promise is (the
     /// reconciler should have timed it out: a sweep is not running).
     pub overdue: Option<Duration>,
+    /// Age of the oldest pending promise (to the second: counted per
+    /// creation second, not per promise).
+    pub oldest_pending_age: Option<Duration>,
     pub outbox: u64,
     pub outbox_oldest_age: Option<Duration>,
 }
@@ -323,6 +340,8 @@ impl PromiseStore for RedisStore {
         let mut inv = self.scripts.create.prepare_invoke();
         inv.key(self.keys.promise(&new.id))
             .key(self.keys.deadlines(p))
+            .key(self.keys.pending_by_second(p))
+            .key(self.keys.pending_seconds(p))
             .arg(new.id.as_str())
             .arg(rel)
             .arg(abs)
@@ -627,7 +646,8 @@ impl RedisStore {
         Ok(())
     }
 
-    fn settle_keys(&self, id: &PromiseId) -> [String; 6] {
+    /// The keys of `settle_record` (common.lua), in its order.
+    fn settle_keys(&self, id: &PromiseId) -> [String; 8] {
         let p = self.keys.partition(id);
         [
             self.keys.promise(id),
@@ -636,6 +656,8 @@ impl RedisStore {
             self.keys.runs(p),
             self.keys.polls(p),
             self.keys.cancels(p),
+            self.keys.pending_by_second(p),
+            self.keys.pending_seconds(p),
         ]
     }
 }

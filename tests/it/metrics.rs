@@ -181,5 +181,101 @@ async fn overdue_and_pending_gauges() {
     .await;
     assert!(value(&s, "runbridge_promises_pending", &[]) >= 1.0);
     assert!(value(&s, "runbridge_promises_overdue_seconds", &[]) < 120.0);
+    // Created a moment ago (its deadline is what lies in the past).
+    assert!(s.contains_key("runbridge_promises_oldest_pending_age_seconds"));
+    assert!(value(&s, "runbridge_promises_oldest_pending_age_seconds", &[]) < 60.0);
+    app.stop().await;
+}
+
+/// The oldest pending promise's age follows the oldest promise still
+/// pending: it grows while that one waits, drops to the next one's age when
+/// it settles (whichever way: completion or timeout), and is gone, with its
+/// per-second counters, when nothing is pending.
+#[tokio::test]
+async fn oldest_pending_age_follows_the_oldest_pending_promise() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let oldest = || async {
+        app.store
+            .partition_stats()
+            .await
+            .unwrap()
+            .iter()
+            .filter_map(|p| p.oldest_pending_age)
+            .max()
+    };
+    let create = |id: String, timeout: Option<i64>| {
+        let mut body = json!({ "id": id });
+        if let Some(t) = timeout {
+            body["timeout"] = json!(t);
+        }
+        app.operator(app.http.post(format!("{}/promises", app.sidecar_url)))
+            .json(&body)
+            .send()
+    };
+    assert_eq!(oldest().await, None, "nothing pending yet");
+    let first = unique("first");
+    assert_eq!(create(first.clone(), None).await.unwrap().status(), 201);
+    let waited = eventually(
+        Duration::from_secs(10),
+        "the first promise to age 3 s",
+        || async { oldest().await.filter(|a| *a >= Duration::from_secs(3)) },
+    )
+    .await;
+    assert!(waited < Duration::from_secs(8), "{waited:?}");
+    // A second one that times out (no reconciler here settles it by itself).
+    let second = unique("second");
+    let soon = chrono::Utc::now().timestamp_millis() + 100;
+    assert_eq!(
+        create(second.clone(), Some(soon)).await.unwrap().status(),
+        201
+    );
+    let r = app
+        .operator(
+            app.http
+                .patch(format!("{}/promises/{first}", app.sidecar_url)),
+        )
+        .json(&json!({"state": "RESOLVED"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let now = oldest().await.expect("the second is pending");
+    assert!(
+        now < Duration::from_secs(3),
+        "the first no longer counts: {now:?}"
+    );
+    // The deadline sweep settles the second.
+    let id = runbridge::domain::PromiseId::parse(&second).unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the second promise to time out",
+        || async {
+            match runbridge::store::Lifecycle::expire(&app.store, &id)
+                .await
+                .unwrap()
+            {
+                runbridge::store::ExpireOutcome::TimedOut(_) => Some(()),
+                _ => None, // not due yet (its 100 ms deadline)
+            }
+        },
+    )
+    .await;
+    assert_eq!(oldest().await, None, "nothing pending");
+    // No count is left behind.
+    let mut conn = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:*pending_*", app.name))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "left behind: {keys:?}");
     app.stop().await;
 }

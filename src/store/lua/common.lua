@@ -6,11 +6,28 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Pending promises per creation second (for the oldest pending age): +1 at
+-- create, -1 at settle; a second whose count reaches 0 is removed from both.
+local function count_pending(counts, seconds, created_ms, delta)
+  local s = math.floor(created_ms / 1000)
+  local n = redis.call('HINCRBY', counts, s, delta)
+  if n <= 0 then
+    redis.call('HDEL', counts, s)
+    redis.call('ZREM', seconds, s)
+  elseif delta > 0 and n == delta then
+    redis.call('ZADD', seconds, s, s)
+  end
+end
+
 -- The one way a promise becomes settled: state, value and who did it; out of
 -- the deadline, poll and run indexes; expiry set to the retention; one outbox
 -- entry (the record minus its param); and, if asked and there is a run, a
--- cancellation scheduled. k = {promise, deadlines, outbox, runs, polls, cancels}.
+-- cancellation scheduled; the pending count of its creation second less one.
+-- k = {promise, deadlines, outbox, runs, polls, cancels, pending_by_second,
+-- pending_seconds}. Only ever called on a PENDING promise.
 local function settle_record(k, id, state, value, iku, by, retention, now, cancel_run)
+  local created = tonumber(redis.call('HGET', k[1], 'created'))
+  if created then count_pending(k[7], k[8], created, -1) end
   redis.call('HSET', k[1], 'state', state, 'value', value, 'completed', now, 'by', by)
   if iku ~= '' then redis.call('HSET', k[1], 'iku', iku) end
   redis.call('ZREM', k[2], id)

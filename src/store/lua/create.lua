@@ -1,5 +1,6 @@
 -- Create a PENDING promise if absent (DESIGN.md §7 step 2).
--- KEYS[1] promise hash, KEYS[2] partition deadlines zset
+-- KEYS[1] promise hash, KEYS[2] partition deadlines zset,
+-- KEYS[3] pending_by_second hash, KEYS[4] pending_seconds zset
 -- ARGV[1] id, ARGV[2] timeout relative ms (used when ARGV[3] is 0),
 -- ARGV[3] timeout absolute ms or 0, ARGV[4] retention ms,
 -- ARGV[5] heartbeat seconds or '', ARGV[6..] field/value pairs ('' values skipped)
@@ -27,6 +28,7 @@ if hb then
 end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[2], deadline, ARGV[1])
+count_pending(KEYS[3], KEYS[4], now, 1)
 -- Backstop against leaks if no reconciler ever sweeps: gone a retention
 -- period after its deadline at the latest.
 redis.call('PEXPIREAT', KEYS[1], timeout + tonumber(ARGV[4]))
