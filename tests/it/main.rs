@@ -10,6 +10,10 @@ mod core_loop;
 mod documents;
 mod faults;
 mod helpers;
+// The harness's private RabbitMQ node (the TLS test starts one).
+#[path = "../../src/bin/harness/mod.rs"]
+#[allow(dead_code)]
+mod harness;
 mod lifecycle;
 mod metrics;
 mod otlp;

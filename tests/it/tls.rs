@@ -267,3 +267,66 @@ fn tls_settings_are_checked_at_start() {
     good.validate(Role::Sidecar).unwrap();
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
+
+/// amqps:// to a private RabbitMQ node (started here, with a TLS listener
+/// only) whose certificate the rcgen CA signed: with `amqp.tls_ca_file` the
+/// broker connects, declares the topology and publishes with confirms; with
+/// the system's roots alone the certificate is refused. The node runs as
+/// the `rabbitmq` user, which needs root: elsewhere the test says so and
+/// checks nothing.
+#[tokio::test]
+async fn amqps_to_a_private_node_with_a_private_ca() {
+    use runbridge::broker::Broker;
+
+    let uid = Command::new("id").arg("-u").output().unwrap();
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        eprintln!("NOTE: amqps test skipped: a private RabbitMQ node needs root");
+        return;
+    }
+    let pki = Pki::new("tls-amqp");
+    let mut node = crate::harness::node::RabbitNode::new(
+        &unique("it-tls"),
+        pki.dir.join("rabbitmq"),
+        Some(&crate::harness::node::NodeTls {
+            ca_file: pki.ca_file.clone(),
+            cert_file: pki.cert_file.clone(),
+            key_file: pki.key_file.clone(),
+        }),
+    )
+    .expect("private node");
+    node.start().await.expect("private node starts");
+    let url = format!("amqps://guest:guest@127.0.0.1:{}/%2f", node.port);
+    let settings = |ca: &str| {
+        let mut bs = runbridge::startup::broker_settings(
+            &Settings::load_from(&config_dir(), "local", &[("amqp.url", url.clone())]).unwrap(),
+            "it-tls",
+        );
+        bs.tls_ca_file = ca.to_owned();
+        bs
+    };
+
+    let broker = Broker::connect(&settings(&pki.ca_file.display().to_string()))
+        .await
+        .expect("amqps with the CA");
+    broker.declare_topology().await.expect("topology over TLS");
+    let publisher = broker.publisher().await.expect("confirming publisher");
+    publisher
+        .publish_trigger(br#"{"id":"tls-1","job_id":1}"#, None, None, None)
+        .await
+        .expect("published and confirmed over TLS");
+    broker.close().await;
+
+    let Err(err) = Broker::connect(&settings("")).await else {
+        panic!("a certificate of an unknown CA was trusted");
+    };
+    assert!(err.to_string().contains("amqps://"), "{err}");
+    let plain = url.replace("amqps://", "amqp://");
+    let mut bs = settings("");
+    bs.url = plain.into();
+    assert!(
+        Broker::connect(&bs).await.is_err(),
+        "plain AMQP spoke to a TLS-only listener"
+    );
+    node.kill9().await;
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}

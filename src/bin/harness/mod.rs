@@ -1,11 +1,16 @@
 //! What the two harness binaries (`chaos`, `bench`) share: talking to the
-//! machine's RabbitMQ through `rabbitmqctl`, finding the runbridge binary,
-//! and reading a process's memory.
+//! machine's RabbitMQ through `rabbitmqctl`, private RabbitMQ nodes (`node`;
+//! the integration tests use it too), finding the runbridge binary, and
+//! reading a process's memory.
 //! (A folder without `main.rs`, so Cargo does not take it for a binary.)
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+
+// Not every harness binary starts private nodes (bench does not).
+#[allow(dead_code)]
+pub mod node;
 
 /// `rabbitmqctl` against the shared node, or with `node` a private one.
 pub fn rabbitmqctl(node: Option<&str>, args: &[&str]) -> Result<String> {
