@@ -272,6 +272,20 @@ fn key(k: &str) -> String {
     }
 }
 
+/// Writes ` <value>` and the line's end for a value that fits on the line;
+/// false (nothing written) for a collection that needs a block.
+fn push_scalar(out: &mut String, x: &Value) -> bool {
+    match inline(x) {
+        Some(s) => {
+            out.push(' ');
+            out.push_str(&s);
+            out.push('\n');
+            true
+        }
+        None => false,
+    }
+}
+
 fn block(v: &Value, indent: usize, out: &mut String) {
     let pad = " ".repeat(indent);
     match v {
@@ -280,16 +294,9 @@ fn block(v: &Value, indent: usize, out: &mut String) {
                 out.push_str(&pad);
                 out.push_str(&key(k));
                 out.push(':');
-                match inline(x) {
-                    Some(s) => {
-                        out.push(' ');
-                        out.push_str(&s);
-                        out.push('\n');
-                    }
-                    None => {
-                        out.push('\n');
-                        block(x, indent + 2, out);
-                    }
+                if !push_scalar(out, x) {
+                    out.push('\n');
+                    block(x, indent + 2, out);
                 }
             }
         }
@@ -297,19 +304,12 @@ fn block(v: &Value, indent: usize, out: &mut String) {
             for x in a {
                 out.push_str(&pad);
                 out.push('-');
-                match inline(x) {
-                    Some(s) => {
-                        out.push(' ');
-                        out.push_str(&s);
-                        out.push('\n');
-                    }
-                    None => {
-                        // The item's first line goes after the dash.
-                        let mut sub = String::new();
-                        block(x, indent + 2, &mut sub);
-                        out.push(' ');
-                        out.push_str(&sub[indent + 2..]);
-                    }
+                if !push_scalar(out, x) {
+                    // The item's first line goes after the dash.
+                    let mut sub = String::new();
+                    block(x, indent + 2, &mut sub);
+                    out.push(' ');
+                    out.push_str(&sub[indent + 2..]);
                 }
             }
         }

@@ -33,7 +33,7 @@ use utoipa::ToSchema;
 
 pub use error::ApiError;
 use error::ErrorBody;
-use openapi::{Health, NotificationAnswer, Readiness, SearchPage};
+use openapi::{Health, NotificationAnswer, Readiness, SearchPage, SettleAnswers};
 
 use crate::domain::promise::PromiseView;
 use crate::domain::{
@@ -478,16 +478,7 @@ async fn callback_heartbeat<S: Store>(
     ),
     request_body(content = Option<CallbackBody>, content_type = "application/json"),
     security(()),
-    responses(
-        (status = 200, description = "Settled, or a repeat of the same settlement (`deduplicated`)", body = PromiseAnswer),
-        (status = 400, description = "Malformed request", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 403, description = "Already settled otherwise", body = ErrorBody),
-        (status = 404, description = "No such promise", body = ErrorBody),
-        (status = 413, description = "Body over the limit", body = ErrorBody),
-        (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 503, description = "Store unavailable; retry", body = ErrorBody)
-    )
+    responses(SettleAnswers)
 )]
 async fn cb_resolve<S: Store>(
     st: St<S>,
@@ -508,16 +499,7 @@ async fn cb_resolve<S: Store>(
     ),
     request_body(content = Option<CallbackBody>, content_type = "application/json"),
     security(()),
-    responses(
-        (status = 200, description = "Settled, or a repeat of the same settlement (`deduplicated`)", body = PromiseAnswer),
-        (status = 400, description = "Malformed request", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 403, description = "Already settled otherwise", body = ErrorBody),
-        (status = 404, description = "No such promise", body = ErrorBody),
-        (status = 413, description = "Body over the limit", body = ErrorBody),
-        (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 503, description = "Store unavailable; retry", body = ErrorBody)
-    )
+    responses(SettleAnswers)
 )]
 async fn cb_reject<S: Store>(
     st: St<S>,
@@ -564,16 +546,7 @@ async fn cb_heartbeat<S: Store>(
     ),
     request_body(content = Option<CallbackBody>, content_type = "application/json"),
     security(("bearer" = []), ("basic" = [])),
-    responses(
-        (status = 200, description = "Settled, or a repeat of the same settlement (`deduplicated`)", body = PromiseAnswer),
-        (status = 400, description = "Malformed request", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 403, description = "Already settled otherwise", body = ErrorBody),
-        (status = 404, description = "No such promise", body = ErrorBody),
-        (status = 413, description = "Body over the limit", body = ErrorBody),
-        (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 503, description = "Store unavailable; retry", body = ErrorBody)
-    )
+    responses(SettleAnswers)
 )]
 async fn resolve<S: Store>(
     st: St<S>,
@@ -593,16 +566,7 @@ async fn resolve<S: Store>(
     ),
     request_body(content = Option<CallbackBody>, content_type = "application/json"),
     security(("bearer" = []), ("basic" = [])),
-    responses(
-        (status = 200, description = "Settled, or a repeat of the same settlement (`deduplicated`)", body = PromiseAnswer),
-        (status = 400, description = "Malformed request", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 403, description = "Already settled otherwise", body = ErrorBody),
-        (status = 404, description = "No such promise", body = ErrorBody),
-        (status = 413, description = "Body over the limit", body = ErrorBody),
-        (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 503, description = "Store unavailable; retry", body = ErrorBody)
-    )
+    responses(SettleAnswers)
 )]
 async fn reject<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery, body: Body) -> ApiResult {
     callback_settle(&st, Completion::Reject, None, &h, &q, body).await
@@ -830,16 +794,7 @@ async fn complete<S: Store>(
     ),
     request_body(content = PatchBody, content_type = "application/json"),
     security(("bearer" = []), ("basic" = [])),
-    responses(
-        (status = 200, description = "Settled, or a repeat of the same settlement (`deduplicated`)", body = PromiseAnswer),
-        (status = 400, description = "Malformed request", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 403, description = "Already settled otherwise", body = ErrorBody),
-        (status = 404, description = "No such promise", body = ErrorBody),
-        (status = 413, description = "Body over the limit", body = ErrorBody),
-        (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 503, description = "Store unavailable; retry", body = ErrorBody)
-    )
+    responses(SettleAnswers)
 )]
 async fn patch<S: Store>(st: St<S>, Path(id): Path<String>, h: HeaderMap, body: Body) -> ApiResult {
     complete(&st, id, None, h, body).await
@@ -856,16 +811,7 @@ async fn patch<S: Store>(st: St<S>, Path(id): Path<String>, h: HeaderMap, body: 
     ),
     request_body(content = PatchBody, content_type = "application/json"),
     security(()),
-    responses(
-        (status = 200, description = "Settled, or a repeat of the same settlement (`deduplicated`)", body = PromiseAnswer),
-        (status = 400, description = "Malformed request", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 403, description = "Already settled otherwise", body = ErrorBody),
-        (status = 404, description = "No such promise", body = ErrorBody),
-        (status = 413, description = "Body over the limit", body = ErrorBody),
-        (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 503, description = "Store unavailable; retry", body = ErrorBody)
-    )
+    responses(SettleAnswers)
 )]
 async fn cb_patch<S: Store>(
     st: St<S>,

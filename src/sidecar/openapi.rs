@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use serde::Serialize;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
 
 use crate::domain::promise::PromiseView;
 use crate::domain::{Payload, SettledBy, State};
@@ -21,6 +21,32 @@ use super::{__path_get_promise, __path_healthz, __path_heartbeat, __path_metrics
 use super::{__path_notification, __path_openapi_json, __path_patch, __path_readyz};
 use super::{__path_reject, __path_resolve, __path_search};
 use super::{CallbackBody, CancelBody, CreateBody, Notification, NotificationRun, PatchBody};
+
+/// The answers of every route that settles a promise (the notebook's
+/// resolve/reject, PATCH): one list for all of them.
+#[derive(IntoResponses)]
+#[allow(dead_code)] // describes the answers; handlers build them as ApiResult
+pub(super) enum SettleAnswers {
+    #[response(
+        status = 200,
+        description = "Settled, or a repeat of the same settlement (`deduplicated`)"
+    )]
+    Settled(PromiseAnswer),
+    #[response(status = 400, description = "Malformed request")]
+    BadRequest(ErrorBody),
+    #[response(status = 401, description = "Missing or invalid token")]
+    Unauthorized(ErrorBody),
+    #[response(status = 403, description = "Already settled otherwise")]
+    AlreadySettled(ErrorBody),
+    #[response(status = 404, description = "No such promise")]
+    NotFound(ErrorBody),
+    #[response(status = 413, description = "Body over the limit")]
+    TooLarge(ErrorBody),
+    #[response(status = 415, description = "Body is not JSON")]
+    UnsupportedMediaType(ErrorBody),
+    #[response(status = 503, description = "Store unavailable; retry")]
+    Unavailable(ErrorBody),
+}
 
 /// `GET /promises`.
 #[derive(Serialize, ToSchema)]
