@@ -4,7 +4,7 @@ CARGO ?= cargo
 # The crash tests need the failpoints compiled in (never in a release build).
 TEST_FEATURES ?= --features failpoints
 
-.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke notebook-test docs docs-test clean
+.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke notebook-test docs docs-test ui-test-deps ui-screenshot clean
 
 # Fault-injection run (see src/bin/chaos.rs): N triggers, every fault on, a
 # seed to replay it. `make chaos SEED=42 N=10000`.
@@ -26,7 +26,7 @@ services:
 # The whole suite: the 1,000-trigger fault-injection profile, then unit and
 # integration tests against the real RabbitMQ and Redis on this machine and
 # the emulator over HTTP (last, so the test runner's summary closes the output).
-test: services chaos-small bench-smoke notebook-test docs-test
+test: services chaos-small bench-smoke notebook-test docs-test ui-test-deps
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run $(TEST_FEATURES) --no-fail-fast; \
 	else \
@@ -105,6 +105,25 @@ docs-test:
 		echo "[docs-test] installing $(ASYNCAPI_PARSER) under target/node"; \
 		npm install --silent --no-audit --no-fund --prefix target/node $(ASYNCAPI_PARSER); }
 	target/pyvenv/bin/pytest -q tests/documents
+
+# The operator console's browser test (tests/it/ui.rs) drives Debian's
+# chromium with playwright-core (npm, under target/node): no browser download.
+PLAYWRIGHT ?= playwright-core@1.65.1
+ui-test-deps:
+	@test -x /usr/bin/chromium || { \
+		echo "[ui-test-deps] chromium not found; installing it with apt-get"; \
+		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+	@command -v node >/dev/null && command -v npm >/dev/null || { \
+		echo "[ui-test-deps] node/npm not found; installing nodejs and npm with apt-get"; \
+		apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
+	@test -d target/node/node_modules/playwright-core || { \
+		echo "[ui-test-deps] installing $(PLAYWRIGHT) under target/node"; \
+		npm install --silent --no-audit --no-fund --prefix target/node $(PLAYWRIGHT); }
+
+# Refreshes the README's console screenshot from the browser test's.
+ui-screenshot: ui-test-deps
+	$(CARGO) nextest run $(TEST_FEATURES) -E 'test(console_in_a_real_browser)'
+	cp target/ui/overview.png docs/ui-overview.png
 
 clean:
 	$(CARGO) clean

@@ -81,6 +81,12 @@ impl Keys {
         format!("{}:{{p{partition}}}:pending_seconds", self.prefix)
     }
 
+    /// Settlements in one minute (`minute` = Unix seconds / 60), a hash
+    /// state → count that expires after two hours: the console's settle rate.
+    pub fn settled_in_minute(&self, partition: u32, minute: i64) -> String {
+        format!("{}:{{p{partition}}}:settled:{minute}", self.prefix)
+    }
+
     pub fn outbox(&self, partition: u32) -> String {
         format!("{}:{{p{partition}}}:outbox", self.prefix)
     }

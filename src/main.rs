@@ -448,6 +448,7 @@ async fn promise(s: &Settings, cmd: PromiseCmd) -> Result<()> {
                     job_id: None,
                     limit,
                     cursor: None,
+                    workspace: None,
                 })
                 .await?;
             json!({ "promises": page.promises.iter().map(|p| p.to_json()).collect::<Vec<_>>(), "cursor": page.cursor })

@@ -555,6 +555,7 @@ pub async fn cancel_matching<S: PromiseStore>(
                 job_id: f.job_id,
                 limit: 1000,
                 cursor: None,
+                workspace: None,
             };
             loop {
                 let page = store.search(&q).await?;

@@ -312,6 +312,8 @@ pub async fn run_sidecar(
             max_wait: Duration::from_secs(s.sidecar.max_wait_seconds),
             default_timeout: Duration::from_secs(s.worker.default_timeout_seconds),
             default_workspace: s.databricks.default_workspace.clone(),
+            secure_cookies: !s.sidecar.tls_cert_file.is_empty()
+                || s.sidecar.public_url.starts_with("https://"),
         },
         broker_ready: ready,
         notification_auth: s
@@ -320,6 +322,7 @@ pub async fn run_sidecar(
             .clone()
             .filter(|p| !p.expose_secret().is_empty())
             .map(|p| (s.auth.notification_username.clone(), p)),
+        broker: Some(broker_settings(s, "sidecar-console")),
     });
     let tls = match (
         read_pem("sidecar.tls_cert_file", &s.sidecar.tls_cert_file)?,

@@ -10,6 +10,7 @@
 mod auth;
 mod error;
 pub mod openapi;
+pub mod ui;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -50,6 +51,8 @@ pub struct SidecarSettings {
     pub max_wait: Duration,
     pub default_timeout: Duration,
     pub default_workspace: String,
+    /// The console's cookie gets `Secure` (the sidecar serves HTTPS).
+    pub secure_cookies: bool,
 }
 
 /// Shared by every handler.
@@ -63,6 +66,9 @@ pub struct AppState<S> {
     /// HTTP Basic credentials Databricks notification destinations use
     /// (`None`: the notification route refuses everything).
     pub notification_auth: Option<(String, SecretString)>,
+    /// Where the console reads and republishes dead letters (`None`: it
+    /// says the broker is not configured).
+    pub broker: Option<crate::broker::BrokerSettings>,
 }
 
 type St<S> = AxState<Arc<AppState<S>>>;
@@ -92,6 +98,17 @@ pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
             post(bulk_cancel::<S>).get(get_cancel_promise::<S>),
         )
         .route("/databricks/notifications", post(notification::<S>))
+        // The operator console (ui.rs).
+        .route("/ui", get(ui::overview::<S>))
+        .route("/ui/", get(ui::overview::<S>))
+        .route("/ui/login", get(ui::login_form::<S>).post(ui::login::<S>))
+        .route("/ui/logout", post(ui::logout::<S>))
+        .route("/ui/overview", get(ui::overview_fragment_route::<S>))
+        .route("/ui/promises", get(ui::promises::<S>))
+        .route("/ui/promises/{*id}", get(ui::promise::<S>))
+        .route("/ui/act", post(ui::act::<S>))
+        .route("/ui/dead-letters", get(ui::dead_letters::<S>))
+        .route("/ui/dead-letters/republish", post(ui::republish::<S>))
         .route("/promises/{*id}", get(get_promise::<S>).patch(patch::<S>))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route") })
         .method_not_allowed_fallback(|| async {

@@ -121,6 +121,8 @@ pub struct SearchQuery {
     pub states: Option<Vec<State>>,
     pub tags: BTreeMap<String, String>,
     pub job_id: Option<u64>,
+    /// Only promises of this Databricks workspace.
+    pub workspace: Option<String>,
     pub limit: usize,
     pub cursor: Option<String>,
 }
@@ -234,8 +236,45 @@ pub trait Lifecycle: Clone + Send + Sync + 'static {
 }
 
 /// Everything the sidecar and reconciler need from a store.
-pub trait Store: PromiseStore + Lifecycle {}
-impl<T: PromiseStore + Lifecycle> Store for T {}
+pub trait Store: PromiseStore + Lifecycle + Insights {}
+impl<T: PromiseStore + Lifecycle + Insights> Store for T {}
+
+/// The whole store at a glance (the operator console's overview).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overview {
+    /// Pending promises now.
+    pub pending: u64,
+    /// Pending promises by age: (age, how many), one row per creation
+    /// second, oldest first.
+    pub pending_ages: Vec<(Duration, u64)>,
+    /// Settlements per minute over the last hour, oldest minute first:
+    /// state (`RESOLVED`, ...) → count.
+    pub settled_per_minute: Vec<BTreeMap<String, u64>>,
+    /// Events not yet confirmed by the broker.
+    pub outbox: u64,
+}
+
+impl Overview {
+    pub fn oldest_pending_age(&self) -> Option<Duration> {
+        self.pending_ages.first().map(|(age, _)| *age)
+    }
+
+    /// Settlements in the last hour, by state.
+    pub fn settled_last_hour(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for minute in &self.settled_per_minute {
+            for (state, n) in minute {
+                *out.entry(state.clone()).or_default() += n;
+            }
+        }
+        out
+    }
+}
+
+/// Reads over every partition, for people (not on any hot path).
+pub trait Insights: Clone + Send + Sync + 'static {
+    fn overview(&self) -> impl Future<Output = Result<Overview, StoreError>> + Send;
+}
 
 /// One outbox entry: where it lives, and the settled promise it announces.
 #[derive(Debug, Clone)]

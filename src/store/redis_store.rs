@@ -315,6 +315,61 @@ impl RedisStore {
     }
 }
 
+impl Insights for RedisStore {
+    /// One pipelined round trip: per partition the pending count, the
+    /// per-second pending counts and the outbox length, and the last 60
+    /// minutes' settlement counts.
+    async fn overview(&self) -> Result<Overview, StoreError> {
+        let minute_now = chrono::Utc::now().timestamp().div_euclid(60);
+        let minutes: Vec<i64> = (minute_now - 59..=minute_now).collect();
+        let mut pipe = redis::pipe();
+        for p in 0..self.keys.partitions() {
+            pipe.cmd("ZCARD").arg(self.keys.deadlines(p));
+            pipe.cmd("HGETALL").arg(self.keys.pending_by_second(p));
+            pipe.cmd("XLEN").arg(self.keys.outbox(p));
+            for m in &minutes {
+                pipe.cmd("HGETALL").arg(self.keys.settled_in_minute(p, *m));
+            }
+        }
+        pipe.cmd("TIME");
+        let mut conn = self.conn().await?;
+        let mut replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        let (secs, _): (u64, u64) = replies
+            .pop()
+            .and_then(|t| redis::from_redis_value(t).ok())
+            .unwrap_or_default();
+        let mut out = Overview {
+            settled_per_minute: vec![BTreeMap::new(); minutes.len()],
+            ..Default::default()
+        };
+        let mut by_second: BTreeMap<u64, u64> = BTreeMap::new();
+        for chunk in replies.chunks(3 + minutes.len()) {
+            let n = |v: &Value| redis::from_redis_value::<u64>(v.clone()).unwrap_or(0);
+            out.pending += n(&chunk[0]);
+            let seconds: HashMap<u64, i64> =
+                redis::from_redis_value(chunk[1].clone()).unwrap_or_default();
+            for (s, count) in seconds {
+                if count > 0 {
+                    *by_second.entry(s).or_default() += count as u64;
+                }
+            }
+            out.outbox += n(&chunk[2]);
+            for (i, v) in chunk[3..].iter().enumerate() {
+                let counts: HashMap<String, u64> =
+                    redis::from_redis_value(v.clone()).unwrap_or_default();
+                for (state, c) in counts {
+                    *out.settled_per_minute[i].entry(state).or_default() += c;
+                }
+            }
+        }
+        out.pending_ages = by_second
+            .into_iter()
+            .map(|(s, c)| (Duration::from_secs(secs.saturating_sub(s)), c))
+            .collect();
+        Ok(out)
+    }
+}
+
 /// One partition's sizes, for the metrics gauges.
 #[derive(Debug, Clone)]
 pub struct PartitionStats {
@@ -549,7 +604,8 @@ impl PromiseStore for RedisStore {
                 let state_ok = q.states.as_ref().is_none_or(|s| s.contains(&p.state));
                 let tags_ok = q.tags.iter().all(|(k, v)| p.tags.get(k) == Some(v));
                 let job_ok = q.job_id.is_none_or(|j| p.job_id == Some(j));
-                if state_ok && tags_ok && job_ok {
+                let ws_ok = q.workspace.as_ref().is_none_or(|w| &p.workspace == w);
+                if state_ok && tags_ok && job_ok && ws_ok {
                     matched.push(p);
                 }
             }
@@ -646,9 +702,12 @@ impl RedisStore {
         Ok(())
     }
 
-    /// The keys of `settle_record` (common.lua), in its order.
-    fn settle_keys(&self, id: &PromiseId) -> [String; 8] {
+    /// The keys of `settle_record` (common.lua), in its order. The last is
+    /// this minute's settlement counts (by this process's clock: a skew
+    /// between hosts moves a count to a neighbouring minute, nothing more).
+    fn settle_keys(&self, id: &PromiseId) -> [String; 9] {
         let p = self.keys.partition(id);
+        let minute = chrono::Utc::now().timestamp().div_euclid(60);
         [
             self.keys.promise(id),
             self.keys.deadlines(p),
@@ -658,6 +717,7 @@ impl RedisStore {
             self.keys.cancels(p),
             self.keys.pending_by_second(p),
             self.keys.pending_seconds(p),
+            self.keys.settled_in_minute(p, minute),
         ]
     }
 }

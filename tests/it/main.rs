@@ -19,3 +19,4 @@ mod metrics;
 mod otlp;
 mod tls;
 mod traces;
+mod ui;

@@ -24,7 +24,7 @@ end
 -- entry (the record minus its param); and, if asked and there is a run, a
 -- cancellation scheduled; the pending count of its creation second less one.
 -- k = {promise, deadlines, outbox, runs, polls, cancels, pending_by_second,
--- pending_seconds}. Only ever called on a PENDING promise.
+-- pending_seconds, settled_in_minute}. Only ever called on a PENDING promise.
 local function settle_record(k, id, state, value, iku, by, retention, now, cancel_run)
   local created = tonumber(redis.call('HGET', k[1], 'created'))
   if created then count_pending(k[7], k[8], created, -1) end
@@ -40,6 +40,8 @@ local function settle_record(k, id, state, value, iku, by, retention, now, cance
     end
   end
   redis.call('PEXPIRE', k[1], retention)
+  redis.call('HINCRBY', k[9], state, 1)
+  redis.call('EXPIRE', k[9], 7200)
   local all = redis.call('HGETALL', k[1])
   local entry = {}
   for i = 1, #all, 2 do

@@ -1,0 +1,350 @@
+//! The operator console (issue 7) against a live sidecar with real data:
+//! promises made by real triggers (resolved, pending, refused), a real
+//! dead letter in RabbitMQ.
+//!
+//! - without the operator token every console route answers 401 and shows
+//!   no data; a form without its CSRF token changes nothing;
+//! - dead letters are listed with their reason and can be republished after
+//!   editing (the dead letter leaves the queue only once the new trigger is
+//!   confirmed, and the trigger then runs);
+//! - in a real headless browser (tests/ui/console.e2e.mjs: Debian's
+//!   chromium and playwright-core, which `make test` installs): log in, read
+//!   the overview, find a promise by search, open it, cancel it with the
+//!   keyboard, see its state change, log out. The overview's screenshot is
+//!   saved to target/ui/overview.png (`make ui-screenshot` copies it to docs/).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::{COOKIE, LOCATION};
+use runbridge::domain::State;
+use serde_json::json;
+
+use crate::helpers::*;
+
+/// A client that does not follow redirects (to see the 303s and cookies).
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Logs in through the form; the session cookie.
+async fn log_in(app: &TestApp) -> String {
+    let r = client()
+        .post(format!("{}/ui/login", app.sidecar_url))
+        .form(&[("token", app.operator_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
+        assert!(cookie.contains(attr), "cookie without {attr}: {cookie}");
+    }
+    cookie.split(';').next().unwrap().to_owned()
+}
+
+/// The page's CSRF token (every form carries the same one).
+fn csrf_of(html: &str) -> String {
+    let at = html
+        .find(r#"name="csrf" value=""#)
+        .expect("a form with a CSRF token")
+        + 19;
+    html[at..at + 64].to_owned()
+}
+
+async fn get(app: &TestApp, path: &str, cookie: Option<&str>) -> (StatusCode, String) {
+    let mut rb = client().get(format!("{}{path}", app.sidecar_url));
+    if let Some(c) = cookie {
+        rb = rb.header(COOKIE, c);
+    }
+    let r = rb.send().await.unwrap();
+    (r.status(), r.text().await.unwrap())
+}
+
+/// A pending promise (run that never finishes), a resolved one, a dead letter.
+async fn real_data(app: &mut TestApp) -> (String, String) {
+    let pending = unique("console-pending");
+    let resolved = unique("console-done");
+    app.publish(&json!({"id": pending, "job_id": JOB_NEVER, "tags": {"team": "growth"}}))
+        .await;
+    app.publish(&trigger(&resolved, JOB_CALLBACK)).await;
+    app.publish_raw(br#"{"id": "console-bad", "job_id": "not a number"}"#, None)
+        .await;
+    app.first_event(&resolved, Duration::from_secs(15)).await;
+    app.callback_url(&pending).await;
+    (pending, resolved)
+}
+
+#[tokio::test]
+async fn console_is_closed_without_the_token_and_forms_need_csrf() {
+    let mut app = TestApp::spawn().await;
+    let (pending, resolved) = real_data(&mut app).await;
+
+    // No token, a wrong cookie, a wrong bearer: 401 and nothing of the data.
+    let bad_cookie = "rb_operator=not-a-token";
+    for path in [
+        "/ui".to_owned(),
+        "/ui/overview".to_owned(),
+        "/ui/promises".to_owned(),
+        format!("/ui/promises?id={pending}"),
+        format!("/ui/promises/{pending}"),
+        format!("/ui/promises/{resolved}"),
+        "/ui/dead-letters".to_owned(),
+        "/ui/login".to_owned(),
+    ] {
+        for cookie in [None, Some(bad_cookie)] {
+            let (status, body) = get(&app, &path, cookie).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "GET {path} ({cookie:?})");
+            for secret in [
+                pending.as_str(),
+                resolved.as_str(),
+                "console-bad",
+                "count-pending",
+            ] {
+                assert!(!body.contains(secret), "GET {path} shows {secret}");
+            }
+        }
+    }
+    for path in ["/ui/act", "/ui/logout", "/ui/dead-letters/republish"] {
+        let r = client()
+            .post(format!("{}{path}", app.sidecar_url))
+            .form(&[
+                ("id", pending.as_str()),
+                ("action", "cancel"),
+                ("confirm", "yes"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "POST {path}");
+    }
+    let r = client()
+        .post(format!("{}/ui/login", app.sidecar_url))
+        .form(&[("token", "op-token-guess")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.headers().get("set-cookie").is_none());
+
+    // Logged in, a state-changing form without (or with a wrong) CSRF token
+    // is refused and changes nothing.
+    let cookie = log_in(&app).await;
+    let (status, page) = get(&app, &format!("/ui/promises/{pending}"), Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    let csrf = csrf_of(&page);
+    for bad in [
+        "",
+        "0000000000000000000000000000000000000000000000000000000000000000",
+    ] {
+        let r = client()
+            .post(format!("{}/ui/act", app.sidecar_url))
+            .header(COOKIE, &cookie)
+            .form(&[
+                ("csrf", bad),
+                ("id", pending.as_str()),
+                ("action", "cancel"),
+                ("confirm", "yes"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "csrf {bad:?}");
+    }
+    assert_eq!(app.promise(&pending).await.unwrap().state, State::Pending);
+    // Nor without ticking the confirmation.
+    let r = client()
+        .post(format!("{}/ui/act", app.sidecar_url))
+        .header(COOKIE, &cookie)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("id", pending.as_str()),
+            ("action", "cancel"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(app.promise(&pending).await.unwrap().state, State::Pending);
+    // With both: resolved by hand, by an operator; one event.
+    let r = client()
+        .post(format!("{}/ui/act", app.sidecar_url))
+        .header(COOKIE, &cookie)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("id", pending.as_str()),
+            ("action", "resolve"),
+            ("value", "{\"rows\": 7}"),
+            ("confirm", "yes"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let (_, ev) = app.first_event(&pending, Duration::from_secs(10)).await;
+    assert_eq!(ev["data"]["state"], "RESOLVED");
+    assert_eq!(ev["data"]["settled_by"], "operator");
+    assert_eq!(ev["data"]["value"]["rows"], 7);
+    let (_, page) = get(&app, r.headers()[LOCATION].to_str().unwrap(), Some(&cookie)).await;
+    assert!(page.contains(r#"id="promise-state">RESOLVED"#), "{page}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_and_republished_after_editing() {
+    let mut app = TestApp::spawn().await;
+    let id = unique("console-fixed");
+    app.publish_raw(
+        format!(r#"{{"id": "{id}", "job_id": "one"}}"#).as_bytes(),
+        Some("dl-message-1"),
+    )
+    .await;
+    let cookie = log_in(&app).await;
+    let page = eventually(
+        Duration::from_secs(10),
+        "the dead letter listed",
+        || async {
+            let (status, page) = get(&app, "/ui/dead-letters", Some(&cookie)).await;
+            (status == StatusCode::OK && page.contains("dl-message-1")).then_some(page)
+        },
+    )
+    .await;
+    assert!(page.contains("job_id must be a positive integer"), "{page}");
+    // Browsing left it in the queue: it is still listed.
+    let (_, again) = get(&app, "/ui/dead-letters", Some(&cookie)).await;
+    assert!(again.contains("dl-message-1"));
+    let at = page.find(r#"name="fingerprint" value=""#).unwrap() + 26;
+    let fingerprint = &page[at..at + 32];
+    let csrf = csrf_of(&page);
+
+    // A wrong CSRF token: nothing published, nothing removed.
+    let r = client()
+        .post(format!("{}/ui/dead-letters/republish", app.sidecar_url))
+        .header(COOKIE, &cookie)
+        .form(&[
+            ("csrf", "x"),
+            ("fingerprint", fingerprint),
+            ("body", "{}"),
+            ("confirm", "yes"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
+    let fixed = json!({"id": id, "job_id": JOB_CALLBACK}).to_string();
+    let r = client()
+        .post(format!("{}/ui/dead-letters/republish", app.sidecar_url))
+        .header(COOKIE, &cookie)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("fingerprint", fingerprint),
+            ("body", fixed.as_str()),
+            ("confirm", "yes"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert!(
+        r.headers()[LOCATION]
+            .to_str()
+            .unwrap()
+            .contains("Republished")
+    );
+    // The edited trigger runs; the dead letter is gone.
+    let (ev, v) = app.first_event(&id, Duration::from_secs(15)).await;
+    assert_eq!(v["data"]["state"], "RESOLVED");
+    assert_eq!(
+        ev.message_id.as_deref(),
+        Some(format!("{id}/RESOLVED").as_str())
+    );
+    let (_, after) = get(&app, "/ui/dead-letters", Some(&cookie)).await;
+    assert!(!after.contains("dl-message-1"), "{after}");
+    // Republishing it again finds nothing, and publishes nothing.
+    let r = client()
+        .post(format!("{}/ui/dead-letters/republish", app.sidecar_url))
+        .header(COOKIE, &cookie)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("fingerprint", fingerprint),
+            ("body", fixed.as_str()),
+            ("confirm", "yes"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.headers()[LOCATION]
+            .to_str()
+            .unwrap()
+            .contains("no%20longer")
+            || r.headers()[LOCATION]
+                .to_str()
+                .unwrap()
+                .contains("no+longer")
+    );
+    assert_eq!(app.runs_for(&id).await.len(), 1);
+    app.stop().await;
+}
+
+/// What the browser test needs, or a message saying how to get it.
+fn browser_tools() -> (PathBuf, PathBuf) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let chromium = std::env::var("CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("/usr/bin/chromium"));
+    let modules = std::env::var("PLAYWRIGHT_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target/node/node_modules"));
+    assert!(
+        chromium.exists() && modules.join("playwright-core").exists(),
+        "the browser test needs chromium ({}) and playwright-core under {}: run `make ui-test-deps` (part of `make test`)",
+        chromium.display(),
+        modules.display()
+    );
+    (chromium, modules)
+}
+
+#[tokio::test]
+async fn console_in_a_real_browser() {
+    let (chromium, modules) = browser_tools();
+    let mut app = TestApp::spawn().await;
+    let (pending, _) = real_data(&mut app).await;
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/ui");
+    std::fs::create_dir_all(&out).unwrap();
+    let shot = out.join("overview.png");
+    let _ = std::fs::remove_file(&shot);
+    let run = tokio::process::Command::new("node")
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ui/console.e2e.mjs"))
+        .env("BASE_URL", &app.sidecar_url)
+        .env("TOKEN", &app.operator_token)
+        .env("PROMISE_ID", &pending)
+        .env("SCREENSHOT", &shot)
+        .env("CHROMIUM", &chromium)
+        .env("PLAYWRIGHT_MODULES", &modules)
+        .kill_on_drop(true)
+        .output();
+    let run = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the browser test finished within 2 min")
+        .expect("node runs");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(run.status.success(), "browser test failed:\n{log}");
+    assert!(!log.contains("FAIL"), "{log}");
+    // What the browser did really happened.
+    let p = app.promise(&pending).await.unwrap();
+    assert_eq!(p.state, State::RejectedCanceled, "{log}");
+    assert_eq!(p.settled_by.as_deref(), Some("operator"));
+    let png = std::fs::read(&shot).expect("the screenshot was saved");
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    app.stop().await;
+}
