@@ -105,7 +105,7 @@ async fn publish_batch<O: Outbox>(
         match r {
             Published::Confirmed | Published::Dropped => {
                 crate::failpoint!("relay.after_confirm");
-                outbox.ack(entry.partition, &entry.entry_id).await?
+                outbox.ack(entry, matches!(r, Published::Confirmed)).await?
             }
             Published::Kept => {}
             Published::Broken => healthy = false,

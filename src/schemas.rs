@@ -414,6 +414,7 @@ mod tests {
                 settled_by: by.map(str::to_owned),
                 heartbeat_seconds: None,
                 cancel_on_timeout: true,
+                activity: Default::default(),
             };
             let e = CompletionEvent::from_promise(&p).unwrap();
             let body: Value = serde_json::from_slice(&e.body).unwrap();

@@ -158,6 +158,18 @@ pub struct Promise {
     pub settled_by: Option<String>,
     pub heartbeat_seconds: Option<u64>,
     pub cancel_on_timeout: bool,
+    /// For the console's timeline: when the run id was recorded, the last
+    /// heartbeat and how many, when the completion event was confirmed.
+    pub activity: Activity,
+}
+
+/// When things happened to a promise (milliseconds since the epoch).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Activity {
+    pub launched_on: Option<i64>,
+    pub last_heartbeat_on: Option<i64>,
+    pub heartbeats: u64,
+    pub published_on: Option<i64>,
 }
 
 /// Field names of the Redis hash. Short, since every pending promise pays for
@@ -183,6 +195,10 @@ pub mod field {
     pub const SETTLED_BY: &str = "by";
     pub const HEARTBEAT: &str = "hb";
     pub const CANCEL_ON_TIMEOUT: &str = "cot";
+    pub const LAUNCHED: &str = "la";
+    pub const LAST_HEARTBEAT: &str = "hbl";
+    pub const HEARTBEATS: &str = "hbn";
+    pub const PUBLISHED: &str = "pub";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -248,6 +264,12 @@ impl Promise {
             settled_by: opt(fields, field::SETTLED_BY),
             heartbeat_seconds: int_field(fields, field::HEARTBEAT)?,
             cancel_on_timeout: opt(fields, field::CANCEL_ON_TIMEOUT).as_deref() != Some("0"),
+            activity: Activity {
+                launched_on: int_field(fields, field::LAUNCHED)?,
+                last_heartbeat_on: int_field(fields, field::LAST_HEARTBEAT)?,
+                heartbeats: int_field(fields, field::HEARTBEATS)?.unwrap_or(0),
+                published_on: int_field(fields, field::PUBLISHED)?,
+            },
         })
     }
 

@@ -7,8 +7,9 @@
 //! scoped to `/ui` (`Secure` when the sidecar serves HTTPS), or sent as
 //! `Authorization: Bearer`. Without one every `/ui` route answers 401 with
 //! the login form and no data. Every form that changes something carries a
-//! CSRF token (an HMAC of the session's operator token), checked before
-//! anything else; a missing or wrong one is a 403 that changes nothing.
+//! CSRF token (an HMAC of the session's operator token; the login form a
+//! random one matched against a cookie), checked before anything else; a
+//! missing or wrong one is a 403 that changes nothing.
 //!
 //! The pages read through the same store traits as the HTTP API, and the
 //! buttons settle through the same `settle` (cancel also cancels the run).
@@ -32,6 +33,9 @@ use crate::reconciler::valid_id_filter;
 use crate::store::{Overview, SearchQuery, Settle, SettleOutcome, Store};
 
 const COOKIE: &str = "rb_operator";
+/// Before login there is no session to derive a CSRF token from: the login
+/// form carries a random one that must match this cookie (double submit).
+const LOGIN_COOKIE: &str = "rb_login";
 const CSS: &str = include_str!("ui.css");
 const JS: &str = include_str!("ui.js");
 
@@ -163,7 +167,8 @@ fn login_page(status: StatusCode, message: Option<&str>) -> Response {
     let msg = message
         .map(|m| format!(r#"<p class="error" role="alert">{}</p>"#, esc(m)))
         .unwrap_or_default();
-    html(
+    let nonce = hex::encode(rand::random::<[u8; 16]>());
+    let mut r = html(
         status,
         page(
             "Log in",
@@ -171,12 +176,18 @@ fn login_page(status: StatusCode, message: Option<&str>) -> Response {
             None,
             &format!(
                 r#"<h1>Operator console</h1>{msg}
-<form method="post" action="/ui/login">
+<form method="post" action="/ui/login"><input type="hidden" name="csrf" value="{nonce}">
 <label for="token">Operator token<input id="token" name="token" type="password" autocomplete="current-password" required></label>
 <p><button type="submit">Log in</button></p></form>"#
             ),
         ),
-    )
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "{LOGIN_COOKIE}={nonce}; Path=/ui; HttpOnly; SameSite=Strict"
+    )) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
 }
 
 /// 401 with the login form: what every `/ui` route answers without a token.
@@ -232,7 +243,16 @@ pub async fn login<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
     let Ok(bytes) = read_body(&st, &h, body).await else {
         return login_page(StatusCode::BAD_REQUEST, Some("The form could not be read."));
     };
-    let token = form(&bytes).remove("token").unwrap_or_default();
+    let mut f = form(&bytes);
+    let nonce = cookie(&h, LOGIN_COOKIE).unwrap_or_default();
+    let given = f.remove("csrf").unwrap_or_default();
+    if nonce.len() != 32 || !bool::from(given.as_bytes().ct_eq(nonce.as_bytes())) {
+        return login_page(
+            StatusCode::FORBIDDEN,
+            Some("The login form expired or came from elsewhere; log in again."),
+        );
+    }
+    let token = f.remove("token").unwrap_or_default();
     if !auth::is_operator(&st.operator_tokens, std::slice::from_ref(&token)) {
         return login_page(
             StatusCode::UNAUTHORIZED,
@@ -251,6 +271,10 @@ pub async fn login<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
     )) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        HeaderValue::from_static("rb_login=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0"),
+    );
     r
 }
 
@@ -644,20 +668,48 @@ fn promise_page(p: &Promise, session: &str, notice: Option<&str>) -> String {
     );
     // The timeline: what the record knows, in order.
     b.push_str(r#"<h2>Timeline</h2><ol class="timeline">"#);
+    let a = &p.activity;
     let _ = write!(b, "<li>{}: created</li>", when(p.created_on));
-    if let Some(r) = p.run_id {
-        let _ = write!(b, "<li>launched as Databricks run {r}</li>");
+    if p.run_id.is_some() {
+        let at = a
+            .launched_on
+            .map(|t| format!("{}: ", when(t)))
+            .unwrap_or_default();
+        let _ = write!(b, "<li>{at}launched as Databricks run {run}</li>");
+    }
+    if a.heartbeats > 0 {
+        let last = a.last_heartbeat_on.map(when).unwrap_or_default();
+        let _ = write!(
+            b,
+            "<li>{last}: the last of {} heartbeats</li>",
+            a.heartbeats
+        );
     }
     if let Some(done) = p.completed_on {
         let _ = write!(
             b,
-            "<li>{}: {} by {}</li><li>completion event <code>{id}/{}</code> written to the outbox, published to routing key <code>{}</code></li>",
+            "<li>{}: {} by {}</li>",
             when(done),
             p.state,
-            esc(p.settled_by.as_deref().unwrap_or("?")),
-            p.state,
-            p.state.routing_key()
+            esc(p.settled_by.as_deref().unwrap_or("?"))
         );
+        let event = format!("<code>{id}/{}</code>", p.state);
+        match a.published_on {
+            Some(t) => {
+                let _ = write!(
+                    b,
+                    "<li>{}: completion event {event} published (routing key <code>{}</code>), confirmed by the broker</li>",
+                    when(t),
+                    p.state.routing_key()
+                );
+            }
+            None => {
+                let _ = write!(
+                    b,
+                    "<li>completion event {event} in the outbox, not confirmed by the broker yet</li>"
+                );
+            }
+        }
     } else {
         b.push_str("<li>pending</li>");
     }

@@ -298,10 +298,11 @@ pub trait Outbox: Send + Sync + 'static {
         min_idle: Duration,
         count: usize,
     ) -> impl Future<Output = Result<Vec<OutboxEntry>, StoreError>> + Send;
-    /// Remove an entry once the broker confirmed its event.
+    /// Remove an entry once the broker confirmed its event (`published`;
+    /// the promise records when) or it was dropped as unreadable.
     fn ack(
         &mut self,
-        partition: u32,
-        entry_id: &str,
+        entry: &OutboxEntry,
+        published: bool,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

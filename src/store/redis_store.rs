@@ -1042,14 +1042,17 @@ impl Outbox for RedisOutbox {
         Ok(out)
     }
 
-    async fn ack(&mut self, partition: u32, entry_id: &str) -> Result<(), StoreError> {
-        let _: i64 = self
-            .store
-            .scripts
-            .outbox_ack
-            .key(self.store.keys.outbox(partition))
+    async fn ack(&mut self, entry: &OutboxEntry, published: bool) -> Result<(), StoreError> {
+        let mut inv = self.store.scripts.outbox_ack.prepare_invoke();
+        inv.key(self.store.keys.outbox(entry.partition));
+        // The promise notes when its event went out (if it is still there).
+        match (&entry.promise, published) {
+            (Ok(p), true) => inv.key(self.store.keys.promise(&p.id)),
+            _ => &mut inv,
+        };
+        let _: i64 = inv
             .arg(&self.group)
-            .arg(entry_id)
+            .arg(&entry.entry_id)
             .invoke_async(&mut self.conn)
             .await
             .map_err(unavailable)?;

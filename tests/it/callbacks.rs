@@ -83,9 +83,11 @@ async fn repeat_resolve_is_deduplicated_and_conflicting_reject_is_403() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "already_settled");
     assert_eq!(body["error"]["state"], "RESOLVED");
+    // What clients see (the relay notes the event's publication on the
+    // record by itself, so the whole record may differ in that field).
     assert_eq!(
-        app.promise(&id).await.unwrap(),
-        before,
+        app.promise(&id).await.unwrap().view(),
+        before.view(),
         "the reject changed nothing"
     );
 
@@ -186,8 +188,8 @@ async fn bad_tokens_are_401_and_big_bodies_413() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 
-    assert_eq!(app.promise(&a).await.unwrap(), before_a);
-    assert_eq!(app.promise(&b).await.unwrap(), before_b);
+    assert_eq!(app.promise(&a).await.unwrap().view(), before_a.view());
+    assert_eq!(app.promise(&b).await.unwrap().view(), before_b.view());
     app.assert_no_event(&a, Duration::from_millis(800), "no further event")
         .await;
     app.stop().await;

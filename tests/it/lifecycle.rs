@@ -197,8 +197,8 @@ async fn missed_heartbeat_times_out_and_cancels_the_run() {
         "REJECTED_TIMEDOUT"
     );
     assert_eq!(
-        app.promise(&id).await.unwrap(),
-        p,
+        app.promise(&id).await.unwrap().view(),
+        p.view(),
         "the late callback changed nothing"
     );
     app.assert_no_event(&id, Duration::from_millis(800), "no further event")

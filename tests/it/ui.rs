@@ -31,16 +31,43 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
-/// Logs in through the form; the session cookie.
-async fn log_in(app: &TestApp) -> String {
+/// The login form: its cookie (`rb_login=...`) and the form's CSRF token.
+async fn login_form(app: &TestApp) -> (String, String) {
     let r = client()
-        .post(format!("{}/ui/login", app.sidecar_url))
-        .form(&[("token", app.operator_token.as_str())])
+        .get(format!("{}/ui/login", app.sidecar_url))
         .send()
         .await
         .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_owned();
+    let page = r.text().await.unwrap();
+    let at = page.find(r#"name="csrf" value=""#).unwrap() + 19;
+    (cookie, page[at..at + 32].to_owned())
+}
+
+async fn post_login(app: &TestApp, cookie: &str, csrf: &str, token: &str) -> reqwest::Response {
+    client()
+        .post(format!("{}/ui/login", app.sidecar_url))
+        .header(COOKIE, cookie)
+        .form(&[("csrf", csrf), ("token", token)])
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Logs in through the form; the session cookie.
+async fn log_in(app: &TestApp) -> String {
+    let (login_cookie, csrf) = login_form(app).await;
+    let r = post_login(app, &login_cookie, &csrf, &app.operator_token).await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
-    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let cookie = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|c| c.starts_with("rb_operator="))
+        .expect("the session cookie");
     for attr in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
         assert!(cookie.contains(attr), "cookie without {attr}: {cookie}");
     }
@@ -122,14 +149,44 @@ async fn console_is_closed_without_the_token_and_forms_need_csrf() {
             .unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "POST {path}");
     }
-    let r = client()
-        .post(format!("{}/ui/login", app.sidecar_url))
-        .form(&[("token", "op-token-guess")])
-        .send()
-        .await
-        .unwrap();
+    // Logging in needs the login form's own CSRF token and cookie...
+    let (login_cookie, csrf) = login_form(&app).await;
+    for (cookie, token) in [("rb_login=", csrf.as_str()), (login_cookie.as_str(), "")] {
+        let r = post_login(&app, cookie, token, &app.operator_token).await;
+        assert_eq!(
+            r.status(),
+            StatusCode::FORBIDDEN,
+            "login CSRF {cookie:?} {token:?}"
+        );
+        assert!(
+            !r.headers()
+                .get_all("set-cookie")
+                .iter()
+                .any(|c| c.to_str().unwrap().starts_with("rb_operator="))
+        );
+    }
+    // ...and an operator token.
+    let r = post_login(&app, &login_cookie, &csrf, "op-token-guess").await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    assert!(r.headers().get("set-cookie").is_none());
+    assert!(
+        !r.headers()
+            .get_all("set-cookie")
+            .iter()
+            .any(|c| c.to_str().unwrap().starts_with("rb_operator="))
+    );
+
+    // Two heartbeats from the notebook (for the timeline below).
+    let url = app.callback_url(&pending).await;
+    for _ in 0..2 {
+        let r = app
+            .http
+            .post(format!("{url}/heartbeat"))
+            .query(&[("id", &pending)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
 
     // Logged in, a state-changing form without (or with a wrong) CSRF token
     // is refused and changes nothing.
@@ -191,6 +248,20 @@ async fn console_is_closed_without_the_token_and_forms_need_csrf() {
     assert_eq!(ev["data"]["value"]["rows"], 7);
     let (_, page) = get(&app, r.headers()[LOCATION].to_str().unwrap(), Some(&cookie)).await;
     assert!(page.contains(r#"id="promise-state">RESOLVED"#), "{page}");
+    // The timeline: launched (with its time), the heartbeats, the settlement
+    // by an operator, and (once the relay's confirm is recorded) the event.
+    let page = eventually(
+        Duration::from_secs(10),
+        "the event's publication on the timeline",
+        || async {
+            let (_, page) = get(&app, &format!("/ui/promises/{pending}"), Some(&cookie)).await;
+            page.contains("published (routing key").then_some(page)
+        },
+    )
+    .await;
+    assert!(page.contains("UTC: launched as Databricks run"), "{page}");
+    assert!(page.contains("the last of 2 heartbeats"), "{page}");
+    assert!(page.contains("RESOLVED by operator"), "{page}");
     app.stop().await;
 }
 

@@ -10,4 +10,7 @@ if hb then
   redis.call('HSET', KEYS[1], 'hbd', deadline)
   redis.call('ZADD', KEYS[2], deadline, ARGV[1])
 end
+-- For the console's timeline: the last heartbeat and how many.
+redis.call('HSET', KEYS[1], 'hbl', now_ms())
+redis.call('HINCRBY', KEYS[1], 'hbn', 1)
 return {'OK', redis.call('HGETALL', KEYS[1])}

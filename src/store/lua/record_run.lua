@@ -12,7 +12,7 @@ local cur = redis.call('HGET', KEYS[1], 'run_id')
 if cur and cur ~= ARGV[1] then return {'CONFLICT', cur} end
 if not cur then
   local now = now_ms()
-  redis.call('HSET', KEYS[1], 'run_id', ARGV[1])
+  redis.call('HSET', KEYS[1], 'run_id', ARGV[1], 'la', now)
   if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'url', ARGV[2]) end
   if st == 'PENDING' then
     redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
