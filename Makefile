@@ -26,7 +26,7 @@ services:
 # The whole suite: the 1,000-trigger fault-injection profile, then unit and
 # integration tests against the real RabbitMQ and Redis on this machine and
 # the emulator over HTTP (last, so the test runner's summary closes the output).
-test: services chaos-small bench-smoke notebook-test docs-test ui-test-deps
+test: services compose-config chaos-small bench-smoke notebook-test docs-test ui-test-deps
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run $(TEST_FEATURES) --no-fail-fast; \
 	else \
@@ -48,6 +48,10 @@ demo: services build
 
 # Validates docker-compose.yml without an engine (Debian's docker-compose).
 compose-config:
+	@if ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null 2>&1 \
+		&& [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "[compose-config] installing Debian's docker-compose (no engine needed to validate)"; \
+		apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; fi
 	@if command -v docker-compose >/dev/null; then docker-compose config -q && echo "docker-compose.yml is valid"; \
 	elif docker compose version >/dev/null 2>&1; then docker compose config -q && echo "docker-compose.yml is valid"; \
 	else echo "no docker-compose here: apt-get install docker-compose" >&2; exit 1; fi
