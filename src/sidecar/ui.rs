@@ -215,6 +215,37 @@ fn see_other(to: &str) -> Response {
     r
 }
 
+/// A state-changing form, checked in this order before anything else is
+/// looked at: the session (401), the body, its CSRF token (403).
+async fn checked_form<S>(
+    st: &AppState<S>,
+    h: &HeaderMap,
+    body: Body,
+) -> Result<(String, HashMap<String, String>), Response> {
+    let Some(s) = session(st, h) else {
+        return Err(unauthorized());
+    };
+    let Ok(bytes) = read_body(st, h, body).await else {
+        return Err(forbidden_csrf());
+    };
+    let f = form(&bytes);
+    if !csrf_ok(&s, f.get("csrf")) {
+        return Err(forbidden_csrf());
+    }
+    Ok((s, f))
+}
+
+/// The "I am sure" box of a form that settles or republishes, unticked.
+fn unconfirmed(session: &str, f: &HashMap<String, String>) -> Option<Response> {
+    (f.get("confirm").map(String::as_str) != Some("yes")).then(|| {
+        error_page(
+            session,
+            StatusCode::BAD_REQUEST,
+            "Tick \"I am sure\" to confirm; nothing was changed.",
+        )
+    })
+}
+
 fn error_page(session: &str, status: StatusCode, message: &str) -> Response {
     html(
         status,
@@ -279,14 +310,8 @@ pub async fn login<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
 }
 
 pub async fn logout<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
-    let Some(s) = session(&st, &h) else {
-        return unauthorized();
-    };
-    let Ok(bytes) = read_body(&st, &h, body).await else {
-        return forbidden_csrf();
-    };
-    if !csrf_ok(&s, form(&bytes).get("csrf")) {
-        return forbidden_csrf();
+    if let Err(refused) = checked_form(&st, &h, body).await {
+        return refused;
     }
     let mut r = see_other("/ui/login");
     r.headers_mut().insert(
@@ -791,16 +816,10 @@ pub async fn promise<S: Store>(
 /// `POST /ui/act`: cancel, resolve or reject one promise by hand. The
 /// CSRF token and the confirmation box are checked before anything else.
 pub async fn act<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
-    let Some(s) = session(&st, &h) else {
-        return unauthorized();
+    let (s, f) = match checked_form(&st, &h, body).await {
+        Ok(x) => x,
+        Err(refused) => return refused,
     };
-    let Ok(bytes) = read_body(&st, &h, body).await else {
-        return forbidden_csrf();
-    };
-    let f = form(&bytes);
-    if !csrf_ok(&s, f.get("csrf")) {
-        return forbidden_csrf();
-    }
     let Some(Ok(id)) = f.get("id").map(|i| PromiseId::parse(i)) else {
         return error_page(
             &s,
@@ -808,12 +827,8 @@ pub async fn act<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
             "The form names no valid promise id.",
         );
     };
-    if f.get("confirm").map(String::as_str) != Some("yes") {
-        return error_page(
-            &s,
-            StatusCode::BAD_REQUEST,
-            "Tick \"I am sure\" to confirm; nothing was changed.",
-        );
+    if let Some(refused) = unconfirmed(&s, &f) {
+        return refused;
     }
     let value = f.get("value").cloned().unwrap_or_default();
     let (completion, word) = match f.get("action").map(String::as_str) {
@@ -948,22 +963,12 @@ pub async fn dead_letters<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQue
 }
 
 pub async fn republish<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
-    let Some(s) = session(&st, &h) else {
-        return unauthorized();
+    let (s, f) = match checked_form(&st, &h, body).await {
+        Ok(x) => x,
+        Err(refused) => return refused,
     };
-    let Ok(bytes) = read_body(&st, &h, body).await else {
-        return forbidden_csrf();
-    };
-    let f = form(&bytes);
-    if !csrf_ok(&s, f.get("csrf")) {
-        return forbidden_csrf();
-    }
-    if f.get("confirm").map(String::as_str) != Some("yes") {
-        return error_page(
-            &s,
-            StatusCode::BAD_REQUEST,
-            "Tick \"I am sure\" to confirm; nothing was changed.",
-        );
+    if let Some(refused) = unconfirmed(&s, &f) {
+        return refused;
     }
     let (Some(fp), Some(new_body)) = (f.get("fingerprint"), f.get("body")) else {
         return error_page(
