@@ -433,7 +433,12 @@ fn overview_fragment(o: &Overview, dead: Result<u32, String>) -> String {
 
 async fn overview_data<S: Store>(st: &AppState<S>) -> Result<String, String> {
     let o = st.store.overview().await.map_err(|e| e.to_string())?;
+    // The readiness watcher knows whether the broker is there; asking it
+    // then costs no connect timeout while it is down.
     let dead = match &st.broker {
+        Some(_) if !st.broker_ready.load(std::sync::atomic::Ordering::Relaxed) => {
+            Err("the broker is unreachable".into())
+        }
         Some(b) => broker::dead_letter_count(b)
             .await
             .map_err(|e| e.to_string()),
