@@ -100,6 +100,9 @@ pub struct AmqpSection {
     pub control_queue: String,
     pub delivery_limit: u32,
     pub prefetch: u16,
+    /// More nodes of the same RabbitMQ cluster, tried when `url`'s is down.
+    #[serde(default)]
+    pub urls: Vec<SecretString>,
     /// PEM CA file for amqps:// (empty: the system's roots).
     #[serde(default)]
     pub tls_ca_file: String,
@@ -305,6 +308,7 @@ impl Settings {
                     .list_separator(",")
                     .with_list_parse_key("auth.callback_secrets")
                     .with_list_parse_key("auth.operator_tokens")
+                    .with_list_parse_key("amqp.urls")
                     .try_parsing(true),
             );
         // The Databricks CLI/SDK conventions, for the default workspace: a
@@ -391,6 +395,11 @@ impl Settings {
                 self.log.format
             ));
         }
+        let amqp_urls = self
+            .amqp
+            .urls
+            .iter()
+            .map(|u| ("amqp.urls", u.expose_secret()));
         for (key, url, schemes) in [
             (
                 "redis.url",
@@ -402,9 +411,13 @@ impl Settings {
                 self.amqp.url.expose_secret(),
                 &["amqp", "amqps"][..],
             ),
-        ] {
+        ]
+        .into_iter()
+        .chain(amqp_urls.map(|(k, u)| (k, u, &["amqp", "amqps"][..])))
+        {
             match url::Url::parse(url) {
                 Ok(u) if schemes.contains(&u.scheme()) => {}
+                // The scheme only: a URL may carry a password.
                 Ok(u) => return bad(format!("{key} must use {schemes:?}, got {:?}", u.scheme())),
                 Err(e) => return bad(format!("{key} is not a URL: {e}")),
             }

@@ -62,6 +62,8 @@ pub async fn store(s: &Settings) -> Result<RedisStore, StartupError> {
 pub fn broker_settings(s: &Settings, role: &str) -> BrokerSettings {
     BrokerSettings {
         url: s.amqp.url.clone(),
+        fallback_urls: s.amqp.urls.clone(),
+        last_node: Default::default(),
         triggers_queue: s.amqp.triggers_queue.clone(),
         dead_letter_exchange: s.amqp.dead_letter_exchange.clone(),
         dead_letter_queue: s.amqp.dead_letter_queue.clone(),

@@ -52,6 +52,12 @@ fn amqp(e: lapin::Error) -> BrokerError {
 #[derive(Clone)]
 pub struct BrokerSettings {
     pub url: SecretString,
+    /// Other nodes of the same cluster (`amqp.urls`): a connect tries the
+    /// node that answered last first, then the others in order, so losing a
+    /// node moves every process to the next one.
+    pub fallback_urls: Vec<SecretString>,
+    /// Which of `url` + `fallback_urls` answered last (shared by clones).
+    pub last_node: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     pub triggers_queue: String,
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
@@ -96,11 +102,48 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// Connects to the node that answered last, else to the next ones in
+    /// turn; the error names every node tried (passwords redacted).
     pub async fn connect(settings: &BrokerSettings) -> Result<Self, BrokerError> {
+        use std::sync::atomic::Ordering;
+        let urls: Vec<&SecretString> = std::iter::once(&settings.url)
+            .chain(&settings.fallback_urls)
+            .collect();
+        let first = settings.last_node.load(Ordering::Relaxed) % urls.len();
+        let mut failures = Vec::new();
+        for i in (0..urls.len()).map(|k| (first + k) % urls.len()) {
+            match Self::connect_to(settings, urls[i]).await {
+                Ok(b) => {
+                    if i != first {
+                        tracing::info!(node = %redact_amqp_url(urls[i].expose_secret()), "connected to another broker node");
+                    }
+                    settings.last_node.store(i, Ordering::Relaxed);
+                    return Ok(b);
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        Err(match failures.len() {
+            1 => failures.remove(0),
+            _ => BrokerError::Connect {
+                url: format!("{} nodes", failures.len()),
+                reason: failures
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            },
+        })
+    }
+
+    async fn connect_to(
+        settings: &BrokerSettings,
+        url: &SecretString,
+    ) -> Result<Self, BrokerError> {
         let props = ConnectionProperties::default()
             .with_connection_name(settings.connection_name.clone().into());
         let failed = |reason: String| BrokerError::Connect {
-            url: redact_amqp_url(settings.url.expose_secret()),
+            url: redact_amqp_url(url.expose_secret()),
             reason,
         };
         let tls =
@@ -116,17 +159,11 @@ impl Broker {
         let runtime = lapin::runtime::default_runtime().map_err(|e| failed(e.to_string()))?;
         let conn = tokio::time::timeout(
             Duration::from_secs(10),
-            Connection::connect_with_config(settings.url.expose_secret(), props, tls, runtime),
+            Connection::connect_with_config(url.expose_secret(), props, tls, runtime),
         )
         .await
-        .map_err(|_| BrokerError::Connect {
-            url: redact_amqp_url(settings.url.expose_secret()),
-            reason: "timed out after 10s".into(),
-        })?
-        .map_err(|e| BrokerError::Connect {
-            url: redact_amqp_url(settings.url.expose_secret()),
-            reason: e.to_string(),
-        })?;
+        .map_err(|_| failed("timed out after 10s".into()))?
+        .map_err(|e| failed(e.to_string()))?;
         Ok(Self {
             conn,
             settings: settings.clone(),

@@ -17,6 +17,7 @@ mod harness;
 mod lifecycle;
 mod metrics;
 mod otlp;
+mod scale;
 mod tls;
 mod traces;
 mod ui;

@@ -1,0 +1,96 @@
+//! Running on several broker nodes (issue 8, first part): `amqp.urls` lists
+//! more nodes of the cluster; a connect tries the node that answered last
+//! first, then the others in turn.
+
+use std::time::Duration;
+
+use runbridge::broker::Broker;
+use secrecy::SecretString;
+
+use crate::helpers::*;
+
+/// A local port nothing listens on (bound, then released).
+fn dead_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn broker_connects_to_the_next_node_when_one_is_down() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let live = app.settings.amqp.url.clone();
+    let dead = SecretString::from(format!(
+        "amqp://guest:s3cret-pw@127.0.0.1:{}/%2f",
+        dead_port()
+    ));
+    let mut bs = runbridge::startup::broker_settings(&app.settings, "it-nodes");
+    bs.url = dead.clone();
+    bs.fallback_urls = vec![live.clone()];
+
+    let b = Broker::connect(&bs).await.expect("the second node answers");
+    b.declare_topology().await.unwrap();
+    b.close().await;
+    assert_eq!(
+        bs.last_node.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the node that answered is remembered"
+    );
+    // Every clone starts with it now (no time lost on the dead node).
+    let clone = bs.clone();
+    let b = tokio::time::timeout(Duration::from_secs(5), Broker::connect(&clone))
+        .await
+        .expect("no detour")
+        .unwrap();
+    b.close().await;
+
+    // All nodes down: one error naming each node, passwords redacted.
+    bs.fallback_urls = vec![dead.clone()];
+    let Err(e) = Broker::connect(&bs).await else {
+        panic!("connected to nothing");
+    };
+    let msg = e.to_string();
+    assert!(msg.contains("2 nodes"), "{msg}");
+    assert!(msg.matches("127.0.0.1:").count() >= 2, "{msg}");
+    assert!(!msg.contains("s3cret-pw"), "a password in an error: {msg}");
+    app.stop().await;
+}
+
+/// A worker whose `amqp.url` node is down works through `amqp.urls`
+/// (the list comes from a `RUNBRIDGE__AMQP__URLS` variable).
+#[tokio::test]
+async fn worker_runs_on_the_next_node() {
+    let mut app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let live = secrecy::ExposeSecret::expose_secret(&app.settings.amqp.url).to_owned();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_runbridge"))
+        .arg("worker")
+        .envs(app.env_vars())
+        .env(
+            "RUNBRIDGE__AMQP__URL",
+            format!("amqp://guest:guest@127.0.0.1:{}/%2f", dead_port()),
+        )
+        .env("RUNBRIDGE__AMQP__URLS", &live)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let id = unique("next-node");
+    app.publish(&trigger(&id, JOB_CALLBACK)).await;
+    let (_, ev) = app.first_event(&id, Duration::from_secs(20)).await;
+    assert_eq!(ev["data"]["state"], "RESOLVED");
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    app.stop().await;
+}
