@@ -4,7 +4,7 @@ CARGO ?= cargo
 # The crash tests need the failpoints compiled in (never in a release build).
 TEST_FEATURES ?= --features failpoints
 
-.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke notebook-test docs docs-test ui-test-deps ui-screenshot clean
+.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke notebook-test docs docs-test ui-test-deps ui-screenshot cluster-test clean
 
 # Fault-injection run (see src/bin/chaos.rs): N triggers, every fault on, a
 # seed to replay it. `make chaos SEED=42 N=10000`.
@@ -123,6 +123,11 @@ ui-test-deps:
 	@test -d target/node/node_modules/playwright-core || { \
 		echo "[ui-test-deps] installing $(PLAYWRIGHT) under target/node"; \
 		npm install --silent --no-audit --no-fund --prefix target/node $(PLAYWRIGHT); }
+
+# The scale tests (issue 8), too long for `make test`: five workers sharing
+# 5,000 triggers (ignored tests of tests/it/scale.rs).
+cluster-test: services
+	$(CARGO) nextest run $(TEST_FEATURES) --run-ignored only -E 'test(scale::)' --no-capture
 
 # Refreshes the README's console screenshot from the browser test's.
 ui-screenshot: ui-test-deps

@@ -677,6 +677,24 @@ impl Broker {
         })
     }
 
+    /// How many consumers a queue has (a passive declare: nothing changes).
+    pub async fn consumer_count(&self, queue: &str) -> Result<u32, BrokerError> {
+        let ch = self.conn.create_channel().await.map_err(amqp)?;
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp);
+        let _ = ch.close(200, "counted".into()).await;
+        Ok(q?.consumer_count())
+    }
+
     pub fn events_exchange(&self) -> &str {
         &self.settings.events_exchange
     }

@@ -94,3 +94,92 @@ async fn worker_runs_on_the_next_node() {
     let _ = child.wait().await;
     app.stop().await;
 }
+
+/// Five workers on one queue share 5,000 triggers evenly: each handled
+/// within ±30 % of the mean (issue 8). Every worker is consuming before the
+/// first trigger is published, so none gets a head start. Run by
+/// `make cluster-test` (ignored in `make test` for its length).
+#[tokio::test]
+#[ignore = "make cluster-test"]
+async fn five_workers_share_the_queue_evenly() {
+    const WORKERS: usize = 5;
+    const TRIGGERS: usize = 5000;
+    let mut app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let ports: Vec<u16> = (0..WORKERS).map(|_| dead_port()).collect();
+    let mut children: Vec<_> = ports
+        .iter()
+        .map(|port| {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_runbridge"))
+                .arg("worker")
+                .envs(app.env_vars())
+                .env(
+                    "RUNBRIDGE__WORKER__METRICS_LISTEN",
+                    format!("127.0.0.1:{port}"),
+                )
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let queue = app.settings.amqp.triggers_queue.clone();
+    eventually(
+        Duration::from_secs(30),
+        "five consumers on the trigger queue",
+        || async {
+            (app.broker.consumer_count(&queue).await.ok()? as usize == WORKERS).then_some(())
+        },
+    )
+    .await;
+
+    let ids: Vec<String> = (0..TRIGGERS)
+        .map(|i| format!("{}-spread-{i}", app.name))
+        .collect();
+    for id in &ids {
+        app.publish(&trigger(id, JOB_CALLBACK)).await;
+    }
+    let events = app.events_for_all(&ids, Duration::from_secs(300)).await;
+    assert_eq!(events.len(), TRIGGERS);
+
+    let mut handled = Vec::new();
+    for port in &ports {
+        let text = app
+            .http
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let n: f64 = text
+            .lines()
+            .find(|l| l.starts_with("runbridge_triggers_consumed_total"))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0.0);
+        handled.push(n);
+    }
+    let mean = handled.iter().sum::<f64>() / WORKERS as f64;
+    println!("triggers handled per worker: {handled:?} (mean {mean:.0})");
+    assert!(
+        handled.iter().sum::<f64>() >= TRIGGERS as f64,
+        "{handled:?}"
+    );
+    for n in &handled {
+        assert!(
+            (n - mean).abs() <= 0.3 * mean,
+            "a worker handled {n}, mean {mean:.0}: {handled:?}"
+        );
+    }
+    for c in &mut children {
+        let _ = c.start_kill();
+        let _ = c.wait().await;
+    }
+    app.stop().await;
+}
