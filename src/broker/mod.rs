@@ -713,14 +713,38 @@ impl Broker {
         exchange: &str,
         binding: &str,
     ) -> Result<(), BrokerError> {
+        self.declare_bound_queue_with(queue, exchange, binding, FieldTable::default())
+            .await
+    }
+
+    /// The same as a quorum queue, which survives the loss of a minority of
+    /// a cluster's nodes.
+    pub async fn declare_bound_quorum_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        binding: &str,
+    ) -> Result<(), BrokerError> {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        self.declare_bound_queue_with(queue, exchange, binding, args)
+            .await
+    }
+
+    async fn declare_bound_queue_with(
+        &self,
+        queue: &str,
+        exchange: &str,
+        binding: &str,
+        args: FieldTable,
+    ) -> Result<(), BrokerError> {
         let ch = self.conn.create_channel().await.map_err(amqp)?;
-        ch.queue_declare(
-            queue.into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(amqp)?;
+        ch.queue_declare(queue.into(), QueueDeclareOptions::durable(), args)
+            .await
+            .map_err(amqp)?;
         ch.queue_bind(
             queue.into(),
             exchange.into(),

@@ -74,6 +74,8 @@ pub struct Options {
     /// Serve the sidecar over HTTPS with this certificate; the test's client
     /// and the emulator's "notebooks" trust its CA.
     pub sidecar_tls: Option<crate::tls::Pki>,
+    /// More broker nodes (`amqp.urls`).
+    pub amqp_urls: Vec<String>,
 }
 
 impl Default for Options {
@@ -85,6 +87,7 @@ impl Default for Options {
             extra_workers: 0,
             emulator_oauth: None,
             sidecar_tls: None,
+            amqp_urls: Vec::new(),
         }
     }
 }
@@ -220,6 +223,7 @@ impl TestApp {
         let mut settings =
             Settings::load_from(&config_dir(), "local", &overrides).expect("settings");
         settings.auth.operator_tokens = vec![operator_token.clone().into()];
+        settings.amqp.urls = opts.amqp_urls.iter().map(|u| u.clone().into()).collect();
 
         let store = startup::store(&settings).await.expect("redis reachable");
         let bs = startup::broker_settings(&settings, "test");

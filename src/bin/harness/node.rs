@@ -176,12 +176,42 @@ impl RabbitNode {
         )
     }
 
-    /// The Erlang VM, not the `su` wrapper: SIGKILL, as a crash would.
     /// Killed (or never started) and not restarted since.
     pub fn is_down(&self) -> bool {
         self.child.is_none()
     }
 
+    /// Makes this (started) node a member of `other`'s cluster. The nodes
+    /// share the `rabbitmq` user's Erlang cookie; this node's own data is
+    /// reset first.
+    pub fn join(&self, other: &RabbitNode) -> Result<()> {
+        rabbitmqctl(Some(&self.name), &["stop_app"])?;
+        rabbitmqctl(Some(&self.name), &["reset"])?;
+        rabbitmqctl(Some(&self.name), &["join_cluster", &other.name])?;
+        rabbitmqctl(Some(&self.name), &["start_app"])?;
+        rabbitmqctl(Some(&self.name), &["await_startup", "-t", "60"])?;
+        Ok(())
+    }
+
+    /// The AMQP URL of this node for the default vhost.
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// The node that leads a quorum queue, asked of this node.
+    pub fn queue_leader(&self, queue: &str) -> Result<String> {
+        let out = rabbitmqctl(
+            Some(&self.name),
+            &["list_queues", "-q", "--no-table-headers", "name", "leader"],
+        )?;
+        out.lines()
+            .filter_map(|l| l.split_once('\t'))
+            .find(|(name, _)| name.trim() == queue)
+            .map(|(_, leader)| leader.trim().to_owned())
+            .with_context(|| format!("no leader reported for {queue}: {out}"))
+    }
+
+    /// The Erlang VM, not the `su` wrapper: SIGKILL, as a crash would.
     pub fn kill9_now(&self) {
         if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
             let _ = std::process::Command::new("kill")
