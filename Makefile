@@ -127,7 +127,7 @@ ui-test-deps:
 # The scale tests (issue 8), too long for `make test` (ignored tests of
 # tests/it/scale.rs): five workers sharing 5,000 triggers; a three-node
 # RabbitMQ cluster of private nodes (needs root) whose trigger-queue leader
-# is killed with -9 under 2,000 triggers.
+# is killed with -9 under 2,000 triggers; a Redis Sentinel failover.
 cluster-test: services
 	$(CARGO) nextest run $(TEST_FEATURES) --run-ignored only -E 'test(scale::)' --no-capture
 

@@ -88,6 +88,17 @@ pub struct RedisSection {
     /// PEM CA file for rediss:// (empty: the system's roots).
     #[serde(default)]
     pub tls_ca_file: String,
+    /// "standalone" (`url`) or "sentinel" (`sentinels`, `sentinel_master`).
+    #[serde(default = "default_redis_mode")]
+    pub mode: String,
+    #[serde(default)]
+    pub sentinels: Vec<SecretString>,
+    #[serde(default)]
+    pub sentinel_master: String,
+}
+
+fn default_redis_mode() -> String {
+    "standalone".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -309,6 +320,7 @@ impl Settings {
                     .with_list_parse_key("auth.callback_secrets")
                     .with_list_parse_key("auth.operator_tokens")
                     .with_list_parse_key("amqp.urls")
+                    .with_list_parse_key("redis.sentinels")
                     .try_parsing(true),
             );
         // The Databricks CLI/SDK conventions, for the default workspace: a
@@ -395,11 +407,29 @@ impl Settings {
                 self.log.format
             ));
         }
+        match self.redis.mode.as_str() {
+            "standalone" => {}
+            "sentinel" => {
+                if self.redis.sentinels.is_empty() || self.redis.sentinel_master.is_empty() {
+                    return bad("redis.mode = \"sentinel\" needs redis.sentinels (their URLs) and redis.sentinel_master (the master's name)".into());
+                }
+            }
+            other => {
+                return bad(format!(
+                    "redis.mode must be \"standalone\" or \"sentinel\", got {other:?}"
+                ));
+            }
+        }
         let amqp_urls = self
             .amqp
             .urls
             .iter()
             .map(|u| ("amqp.urls", u.expose_secret()));
+        let sentinels = self
+            .redis
+            .sentinels
+            .iter()
+            .map(|u| ("redis.sentinels", u.expose_secret()));
         for (key, url, schemes) in [
             (
                 "redis.url",
@@ -414,6 +444,7 @@ impl Settings {
         ]
         .into_iter()
         .chain(amqp_urls.map(|(k, u)| (k, u, &["amqp", "amqps"][..])))
+        .chain(sentinels.map(|(k, u)| (k, u, &["redis", "rediss"][..])))
         {
             match url::Url::parse(url) {
                 Ok(u) if schemes.contains(&u.scheme()) => {}
@@ -596,6 +627,35 @@ fn databricks_profile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_mode_and_sentinels_are_checked() {
+        let check = |f: &dyn Fn(&mut Settings)| {
+            let mut s = Settings::defaults().unwrap();
+            f(&mut s);
+            s.validate(Role::Client).err().map(|e| e.to_string())
+        };
+        assert_eq!(check(&|_| {}), None);
+        let e = check(&|s| s.redis.mode = "cluster-ish".into()).unwrap();
+        assert!(e.contains("redis.mode"), "{e}");
+        let e = check(&|s| s.redis.mode = "sentinel".into()).unwrap();
+        assert!(e.contains("redis.sentinels"), "{e}");
+        let e = check(&|s| {
+            s.redis.mode = "sentinel".into();
+            s.redis.sentinel_master = "m".into();
+            s.redis.sentinels = vec!["http://s1:26379".to_string().into()];
+        })
+        .unwrap();
+        assert!(e.contains("redis.sentinels must use"), "{e}");
+        assert_eq!(
+            check(&|s| {
+                s.redis.mode = "sentinel".into();
+                s.redis.sentinel_master = "m".into();
+                s.redis.sentinels = vec!["redis://s1:26379".to_string().into()];
+            }),
+            None
+        );
+    }
 
     #[test]
     fn databricks_profile_reads_one_section() {

@@ -18,7 +18,7 @@ use crate::domain::{CallbackSigner, TriggerRules};
 use crate::reconciler::{Reconciler, ReconcilerSettings};
 use crate::relay::{self, RelaySettings};
 use crate::sidecar::{self, AppState, SidecarSettings};
-use crate::store::redis_store::StoreSettings;
+use crate::store::redis_store::{SentinelSettings, StoreSettings};
 use crate::store::{RedisStore, StoreError};
 use crate::worker::runner::{self, RunnerSettings, pause, reconnect_backoff};
 use crate::worker::{ParamNames, WorkerContext};
@@ -55,6 +55,15 @@ pub async fn store(s: &Settings) -> Result<RedisStore, StartupError> {
         response_timeout: Duration::from_millis(s.redis.response_timeout_ms),
         first_poll: Duration::from_millis(s.reconciler.first_poll_ms),
         tls_ca_pem: read_pem("redis.tls_ca_file", &s.redis.tls_ca_file)?,
+        sentinel: (s.redis.mode == "sentinel").then(|| SentinelSettings {
+            sentinels: s
+                .redis
+                .sentinels
+                .iter()
+                .map(|u| u.expose_secret().to_owned())
+                .collect(),
+            master: s.redis.sentinel_master.clone(),
+        }),
     })
     .await?)
 }

@@ -11,9 +11,8 @@
 //!
 //! runbridge reaches Redis, RabbitMQ and the emulator through TCP proxies in
 //! this process, which can cut, blackhole or delay a link.
-//!
-//! Not yet here (issue 4 continues): a private RabbitMQ node killed with
-//! `kill -9` and restarted.
+//! The `node` fault kills a private RabbitMQ node with `kill -9` and
+//! restarts it (`harness::node`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-pub use redis_store::{RedisStore, StoreSettings};
+pub use redis_store::{RedisStore, SentinelSettings, StoreSettings};
 
 use crate::domain::promise::CorruptRecord;
 use crate::domain::{Payload, Promise, PromiseId, RunId, SettledBy, State};

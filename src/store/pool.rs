@@ -42,17 +42,50 @@ fn connection_failed(e: &RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error()
 }
 
+/// Where connections go: one Redis, or whichever node the Sentinels name
+/// master at the moment a connection is made (so after a failover every
+/// replaced connection goes to the new master).
+#[derive(Clone)]
+pub enum Source {
+    Fixed(Box<redis::Client>),
+    Sentinel(Arc<tokio::sync::Mutex<redis::sentinel::SentinelClient>>),
+}
+
+impl Source {
+    pub async fn client(&self) -> Result<redis::Client, RedisError> {
+        match self {
+            Source::Fixed(c) => Ok((**c).clone()),
+            Source::Sentinel(s) => {
+                let mut sentinel = s.lock().await;
+                // Boxed: the Sentinel client's future nests deeply, and every
+                // future that makes a connection would otherwise carry it.
+                Box::pin(sentinel.async_get_client()).await
+            }
+        }
+    }
+
+    pub async fn connect(
+        &self,
+        config: &AsyncConnectionConfig,
+    ) -> Result<MultiplexedConnection, RedisError> {
+        self.client()
+            .await?
+            .get_multiplexed_async_connection_with_config(config)
+            .await
+    }
+}
+
 /// Creates multiplexed connections (as deadpool-redis's manager does, but
-/// from a client built here, so `rediss://` can trust a private CA);
-/// recycles for free.
+/// from a client built here, so `rediss://` can trust a private CA and a
+/// Sentinel deployment is followed); recycles for free.
 pub struct Manager {
-    client: redis::Client,
+    source: Source,
     config: AsyncConnectionConfig,
 }
 
 impl Manager {
-    pub fn new(client: redis::Client, config: AsyncConnectionConfig) -> Self {
-        Self { client, config }
+    pub fn new(source: Source, config: AsyncConnectionConfig) -> Self {
+        Self { source, config }
     }
 }
 
@@ -62,10 +95,7 @@ impl managed::Manager for Manager {
 
     async fn create(&self) -> Result<Tracked, RedisError> {
         Ok(Tracked {
-            conn: self
-                .client
-                .get_multiplexed_async_connection_with_config(&self.config)
-                .await?,
+            conn: self.source.connect(&self.config).await?,
             broken: Arc::new(AtomicBool::new(false)),
         })
     }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::pool::{Conn, Manager, Pool};
+use super::pool::{Conn, Manager, Pool, Source};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use redis::aio::MultiplexedConnection;
@@ -67,12 +67,21 @@ pub struct StoreSettings {
     pub first_poll: Duration,
     /// PEM CA(s) to trust for `rediss://` instead of the system's roots.
     pub tls_ca_pem: Option<Vec<u8>>,
+    /// Follow a Sentinel deployment: its Sentinels' URLs and the master's
+    /// name. `url` then gives only the master's password and database.
+    pub sentinel: Option<SentinelSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SentinelSettings {
+    pub sentinels: Vec<String>,
+    pub master: String,
 }
 
 #[derive(Clone)]
 pub struct RedisStore {
     pool: Pool,
-    client: redis::Client,
+    source: Source,
     keys: Keys,
     retention_ms: i64,
     first_poll_ms: u64,
@@ -168,7 +177,29 @@ impl RedisStore {
             ),
         }
         .map_err(|e| StoreError::Unavailable(format!("redis url {shown}: {e}")))?;
-        let manager = Manager::new(client.clone(), conn_cfg);
+        let source = match &s.sentinel {
+            None => Source::Fixed(Box::new(client)),
+            Some(sn) => {
+                let node = redis::IntoConnectionInfo::into_connection_info(s.url.as_str())
+                    .map_err(|e| StoreError::Unavailable(format!("redis url {shown}: {e}")))?;
+                let info = redis::sentinel::SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(node.redis_settings().clone());
+                let sentinel = redis::sentinel::SentinelClient::build(
+                    sn.sentinels.clone(),
+                    sn.master.clone(),
+                    Some(info),
+                    redis::sentinel::SentinelServerType::Master,
+                )
+                .map_err(|e| {
+                    StoreError::Unavailable(format!(
+                        "redis.sentinels: {}",
+                        e.to_string().replace(&s.url, &shown)
+                    ))
+                })?;
+                Source::Sentinel(Arc::new(tokio::sync::Mutex::new(sentinel)))
+            }
+        };
+        let manager = Manager::new(source.clone(), conn_cfg);
         let pool = Pool::builder(manager)
             .max_size(s.pool_size)
             .wait_timeout(Some(Duration::from_secs(5)))
@@ -178,7 +209,7 @@ impl RedisStore {
             .map_err(|e| StoreError::Unavailable(format!("redis pool for {shown}: {e}")))?;
         let store = Self {
             pool,
-            client,
+            source,
             keys: s.keys.clone(),
             retention_ms: i64::try_from(s.retention.as_millis()).unwrap_or(i64::MAX),
             first_poll_ms: u64::try_from(s.first_poll.as_millis()).unwrap_or(u64::MAX),
@@ -214,11 +245,7 @@ impl RedisStore {
         let cfg = AsyncConnectionConfig::new()
             .set_response_timeout(Some(block + Duration::from_secs(5)))
             .set_connection_timeout(Some(Duration::from_secs(3)));
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await
-            .map_err(unavailable)?;
+        let conn = self.source.connect(&cfg).await.map_err(unavailable)?;
         let mut outbox = RedisOutbox {
             conn,
             store: self.clone(),

@@ -76,6 +76,8 @@ pub struct Options {
     pub sidecar_tls: Option<crate::tls::Pki>,
     /// More broker nodes (`amqp.urls`).
     pub amqp_urls: Vec<String>,
+    /// Sentinels to follow (`redis.sentinels`; with `redis.mode` set too).
+    pub redis_sentinels: Vec<String>,
 }
 
 impl Default for Options {
@@ -88,6 +90,7 @@ impl Default for Options {
             emulator_oauth: None,
             sidecar_tls: None,
             amqp_urls: Vec::new(),
+            redis_sentinels: Vec::new(),
         }
     }
 }
@@ -224,6 +227,11 @@ impl TestApp {
             Settings::load_from(&config_dir(), "local", &overrides).expect("settings");
         settings.auth.operator_tokens = vec![operator_token.clone().into()];
         settings.amqp.urls = opts.amqp_urls.iter().map(|u| u.clone().into()).collect();
+        settings.redis.sentinels = opts
+            .redis_sentinels
+            .iter()
+            .map(|u| u.clone().into())
+            .collect();
 
         let store = startup::store(&settings).await.expect("redis reachable");
         let bs = startup::broker_settings(&settings, "test");

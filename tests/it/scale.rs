@@ -317,3 +317,186 @@ async fn trigger_queue_leader_killed_in_a_three_node_cluster() {
     drop(nodes);
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// A Redis process of the test's own, killed when dropped.
+struct RedisProc {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl RedisProc {
+    async fn start(args: &[String], port: u16) -> RedisProc {
+        let child = std::process::Command::new("redis-server")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        eventually(Duration::from_secs(10), "redis listening", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+        })
+        .await;
+        RedisProc { child, port }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+async fn sentinel_master(sentinel_port: u16, name: &str) -> Option<u16> {
+    let c = redis::Client::open(format!("redis://127.0.0.1:{sentinel_port}")).ok()?;
+    let mut conn = c.get_multiplexed_async_connection().await.ok()?;
+    let addr: Vec<String> = redis::cmd("SENTINEL")
+        .arg("get-master-addr-by-name")
+        .arg(name)
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    addr.get(1)?.parse().ok()
+}
+
+/// `redis.mode = "sentinel"`: a master, a replica and three Sentinels made
+/// here (private ports and directories). Triggers run; the master is killed
+/// with `kill -9`; once the Sentinels have promoted the replica, new triggers
+/// run again, each with one run and one event, with no restart of the
+/// workers (connections are replaced and ask the Sentinels anew). Run by
+/// `make cluster-test`.
+#[tokio::test]
+#[ignore = "make cluster-test"]
+async fn sentinel_failover_moves_the_store_to_the_new_master() {
+    const BATCH: usize = 300;
+    let dir = std::env::temp_dir().join(unique("sentinel"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (m, r) = (dead_port(), dead_port());
+    let node = |port: u16, sub: &str, extra: &[String]| {
+        let d = dir.join(sub);
+        std::fs::create_dir_all(&d).unwrap();
+        let mut a: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.push(d.display().to_string());
+        a.extend_from_slice(extra);
+        a
+    };
+    let mut master = RedisProc::start(&node(m, "m", &[]), m).await;
+    let _replica = RedisProc::start(
+        &node(
+            r,
+            "r",
+            &["--replicaof".into(), "127.0.0.1".into(), m.to_string()],
+        ),
+        r,
+    )
+    .await;
+    let mut sentinels = Vec::new();
+    for i in 0..3 {
+        let port = dead_port();
+        let conf = dir.join(format!("sentinel-{i}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor rbm 127.0.0.1 {m} 2\n\
+                 sentinel down-after-milliseconds rbm 1000\nsentinel failover-timeout rbm 5000\n\
+                 sentinel parallel-syncs rbm 1\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        sentinels
+            .push(RedisProc::start(&[conf.display().to_string(), "--sentinel".into()], port).await);
+    }
+    let s0 = sentinels[0].port;
+    eventually(
+        Duration::from_secs(20),
+        "the Sentinels know the master",
+        || async { (sentinel_master(s0, "rbm").await? == m).then_some(()) },
+    )
+    .await;
+
+    let mut app = TestApp::spawn_with(Options {
+        overrides: vec![
+            ("redis.mode", "sentinel".into()),
+            ("redis.sentinel_master", "rbm".into()),
+            ("redis.url", format!("redis://127.0.0.1:{m}")),
+        ],
+        redis_sentinels: sentinels
+            .iter()
+            .map(|s| format!("redis://127.0.0.1:{}", s.port))
+            .collect(),
+        ..Default::default()
+    })
+    .await;
+    let name = app.name.clone();
+    let batch =
+        |tag: &str| -> Vec<String> { (0..BATCH).map(|i| format!("{name}-{tag}-{i}")).collect() };
+    let before = batch("before");
+    for id in &before {
+        app.publish(&trigger(id, JOB_CALLBACK)).await;
+    }
+    app.events_for_all(&before, Duration::from_secs(120)).await;
+
+    master.kill9();
+    let promoted = eventually(Duration::from_secs(60), "the replica promoted", || async {
+        let now = sentinel_master(s0, "rbm").await?;
+        (now == r).then_some(now)
+    })
+    .await;
+    println!("master on {m} killed; the Sentinels promoted {promoted}");
+
+    let after = batch("after");
+    for id in &after {
+        app.publish(&trigger(id, JOB_CALLBACK)).await;
+    }
+    let events = app.events_for_all(&after, Duration::from_secs(120)).await;
+    for (id, evs) in &events {
+        let ids: std::collections::BTreeSet<&str> =
+            evs.iter().filter_map(|e| e["id"].as_str()).collect();
+        assert_eq!(ids.len(), 1, "{id}: {ids:?}");
+        assert_eq!(evs[0]["data"]["state"], "RESOLVED");
+    }
+    for id in after.iter().step_by(50) {
+        assert_eq!(app.runs_for(id).await.len(), 1, "{id}");
+    }
+    // The test's own store answers from the promoted replica too, once the
+    // connection to the dead master has failed its one command (callers
+    // retry; the pool replaces it).
+    let id = runbridge::domain::PromiseId::parse(&after[0]).unwrap();
+    let p = eventually(
+        Duration::from_secs(10),
+        "a read through the new master",
+        || async {
+            runbridge::store::PromiseStore::get(&app.store, &id)
+                .await
+                .ok()
+                .flatten()
+        },
+    )
+    .await;
+    assert_eq!(p.state, runbridge::domain::State::Resolved);
+    app.stop().await;
+    drop(sentinels);
+    let _ = std::fs::remove_dir_all(&dir);
+}
