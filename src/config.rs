@@ -95,6 +95,15 @@ pub struct RedisSection {
     pub sentinels: Vec<SecretString>,
     #[serde(default)]
     pub sentinel_master: String,
+    /// Replicas each transition must reach (`WAIT`); 0: do not wait.
+    #[serde(default)]
+    pub wait_replicas: u64,
+    #[serde(default = "default_wait_timeout_ms")]
+    pub wait_timeout_ms: u64,
+}
+
+fn default_wait_timeout_ms() -> u64 {
+    1000
 }
 
 fn default_redis_mode() -> String {
@@ -484,6 +493,12 @@ impl Settings {
                 ));
             }
             read_pem(key, file)?;
+        }
+        if self.redis.wait_replicas > 0
+            && (self.redis.wait_timeout_ms == 0
+                || self.redis.wait_timeout_ms >= self.redis.response_timeout_ms)
+        {
+            return bad("redis.wait_timeout_ms must be positive and below redis.response_timeout_ms (a WAIT must answer before the command times out)".into());
         }
         if self.redis.pool_size == 0 || self.redis.response_timeout_ms == 0 {
             return bad("redis.pool_size and redis.response_timeout_ms must be positive".into());

@@ -64,6 +64,8 @@ pub async fn store(s: &Settings) -> Result<RedisStore, StartupError> {
                 .collect(),
             master: s.redis.sentinel_master.clone(),
         }),
+        wait_replicas: s.redis.wait_replicas,
+        wait_timeout: Duration::from_millis(s.redis.wait_timeout_ms),
     })
     .await?)
 }

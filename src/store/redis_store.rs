@@ -70,6 +70,9 @@ pub struct StoreSettings {
     /// Follow a Sentinel deployment: its Sentinels' URLs and the master's
     /// name. `url` then gives only the master's password and database.
     pub sentinel: Option<SentinelSettings>,
+    /// Replicas every transition must reach before it counts (`WAIT`); 0: none.
+    pub wait_replicas: u64,
+    pub wait_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -82,6 +85,8 @@ pub struct SentinelSettings {
 pub struct RedisStore {
     pool: Pool,
     source: Source,
+    wait_replicas: u64,
+    wait_timeout: Duration,
     keys: Keys,
     retention_ms: i64,
     first_poll_ms: u64,
@@ -210,6 +215,8 @@ impl RedisStore {
         let store = Self {
             pool,
             source,
+            wait_replicas: s.wait_replicas,
+            wait_timeout: s.wait_timeout,
             keys: s.keys.clone(),
             retention_ms: i64::try_from(s.retention.as_millis()).unwrap_or(i64::MAX),
             first_poll_ms: u64::try_from(s.first_poll.as_millis()).unwrap_or(u64::MAX),
@@ -224,6 +231,30 @@ impl RedisStore {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// With `redis.wait_replicas` above 0: waits (Redis `WAIT`) until what
+    /// this connection wrote, the transition just made included, reached that
+    /// many replicas, so a failover cannot lose it. If it did not within
+    /// `wait_timeout`, the write still stands but the caller gets a retryable
+    /// error, and its retry finds the write (every transition is idempotent).
+    async fn replicated(&self, conn: &mut Conn) -> Result<(), StoreError> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        let n: u64 = redis::cmd("WAIT")
+            .arg(self.wait_replicas)
+            .arg(u64::try_from(self.wait_timeout.as_millis()).unwrap_or(u64::MAX))
+            .query_async(conn)
+            .await
+            .map_err(unavailable)?;
+        if n < self.wait_replicas {
+            return Err(StoreError::Unavailable(format!(
+                "written, but replicated to {n} of redis.wait_replicas = {} within {:?}",
+                self.wait_replicas, self.wait_timeout
+            )));
+        }
+        Ok(())
     }
 
     async fn conn(&self) -> Result<Conn, StoreError> {
@@ -471,6 +502,7 @@ impl PromiseStore for RedisStore {
         }
         let mut conn = self.conn().await?;
         let v: Value = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        self.replicated(&mut conn).await?;
         let (status, rest) = split_reply(v)?;
         let promise = record(rest)?;
         match status.as_str() {
@@ -505,6 +537,7 @@ impl PromiseStore for RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        self.replicated(&mut conn).await?;
         let (status, rest) = split_reply(v)?;
         let rest: Option<String> =
             redis::from_redis_value(rest).map_err(|e| StoreError::Protocol(e.to_string()))?;
@@ -542,6 +575,7 @@ impl PromiseStore for RedisStore {
             .arg(if req.cancel_run { "1" } else { "0" });
         let mut conn = self.conn().await?;
         let v: Value = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        self.replicated(&mut conn).await?;
         let (status, rest) = split_reply(v)?;
         if status == "NOT_FOUND" {
             return Ok(SettleOutcome::NotFound);
@@ -571,6 +605,7 @@ impl PromiseStore for RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        self.replicated(&mut conn).await?;
         let (status, rest) = split_reply(v)?;
         Ok(match status.as_str() {
             "NOT_FOUND" => HeartbeatOutcome::NotFound,
@@ -779,6 +814,7 @@ impl Lifecycle for RedisStore {
         inv.arg(id.as_str()).arg(self.retention_ms);
         let mut conn = self.conn().await?;
         let v: Value = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        self.replicated(&mut conn).await?;
         let (status, rest) = split_reply(v)?;
         Ok(match status.as_str() {
             "TIMEDOUT" => {

@@ -365,12 +365,24 @@ async fn sentinel_master(sentinel_port: u16, name: &str) -> Option<u16> {
     addr.get(1)?.parse().ok()
 }
 
-/// `redis.mode = "sentinel"`: a master, a replica and three Sentinels made
-/// here (private ports and directories). Triggers run; the master is killed
-/// with `kill -9`; once the Sentinels have promoted the replica, new triggers
-/// run again, each with one run and one event, with no restart of the
-/// workers (connections are replaced and ask the Sentinels anew). Run by
-/// `make cluster-test`.
+async fn sentinel_replicas(sentinel_port: u16, name: &str) -> Option<usize> {
+    let c = redis::Client::open(format!("redis://127.0.0.1:{sentinel_port}")).ok()?;
+    let mut conn = c.get_multiplexed_async_connection().await.ok()?;
+    let replicas: Vec<redis::Value> = redis::cmd("SENTINEL")
+        .arg("replicas")
+        .arg(name)
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    Some(replicas.len())
+}
+
+/// `redis.mode = "sentinel"` with `redis.wait_replicas = 1`: a master, two
+/// replicas and three Sentinels made here (private ports and directories).
+/// Triggers run; the master is killed with `kill -9`; once the Sentinels
+/// have promoted a replica, new triggers run again, each with one run and one
+/// event, with no restart of the workers (connections are replaced and ask
+/// the Sentinels anew). Run by `make cluster-test`.
 #[tokio::test]
 #[ignore = "make cluster-test"]
 async fn sentinel_failover_moves_the_store_to_the_new_master() {
@@ -402,15 +414,12 @@ async fn sentinel_failover_moves_the_store_to_the_new_master() {
         a
     };
     let mut master = RedisProc::start(&node(m, "m", &[]), m).await;
-    let _replica = RedisProc::start(
-        &node(
-            r,
-            "r",
-            &["--replicaof".into(), "127.0.0.1".into(), m.to_string()],
-        ),
-        r,
-    )
-    .await;
+    let replica_of = || vec!["--replicaof".to_string(), "127.0.0.1".into(), m.to_string()];
+    let _replica = RedisProc::start(&node(r, "r", &replica_of()), r).await;
+    // A second replica, so that the promoted one has a replica of its own
+    // and `WAIT 1` keeps being answered after the failover.
+    let r2 = dead_port();
+    let _replica2 = RedisProc::start(&node(r2, "r2", &replica_of()), r2).await;
     let mut sentinels = Vec::new();
     for i in 0..3 {
         let port = dead_port();
@@ -418,7 +427,7 @@ async fn sentinel_failover_moves_the_store_to_the_new_master() {
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor rbm 127.0.0.1 {m} 2\n\
+                "port {port}\nbind 127.0.0.1\ndir {}\nlogfile sentinel-{i}.log\nsentinel monitor rbm 127.0.0.1 {m} 2\n\
                  sentinel down-after-milliseconds rbm 1000\nsentinel failover-timeout rbm 5000\n\
                  sentinel parallel-syncs rbm 1\n",
                 dir.display()
@@ -435,12 +444,24 @@ async fn sentinel_failover_moves_the_store_to_the_new_master() {
         || async { (sentinel_master(s0, "rbm").await? == m).then_some(()) },
     )
     .await;
+    // A Sentinel learns of replicas from the master's INFO (every 10 s): a
+    // failover before every Sentinel knows both would find no replica.
+    for s in &sentinels {
+        eventually(
+            Duration::from_secs(30),
+            "the Sentinels know both replicas",
+            || async { (sentinel_replicas(s.port, "rbm").await? >= 2).then_some(()) },
+        )
+        .await;
+    }
 
     let mut app = TestApp::spawn_with(Options {
         overrides: vec![
             ("redis.mode", "sentinel".into()),
             ("redis.sentinel_master", "rbm".into()),
             ("redis.url", format!("redis://127.0.0.1:{m}")),
+            // Every transition replicated before it counts.
+            ("redis.wait_replicas", "1".into()),
         ],
         redis_sentinels: sentinels
             .iter()
@@ -459,9 +480,9 @@ async fn sentinel_failover_moves_the_store_to_the_new_master() {
     app.events_for_all(&before, Duration::from_secs(120)).await;
 
     master.kill9();
-    let promoted = eventually(Duration::from_secs(60), "the replica promoted", || async {
+    let promoted = eventually(Duration::from_secs(60), "a replica promoted", || async {
         let now = sentinel_master(s0, "rbm").await?;
-        (now == r).then_some(now)
+        (now == r || now == r2).then_some(now)
     })
     .await;
     println!("master on {m} killed; the Sentinels promoted {promoted}");
@@ -499,4 +520,57 @@ async fn sentinel_failover_moves_the_store_to_the_new_master() {
     app.stop().await;
     drop(sentinels);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `redis.wait_replicas`: a transition that no replica confirmed is reported
+/// as a retryable error (the machine's Redis has no replica), while the write
+/// itself stands, so the caller's retry finds it.
+#[tokio::test]
+async fn wait_replicas_reports_an_unreplicated_transition() {
+    use runbridge::store::{CreateOutcome, NewPromise, PromiseStore, RedisStore, Timeout};
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let s = &app.settings;
+    let store = RedisStore::connect(&runbridge::store::StoreSettings {
+        url: secrecy::ExposeSecret::expose_secret(&s.redis.url).to_owned(),
+        keys: s.keys().unwrap(),
+        retention: Duration::from_secs(60),
+        pool_size: 2,
+        response_timeout: Duration::from_secs(2),
+        first_poll: Duration::from_secs(1),
+        tls_ca_pem: None,
+        sentinel: None,
+        wait_replicas: 1,
+        wait_timeout: Duration::from_millis(100),
+    })
+    .await
+    .unwrap();
+    let id = runbridge::domain::PromiseId::parse(&unique("unreplicated")).unwrap();
+    let new = NewPromise {
+        id: id.clone(),
+        param: Default::default(),
+        timeout: Timeout::After(Duration::from_secs(60)),
+        tags: Default::default(),
+        ikey_create: None,
+        job_id: None,
+        workspace: "default".into(),
+        reply_to: None,
+        correlation_id: None,
+        traceparent: None,
+        heartbeat: None,
+        cancel_on_timeout: false,
+    };
+    let Err(e) = store.create(&new).await else {
+        panic!("a transition no replica confirmed was reported as done");
+    };
+    assert!(e.to_string().contains("replicated to 0 of"), "{e}");
+    // The write stands: the retry (here without WAIT) finds it.
+    assert!(matches!(
+        app.store.create(&new).await.unwrap(),
+        CreateOutcome::Existing(_)
+    ));
+    app.stop().await;
 }

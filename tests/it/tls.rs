@@ -135,6 +135,8 @@ fn store_settings(url: String, ca: Option<&Pki>) -> StoreSettings {
         first_poll: Duration::from_secs(1),
         tls_ca_pem: ca.map(|p| p.ca_pem.clone().into_bytes()),
         sentinel: None,
+        wait_replicas: 0,
+        wait_timeout: Duration::from_secs(1),
     }
 }
 
