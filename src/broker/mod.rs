@@ -677,8 +677,9 @@ impl Broker {
         })
     }
 
-    /// How many consumers a queue has (a passive declare: nothing changes).
-    pub async fn consumer_count(&self, queue: &str) -> Result<u32, BrokerError> {
+    /// A queue's message and consumer counts (a passive declare: nothing
+    /// changes; an error if the queue does not exist).
+    async fn inspect_queue(&self, queue: &str) -> Result<lapin::Queue, BrokerError> {
         let ch = self.conn.create_channel().await.map_err(amqp)?;
         let q = ch
             .queue_declare(
@@ -691,8 +692,13 @@ impl Broker {
             )
             .await
             .map_err(amqp);
-        let _ = ch.close(200, "counted".into()).await;
-        Ok(q?.consumer_count())
+        let _ = ch.close(200, "inspected".into()).await;
+        q
+    }
+
+    /// How many consumers a queue has.
+    pub async fn consumer_count(&self, queue: &str) -> Result<u32, BrokerError> {
+        Ok(self.inspect_queue(queue).await?.consumer_count())
     }
 
     pub fn events_exchange(&self) -> &str {
@@ -839,18 +845,7 @@ fn fingerprint(body: &[u8], error: Option<&str>) -> String {
 /// Messages in the dead-letter queue (`settings.dead_letter_queue`).
 pub async fn dead_letter_count(settings: &BrokerSettings) -> Result<u32, BrokerError> {
     let b = Broker::connect(settings).await?;
-    let ch = b.conn.create_channel().await.map_err(amqp)?;
-    let q = ch
-        .queue_declare(
-            settings.dead_letter_queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(amqp);
+    let q = b.inspect_queue(&settings.dead_letter_queue).await;
     b.close().await;
     Ok(q?.message_count())
 }
