@@ -25,21 +25,17 @@ use crate::reconciler::ControlMessage;
 
 /// JSON Schema of the trigger message (DESIGN.md §2).
 pub fn trigger() -> Value {
-    to_value(schemars::schema_for!(TriggerMessage))
+    schemars::schema_for!(TriggerMessage).to_value()
 }
 
 /// JSON Schema of the completion event (DESIGN.md §5), `data` included.
 pub fn event() -> Value {
-    to_value(schemars::schema_for!(CloudEvent))
+    schemars::schema_for!(CloudEvent).to_value()
 }
 
 /// JSON Schema of an operator's control-queue message.
 pub fn control() -> Value {
-    to_value(schemars::schema_for!(ControlMessage))
-}
-
-fn to_value(s: schemars::Schema) -> Value {
-    s.to_value()
+    schemars::schema_for!(ControlMessage).to_value()
 }
 
 /// Moves a schema's `$defs` into `defs` and points its `$ref`s at

@@ -46,14 +46,28 @@ async fn login_form(app: &TestApp) -> (String, String) {
     (cookie, page[at..at + 32].to_owned())
 }
 
+/// Posts a console form (with the session or login cookie, if any).
+async fn post_form(
+    app: &TestApp,
+    path: &str,
+    cookie: Option<&str>,
+    fields: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut rb = client().post(format!("{}{path}", app.sidecar_url));
+    if let Some(c) = cookie {
+        rb = rb.header(COOKIE, c);
+    }
+    rb.form(fields).send().await.unwrap()
+}
+
 async fn post_login(app: &TestApp, cookie: &str, csrf: &str, token: &str) -> reqwest::Response {
-    client()
-        .post(format!("{}/ui/login", app.sidecar_url))
-        .header(COOKIE, cookie)
-        .form(&[("csrf", csrf), ("token", token)])
-        .send()
-        .await
-        .unwrap()
+    post_form(
+        app,
+        "/ui/login",
+        Some(cookie),
+        &[("csrf", csrf), ("token", token)],
+    )
+    .await
 }
 
 /// Logs in through the form; the session cookie.
@@ -137,16 +151,12 @@ async fn console_is_closed_without_the_token_and_forms_need_csrf() {
         }
     }
     for path in ["/ui/act", "/ui/logout", "/ui/dead-letters/republish"] {
-        let r = client()
-            .post(format!("{}{path}", app.sidecar_url))
-            .form(&[
-                ("id", pending.as_str()),
-                ("action", "cancel"),
-                ("confirm", "yes"),
-            ])
-            .send()
-            .await
-            .unwrap();
+        let fields = [
+            ("id", pending.as_str()),
+            ("action", "cancel"),
+            ("confirm", "yes"),
+        ];
+        let r = post_form(&app, path, None, &fields).await;
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "POST {path}");
     }
     // Logging in needs the login form's own CSRF token and cookie...
@@ -198,49 +208,34 @@ async fn console_is_closed_without_the_token_and_forms_need_csrf() {
         "",
         "0000000000000000000000000000000000000000000000000000000000000000",
     ] {
-        let r = client()
-            .post(format!("{}/ui/act", app.sidecar_url))
-            .header(COOKIE, &cookie)
-            .form(&[
-                ("csrf", bad),
-                ("id", pending.as_str()),
-                ("action", "cancel"),
-                ("confirm", "yes"),
-            ])
-            .send()
-            .await
-            .unwrap();
+        let fields = [
+            ("csrf", bad),
+            ("id", pending.as_str()),
+            ("action", "cancel"),
+            ("confirm", "yes"),
+        ];
+        let r = post_form(&app, "/ui/act", Some(&cookie), &fields).await;
         assert_eq!(r.status(), StatusCode::FORBIDDEN, "csrf {bad:?}");
     }
     assert_eq!(app.promise(&pending).await.unwrap().state, State::Pending);
     // Nor without ticking the confirmation.
-    let r = client()
-        .post(format!("{}/ui/act", app.sidecar_url))
-        .header(COOKIE, &cookie)
-        .form(&[
-            ("csrf", csrf.as_str()),
-            ("id", pending.as_str()),
-            ("action", "cancel"),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let fields = [
+        ("csrf", csrf.as_str()),
+        ("id", pending.as_str()),
+        ("action", "cancel"),
+    ];
+    let r = post_form(&app, "/ui/act", Some(&cookie), &fields).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert_eq!(app.promise(&pending).await.unwrap().state, State::Pending);
     // With both: resolved by hand, by an operator; one event.
-    let r = client()
-        .post(format!("{}/ui/act", app.sidecar_url))
-        .header(COOKIE, &cookie)
-        .form(&[
-            ("csrf", csrf.as_str()),
-            ("id", pending.as_str()),
-            ("action", "resolve"),
-            ("value", "{\"rows\": 7}"),
-            ("confirm", "yes"),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let fields = [
+        ("csrf", csrf.as_str()),
+        ("id", pending.as_str()),
+        ("action", "resolve"),
+        ("value", "{\"rows\": 7}"),
+        ("confirm", "yes"),
+    ];
+    let r = post_form(&app, "/ui/act", Some(&cookie), &fields).await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     let (_, ev) = app.first_event(&pending, Duration::from_secs(10)).await;
     assert_eq!(ev["data"]["state"], "RESOLVED");
@@ -292,38 +287,12 @@ async fn dead_letters_are_listed_and_republished_after_editing() {
     let fingerprint = &page[at..at + 32];
     let csrf = csrf_of(&page);
 
-    // Posts the republish form; where it sends the browser next.
-    let url = format!("{}/ui/dead-letters/republish", app.sidecar_url);
-    let republish = |csrf: String, body: String| {
-        let (cookie, url) = (cookie.clone(), url.clone());
-        let fingerprint = fingerprint.to_owned();
-        async move {
-            let r = client()
-                .post(url)
-                .header(COOKIE, cookie)
-                .form(&[
-                    ("csrf", csrf.as_str()),
-                    ("fingerprint", fingerprint.as_str()),
-                    ("body", body.as_str()),
-                    ("confirm", "yes"),
-                ])
-                .send()
-                .await
-                .unwrap();
-            let to = r
-                .headers()
-                .get(LOCATION)
-                .map(|l| l.to_str().unwrap().to_owned());
-            (r.status(), to.unwrap_or_default())
-        }
-    };
-
     // A wrong CSRF token: nothing published, nothing removed.
-    let (status, _) = republish("x".into(), "{}".into()).await;
+    let (status, _) = republish(&app, &cookie, fingerprint, "x", "{}").await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 
     let fixed = json!({"id": id, "job_id": JOB_CALLBACK}).to_string();
-    let (status, to) = republish(csrf.clone(), fixed.clone()).await;
+    let (status, to) = republish(&app, &cookie, fingerprint, &csrf, &fixed).await;
     assert_eq!(status, StatusCode::SEE_OTHER);
     assert!(to.contains("Republished"), "{to}");
     // The edited trigger runs; the dead letter is gone.
@@ -336,13 +305,35 @@ async fn dead_letters_are_listed_and_republished_after_editing() {
     let (_, after) = get(&app, "/ui/dead-letters", Some(&cookie)).await;
     assert!(!after.contains("dl-message-1"), "{after}");
     // Republishing it again finds nothing, and publishes nothing.
-    let (_, to) = republish(csrf, fixed).await;
+    let (_, to) = republish(&app, &cookie, fingerprint, &csrf, &fixed).await;
     assert!(
         to.contains("no+longer") || to.contains("no%20longer"),
         "{to}"
     );
     assert_eq!(app.runs_for(&id).await.len(), 1);
     app.stop().await;
+}
+
+/// Posts the republish form; its status and where it sends the browser next.
+async fn republish(
+    app: &TestApp,
+    cookie: &str,
+    fingerprint: &str,
+    csrf: &str,
+    body: &str,
+) -> (StatusCode, String) {
+    let fields = [
+        ("csrf", csrf),
+        ("fingerprint", fingerprint),
+        ("body", body),
+        ("confirm", "yes"),
+    ];
+    let r = post_form(app, "/ui/dead-letters/republish", Some(cookie), &fields).await;
+    let to = r
+        .headers()
+        .get(LOCATION)
+        .map(|l| l.to_str().unwrap().to_owned());
+    (r.status(), to.unwrap_or_default())
 }
 
 /// What the browser test needs, or a message saying how to get it.
