@@ -88,11 +88,15 @@ pub struct RedisSection {
     /// PEM CA file for rediss:// (empty: the system's roots).
     #[serde(default)]
     pub tls_ca_file: String,
-    /// "standalone" (`url`) or "sentinel" (`sentinels`, `sentinel_master`).
+    /// "standalone" (`url`), "sentinel" (`sentinels`, `sentinel_master`)
+    /// or "cluster" (`cluster_nodes`, else `url`, as seeds).
     #[serde(default = "default_redis_mode")]
     pub mode: String,
     #[serde(default)]
     pub sentinels: Vec<SecretString>,
+    /// Seed nodes of a Redis Cluster (any that answers gives the slot map).
+    #[serde(default)]
+    pub cluster_nodes: Vec<SecretString>,
     #[serde(default)]
     pub sentinel_master: String,
     /// Replicas each transition must reach (`WAIT`); 0: do not wait.
@@ -138,6 +142,13 @@ pub struct WorkerSection {
     /// host:port of the worker's `/metrics`; empty: none.
     #[serde(default)]
     pub metrics_listen: String,
+    /// How long a partition lease lasts unrenewed (renewed every third).
+    #[serde(default = "default_partition_lease_ms")]
+    pub partition_lease_ms: u64,
+}
+
+fn default_partition_lease_ms() -> u64 {
+    10_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -330,6 +341,7 @@ impl Settings {
                     .with_list_parse_key("auth.operator_tokens")
                     .with_list_parse_key("amqp.urls")
                     .with_list_parse_key("redis.sentinels")
+                    .with_list_parse_key("redis.cluster_nodes")
                     .try_parsing(true),
             );
         // The Databricks CLI/SDK conventions, for the default workspace: a
@@ -416,6 +428,12 @@ impl Settings {
                 self.log.format
             ));
         }
+        if self.worker.partition_lease_ms < 300 {
+            return bad(format!(
+                "worker.partition_lease_ms must be at least 300 (it is renewed every third), got {}",
+                self.worker.partition_lease_ms
+            ));
+        }
         match self.redis.mode.as_str() {
             "standalone" => {}
             "sentinel" => {
@@ -423,9 +441,10 @@ impl Settings {
                     return bad("redis.mode = \"sentinel\" needs redis.sentinels (their URLs) and redis.sentinel_master (the master's name)".into());
                 }
             }
+            "cluster" => {}
             other => {
                 return bad(format!(
-                    "redis.mode must be \"standalone\" or \"sentinel\", got {other:?}"
+                    "redis.mode must be \"standalone\", \"sentinel\" or \"cluster\", got {other:?}"
                 ));
             }
         }
@@ -438,7 +457,13 @@ impl Settings {
             .redis
             .sentinels
             .iter()
-            .map(|u| ("redis.sentinels", u.expose_secret()));
+            .map(|u| ("redis.sentinels", u.expose_secret()))
+            .chain(
+                self.redis
+                    .cluster_nodes
+                    .iter()
+                    .map(|u| ("redis.cluster_nodes", u.expose_secret())),
+            );
         for (key, url, schemes) in [
             (
                 "redis.url",
@@ -670,6 +695,17 @@ mod tests {
             }),
             None
         );
+        assert_eq!(check(&|s| s.redis.mode = "cluster".into()), None);
+        let e = check(&|s| {
+            s.redis.mode = "cluster".into();
+            s.redis.cluster_nodes = vec![
+                "redis://:pw@n1:7000".to_string().into(),
+                "n2:7000".to_string().into(),
+            ];
+        })
+        .unwrap();
+        assert!(e.contains("redis.cluster_nodes must use"), "{e}");
+        assert!(!e.contains("pw"), "{e}");
     }
 
     #[test]

@@ -116,6 +116,17 @@ impl Keys {
         format!("{}:{{ws:{workspace}}}:pause", self.prefix)
     }
 
+    /// The worker owning a partition (string, with an expiry; see
+    /// `partitions`). In the partition's slot, like everything of it.
+    pub fn lease(&self, partition: u32) -> String {
+        format!("{}:{{p{partition}}}:lease", self.prefix)
+    }
+
+    /// Live workers (sorted set: name → until when it counts as live).
+    pub fn members(&self) -> String {
+        format!("{}:{{members}}:workers", self.prefix)
+    }
+
     /// SCAN pattern for promise keys whose id matches `id_glob` (`*` only;
     /// ids cannot contain other glob characters).
     pub fn promise_pattern(&self, id_glob: &str) -> String {
@@ -142,6 +153,7 @@ mod tests {
         assert_eq!(k.runs(3), "rb:{p3}:runs");
         assert_eq!(k.polls(3), "rb:{p3}:polls");
         assert_eq!(k.cancels(3), "rb:{p3}:cancels");
+        assert_eq!(k.lease(3), "rb:{p3}:lease");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod domain;
 pub mod emulator;
 pub mod failpoint;
 pub mod keys;
+pub mod partitions;
 pub mod reconciler;
 pub mod relay;
 pub mod schemas;

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::NoCallbackPolicy;
 use crate::databricks::{DatabricksError, Jobs, RunInfo};
 use crate::domain::{Payload, PromiseId, RunId, SettledBy, State};
+use crate::partitions::Assignment;
 use crate::store::{
     ExpireOutcome, Lifecycle, PendingCancel, PromiseStore, SearchQuery, Settle, SettleOutcome,
     StoreError,
@@ -167,6 +168,8 @@ pub struct Reconciler<S, J> {
     pub store: S,
     pub jobs: J,
     pub settings: ReconcilerSettings,
+    /// The partitions to sweep (this worker's share; all by default).
+    assignment: Assignment,
     /// Unknown lifecycle states already logged (logged once each).
     unknown_logged: Mutex<HashSet<String>>,
 }
@@ -191,18 +194,27 @@ fn ms(d: Duration) -> i64 {
 
 impl<S: PromiseStore + Lifecycle, J: Jobs> Reconciler<S, J> {
     pub fn new(store: S, jobs: J, settings: ReconcilerSettings) -> Self {
+        let assignment = Assignment::all(store.partitions());
         Self {
             store,
             jobs,
             settings,
+            assignment,
             unknown_logged: Mutex::new(HashSet::new()),
         }
     }
 
-    /// One pass over every partition.
+    /// Sweeps only the partitions `assignment` names (the ones this worker
+    /// leases).
+    pub fn with_assignment(mut self, assignment: Assignment) -> Self {
+        self.assignment = assignment;
+        self
+    }
+
+    /// One pass over the assigned partitions.
     pub async fn tick(&self) -> Result<TickReport, StoreError> {
         let mut r = TickReport::default();
-        for p in 0..self.store.partitions() {
+        for p in self.assignment.current() {
             let due = self.store.due_deadlines(p, self.settings.batch).await?;
             r.due_read += due.len();
             for id in due {

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerError, BrokerSettings, Publisher};
 use crate::domain::CompletionEvent;
+use crate::partitions::Assignment;
 use crate::store::{Outbox, OutboxEntry, RedisStore};
 use crate::worker::runner::{pause, reconnect_backoff};
 
@@ -115,10 +116,13 @@ async fn publish_batch<O: Outbox>(
 }
 
 /// Runs the relay until `shutdown`, reconnecting to Redis and RabbitMQ as needed.
+/// Relays the outbox streams of the partitions `assignment` names (this
+/// worker's share; they change as workers come and go).
 pub async fn run(
     store: RedisStore,
     broker_settings: BrokerSettings,
     settings: RelaySettings,
+    assignment: Assignment,
     shutdown: CancellationToken,
 ) {
     let mut backoff = reconnect_backoff();
@@ -154,19 +158,22 @@ pub async fn run(
             if shutdown.is_cancelled() {
                 break;
             }
+            let owned = assignment.current();
             let round = async {
                 let mut entries = Vec::new();
                 if last_reclaim.elapsed() >= settings.reclaim_interval {
                     last_reclaim = tokio::time::Instant::now();
                     entries = outbox
-                        .reclaim(settings.reclaim_idle, settings.batch)
+                        .reclaim(&owned, settings.reclaim_idle, settings.batch)
                         .await?;
                     if !entries.is_empty() {
                         tracing::info!(n = entries.len(), "reclaimed idle outbox entries");
                     }
                 }
                 if entries.is_empty() {
-                    entries = outbox.read_new(settings.batch, settings.block).await?;
+                    entries = outbox
+                        .read_new(&owned, settings.batch, settings.block)
+                        .await?;
                 }
                 publish_batch(&publisher, &mut outbox, entries).await
             };

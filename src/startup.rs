@@ -15,10 +15,11 @@ use crate::broker::{Broker, BrokerSettings};
 use crate::config::{ConfigError, Settings, read_pem};
 use crate::databricks::{self, ClientSettings, RateBudget, WorkspaceSettings};
 use crate::domain::{CallbackSigner, TriggerRules};
+use crate::partitions::{Ownership, OwnershipSettings};
 use crate::reconciler::{Reconciler, ReconcilerSettings};
 use crate::relay::{self, RelaySettings};
 use crate::sidecar::{self, AppState, SidecarSettings};
-use crate::store::redis_store::{SentinelSettings, StoreSettings};
+use crate::store::redis_store::{SentinelSettings, StoreSettings, Topology};
 use crate::store::{RedisStore, StoreError};
 use crate::worker::runner::{self, RunnerSettings, pause, reconnect_backoff};
 use crate::worker::{ParamNames, WorkerContext};
@@ -46,6 +47,21 @@ pub fn instance_name(role: &str) -> String {
     format!("runbridge-{role}-{host}-{}", std::process::id())
 }
 
+/// A worker's name: relay consumer and partition lease holder. Several
+/// workers in one process (tests) each get their own.
+fn worker_name() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    match SEQ.fetch_add(1, Ordering::Relaxed) {
+        0 => instance_name("worker"),
+        n => format!("{}-{n}", instance_name("worker")),
+    }
+}
+
+fn urls(v: &[secrecy::SecretString]) -> Vec<String> {
+    v.iter().map(|u| u.expose_secret().to_owned()).collect()
+}
+
 pub async fn store(s: &Settings) -> Result<RedisStore, StartupError> {
     Ok(RedisStore::connect(&StoreSettings {
         url: s.redis.url.expose_secret().to_owned(),
@@ -55,15 +71,16 @@ pub async fn store(s: &Settings) -> Result<RedisStore, StartupError> {
         response_timeout: Duration::from_millis(s.redis.response_timeout_ms),
         first_poll: Duration::from_millis(s.reconciler.first_poll_ms),
         tls_ca_pem: read_pem("redis.tls_ca_file", &s.redis.tls_ca_file)?,
-        sentinel: (s.redis.mode == "sentinel").then(|| SentinelSettings {
-            sentinels: s
-                .redis
-                .sentinels
-                .iter()
-                .map(|u| u.expose_secret().to_owned())
-                .collect(),
-            master: s.redis.sentinel_master.clone(),
-        }),
+        topology: match s.redis.mode.as_str() {
+            "sentinel" => Topology::Sentinel(SentinelSettings {
+                sentinels: urls(&s.redis.sentinels),
+                master: s.redis.sentinel_master.clone(),
+            }),
+            "cluster" => Topology::Cluster {
+                seeds: urls(&s.redis.cluster_nodes),
+            },
+            _ => Topology::Standalone,
+        },
         wait_replicas: s.redis.wait_replicas,
         wait_timeout: Duration::from_millis(s.redis.wait_timeout_ms),
     })
@@ -171,14 +188,22 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
         default_workspace: s.databricks.default_workspace.clone(),
         workspaces: s.databricks.workspaces.keys().cloned().collect(),
     });
+    let name = worker_name();
+    // This worker's share of the partitions, for its reconciler and relay.
+    let (ownership, assignment) = Ownership::new(
+        store.clone(),
+        OwnershipSettings {
+            member: name.clone(),
+            partitions: store.keys().partitions(),
+            lease: Duration::from_millis(s.worker.partition_lease_ms),
+        },
+    );
     let reconciler = s.reconciler.enabled.then(|| {
-        Arc::new(Reconciler::new(
-            store.clone(),
-            ctx.jobs.clone(),
-            reconciler_settings(s),
-        ))
+        Arc::new(
+            Reconciler::new(store.clone(), ctx.jobs.clone(), reconciler_settings(s))
+                .with_assignment(assignment.clone()),
+        )
     });
-    let name = instance_name("worker");
     let consumer = runner::run(
         ctx,
         broker_settings(s, "worker"),
@@ -201,8 +226,12 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
             reclaim_idle: Duration::from_millis(s.relay.reclaim_idle_ms),
             reclaim_interval: Duration::from_millis(s.relay.reclaim_interval_ms),
         },
+        assignment,
         shutdown.clone(),
     );
+    // Leases are given back only after the relay and reconciler stopped.
+    let leases_done = CancellationToken::new();
+    let leases = ownership.run(leases_done.clone());
     let gauges = sample_gauges(store_for_gauges, shutdown.clone());
     let shutdown_r = shutdown;
     let reconcile = async {
@@ -210,7 +239,11 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
             r.run(shutdown_r).await;
         }
     };
-    tokio::join!(consumer, relay, reconcile, gauges);
+    let work = async {
+        tokio::join!(consumer, relay, reconcile, gauges);
+        leases_done.cancel();
+    };
+    tokio::join!(work, leases);
     Ok(())
 }
 

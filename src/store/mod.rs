@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-pub use redis_store::{RedisStore, SentinelSettings, StoreSettings};
+pub use redis_store::{RedisStore, SentinelSettings, StoreSettings, Topology};
 
 use crate::domain::promise::CorruptRecord;
 use crate::domain::{Payload, Promise, PromiseId, RunId, SettledBy, State};
@@ -286,15 +286,18 @@ pub struct OutboxEntry {
 
 /// The outbox streams as the relay sees them.
 pub trait Outbox: Send + Sync + 'static {
-    /// New entries for this consumer, waiting up to `block` for some.
+    /// New entries of these partitions for this consumer, waiting up to
+    /// `block` for some.
     fn read_new(
         &mut self,
+        partitions: &[u32],
         count: usize,
         block: Duration,
     ) -> impl Future<Output = Result<Vec<OutboxEntry>, StoreError>> + Send;
     /// Entries another consumer took and left idle for `min_idle` (a dead relay's).
     fn reclaim(
         &mut self,
+        partitions: &[u32],
         min_idle: Duration,
         count: usize,
     ) -> impl Future<Output = Result<Vec<OutboxEntry>, StoreError>> + Send;

@@ -26,6 +26,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use redis::AsyncConnectionConfig;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
 /// A connection that remembers whether a command on it (or on a clone of
@@ -113,27 +115,90 @@ impl managed::Manager for Manager {
 
 pub type Pool = managed::Pool<Manager>;
 
-/// A clone of a pooled connection, for one operation.
-pub struct Conn {
-    conn: MultiplexedConnection,
-    broken: Arc<AtomicBool>,
+/// A connection for one operation: a clone of a pooled multiplexed
+/// connection (one Redis, or the Sentinels' master), or of the one cluster
+/// connection (redis-rs routes each command to the primary that owns its
+/// key's slot, follows MOVED/ASK and refreshes the slot map after a
+/// failover; it multiplexes per node, so it needs no pool).
+#[derive(Clone)]
+pub enum Conn {
+    Node {
+        conn: MultiplexedConnection,
+        broken: Arc<AtomicBool>,
+    },
+    Cluster(ClusterConnection),
 }
 
 impl Conn {
     /// Takes a connection from the pool and returns it at once: the clone
     /// shares it with every other operation that took it.
     pub(super) fn from_pool(obj: managed::Object<Manager>) -> Self {
-        Self {
+        Conn::Node {
             conn: obj.conn.clone(),
             broken: obj.broken.clone(),
         }
     }
 
+    /// A connection of its own (the relay's blocking reads), not pooled.
+    pub(super) fn own(conn: MultiplexedConnection) -> Self {
+        Conn::Node {
+            conn,
+            broken: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
     fn note<T>(&self, r: &Result<T, RedisError>) {
-        if let Err(e) = r
+        if let (Conn::Node { broken, .. }, Err(e)) = (self, r)
             && connection_failed(e)
         {
-            self.broken.store(true, Ordering::Relaxed);
+            broken.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends `cmd` to the node that holds `key` (on a cluster; elsewhere
+    /// there is one node). For keyless commands about what this connection
+    /// wrote there, such as `WAIT`.
+    pub async fn query_on_node_of<T: redis::FromRedisValue>(
+        &mut self,
+        key: &str,
+        cmd: &Cmd,
+    ) -> Result<T, RedisError> {
+        match self {
+            Conn::Node { .. } => cmd.query_async(self).await,
+            Conn::Cluster(c) => {
+                let route = Route::with_key(key, SlotAddr::Master);
+                let v = c
+                    .route_command(
+                        cmd.clone(),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                    )
+                    .await?;
+                Ok(redis::from_redis_value(v)?)
+            }
+        }
+    }
+
+    /// Sends `cmd` to the cluster node at `host:port` (for per-node
+    /// commands such as `SCAN`); on one Redis, to it.
+    pub async fn query_on_address<T: redis::FromRedisValue>(
+        &mut self,
+        address: Option<(&str, u16)>,
+        cmd: &Cmd,
+    ) -> Result<T, RedisError> {
+        match (self, address) {
+            (Conn::Cluster(c), Some((host, port))) => {
+                let v = c
+                    .route_command(
+                        cmd.clone(),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: host.to_owned(),
+                            port,
+                        }),
+                    )
+                    .await?;
+                Ok(redis::from_redis_value(v)?)
+            }
+            (conn, _) => cmd.query_async(conn).await,
         }
     }
 }
@@ -141,7 +206,10 @@ impl Conn {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let r = self.conn.req_packed_command(cmd).await;
+            let r = match self {
+                Conn::Node { conn, .. } => conn.req_packed_command(cmd).await,
+                Conn::Cluster(c) => c.req_packed_command(cmd).await,
+            };
             self.note(&r);
             r
         })
@@ -154,14 +222,20 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let r = self.conn.req_packed_commands(cmd, offset, count).await;
+            let r = match self {
+                Conn::Node { conn, .. } => conn.req_packed_commands(cmd, offset, count).await,
+                Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count).await,
+            };
             self.note(&r);
             r
         })
     }
 
     fn get_db(&self) -> i64 {
-        self.conn.get_db()
+        match self {
+            Conn::Node { conn, .. } => conn.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
     }
 }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 use super::pool::{Conn, Manager, Pool, Source};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use redis::aio::MultiplexedConnection;
+use futures_util::future::try_join_all;
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{AsyncConnectionConfig, Script, Value};
 
@@ -18,6 +20,7 @@ use super::*;
 use crate::databricks::{CallClass, RateBudget};
 use crate::domain::promise::field;
 use crate::keys::Keys;
+use crate::partitions::Leases;
 
 const COMMON: &str = include_str!("lua/common.lua");
 
@@ -36,6 +39,8 @@ struct Scripts {
     reschedule: Script,
     due: Script,
     budget: Script,
+    lease: Script,
+    announce: Script,
 }
 
 impl Scripts {
@@ -51,6 +56,8 @@ impl Scripts {
             reschedule: script(include_str!("lua/reschedule.lua")),
             due: script(include_str!("lua/due.lua")),
             budget: script(include_str!("lua/budget.lua")),
+            lease: script(include_str!("lua/lease.lua")),
+            announce: script(include_str!("lua/announce.lua")),
         }
     }
 }
@@ -67,12 +74,24 @@ pub struct StoreSettings {
     pub first_poll: Duration,
     /// PEM CA(s) to trust for `rediss://` instead of the system's roots.
     pub tls_ca_pem: Option<Vec<u8>>,
-    /// Follow a Sentinel deployment: its Sentinels' URLs and the master's
-    /// name. `url` then gives only the master's password and database.
-    pub sentinel: Option<SentinelSettings>,
+    /// One Redis, a Sentinel deployment, or a Redis Cluster.
+    pub topology: Topology,
     /// Replicas every transition must reach before it counts (`WAIT`); 0: none.
     pub wait_replicas: u64,
     pub wait_timeout: Duration,
+}
+
+/// Which Redis deployment the store talks to (`redis.mode`).
+#[derive(Debug, Clone, Default)]
+pub enum Topology {
+    /// The Redis at `url`.
+    #[default]
+    Standalone,
+    /// The master the Sentinels name; `url` then gives only the master's
+    /// password and database.
+    Sentinel(SentinelSettings),
+    /// A Redis Cluster, found from these seed nodes' URLs (`url` when empty).
+    Cluster { seeds: Vec<String> },
 }
 
 #[derive(Debug, Clone)]
@@ -81,10 +100,19 @@ pub struct SentinelSettings {
     pub master: String,
 }
 
+/// Where the store's connections come from.
+#[derive(Clone)]
+enum Backend {
+    /// A pool of multiplexed connections to one node (fixed, or the
+    /// Sentinels' master).
+    Node { pool: Pool, source: Source },
+    /// The cluster connection (it keeps one multiplexed connection per node).
+    Cluster(ClusterConnection),
+}
+
 #[derive(Clone)]
 pub struct RedisStore {
-    pool: Pool,
-    source: Source,
+    backend: Backend,
     wait_replicas: u64,
     wait_timeout: Duration,
     keys: Keys,
@@ -182,9 +210,12 @@ impl RedisStore {
             ),
         }
         .map_err(|e| StoreError::Unavailable(format!("redis url {shown}: {e}")))?;
-        let source = match &s.sentinel {
-            None => Source::Fixed(Box::new(client)),
-            Some(sn) => {
+        let source = match &s.topology {
+            Topology::Standalone => Source::Fixed(Box::new(client)),
+            Topology::Cluster { seeds } => {
+                return Self::connect_cluster(s, seeds).await;
+            }
+            Topology::Sentinel(sn) => {
                 let node = redis::IntoConnectionInfo::into_connection_info(s.url.as_str())
                     .map_err(|e| StoreError::Unavailable(format!("redis url {shown}: {e}")))?;
                 let info = redis::sentinel::SentinelNodeConnectionInfo::default()
@@ -212,9 +243,45 @@ impl RedisStore {
             .runtime(deadpool_redis::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Unavailable(format!("redis pool for {shown}: {e}")))?;
+        Self::ready(s, Backend::Node { pool, source }).await
+    }
+
+    /// A Redis Cluster: redis-rs learns the slot map from any seed that
+    /// answers and routes each command (each Lua script: all its keys share
+    /// one partition's hash tag) to the primary owning its slot.
+    async fn connect_cluster(s: &StoreSettings, seeds: &[String]) -> Result<Self, StoreError> {
+        let seeds: Vec<&str> = if seeds.is_empty() {
+            vec![s.url.as_str()]
+        } else {
+            seeds.iter().map(String::as_str).collect()
+        };
+        let shown = seeds
+            .iter()
+            .map(|u| redact_url(u))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut builder = ClusterClientBuilder::new(seeds)
+            .connection_timeout(Duration::from_secs(3))
+            .response_timeout(s.response_timeout);
+        if let Some(ca) = &s.tls_ca_pem {
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.clone()),
+            });
+        }
+        let client = builder
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("redis cluster {shown}: {e}")))?;
+        let conn = client.get_async_connection().await.map_err(|e| {
+            StoreError::Unavailable(format!("cannot reach redis cluster at {shown}: {e}"))
+        })?;
+        Self::ready(s, Backend::Cluster(conn)).await
+    }
+
+    async fn ready(s: &StoreSettings, backend: Backend) -> Result<Self, StoreError> {
+        let shown = redact_url(&s.url);
         let store = Self {
-            pool,
-            source,
+            backend,
             wait_replicas: s.wait_replicas,
             wait_timeout: s.wait_timeout,
             keys: s.keys.clone(),
@@ -238,14 +305,17 @@ impl RedisStore {
     /// many replicas, so a failover cannot lose it. If it did not within
     /// `wait_timeout`, the write still stands but the caller gets a retryable
     /// error, and its retry finds the write (every transition is idempotent).
-    async fn replicated(&self, conn: &mut Conn) -> Result<(), StoreError> {
+    /// `key` is one the transition wrote: on a cluster, `WAIT` goes to
+    /// that key's primary, over the connection that carried the write.
+    async fn replicated(&self, conn: &mut Conn, key: &str) -> Result<(), StoreError> {
         if self.wait_replicas == 0 {
             return Ok(());
         }
-        let n: u64 = redis::cmd("WAIT")
-            .arg(self.wait_replicas)
-            .arg(u64::try_from(self.wait_timeout.as_millis()).unwrap_or(u64::MAX))
-            .query_async(conn)
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(self.wait_replicas)
+            .arg(u64::try_from(self.wait_timeout.as_millis()).unwrap_or(u64::MAX));
+        let n: u64 = conn
+            .query_on_node_of(key, &wait)
             .await
             .map_err(unavailable)?;
         if n < self.wait_replicas {
@@ -258,11 +328,59 @@ impl RedisStore {
     }
 
     async fn conn(&self) -> Result<Conn, StoreError> {
-        self.pool
-            .get()
+        match &self.backend {
+            Backend::Node { pool, .. } => {
+                pool.get().await.map(Conn::from_pool).map_err(unavailable)
+            }
+            Backend::Cluster(c) => Ok(Conn::Cluster(c.clone())),
+        }
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self.backend, Backend::Cluster(_))
+    }
+
+    /// One pipeline per partition, sent concurrently, replies in partition
+    /// order. (A pipeline goes to one node; on a cluster the partitions'
+    /// slots are spread over the primaries.)
+    async fn per_partition(
+        &self,
+        build: impl Fn(u32, &mut redis::Pipeline),
+    ) -> Result<Vec<Vec<Value>>, StoreError> {
+        let conn = self.conn().await?;
+        try_join_all((0..self.keys.partitions()).map(|p| {
+            let mut pipe = redis::pipe();
+            build(p, &mut pipe);
+            let mut conn = conn.clone();
+            async move { pipe.query_async::<Vec<Value>>(&mut conn).await }
+        }))
+        .await
+        .map_err(unavailable)
+    }
+
+    /// The server's clock, in milliseconds.
+    async fn server_time_ms(&self) -> Result<u64, StoreError> {
+        let mut conn = self.conn().await?;
+        let (secs, micros): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut conn)
             .await
-            .map(Conn::from_pool)
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
+    /// The primaries to visit for a per-node command (`SCAN`): `None` (the
+    /// connection's one node) unless on a cluster.
+    async fn scan_nodes(&self) -> Result<Vec<Option<(String, u16)>>, StoreError> {
+        if !self.is_cluster() {
+            return Ok(vec![None]);
+        }
+        let mut conn = self.conn().await?;
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(cluster_primaries(&nodes).into_iter().map(Some).collect())
     }
 
     /// An outbox reader for one relay consumer, on its own connection (its
@@ -276,7 +394,14 @@ impl RedisStore {
         let cfg = AsyncConnectionConfig::new()
             .set_response_timeout(Some(block + Duration::from_secs(5)))
             .set_connection_timeout(Some(Duration::from_secs(3)));
-        let conn = self.source.connect(&cfg).await.map_err(unavailable)?;
+        let conn = match &self.backend {
+            Backend::Node { source, .. } => {
+                Conn::own(source.connect(&cfg).await.map_err(unavailable)?)
+            }
+            // A cluster relay polls without blocking (see `read_new`), so it
+            // can share the cluster connection.
+            Backend::Cluster(c) => Conn::Cluster(c.clone()),
+        };
         let mut outbox = RedisOutbox {
             conn,
             store: self.clone(),
@@ -291,55 +416,48 @@ impl RedisStore {
 
     /// Number of entries waiting in all outbox streams (for tests and status).
     pub async fn outbox_len(&self) -> Result<u64, StoreError> {
-        let mut conn = self.conn().await?;
-        let mut total = 0u64;
-        for p in 0..self.keys.partitions() {
-            let n: u64 = redis::cmd("XLEN")
-                .arg(self.keys.outbox(p))
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            total += n;
-        }
-        Ok(total)
+        let replies = self
+            .per_partition(|p, pipe| {
+                pipe.cmd("XLEN").arg(self.keys.outbox(p));
+            })
+            .await?;
+        Ok(replies
+            .iter()
+            .flatten()
+            .map(|v| redis::from_redis_value::<u64>(v.clone()).unwrap_or(0))
+            .sum())
     }
 
     /// Per partition: pending promises (the deadline set holds every pending
     /// one), how overdue the earliest deadline is, outbox entries, and the
-    /// oldest outbox entry's age. Four cheap commands per partition, one
-    /// pipeline; for the metrics gauges.
+    /// oldest outbox entry's age. Five cheap commands per partition, a
+    /// pipeline each; for the metrics gauges.
     pub async fn partition_stats(&self) -> Result<Vec<PartitionStats>, StoreError> {
-        let mut conn = self.conn().await?;
-        let mut pipe = redis::pipe();
-        for p in 0..self.keys.partitions() {
-            pipe.cmd("ZCARD").arg(self.keys.deadlines(p));
-            pipe.cmd("ZRANGE")
-                .arg(self.keys.deadlines(p))
-                .arg(0)
-                .arg(0)
-                .arg("WITHSCORES");
-            pipe.cmd("ZRANGE")
-                .arg(self.keys.pending_seconds(p))
-                .arg(0)
-                .arg(0)
-                .arg("WITHSCORES");
-            pipe.cmd("XLEN").arg(self.keys.outbox(p));
-            pipe.cmd("XRANGE")
-                .arg(self.keys.outbox(p))
-                .arg("-")
-                .arg("+")
-                .arg("COUNT")
-                .arg(1);
-        }
-        pipe.cmd("TIME");
-        let mut replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
-        let (secs, micros): (u64, u64) = replies
-            .pop()
-            .and_then(|t| redis::from_redis_value::<(u64, u64)>(t).ok())
-            .unwrap_or_default();
-        let now_ms = secs * 1000 + micros / 1000;
+        let replies = self
+            .per_partition(|p, pipe| {
+                pipe.cmd("ZCARD").arg(self.keys.deadlines(p));
+                pipe.cmd("ZRANGE")
+                    .arg(self.keys.deadlines(p))
+                    .arg(0)
+                    .arg(0)
+                    .arg("WITHSCORES");
+                pipe.cmd("ZRANGE")
+                    .arg(self.keys.pending_seconds(p))
+                    .arg(0)
+                    .arg(0)
+                    .arg("WITHSCORES");
+                pipe.cmd("XLEN").arg(self.keys.outbox(p));
+                pipe.cmd("XRANGE")
+                    .arg(self.keys.outbox(p))
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1);
+            })
+            .await?;
+        let now_ms = self.server_time_ms().await?;
         let mut out = Vec::new();
-        for (p, chunk) in replies.chunks(5).enumerate() {
+        for (p, chunk) in replies.iter().enumerate() {
             let n = |v: &Value| redis::from_redis_value::<u64>(v.clone()).unwrap_or(0);
             // Entry ids are "<ms>-<seq>": the oldest entry's time is in its id.
             let earliest_deadline = redis::from_redis_value::<Vec<(String, f64)>>(chunk[1].clone())
@@ -374,34 +492,29 @@ impl RedisStore {
 }
 
 impl Insights for RedisStore {
-    /// One pipelined round trip: per partition the pending count, the
+    /// A pipeline per partition, sent together: the pending count, the
     /// per-second pending counts and the outbox length, and the last 60
     /// minutes' settlement counts.
     async fn overview(&self) -> Result<Overview, StoreError> {
         let minute_now = chrono::Utc::now().timestamp().div_euclid(60);
         let minutes: Vec<i64> = (minute_now - 59..=minute_now).collect();
-        let mut pipe = redis::pipe();
-        for p in 0..self.keys.partitions() {
-            pipe.cmd("ZCARD").arg(self.keys.deadlines(p));
-            pipe.cmd("HGETALL").arg(self.keys.pending_by_second(p));
-            pipe.cmd("XLEN").arg(self.keys.outbox(p));
-            for m in &minutes {
-                pipe.cmd("HGETALL").arg(self.keys.settled_in_minute(p, *m));
-            }
-        }
-        pipe.cmd("TIME");
-        let mut conn = self.conn().await?;
-        let mut replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
-        let (secs, _): (u64, u64) = replies
-            .pop()
-            .and_then(|t| redis::from_redis_value(t).ok())
-            .unwrap_or_default();
+        let replies = self
+            .per_partition(|p, pipe| {
+                pipe.cmd("ZCARD").arg(self.keys.deadlines(p));
+                pipe.cmd("HGETALL").arg(self.keys.pending_by_second(p));
+                pipe.cmd("XLEN").arg(self.keys.outbox(p));
+                for m in &minutes {
+                    pipe.cmd("HGETALL").arg(self.keys.settled_in_minute(p, *m));
+                }
+            })
+            .await?;
+        let secs = self.server_time_ms().await? / 1000;
         let mut out = Overview {
             settled_per_minute: vec![BTreeMap::new(); minutes.len()],
             ..Default::default()
         };
         let mut by_second: BTreeMap<u64, u64> = BTreeMap::new();
-        for chunk in replies.chunks(3 + minutes.len()) {
+        for chunk in &replies {
             let n = |v: &Value| redis::from_redis_value::<u64>(v.clone()).unwrap_or(0);
             out.pending += n(&chunk[0]);
             let seconds: HashMap<u64, i64> =
@@ -502,7 +615,8 @@ impl PromiseStore for RedisStore {
         }
         let mut conn = self.conn().await?;
         let v: Value = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
-        self.replicated(&mut conn).await?;
+        self.replicated(&mut conn, &self.keys.promise(&new.id))
+            .await?;
         let (status, rest) = split_reply(v)?;
         let promise = record(rest)?;
         match status.as_str() {
@@ -537,7 +651,7 @@ impl PromiseStore for RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        self.replicated(&mut conn).await?;
+        self.replicated(&mut conn, &self.keys.promise(id)).await?;
         let (status, rest) = split_reply(v)?;
         let rest: Option<String> =
             redis::from_redis_value(rest).map_err(|e| StoreError::Protocol(e.to_string()))?;
@@ -575,7 +689,8 @@ impl PromiseStore for RedisStore {
             .arg(if req.cancel_run { "1" } else { "0" });
         let mut conn = self.conn().await?;
         let v: Value = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
-        self.replicated(&mut conn).await?;
+        self.replicated(&mut conn, &self.keys.promise(&req.id))
+            .await?;
         let (status, rest) = split_reply(v)?;
         if status == "NOT_FOUND" {
             return Ok(SettleOutcome::NotFound);
@@ -605,7 +720,7 @@ impl PromiseStore for RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        self.replicated(&mut conn).await?;
+        self.replicated(&mut conn, &self.keys.promise(id)).await?;
         let (status, rest) = split_reply(v)?;
         Ok(match status.as_str() {
             "NOT_FOUND" => HeartbeatOutcome::NotFound,
@@ -629,26 +744,31 @@ impl PromiseStore for RedisStore {
     }
 
     async fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
-        // Cursor: SCAN cursor plus how many matches of that batch were already
-        // returned, so a batch larger than the page is never skipped.
-        let (mut scan, mut skip) = match &q.cursor {
-            None => (0u64, 0usize),
+        // Cursor: which node (on a cluster, the index into its primaries in
+        // address order; else 0), its SCAN cursor, and how many matches of
+        // that batch were already returned, so a batch larger than the page
+        // is never skipped. A failover between pages may repeat or skip
+        // promises of the nodes that changed.
+        let (mut node, mut scan, mut skip) = match &q.cursor {
+            None => (0usize, 0u64, 0usize),
             Some(c) => decode_cursor(c).ok_or_else(|| StoreError::Protocol("bad cursor".into()))?,
         };
+        let nodes = self.scan_nodes().await?;
         let pattern = self
             .keys
             .promise_pattern(if q.id.is_empty() { "*" } else { &q.id });
         let limit = q.limit.max(1);
         let mut conn = self.conn().await?;
         let mut out = Vec::new();
-        loop {
-            let (next, mut batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(scan)
+        while let Some(address) = nodes.get(node) {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(scan)
                 .arg("MATCH")
                 .arg(&pattern)
                 .arg("COUNT")
-                .arg(500)
-                .query_async(&mut conn)
+                .arg(500);
+            let (next, mut batch): (u64, Vec<String>) = conn
+                .query_on_address(address.as_ref().map(|(h, p)| (h.as_str(), *p)), &cmd)
                 .await
                 .map_err(unavailable)?;
             batch.sort();
@@ -675,28 +795,28 @@ impl PromiseStore for RedisStore {
             let available = matched.len().saturating_sub(skip);
             if available > room {
                 out.extend(matched.into_iter().skip(skip).take(room));
-                let cursor = encode_cursor(scan, skip + room);
                 return Ok(SearchPage {
                     promises: out,
-                    cursor: Some(cursor),
+                    cursor: Some(encode_cursor(node, scan, skip + room)),
                 });
             }
             out.extend(matched.into_iter().skip(skip));
             skip = 0;
             scan = next;
             if scan == 0 {
-                return Ok(SearchPage {
-                    promises: out,
-                    cursor: None,
-                });
+                node += 1;
             }
-            if out.len() == limit {
+            if out.len() == limit && node < nodes.len() {
                 return Ok(SearchPage {
                     promises: out,
-                    cursor: Some(encode_cursor(scan, 0)),
+                    cursor: Some(encode_cursor(node, scan, 0)),
                 });
             }
         }
+        Ok(SearchPage {
+            promises: out,
+            cursor: None,
+        })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -814,7 +934,7 @@ impl Lifecycle for RedisStore {
         inv.arg(id.as_str()).arg(self.retention_ms);
         let mut conn = self.conn().await?;
         let v: Value = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
-        self.replicated(&mut conn).await?;
+        self.replicated(&mut conn, &self.keys.promise(id)).await?;
         let (status, rest) = split_reply(v)?;
         Ok(match status.as_str() {
             "TIMEDOUT" => {
@@ -889,19 +1009,81 @@ impl Lifecycle for RedisStore {
 
     async fn poll_run_now(&self, run: RunId) -> Result<Option<PromiseId>, StoreError> {
         // The run index is per partition and the run id does not say which:
-        // one HGET per partition, in one pipeline.
-        let mut pipe = redis::pipe();
-        for p in 0..self.keys.partitions() {
-            pipe.hget(self.keys.runs(p), run.get());
-        }
-        let mut conn = self.conn().await?;
-        let found: Vec<Option<String>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
-        let Some(id) = found.into_iter().flatten().next() else {
+        // one HGET per partition, sent together.
+        let found = self
+            .per_partition(|p, pipe| {
+                pipe.hget(self.keys.runs(p), run.get());
+            })
+            .await?;
+        let Some(id) = found
+            .into_iter()
+            .flatten()
+            .find_map(|v| redis::from_redis_value::<Option<String>>(v).ok().flatten())
+        else {
             return Ok(None);
         };
         let id = PromiseId::parse(&id).map_err(|e| StoreError::Protocol(e.to_string()))?;
         self.reschedule_poll(&id, Duration::ZERO).await?;
         Ok(Some(id))
+    }
+}
+
+/// Partition leases (see `partitions`): one key each, one script call.
+impl Leases for RedisStore {
+    async fn announce(&self, member: &str, ttl: Duration) -> Result<usize, StoreError> {
+        let mut conn = self.conn().await?;
+        self.scripts
+            .announce
+            .key(self.keys.members())
+            .arg(member)
+            .arg(millis(ttl).max(1))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn leave(&self, member: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let _: i64 = self
+            .scripts
+            .announce
+            .key(self.keys.members())
+            .arg(member)
+            .arg("leave")
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn hold(&self, partition: u32, member: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let held: i64 = self
+            .scripts
+            .lease
+            .key(self.keys.lease(partition))
+            .arg(member)
+            .arg(millis(ttl).max(1))
+            .arg("hold")
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(held == 1)
+    }
+
+    async fn release(&self, partition: u32, member: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let _: i64 = self
+            .scripts
+            .lease
+            .key(self.keys.lease(partition))
+            .arg(member)
+            .arg(0)
+            .arg("release")
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 }
 
@@ -962,19 +1144,53 @@ impl RateBudget for RedisStore {
     }
 }
 
-fn encode_cursor(scan: u64, skip: usize) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{scan}:{skip}"))
+fn encode_cursor(node: usize, scan: u64, skip: usize) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{scan}:{skip}:{node}"))
 }
 
-fn decode_cursor(c: &str) -> Option<(u64, usize)> {
+/// `scan:skip[:node]` (cursors of one Redis, from before clusters, have no node).
+fn decode_cursor(c: &str) -> Option<(usize, u64, usize)> {
     let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(c).ok()?).ok()?;
-    let (a, b) = raw.split_once(':')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
+    let mut parts = raw.split(':');
+    let scan = parts.next()?.parse().ok()?;
+    let skip = parts.next()?.parse().ok()?;
+    let node = match parts.next() {
+        Some(n) => n.parse().ok()?,
+        None => 0,
+    };
+    parts.next().is_none().then_some((node, scan, skip))
 }
+
+/// The primaries that serve slots, from `CLUSTER NODES`, in address order
+/// (so a search cursor's node index means the same node on the next page).
+fn cluster_primaries(nodes: &str) -> Vec<(String, u16)> {
+    let mut out: Vec<(String, u16)> = nodes
+        .lines()
+        .filter_map(|line| {
+            // <id> <ip:port@cport[,hostname]> <flags> <master> <ping> <pong> <epoch> <link> <slot>...
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let flags = f.get(2)?;
+            let serves_slots = f.len() > 8;
+            let primary = flags.split(',').any(|x| x == "master")
+                && !flags.split(',').any(|x| x == "fail" || x == "noaddr");
+            if !(primary && serves_slots) {
+                return None;
+            }
+            let addr = f.get(1)?.split(['@', ',']).next()?;
+            let (host, port) = addr.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// How long a cluster relay waits after a round that found nothing new.
+pub const CLUSTER_IDLE_POLL: Duration = Duration::from_millis(50);
 
 /// One relay's view of the outbox streams (a consumer in one group).
 pub struct RedisOutbox {
-    conn: MultiplexedConnection,
+    conn: Conn,
     store: RedisStore,
     group: String,
     consumer: String,
@@ -1021,6 +1237,27 @@ impl RedisOutbox {
         (0..self.store.keys.partitions()).find(|p| self.store.keys.outbox(*p) == key)
     }
 
+    /// `XREADGROUP` of new entries of these partitions' streams.
+    fn read_cmd(&self, partitions: &[u32], count: usize, block: Option<Duration>) -> redis::Cmd {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count);
+        if let Some(b) = block {
+            cmd.arg("BLOCK").arg(b.as_millis() as u64);
+        }
+        cmd.arg("STREAMS");
+        for p in partitions {
+            cmd.arg(self.store.keys.outbox(*p));
+        }
+        for _ in partitions {
+            cmd.arg(">");
+        }
+        cmd
+    }
+
     async fn retry_groups<T>(&mut self, r: redis::RedisResult<T>) -> Result<T, StoreError> {
         match r {
             Ok(v) => Ok(v),
@@ -1037,34 +1274,40 @@ impl RedisOutbox {
 }
 
 impl Outbox for RedisOutbox {
+    /// On one Redis: one `XREADGROUP` over the partitions' streams, blocking
+    /// up to `block`. On a cluster the streams live on different primaries
+    /// and one command cannot name them all (CROSSSLOT), so each partition
+    /// is read on its own, without blocking (a blocked read would hold up
+    /// the node's shared connection), and an empty round waits
+    /// [`CLUSTER_IDLE_POLL`] (at most `block`) before returning.
     async fn read_new(
         &mut self,
+        partitions: &[u32],
         count: usize,
         block: Duration,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
         if !self.groups_ready {
             self.ensure_groups().await?;
         }
-        let keys: Vec<String> = (0..self.store.keys.partitions())
-            .map(|p| self.store.keys.outbox(p))
-            .collect();
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(&self.group)
-            .arg(&self.consumer)
-            .arg("COUNT")
-            .arg(count)
-            .arg("BLOCK")
-            .arg(block.as_millis() as u64)
-            .arg("STREAMS")
-            .arg(&keys);
-        for _ in &keys {
-            cmd.arg(">");
+        if partitions.is_empty() {
+            tokio::time::sleep(block).await;
+            return Ok(Vec::new());
         }
-        let r: redis::RedisResult<Option<StreamReadReply>> = cmd.query_async(&mut self.conn).await;
-        let reply = self.retry_groups(r).await?;
+        let reads = if self.store.is_cluster() {
+            let replies = try_join_all(partitions.iter().map(|p| {
+                let cmd = self.read_cmd(&[*p], count, None);
+                let mut conn = self.conn.clone();
+                async move { cmd.query_async::<Option<StreamReadReply>>(&mut conn).await }
+            }))
+            .await;
+            self.retry_groups(replies).await?
+        } else {
+            let cmd = self.read_cmd(partitions, count, Some(block));
+            let reply = cmd.query_async(&mut self.conn).await;
+            vec![self.retry_groups(reply).await?]
+        };
         let mut out = Vec::new();
-        for k in reply.map(|r| r.keys).unwrap_or_default() {
+        for k in reads.into_iter().flatten().flat_map(|r| r.keys) {
             let Some(p) = self.partition_of(&k.key) else {
                 continue;
             };
@@ -1072,11 +1315,15 @@ impl Outbox for RedisOutbox {
                 out.push(self.entry(p, s));
             }
         }
+        if out.is_empty() && self.store.is_cluster() {
+            tokio::time::sleep(block.min(CLUSTER_IDLE_POLL)).await;
+        }
         Ok(out)
     }
 
     async fn reclaim(
         &mut self,
+        partitions: &[u32],
         min_idle: Duration,
         count: usize,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
@@ -1084,7 +1331,7 @@ impl Outbox for RedisOutbox {
             self.ensure_groups().await?;
         }
         let mut out = Vec::new();
-        for p in 0..self.store.keys.partitions() {
+        for &p in partitions {
             let start = self.reclaim_cursor[p as usize].clone();
             let r: redis::RedisResult<StreamAutoClaimReply> = redis::cmd("XAUTOCLAIM")
                 .arg(self.store.keys.outbox(p))
@@ -1129,8 +1376,35 @@ mod tests {
 
     #[test]
     fn cursor_round_trip() {
-        assert_eq!(decode_cursor(&encode_cursor(1234, 7)), Some((1234, 7)));
+        assert_eq!(
+            decode_cursor(&encode_cursor(2, 1234, 7)),
+            Some((2, 1234, 7))
+        );
+        // A cursor of one Redis from before clusters: node 0.
+        let old = URL_SAFE_NO_PAD.encode("1234:7");
+        assert_eq!(decode_cursor(&old), Some((0, 1234, 7)));
         assert_eq!(decode_cursor("!!"), None);
+        assert_eq!(decode_cursor(&URL_SAFE_NO_PAD.encode("1:2:3:4")), None);
+    }
+
+    #[test]
+    fn cluster_primaries_are_the_live_primaries_with_slots() {
+        let nodes = "\
+820d 127.0.0.1:28005@28015 slave 1d61 0 1795496715850 6 connected
+4193 127.0.0.1:28002@28012 master - 0 1795496716552 3 connected 10923-16383
+b161 127.0.0.1:28000@28010 myself,master - 0 1795496715000 1 connected 0-5460
+dead 127.0.0.1:28009@28019 master,fail - 0 1795496715000 1 connected 5461-10922
+1d61 127.0.0.1:28001@28011,host.example master - 0 1795496715850 2 connected 5461-10922
+12da 127.0.0.1:28004@28014 master - 0 1795496715850 5 connected
+";
+        assert_eq!(
+            cluster_primaries(nodes),
+            vec![
+                ("127.0.0.1".to_owned(), 28000),
+                ("127.0.0.1".to_owned(), 28001),
+                ("127.0.0.1".to_owned(), 28002),
+            ]
+        );
     }
 
     #[test]

@@ -211,8 +211,20 @@ impl TestApp {
             ("reconciler.first_poll_ms", "300".into()),
             ("reconciler.grace_ms", "300".into()),
             ("reconciler.lease_ms", "5000".into()),
+            ("worker.partition_lease_ms", "2000".into()),
         ];
         let mut overrides = overrides;
+        // `make cluster-test` runs tests against a private Redis Cluster,
+        // except those that bring a Redis of their own.
+        let own_redis = opts
+            .overrides
+            .iter()
+            .any(|(k, _)| matches!(*k, "redis.url" | "redis.mode"));
+        let cluster = redis_cluster_seeds().filter(|_| !own_redis);
+        if let Some(seeds) = &cluster {
+            overrides.push(("redis.mode", "cluster".into()));
+            overrides.push(("redis.url", seeds[0].clone()));
+        }
         if let Some(pki) = &opts.sidecar_tls {
             overrides.push(("sidecar.tls_cert_file", pki.cert_file.display().to_string()));
             overrides.push(("sidecar.tls_key_file", pki.key_file.display().to_string()));
@@ -227,6 +239,9 @@ impl TestApp {
             Settings::load_from(&config_dir(), "local", &overrides).expect("settings");
         settings.auth.operator_tokens = vec![operator_token.clone().into()];
         settings.amqp.urls = opts.amqp_urls.iter().map(|u| u.clone().into()).collect();
+        if let Some(seeds) = cluster {
+            settings.redis.cluster_nodes = seeds.into_iter().map(Into::into).collect();
+        }
         settings.redis.sentinels = opts
             .redis_sentinels
             .iter()
@@ -531,21 +546,45 @@ impl TestApp {
     }
 }
 
+/// The seed nodes of the Redis Cluster to run against instead of the
+/// machine's Redis (`RUNBRIDGE_IT_REDIS_CLUSTER`, comma-separated URLs; set
+/// by `make cluster-test`).
+pub fn redis_cluster_seeds() -> Option<Vec<String>> {
+    let v = std::env::var("RUNBRIDGE_IT_REDIS_CLUSTER").ok()?;
+    let seeds: Vec<String> = v
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    (!seeds.is_empty()).then_some(seeds)
+}
+
 pub async fn delete_keys(settings: &Settings, prefix: &str) {
     use secrecy::ExposeSecret;
-    let Ok(client) = redis::Client::open(settings.redis.url.expose_secret()) else {
-        return;
+    // On a cluster every node is asked for its own keys (a replica refuses
+    // the DEL; its primary was asked too). Keys go one by one: a cluster
+    // refuses a DEL of keys in different slots.
+    let nodes: Vec<String> = match redis_cluster_seeds() {
+        Some(seeds) => seeds,
+        None => vec![settings.redis.url.expose_secret().to_owned()],
     };
-    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-        return;
-    };
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap_or_default();
-    if !keys.is_empty() {
-        let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+    for node in nodes {
+        let Ok(client) = redis::Client::open(node) else {
+            continue;
+        };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            continue;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}:*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.cmd("DEL").arg(k).ignore();
+        }
+        let _: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
     }
 }
 

@@ -530,6 +530,9 @@ async fn wait_replicas_reports_an_unreplicated_transition() {
     use runbridge::store::{CreateOutcome, NewPromise, PromiseStore, RedisStore, Timeout};
     let app = TestApp::spawn_with(Options {
         worker: false,
+        // The machine's Redis, which has no replica (also under `make
+        // cluster-test`, whose cluster primaries have one each).
+        overrides: vec![("redis.url", "redis://127.0.0.1:6379".into())],
         ..Default::default()
     })
     .await;
@@ -542,7 +545,7 @@ async fn wait_replicas_reports_an_unreplicated_transition() {
         response_timeout: Duration::from_secs(2),
         first_poll: Duration::from_secs(1),
         tls_ca_pem: None,
-        sentinel: None,
+        topology: Default::default(),
         wait_replicas: 1,
         wait_timeout: Duration::from_millis(100),
     })

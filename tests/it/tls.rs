@@ -134,7 +134,7 @@ fn store_settings(url: String, ca: Option<&Pki>) -> StoreSettings {
         response_timeout: Duration::from_secs(2),
         first_poll: Duration::from_secs(1),
         tls_ca_pem: ca.map(|p| p.ca_pem.clone().into_bytes()),
-        sentinel: None,
+        topology: Default::default(),
         wait_replicas: 0,
         wait_timeout: Duration::from_secs(1),
     }
