@@ -124,11 +124,21 @@ ui-test-deps:
 		echo "[ui-test-deps] installing $(PLAYWRIGHT) under target/node"; \
 		npm install --silent --no-audit --no-fund --prefix target/node $(PLAYWRIGHT); }
 
-# The scale tests (issue 8), too long for `make test` (ignored tests of
-# tests/it/scale.rs): five workers sharing 5,000 triggers; a three-node
-# RabbitMQ cluster of private nodes (needs root) whose trigger-queue leader
-# is killed with -9 under 2,000 triggers; a Redis Sentinel failover.
+# The scale tests (issue 8), too long for `make test`; .ci/run runs them
+# after it. First the integration suite (core loop and the rest) against a
+# private 6-node Redis Cluster (scripts/redis-cluster.sh; tests that bring a
+# Redis of their own keep it); then the ignored tests of tests/it/scale.rs:
+# five workers sharing 5,000 triggers; a three-node RabbitMQ cluster of
+# private nodes (needs root) whose trigger-queue leader is killed with -9
+# under 2,000 triggers; a Redis Sentinel failover; a Redis Cluster primary
+# killed under 2,000 triggers, without and with redis.wait_replicas = 1.
+REDIS_CLUSTER_DIR ?= target/redis-cluster
 cluster-test: services
+	@scripts/redis-cluster.sh down $(REDIS_CLUSTER_DIR)
+	@scripts/redis-cluster.sh up $(REDIS_CLUSTER_DIR)
+	@RUNBRIDGE_IT_REDIS_CLUSTER=$$(cat $(REDIS_CLUSTER_DIR)/seeds) \
+		$(CARGO) nextest run $(TEST_FEATURES) --no-fail-fast -E 'kind(test) and not test(console_in_a_real_browser)'; \
+		rc=$$?; scripts/redis-cluster.sh down $(REDIS_CLUSTER_DIR); exit $$rc
 	$(CARGO) nextest run $(TEST_FEATURES) --run-ignored only -E 'test(scale::)' --no-capture
 
 # Refreshes the README's console screenshot from the browser test's.

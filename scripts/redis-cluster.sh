@@ -5,7 +5,11 @@
 #
 #   scripts/redis-cluster.sh up DIR     start it; DIR/seeds holds the nodes'
 #                                       URLs (comma-separated), DIR/<port>.pid
-#                                       each node's pid (tests kill -9 one)
+#                                       each node's pid (tests kill -9 one),
+#                                       DIR/<port>.args its redis-server args
+#   scripts/redis-cluster.sh restart DIR PORT
+#                                       start a (killed) node again, with its
+#                                       data and cluster config: it rejoins
 #   scripts/redis-cluster.sh down DIR   stop every node and remove DIR
 #
 # Every node writes an append-only file with fsync always, so a node that is
@@ -17,6 +21,8 @@ set -euo pipefail
 cmd=${1:-}
 dir=${2:-}
 [ -n "$cmd" ] && [ -n "$dir" ] || { echo "usage: $0 up|down DIR" >&2; exit 2; }
+# Absolute: redis-server changes into --dir before it opens its other files.
+dir=$(realpath -m "$dir")
 
 down() {
   for pidfile in "$dir"/*.pid; do
@@ -30,6 +36,11 @@ port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 case "$cmd" in
   down) down; exit 0 ;;
+  restart)
+    port=${3:?usage: $0 restart DIR PORT}
+    # shellcheck disable=SC2046
+    redis-server $(cat "$dir/$port.args") --save ""
+    exit 0 ;;
   up) ;;
   *) echo "usage: $0 up|down DIR" >&2; exit 2 ;;
 esac
@@ -53,11 +64,14 @@ nodes=()
 for i in 0 1 2 3 4 5; do
   port=$((base + i))
   mkdir -p "$dir/$port"
-  redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
+  # (--save "" is passed apart: the args file is split on spaces.)
+  echo "--port $port --bind 127.0.0.1 --cluster-enabled yes \
     --cluster-port $((base + 10 + i)) \
-    --cluster-config-file "$dir/$port/nodes.conf" --cluster-node-timeout 2000 \
-    --appendonly yes --appendfsync always --save "" --dir "$dir/$port" \
-    --daemonize yes --pidfile "$dir/$port.pid" --logfile "$dir/$port/redis.log"
+    --cluster-config-file $dir/$port/nodes.conf --cluster-node-timeout 2000 \
+    --appendonly yes --appendfsync always --dir $dir/$port \
+    --daemonize yes --pidfile $dir/$port.pid --logfile $dir/$port/redis.log" > "$dir/$port.args"
+  # shellcheck disable=SC2046
+  redis-server $(cat "$dir/$port.args") --save ""
   nodes+=("127.0.0.1:$port")
 done
 for n in "${nodes[@]}"; do

@@ -127,6 +127,11 @@ impl Keys {
         format!("{}:{{members}}:workers", self.prefix)
     }
 
+    /// How many partitions each live worker holds (hash: name → count).
+    pub fn members_owned(&self) -> String {
+        format!("{}:{{members}}:owned", self.prefix)
+    }
+
     /// SCAN pattern for promise keys whose id matches `id_glob` (`*` only;
     /// ids cannot contain other glob characters).
     pub fn promise_pattern(&self, id_glob: &str) -> String {

@@ -31,13 +31,14 @@ use crate::store::StoreError;
 
 /// Leases and membership, as the store keeps them.
 pub trait Leases: Send + Sync + 'static {
-    /// Announces `member` as live for `ttl`, forgets members silent for
-    /// longer, and returns how many are live (this one included).
+    /// Announces `member` as live for `ttl`, holding `holding` partitions,
+    /// and forgets members silent for longer.
     fn announce(
         &self,
         member: &str,
         ttl: Duration,
-    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+        holding: usize,
+    ) -> impl Future<Output = Result<Membership, StoreError>> + Send;
     /// Removes `member` from the live set (a clean shutdown).
     fn leave(&self, member: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Takes the partition's lease if free, or renews it if `member` holds
@@ -56,9 +57,31 @@ pub trait Leases: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
-/// The partitions a worker should own when `members` share `partitions`.
+/// What the live workers look like (this one included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Membership {
+    pub live: usize,
+    /// The fewest partitions a live worker said it holds.
+    pub fewest: usize,
+}
+
+/// The most partitions a worker should own when `members` share
+/// `partitions`: the count divided by the workers, rounded up.
 pub fn fair_share(partitions: u32, members: usize) -> usize {
     (partitions as usize).div_ceil(members.max(1))
+}
+
+/// How many partitions to keep: the fair share; but while some worker holds
+/// fewer than the count divided by the workers rounded down, the rounded-
+/// down number, so that it can take what the others give back. So every
+/// worker ends up within one partition of every other.
+pub fn keep(partitions: u32, m: Membership) -> usize {
+    let low = partitions as usize / m.live.max(1);
+    if m.fewest < low {
+        low
+    } else {
+        fair_share(partitions, m.live)
+    }
 }
 
 /// The partitions to work on now, as the ownership task last decided.
@@ -92,6 +115,7 @@ pub struct OwnershipSettings {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RoundReport {
     pub members: usize,
+    /// How many partitions this worker keeps this round (see [`keep`]).
     pub share: usize,
     pub taken: Vec<u32>,
     pub released: Vec<u32>,
@@ -142,8 +166,12 @@ impl<L: Leases> Ownership<L> {
             partitions,
             lease,
         } = self.settings.clone();
-        report.members = self.leases.announce(&member, lease).await?;
-        report.share = fair_share(partitions, report.members);
+        let m = self
+            .leases
+            .announce(&member, lease, self.held.len())
+            .await?;
+        report.members = m.live;
+        report.share = keep(partitions, m);
         for p in self.owned() {
             if self.leases.hold(p, &member, lease).await? {
                 self.held.insert(p, started + lease);
@@ -238,7 +266,7 @@ mod tests {
     #[derive(Default)]
     struct MemState {
         now: Duration,
-        members: HashMap<String, Duration>,
+        members: HashMap<String, (Duration, usize)>,
         leases: HashMap<u32, (String, Duration)>,
         down: bool,
     }
@@ -263,13 +291,21 @@ mod tests {
     }
 
     impl Leases for Mem {
-        async fn announce(&self, member: &str, ttl: Duration) -> Result<usize, StoreError> {
+        async fn announce(
+            &self,
+            member: &str,
+            ttl: Duration,
+            holding: usize,
+        ) -> Result<Membership, StoreError> {
             self.check()?;
             let mut s = self.inner.lock().unwrap();
             let now = s.now;
-            s.members.insert(member.into(), now + ttl);
-            s.members.retain(|_, until| *until > now);
-            Ok(s.members.len())
+            s.members.insert(member.into(), (now + ttl, holding));
+            s.members.retain(|_, (until, _)| *until > now);
+            Ok(Membership {
+                live: s.members.len(),
+                fewest: s.members.values().map(|(_, n)| *n).min().unwrap_or(0),
+            })
         }
         async fn leave(&self, member: &str) -> Result<(), StoreError> {
             self.inner.lock().unwrap().members.remove(member);
@@ -337,6 +373,15 @@ mod tests {
     }
 
     #[test]
+    fn keep_gives_way_to_a_starved_worker() {
+        let m = |live, fewest| Membership { live, fewest };
+        assert_eq!(keep(16, m(5, 3)), 4);
+        assert_eq!(keep(16, m(5, 0)), 3);
+        assert_eq!(keep(16, m(1, 16)), 16);
+        assert_eq!(keep(2, m(5, 0)), 1);
+    }
+
+    #[test]
     fn fair_share_rounds_up() {
         assert_eq!(fair_share(16, 1), 16);
         assert_eq!(fair_share(16, 3), 6);
@@ -355,10 +400,16 @@ mod tests {
         ws.push(worker(&mem, "c"));
         settle(&mut ws).await;
         assert_partitioned(&ws, &mem);
-        // At most the fair share (16 / 3 rounded up) each, so the rest
-        // holds at least 16 - 2 * 6.
+        // 16 / 3: five or six each.
         let sizes: Vec<usize> = ws.iter().map(|w| w.owned().len()).collect();
-        assert!(sizes.iter().all(|n| (4..=6).contains(n)), "{sizes:?}");
+        assert!(sizes.iter().all(|n| (5..=6).contains(n)), "{sizes:?}");
+        // And five workers: three or four each.
+        ws.push(worker(&mem, "d"));
+        ws.push(worker(&mem, "e"));
+        settle(&mut ws).await;
+        assert_partitioned(&ws, &mem);
+        let sizes: Vec<usize> = ws.iter().map(|w| w.owned().len()).collect();
+        assert!(sizes.iter().all(|n| (3..=4).contains(n)), "{sizes:?}");
     }
 
     #[tokio::test]

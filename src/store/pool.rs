@@ -1,5 +1,7 @@
 //! The connection pool: deadpool over redis-rs multiplexed connections
-//! (what deadpool-redis pools), without a round trip per checkout.
+//! (what deadpool-redis pools), without a round trip per checkout; and
+//! [`Conn`], which is either such a connection or a Redis Cluster
+//! connection (no pool: it multiplexes per node on its own).
 //!
 //! deadpool-redis's own manager checks every connection it hands out with a
 //! pipelined `UNWATCH` + `PING`, one extra round trip per pool checkout. The
@@ -27,7 +29,7 @@ use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use redis::AsyncConnectionConfig;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
 /// A connection that remembers whether a command on it (or on a clone of
@@ -152,29 +154,6 @@ impl Conn {
             && connection_failed(e)
         {
             broken.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Sends `cmd` to the node that holds `key` (on a cluster; elsewhere
-    /// there is one node). For keyless commands about what this connection
-    /// wrote there, such as `WAIT`.
-    pub async fn query_on_node_of<T: redis::FromRedisValue>(
-        &mut self,
-        key: &str,
-        cmd: &Cmd,
-    ) -> Result<T, RedisError> {
-        match self {
-            Conn::Node { .. } => cmd.query_async(self).await,
-            Conn::Cluster(c) => {
-                let route = Route::with_key(key, SlotAddr::Master);
-                let v = c
-                    .route_command(
-                        cmd.clone(),
-                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
-                    )
-                    .await?;
-                Ok(redis::from_redis_value(v)?)
-            }
         }
     }
 

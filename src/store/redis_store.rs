@@ -20,7 +20,7 @@ use super::*;
 use crate::databricks::{CallClass, RateBudget};
 use crate::domain::promise::field;
 use crate::keys::Keys;
-use crate::partitions::Leases;
+use crate::partitions::{Leases, Membership};
 
 const COMMON: &str = include_str!("lua/common.lua");
 
@@ -60,6 +60,50 @@ impl Scripts {
             announce: script(include_str!("lua/announce.lua")),
         }
     }
+}
+
+/// A script call that can travel in a pipeline (redis-rs's own invocation
+/// cannot), so that a transition and its `WAIT` go together: to the same
+/// node, over the same connection, and, should a cluster client resend them
+/// to a promoted replica, again together (a `WAIT` resent alone would count
+/// the replicas of a node that never saw the write).
+struct Call<'a> {
+    script: &'a Script,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl<'a> Call<'a> {
+    fn new(script: &'a Script) -> Self {
+        Self {
+            script,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+
+    fn key(&mut self, k: impl redis::ToRedisArgs) -> &mut Self {
+        k.write_redis_args(&mut self.keys);
+        self
+    }
+
+    fn arg(&mut self, a: impl redis::ToRedisArgs) -> &mut Self {
+        a.write_redis_args(&mut self.args);
+        self
+    }
+
+    fn evalsha(&self) -> redis::Cmd {
+        let mut c = redis::cmd("EVALSHA");
+        c.arg(self.script.get_hash())
+            .arg(self.keys.len())
+            .arg(&self.keys)
+            .arg(&self.args);
+        c
+    }
+}
+
+fn is_noscript(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }
 
 /// Settings the store needs from config.
@@ -300,24 +344,26 @@ impl RedisStore {
         &self.keys
     }
 
-    /// With `redis.wait_replicas` above 0: waits (Redis `WAIT`) until what
-    /// this connection wrote, the transition just made included, reached that
-    /// many replicas, so a failover cannot lose it. If it did not within
-    /// `wait_timeout`, the write still stands but the caller gets a retryable
-    /// error, and its retry finds the write (every transition is idempotent).
-    /// `key` is one the transition wrote: on a cluster, `WAIT` goes to
-    /// that key's primary, over the connection that carried the write.
-    async fn replicated(&self, conn: &mut Conn, key: &str) -> Result<(), StoreError> {
-        if self.wait_replicas == 0 {
-            return Ok(());
-        }
-        let mut wait = redis::cmd("WAIT");
-        wait.arg(self.wait_replicas)
-            .arg(u64::try_from(self.wait_timeout.as_millis()).unwrap_or(u64::MAX));
-        let n: u64 = conn
-            .query_on_node_of(key, &wait)
-            .await
-            .map_err(unavailable)?;
+    /// With `redis.wait_replicas` above 0, the `WAIT` that follows a write
+    /// in its pipeline: until what this connection wrote, the write included,
+    /// reached that many replicas, so a failover cannot lose it.
+    fn wait_cmd(&self) -> Option<redis::Cmd> {
+        (self.wait_replicas > 0).then(|| {
+            let mut c = redis::cmd("WAIT");
+            c.arg(self.wait_replicas)
+                .arg(u64::try_from(self.wait_timeout.as_millis()).unwrap_or(u64::MAX));
+            c
+        })
+    }
+
+    /// The reply of a `WAIT` sent by [`wait_cmd`](Self::wait_cmd). Not
+    /// replicated in time: the write still stands, but the caller gets a
+    /// retryable error, and its retry finds the write (every transition is
+    /// idempotent).
+    fn check_replicated(&self, reply: Option<Value>) -> Result<(), StoreError> {
+        let n: u64 = reply
+            .and_then(|v| redis::from_redis_value(v).ok())
+            .unwrap_or(0);
         if n < self.wait_replicas {
             return Err(StoreError::Unavailable(format!(
                 "written, but replicated to {n} of redis.wait_replicas = {} within {:?}",
@@ -325,6 +371,35 @@ impl RedisStore {
             )));
         }
         Ok(())
+    }
+
+    /// Runs a state transition's script, followed in the same pipeline by
+    /// its `WAIT` when `redis.wait_replicas` asks for one. A Redis that lost
+    /// its script cache (restarted) gets the script again.
+    async fn transition(&self, call: &Call<'_>) -> Result<Value, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(call.evalsha());
+        let wait = self.wait_cmd();
+        if let Some(w) = &wait {
+            pipe.add_command(w.clone());
+        }
+        let mut conn = self.conn().await?;
+        let mut r: redis::RedisResult<Vec<Value>> = pipe.query_async(&mut conn).await;
+        if matches!(&r, Err(e) if is_noscript(e)) {
+            call.script
+                .load_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            r = pipe.query_async(&mut conn).await;
+        }
+        let mut replies = r.map_err(unavailable)?.into_iter();
+        let value = replies
+            .next()
+            .ok_or_else(|| StoreError::Protocol("no reply to a script".into()))?;
+        if wait.is_some() {
+            self.check_replicated(replies.next())?;
+        }
+        Ok(value)
     }
 
     async fn conn(&self) -> Result<Conn, StoreError> {
@@ -563,7 +638,7 @@ impl PromiseStore for RedisStore {
             Timeout::After(d) => (d.as_millis() as i64, 0),
             Timeout::At(ms) => (0, ms.max(1)),
         };
-        let mut inv = self.scripts.create.prepare_invoke();
+        let mut inv = Call::new(&self.scripts.create);
         inv.key(self.keys.promise(&new.id))
             .key(self.keys.deadlines(p))
             .key(self.keys.pending_by_second(p))
@@ -613,10 +688,7 @@ impl PromiseStore for RedisStore {
         for (k, v) in pairs {
             inv.arg(k).arg(v);
         }
-        let mut conn = self.conn().await?;
-        let v: Value = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
-        self.replicated(&mut conn, &self.keys.promise(&new.id))
-            .await?;
+        let v = self.transition(&inv).await?;
         let (status, rest) = split_reply(v)?;
         let promise = record(rest)?;
         match status.as_str() {
@@ -636,22 +708,19 @@ impl PromiseStore for RedisStore {
         run_page_url: Option<&str>,
     ) -> Result<RecordOutcome, StoreError> {
         let p = self.keys.partition(id);
-        let mut conn = self.conn().await?;
-        let v: Value = self
-            .scripts
-            .record_run
-            .key(self.keys.promise(id))
-            .key(self.keys.runs(p))
-            .key(self.keys.polls(p))
-            .key(self.keys.cancels(p))
-            .arg(run.get())
-            .arg(run_page_url.unwrap_or(""))
-            .arg(id.as_str())
-            .arg(self.first_poll_ms)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        self.replicated(&mut conn, &self.keys.promise(id)).await?;
+        let v = self
+            .transition(
+                Call::new(&self.scripts.record_run)
+                    .key(self.keys.promise(id))
+                    .key(self.keys.runs(p))
+                    .key(self.keys.polls(p))
+                    .key(self.keys.cancels(p))
+                    .arg(run.get())
+                    .arg(run_page_url.unwrap_or(""))
+                    .arg(id.as_str())
+                    .arg(self.first_poll_ms),
+            )
+            .await?;
         let (status, rest) = split_reply(v)?;
         let rest: Option<String> =
             redis::from_redis_value(rest).map_err(|e| StoreError::Protocol(e.to_string()))?;
@@ -674,7 +743,7 @@ impl PromiseStore for RedisStore {
         // deadline sweep gives (expire.lua).
         let timed_out =
             Payload::data(r#"{"reason":"timeout","message":"the promise passed its timeout"}"#);
-        let mut inv = self.scripts.settle.prepare_invoke();
+        let mut inv = Call::new(&self.scripts.settle);
         for k in self.settle_keys(&req.id) {
             inv.key(k);
         }
@@ -687,10 +756,7 @@ impl PromiseStore for RedisStore {
             .arg(self.retention_ms)
             .arg(json(&timed_out))
             .arg(if req.cancel_run { "1" } else { "0" });
-        let mut conn = self.conn().await?;
-        let v: Value = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
-        self.replicated(&mut conn, &self.keys.promise(&req.id))
-            .await?;
+        let v = self.transition(&inv).await?;
         let (status, rest) = split_reply(v)?;
         if status == "NOT_FOUND" {
             return Ok(SettleOutcome::NotFound);
@@ -710,17 +776,14 @@ impl PromiseStore for RedisStore {
 
     async fn heartbeat(&self, id: &PromiseId) -> Result<HeartbeatOutcome, StoreError> {
         let p = self.keys.partition(id);
-        let mut conn = self.conn().await?;
-        let v: Value = self
-            .scripts
-            .heartbeat
-            .key(self.keys.promise(id))
-            .key(self.keys.deadlines(p))
-            .arg(id.as_str())
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        self.replicated(&mut conn, &self.keys.promise(id)).await?;
+        let v = self
+            .transition(
+                Call::new(&self.scripts.heartbeat)
+                    .key(self.keys.promise(id))
+                    .key(self.keys.deadlines(p))
+                    .arg(id.as_str()),
+            )
+            .await?;
         let (status, rest) = split_reply(v)?;
         Ok(match status.as_str() {
             "NOT_FOUND" => HeartbeatOutcome::NotFound,
@@ -927,14 +990,12 @@ impl Lifecycle for RedisStore {
     }
 
     async fn expire(&self, id: &PromiseId) -> Result<ExpireOutcome, StoreError> {
-        let mut inv = self.scripts.expire.prepare_invoke();
+        let mut inv = Call::new(&self.scripts.expire);
         for k in self.settle_keys(id) {
             inv.key(k);
         }
         inv.arg(id.as_str()).arg(self.retention_ms);
-        let mut conn = self.conn().await?;
-        let v: Value = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
-        self.replicated(&mut conn, &self.keys.promise(id)).await?;
+        let v = self.transition(&inv).await?;
         let (status, rest) = split_reply(v)?;
         Ok(match status.as_str() {
             "TIMEDOUT" => {
@@ -1030,26 +1091,37 @@ impl Lifecycle for RedisStore {
 
 /// Partition leases (see `partitions`): one key each, one script call.
 impl Leases for RedisStore {
-    async fn announce(&self, member: &str, ttl: Duration) -> Result<usize, StoreError> {
+    async fn announce(
+        &self,
+        member: &str,
+        ttl: Duration,
+        holding: usize,
+    ) -> Result<Membership, StoreError> {
         let mut conn = self.conn().await?;
-        self.scripts
+        let (live, fewest): (usize, usize) = self
+            .scripts
             .announce
             .key(self.keys.members())
+            .key(self.keys.members_owned())
             .arg(member)
             .arg(millis(ttl).max(1))
+            .arg(holding)
             .invoke_async(&mut conn)
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        Ok(Membership { live, fewest })
     }
 
     async fn leave(&self, member: &str) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        let _: i64 = self
+        let _: (i64, i64) = self
             .scripts
             .announce
             .key(self.keys.members())
+            .key(self.keys.members_owned())
             .arg(member)
             .arg("leave")
+            .arg(0)
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -1237,6 +1309,16 @@ impl RedisOutbox {
         (0..self.store.keys.partitions()).find(|p| self.store.keys.outbox(*p) == key)
     }
 
+    /// `cmd` in a pipeline, followed by the store's `WAIT` if it has one.
+    fn with_wait(&self, cmd: redis::Cmd) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd);
+        if let Some(w) = self.store.wait_cmd() {
+            pipe.add_command(w);
+        }
+        pipe
+    }
+
     /// `XREADGROUP` of new entries of these partitions' streams.
     fn read_cmd(&self, partitions: &[u32], count: usize, block: Option<Duration>) -> redis::Cmd {
         let mut cmd = redis::cmd("XREADGROUP");
@@ -1293,26 +1375,48 @@ impl Outbox for RedisOutbox {
             tokio::time::sleep(block).await;
             return Ok(Vec::new());
         }
-        let reads = if self.store.is_cluster() {
-            let replies = try_join_all(partitions.iter().map(|p| {
-                let cmd = self.read_cmd(&[*p], count, None);
+        // Each read is followed in its pipeline by the WAIT, if any (see
+        // below).
+        let replies = if self.store.is_cluster() {
+            try_join_all(partitions.iter().map(|p| {
+                let pipe = self.with_wait(self.read_cmd(&[*p], count, None));
                 let mut conn = self.conn.clone();
-                async move { cmd.query_async::<Option<StreamReadReply>>(&mut conn).await }
+                async move { pipe.query_async::<Vec<Value>>(&mut conn).await }
             }))
-            .await;
-            self.retry_groups(replies).await?
+            .await
         } else {
-            let cmd = self.read_cmd(partitions, count, Some(block));
-            let reply = cmd.query_async(&mut self.conn).await;
-            vec![self.retry_groups(reply).await?]
+            let pipe = self.with_wait(self.read_cmd(partitions, count, Some(block)));
+            pipe.query_async::<Vec<Value>>(&mut self.conn)
+                .await
+                .map(|r| vec![r])
         };
+        let replies = self.retry_groups(replies).await?;
         let mut out = Vec::new();
-        for k in reads.into_iter().flatten().flat_map(|r| r.keys) {
-            let Some(p) = self.partition_of(&k.key) else {
-                continue;
-            };
-            for s in k.ids {
-                out.push(self.entry(p, s));
+        for reply in replies {
+            let mut reply = reply.into_iter();
+            let read: Option<StreamReadReply> = reply
+                .next()
+                .map(redis::from_redis_value)
+                .transpose()
+                .map_err(|e| StoreError::Protocol(e.to_string()))?
+                .flatten();
+            let keys = read.map(|r| r.keys).unwrap_or_default();
+            // With redis.wait_replicas, publish only settlements the replicas
+            // have: a primary lost before replicating one would otherwise
+            // leave an event for a settlement that no longer exists.
+            // XREADGROUP is a write (it records the delivery), so the WAIT
+            // after it covers everything it returned. Not replicated in time:
+            // an error, and the entries come back through reclaim.
+            if !keys.is_empty() && self.store.wait_replicas > 0 {
+                self.store.check_replicated(reply.next())?;
+            }
+            for k in keys {
+                let Some(p) = self.partition_of(&k.key) else {
+                    continue;
+                };
+                for s in k.ids {
+                    out.push(self.entry(p, s));
+                }
             }
         }
         if out.is_empty() && self.store.is_cluster() {
@@ -1333,17 +1437,29 @@ impl Outbox for RedisOutbox {
         let mut out = Vec::new();
         for &p in partitions {
             let start = self.reclaim_cursor[p as usize].clone();
-            let r: redis::RedisResult<StreamAutoClaimReply> = redis::cmd("XAUTOCLAIM")
-                .arg(self.store.keys.outbox(p))
+            let mut cmd = redis::cmd("XAUTOCLAIM");
+            cmd.arg(self.store.keys.outbox(p))
                 .arg(&self.group)
                 .arg(&self.consumer)
                 .arg(min_idle.as_millis() as u64)
                 .arg(start)
                 .arg("COUNT")
-                .arg(count)
-                .query_async(&mut self.conn)
+                .arg(count);
+            // Followed by the WAIT, as a read is (XAUTOCLAIM is a write too).
+            let r = self
+                .with_wait(cmd)
+                .query_async::<Vec<Value>>(&mut self.conn)
                 .await;
-            let reply = self.retry_groups(r).await?;
+            let mut replies = self.retry_groups(r).await?.into_iter();
+            let reply: StreamAutoClaimReply = replies
+                .next()
+                .map(redis::from_redis_value)
+                .transpose()
+                .map_err(|e| StoreError::Protocol(e.to_string()))?
+                .ok_or_else(|| StoreError::Protocol("no reply to XAUTOCLAIM".into()))?;
+            if !reply.claimed.is_empty() && self.store.wait_replicas > 0 {
+                self.store.check_replicated(replies.next())?;
+            }
             self.reclaim_cursor[p as usize] = reply.next_stream_id;
             for s in reply.claimed {
                 out.push(self.entry(p, s));

@@ -280,3 +280,36 @@ async fn every_subcommand_shuts_down_on_sigterm() {
     }
     app.stop().await;
 }
+
+/// A Redis that forgot its scripts (restarted, or `SCRIPT FLUSH`): the next
+/// transition gets `NOSCRIPT`, loads the script and goes on, so a trigger
+/// still runs to its event. (Every node of a cluster is flushed.)
+#[tokio::test]
+async fn transitions_reload_scripts_redis_forgot() {
+    use secrecy::ExposeSecret;
+    let mut app = TestApp::spawn().await;
+    let id = unique("noscript");
+    app.publish(&trigger(&format!("{id}-warm"), JOB_CALLBACK))
+        .await;
+    app.first_event(&format!("{id}-warm"), Duration::from_secs(30))
+        .await;
+    let nodes = redis_cluster_seeds()
+        .unwrap_or_else(|| vec![app.settings.redis.url.expose_secret().to_owned()]);
+    for node in nodes {
+        let mut conn = redis::Client::open(node)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    app.publish(&trigger(&id, JOB_CALLBACK)).await;
+    let (_, ev) = app.first_event(&id, Duration::from_secs(30)).await;
+    assert_eq!(ev["data"]["state"], "RESOLVED", "{ev}");
+    assert_eq!(app.runs_for(&id).await.len(), 1);
+    app.stop().await;
+}

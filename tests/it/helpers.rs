@@ -78,6 +78,9 @@ pub struct Options {
     pub amqp_urls: Vec<String>,
     /// Sentinels to follow (`redis.sentinels`; with `redis.mode` set too).
     pub redis_sentinels: Vec<String>,
+    /// Seed nodes of a Redis Cluster of the test's own (`redis.mode =
+    /// "cluster"`); empty: the one `RUNBRIDGE_IT_REDIS_CLUSTER` names, if any.
+    pub redis_cluster: Vec<String>,
 }
 
 impl Default for Options {
@@ -91,6 +94,7 @@ impl Default for Options {
             sidecar_tls: None,
             amqp_urls: Vec::new(),
             redis_sentinels: Vec::new(),
+            redis_cluster: Vec::new(),
         }
     }
 }
@@ -220,7 +224,11 @@ impl TestApp {
             .overrides
             .iter()
             .any(|(k, _)| matches!(*k, "redis.url" | "redis.mode"));
-        let cluster = redis_cluster_seeds().filter(|_| !own_redis);
+        let cluster = if opts.redis_cluster.is_empty() {
+            redis_cluster_seeds().filter(|_| !own_redis)
+        } else {
+            Some(opts.redis_cluster.clone())
+        };
         if let Some(seeds) = &cluster {
             overrides.push(("redis.mode", "cluster".into()));
             overrides.push(("redis.url", seeds[0].clone()));
