@@ -434,6 +434,14 @@ impl Settings {
                 self.worker.partition_lease_ms
             ));
         }
+        if self.relay.block_ms.saturating_mul(2) >= self.worker.partition_lease_ms {
+            // A relay round lasts up to block_ms; a worker whose relay made no
+            // round for a lease period gives its partitions up.
+            return bad(format!(
+                "relay.block_ms ({}) must be under half of worker.partition_lease_ms ({})",
+                self.relay.block_ms, self.worker.partition_lease_ms
+            ));
+        }
         match self.redis.mode.as_str() {
             "standalone" => {}
             "sentinel" => {

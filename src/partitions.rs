@@ -20,6 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -102,6 +103,31 @@ impl Assignment {
     }
 }
 
+/// When the work a lease is for last went round: the relay marks it after
+/// each read-and-publish round. A worker whose relay is stuck (its broker
+/// connection is gone, say) gives its partitions up, so that another
+/// worker's relay publishes their events.
+#[derive(Clone, Debug)]
+pub struct Progress(Arc<std::sync::Mutex<Instant>>);
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Instant::now())))
+    }
+}
+
+impl Progress {
+    pub fn mark(&self) {
+        if let Ok(mut t) = self.0.lock() {
+            *t = Instant::now();
+        }
+    }
+
+    fn since(&self) -> Duration {
+        self.0.lock().map(|t| t.elapsed()).unwrap_or_default()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct OwnershipSettings {
     /// This worker's name (unique among the workers).
@@ -129,6 +155,10 @@ pub struct Ownership<L> {
     /// Held partitions and until when the lease is surely ours.
     held: BTreeMap<u32, Instant>,
     tx: watch::Sender<Vec<u32>>,
+    /// The relay's progress, if leases depend on it.
+    progress: Option<Progress>,
+    /// Out of the member set because the work stalled.
+    stalled: bool,
 }
 
 impl<L: Leases> Ownership<L> {
@@ -139,8 +169,16 @@ impl<L: Leases> Ownership<L> {
             settings,
             held: BTreeMap::new(),
             tx,
+            progress: None,
+            stalled: false,
         };
         (o, Assignment(rx))
+    }
+
+    /// Holds leases only while `progress` was marked within a lease period.
+    pub fn with_progress(mut self, progress: Progress) -> Self {
+        self.progress = Some(progress);
+        self
     }
 
     pub fn owned(&self) -> Vec<u32> {
@@ -148,8 +186,32 @@ impl<L: Leases> Ownership<L> {
     }
 
     /// Renew, give back above the fair share, take up to it; then publish.
+    /// While the work stalls: give everything back and leave the member set
+    /// (the others then share the partitions among themselves).
     pub async fn round(&mut self) -> Result<RoundReport, StoreError> {
         let started = Instant::now();
+        let stalled_for = self
+            .progress
+            .as_ref()
+            .map(Progress::since)
+            .filter(|d| *d > self.settings.lease);
+        if let Some(d) = stalled_for {
+            let mut report = RoundReport::default();
+            if !self.stalled {
+                tracing::warn!(
+                    stalled_ms = d.as_millis() as u64,
+                    owned = ?self.owned(),
+                    "the relay made no progress for a lease period; giving the partitions to other workers"
+                );
+                report.released = self.owned();
+                self.release_all().await;
+                self.stalled = true;
+            }
+            return Ok(report);
+        }
+        if std::mem::take(&mut self.stalled) {
+            tracing::info!("the relay makes progress again; taking a share of the partitions");
+        }
         // A lease we could not renew is given up once it may have run out:
         // by then another worker may hold it.
         self.held.retain(|_, until| *until > started);
@@ -440,6 +502,36 @@ mod tests {
         assert!(gone.owned().is_empty());
         settle(&mut ws).await;
         assert_partitioned(&ws, &mem);
+    }
+
+    #[tokio::test]
+    async fn a_worker_whose_relay_stalls_hands_its_partitions_over() {
+        let mem = Mem::default();
+        let progress = Progress::default();
+        let stuck = Ownership::new(
+            mem.clone(),
+            OwnershipSettings {
+                member: "stuck".into(),
+                partitions: 16,
+                lease: Duration::from_millis(100),
+            },
+        )
+        .0
+        .with_progress(progress.clone());
+        let mut ws = vec![stuck, worker(&mem, "b")];
+        settle(&mut ws).await;
+        assert_eq!(ws[0].owned().len(), 8);
+        // No mark for longer than a lease: it leaves, b takes everything.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        settle(&mut ws).await;
+        assert!(ws[0].owned().is_empty());
+        assert_eq!(ws[1].owned().len(), 16);
+        assert_partitioned(&ws[1..], &mem);
+        // Progress again: it takes its share back.
+        progress.mark();
+        settle(&mut ws).await;
+        assert_partitioned(&ws, &mem);
+        assert_eq!(ws[0].owned().len(), 8);
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerError, BrokerSettings, Publisher};
 use crate::domain::CompletionEvent;
-use crate::partitions::Assignment;
+use crate::partitions::{Assignment, Progress};
 use crate::store::{Outbox, OutboxEntry, RedisStore};
 use crate::worker::runner::{pause, reconnect_backoff};
 
@@ -37,8 +37,13 @@ pub enum Published {
     Confirmed,
     /// Entry is unreadable: logged and dropped (it can never be published).
     Dropped,
-    /// Not routed (no queue bound) or refused: kept for a later try.
+    /// Not routed (no queue bound): kept for a later try.
     Kept,
+    /// Refused by the broker (nack): kept, and the relay reconnects. A
+    /// channel that published while a quorum queue's leader was being
+    /// elected was seen refusing every later message (RabbitMQ 3.10); a
+    /// fresh channel, maybe on another node, does not.
+    Refused,
     /// The connection failed: kept, and the relay reconnects.
     Broken,
 }
@@ -69,7 +74,11 @@ pub async fn publish_entry(publisher: &Publisher, entry: &OutboxEntry) -> Publis
             };
             metrics::counter!(what).increment(1);
             tracing::warn!(event.id = %event.id, error = %e, "event not accepted; kept in the outbox for a later try");
-            return Published::Kept;
+            return if matches!(e, BrokerError::Nacked) {
+                Published::Refused
+            } else {
+                Published::Kept
+            };
         }
         Err(e) => {
             tracing::warn!(event.id = %event.id, error = %e, "publishing failed; kept in the outbox");
@@ -93,15 +102,25 @@ pub async fn publish_entry(publisher: &Publisher, entry: &OutboxEntry) -> Publis
     Published::Confirmed
 }
 
+/// How a batch went, for the relay loop.
+#[derive(Debug, PartialEq, Eq)]
+enum Round {
+    Healthy,
+    /// The broker connection broke.
+    Broken,
+    /// The broker refused some events (nack).
+    Refused,
+}
+
 /// Publishes a batch concurrently (confirms awaited together) and acks what
-/// was confirmed. Returns false if the broker connection broke.
+/// was confirmed.
 async fn publish_batch<O: Outbox>(
     publisher: &Publisher,
     outbox: &mut O,
     entries: Vec<OutboxEntry>,
-) -> Result<bool, crate::store::StoreError> {
+) -> Result<Round, crate::store::StoreError> {
     let results = join_all(entries.iter().map(|e| publish_entry(publisher, e))).await;
-    let mut healthy = true;
+    let mut round = Round::Healthy;
     for (entry, r) in entries.iter().zip(results) {
         match r {
             Published::Confirmed | Published::Dropped => {
@@ -109,20 +128,24 @@ async fn publish_batch<O: Outbox>(
                 outbox.ack(entry, matches!(r, Published::Confirmed)).await?
             }
             Published::Kept => {}
-            Published::Broken => healthy = false,
+            Published::Refused if round == Round::Healthy => round = Round::Refused,
+            Published::Refused => {}
+            Published::Broken => round = Round::Broken,
         }
     }
-    Ok(healthy)
+    Ok(round)
 }
 
-/// Runs the relay until `shutdown`, reconnecting to Redis and RabbitMQ as needed.
-/// Relays the outbox streams of the partitions `assignment` names (this
-/// worker's share; they change as workers come and go).
+/// Runs the relay until `shutdown`, reconnecting to Redis and RabbitMQ as
+/// needed. It relays the outbox streams of the partitions `assignment` names (this
+/// worker's share; they change as workers come and go), marking `progress`
+/// after every round that read and published without losing the broker.
 pub async fn run(
     store: RedisStore,
     broker_settings: BrokerSettings,
     settings: RelaySettings,
     assignment: Assignment,
+    progress: Progress,
     shutdown: CancellationToken,
 ) {
     let mut backoff = reconnect_backoff();
@@ -182,9 +205,16 @@ pub async fn run(
                 r = round => r,
             };
             match outcome {
-                Ok(true) => {}
-                Ok(false) => {
+                Ok(Round::Healthy) => progress.mark(),
+                Ok(Round::Broken) => {
                     tracing::warn!("broker connection lost; relay reconnecting");
+                    break;
+                }
+                Ok(Round::Refused) => {
+                    tracing::warn!(
+                        "the broker refused events; relay reconnecting with a fresh channel"
+                    );
+                    pause(backoff.next().unwrap_or(Duration::from_secs(1)), &shutdown).await;
                     break;
                 }
                 Err(e) => {

@@ -15,7 +15,7 @@ use crate::broker::{Broker, BrokerSettings};
 use crate::config::{ConfigError, Settings, read_pem};
 use crate::databricks::{self, ClientSettings, RateBudget, WorkspaceSettings};
 use crate::domain::{CallbackSigner, TriggerRules};
-use crate::partitions::{Ownership, OwnershipSettings};
+use crate::partitions::{Ownership, OwnershipSettings, Progress};
 use crate::reconciler::{Reconciler, ReconcilerSettings};
 use crate::relay::{self, RelaySettings};
 use crate::sidecar::{self, AppState, SidecarSettings};
@@ -189,7 +189,9 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
         workspaces: s.databricks.workspaces.keys().cloned().collect(),
     });
     let name = worker_name();
-    // This worker's share of the partitions, for its reconciler and relay.
+    // This worker's share of the partitions, for its reconciler and relay,
+    // held while its relay goes round.
+    let relay_progress = Progress::default();
     let (ownership, assignment) = Ownership::new(
         store.clone(),
         OwnershipSettings {
@@ -198,6 +200,7 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
             lease: Duration::from_millis(s.worker.partition_lease_ms),
         },
     );
+    let ownership = ownership.with_progress(relay_progress.clone());
     let reconciler = s.reconciler.enabled.then(|| {
         Arc::new(
             Reconciler::new(store.clone(), ctx.jobs.clone(), reconciler_settings(s))
@@ -227,6 +230,7 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
             reclaim_interval: Duration::from_millis(s.relay.reclaim_interval_ms),
         },
         assignment,
+        relay_progress,
         shutdown.clone(),
     );
     // Leases are given back only after the relay and reconciler stopped.
