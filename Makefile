@@ -4,7 +4,7 @@ CARGO ?= cargo
 # The crash tests need the failpoints compiled in (never in a release build).
 TEST_FEATURES ?= --features failpoints
 
-.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke notebook-test docs docs-test ui-test-deps ui-screenshot cluster-test clean
+.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke notebook-test docs docs-test ui-test-deps ui-screenshot cluster-test fuzz clean
 
 # Fault-injection run (see src/bin/chaos.rs): N triggers, every fault on, a
 # seed to replay it. `make chaos SEED=42 N=10000`.
@@ -140,6 +140,14 @@ cluster-test: services
 		$(CARGO) nextest run $(TEST_FEATURES) --no-fail-fast -E 'kind(test) and not test(console_in_a_real_browser)'; \
 		rc=$$?; scripts/redis-cluster.sh down $(REDIS_CLUSTER_DIR); exit $$rc
 	$(CARGO) nextest run $(TEST_FEATURES) --run-ignored only -E 'test(scale::)' --no-capture
+
+# Hostile input and the promise model at length (issue 9): the property
+# tests of the parsers and the model test against Redis, with 100,000 cases
+# each (`make test` runs 2,000 and 10,000). FUZZ_CASES=1000000 for longer.
+FUZZ_CASES ?= 100000
+fuzz: services
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) nextest run $(TEST_FEATURES) --no-fail-fast \
+		-E 'test(hostile::) | test(store_agrees_with_the_promise_model)'
 
 # Refreshes the README's console screenshot from the browser test's.
 ui-screenshot: ui-test-deps

@@ -597,6 +597,39 @@ pub async fn cancel_matching<S: PromiseStore>(
     Ok(report)
 }
 
+/// Hostile control messages (issue 9): any bytes get an answer, no panic.
+#[cfg(test)]
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: crate::domain::hostile_cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_bytes_get_an_answer(body in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse_control(&body);
+        }
+
+        #[test]
+        fn control_shaped_json_gets_an_answer(
+            action in prop_oneof![Just("cancel".to_string()), "\\PC{0,10}"],
+            id in prop::option::of("\\PC{0,220}"),
+            job_id in prop::option::of(any::<i64>()),
+            tag in prop::option::of(("\\PC{0,20}", "\\PC{0,20}")),
+        ) {
+            let mut v = serde_json::json!({ "action": action });
+            if let Some(id) = id { v["id"] = id.into(); }
+            if let Some(j) = job_id { v["job_id"] = j.into(); }
+            if let Some((k, val)) = tag { v["tags"] = serde_json::json!({ k: val }); }
+            if let Ok((filter, _)) = parse_control(&serde_json::to_vec(&v).unwrap()) {
+                // Accepted filters always name something: never "cancel all".
+                prop_assert!(!filter.is_empty());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,3 +11,13 @@ pub use event::CompletionEvent;
 pub use ids::{CallbackSigner, CallbackToken, IdempotencyToken, PromiseId, RunId};
 pub use promise::{Completion, Payload, Promise, SettledBy, State};
 pub use trigger::{Envelope, Launch, Parameters, Trigger, TriggerError, TriggerRules};
+
+/// Cases per hostile-input property test: `PROPTEST_CASES`, else 2,000
+/// (`make fuzz` runs more).
+#[cfg(test)]
+pub(crate) fn hostile_cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}

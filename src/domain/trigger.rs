@@ -98,6 +98,11 @@ pub enum TriggerError {
     Invalid(String),
 }
 
+/// The largest trigger body parsed (1 MiB). A trigger names a job and a
+/// few parameters; anything bigger is refused before the JSON parser sees
+/// it, so a hostile body costs a length check, not a parse.
+pub const MAX_TRIGGER_BYTES: usize = 1 << 20;
+
 pub const MAX_TAGS: usize = 64;
 pub const MAX_TAG_KEY: usize = 128;
 pub const MAX_TAG_VALUE: usize = 1024;
@@ -204,6 +209,12 @@ fn kind(v: &Value) -> &'static str {
 
 impl Trigger {
     pub fn parse(env: &Envelope, rules: &TriggerRules) -> Result<Self, TriggerError> {
+        if env.body.len() > MAX_TRIGGER_BYTES {
+            return Err(TriggerError::Json(format!(
+                "the body is {} bytes; at most {MAX_TRIGGER_BYTES} are accepted",
+                env.body.len()
+            )));
+        }
         let raw = std::str::from_utf8(&env.body)
             .map_err(|e| TriggerError::Json(e.to_string()))?
             .to_owned();
@@ -322,6 +333,100 @@ impl Trigger {
             traceparent: env.traceparent.clone(),
             raw,
         })
+    }
+}
+
+/// Hostile input (issue 9): whatever arrives, parsing answers (no panic),
+/// and the worst cases are refused before they cost anything.
+#[cfg(test)]
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn env(body: Vec<u8>, message_id: Option<String>) -> Envelope {
+        Envelope {
+            body,
+            message_id,
+            reply_to: None,
+            correlation_id: None,
+            traceparent: None,
+        }
+    }
+
+    /// JSON of any shape, with the trigger's own field names most of the time.
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(json!(null)),
+            any::<bool>().prop_map(|b| json!(b)),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|n| json!(n)),
+            "\\PC{0,40}".prop_map(|s| json!(s)),
+        ];
+        let key = prop_oneof![
+            Just("id".to_string()),
+            Just("job_id".to_string()),
+            Just("submit".to_string()),
+            Just("job_parameters".to_string()),
+            Just("notebook_params".to_string()),
+            Just("tags".to_string()),
+            Just("timeout_seconds".to_string()),
+            Just("heartbeat_seconds".to_string()),
+            Just("workspace".to_string()),
+            Just("cancel_on_timeout".to_string()),
+            "\\PC{0,12}",
+        ];
+        leaf.prop_recursive(4, 48, 8, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(serde_json::Value::Array),
+                prop::collection::btree_map(key.clone(), inner, 0..8)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: crate::domain::hostile_cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_get_an_answer(body in prop::collection::vec(any::<u8>(), 0..512), mid in prop::option::of("\\PC{0,220}")) {
+            let _ = Trigger::parse(&env(body, mid), &TriggerRules::default());
+        }
+
+        #[test]
+        fn arbitrary_json_gets_an_answer_and_what_parses_is_valid(v in json_value(), mid in prop::option::of("[a-z0-9./%-]{0,210}")) {
+            let body = serde_json::to_vec(&v).unwrap();
+            if let Ok(t) = Trigger::parse(&env(body, mid), &TriggerRules::default()) {
+                // What parses satisfies the limits the parser promises.
+                prop_assert!(PromiseId::parse(t.id.as_str()).is_ok());
+                prop_assert!(t.tags.len() <= MAX_TAGS);
+                prop_assert!(t.timeout <= TriggerRules::default().max_timeout);
+            }
+        }
+    }
+
+    #[test]
+    fn a_ten_mib_number_is_refused_before_parsing() {
+        let mut body = br#"{"id":"x","job_id":"#.to_vec();
+        body.extend(std::iter::repeat_n(b'9', 10 << 20));
+        body.push(b'}');
+        // The length check's error, not the parser's: refused unparsed.
+        let e = Trigger::parse(&env(body, None), &TriggerRules::default()).unwrap_err();
+        assert!(e.to_string().contains("at most 1048576"), "{e}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_recursing() {
+        // 500,000 nested arrays fit in 1 MiB; serde_json stops at depth 128.
+        let depth = 500_000;
+        let mut body = Vec::with_capacity(2 * depth + 40);
+        body.extend_from_slice(br#"{"id":"x","job_id":1,"tags":"#);
+        body.extend(std::iter::repeat_n(b'[', depth));
+        body.extend(std::iter::repeat_n(b']', depth));
+        body.push(b'}');
+        assert!(body.len() <= MAX_TRIGGER_BYTES);
+        let e = Trigger::parse(&env(body, None), &TriggerRules::default()).unwrap_err();
+        assert!(e.to_string().contains("recursion limit"), "{e}");
     }
 }
 

@@ -16,6 +16,7 @@ mod helpers;
 mod harness;
 mod lifecycle;
 mod metrics;
+mod model;
 mod otlp;
 mod scale;
 mod tls;

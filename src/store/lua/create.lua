@@ -30,6 +30,8 @@ redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[2], deadline, ARGV[1])
 count_pending(KEYS[3], KEYS[4], now, 1)
 -- Backstop against leaks if no reconciler ever sweeps: gone a retention
--- period after its deadline at the latest.
-redis.call('PEXPIREAT', KEYS[1], timeout + tonumber(ARGV[4]))
+-- period after its deadline at the latest. Counted from now for a deadline
+-- already past (a timeout given in seconds instead of milliseconds, say):
+-- from the deadline, the key would be gone before this script returned.
+redis.call('PEXPIREAT', KEYS[1], math.max(timeout, now) + tonumber(ARGV[4]))
 return {'CREATED', redis.call('HGETALL', KEYS[1])}
