@@ -10,6 +10,7 @@ mod core_loop;
 mod documents;
 mod faults;
 mod helpers;
+mod hostile;
 // The harness's private RabbitMQ node (the TLS test starts one).
 #[path = "../../src/bin/harness/mod.rs"]
 #[allow(dead_code)]
