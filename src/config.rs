@@ -147,6 +147,10 @@ pub struct WorkerSection {
     pub partition_lease_ms: u64,
 }
 
+fn default_body_timeout_ms() -> u64 {
+    10_000
+}
+
 fn default_partition_lease_ms() -> u64 {
     10_000
 }
@@ -164,6 +168,9 @@ pub struct SidecarSection {
     pub listen: String,
     pub public_url: String,
     pub body_limit_bytes: usize,
+    /// How long a client may take to send its request body.
+    #[serde(default = "default_body_timeout_ms")]
+    pub body_timeout_ms: u64,
     pub max_wait_seconds: u64,
     /// PEM certificate chain and key for HTTPS (both or neither).
     #[serde(default)]

@@ -359,6 +359,7 @@ pub async fn run_sidecar(
         operator_tokens: s.auth.operator_tokens.clone(),
         settings: SidecarSettings {
             body_limit: s.sidecar.body_limit_bytes,
+            body_timeout: Duration::from_millis(s.sidecar.body_timeout_ms.max(1)),
             max_wait: Duration::from_secs(s.sidecar.max_wait_seconds),
             default_timeout: Duration::from_secs(s.worker.default_timeout_seconds),
             default_workspace: s.databricks.default_workspace.clone(),

@@ -48,6 +48,8 @@ use crate::store::{
 #[derive(Debug, Clone)]
 pub struct SidecarSettings {
     pub body_limit: usize,
+    /// How long reading a request body may take (then 408).
+    pub body_timeout: Duration,
     pub max_wait: Duration,
     pub default_timeout: Duration,
     pub default_workspace: String,
@@ -253,7 +255,18 @@ async fn read_body<S>(
     {
         return Err(ApiError::too_large(limit));
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(st.settings.body_timeout, axum::body::to_bytes(body, limit));
+    let Ok(read) = read.await else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} ms",
+                st.settings.body_timeout.as_millis()
+            ),
+        ));
+    };
+    read.map_err(|e| {
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit")
         {

@@ -109,3 +109,245 @@ async fn a_trigger_that_always_fails_is_dead_lettered_at_the_delivery_limit() {
     assert!(p.run_id.is_none());
     app.stop().await;
 }
+
+/// A sidecar of the test's own on a free port, with these callback
+/// secrets, against the same store; stopped with `shutdown`.
+async fn sidecar_with_secrets(
+    app: &TestApp,
+    secrets: &[&str],
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> String {
+    let mut s = app.settings.clone();
+    s.auth.callback_secrets = secrets.iter().map(|x| x.to_string().into()).collect();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let sd = shutdown.clone();
+    tokio::spawn(async move {
+        runbridge::startup::run_sidecar(&s, Some(listener), sd)
+            .await
+            .unwrap();
+    });
+    url
+}
+
+/// A pending promise made directly in the store (no run needed).
+async fn pending_promise(app: &TestApp, tag: &str) -> runbridge::domain::PromiseId {
+    use runbridge::store::{NewPromise, PromiseStore, Timeout};
+    let id = runbridge::domain::PromiseId::parse(&unique(tag)).unwrap();
+    app.store
+        .create(&NewPromise {
+            id: id.clone(),
+            param: Default::default(),
+            timeout: Timeout::After(Duration::from_secs(600)),
+            tags: Default::default(),
+            ikey_create: None,
+            job_id: None,
+            workspace: "default".into(),
+            reply_to: None,
+            correlation_id: None,
+            traceparent: None,
+            heartbeat: None,
+            cancel_on_timeout: false,
+        })
+        .await
+        .unwrap();
+    id
+}
+
+/// Rotating the callback secret: while old and new are both configured,
+/// tokens of either settle their promise; once the old one is removed its
+/// tokens are refused. And tampered tokens (padded, a letter's case
+/// flipped, another promise's) are refused without changing anything.
+#[tokio::test]
+async fn callback_secret_rotation_and_tampered_tokens() {
+    use runbridge::domain::{CallbackSigner, CallbackToken};
+    const OLD: &str = "local-dev-callback-secret-0123456789abcdef";
+    const NEW: &str = "rotated-callback-secret-fedcba9876543210-xyz";
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let signer = |s: &str| CallbackSigner::new(vec![s.to_string().into()]).unwrap();
+    let (old, new) = (signer(OLD), signer(NEW));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let both = sidecar_with_secrets(&app, &[NEW, OLD], &shutdown).await;
+    let only_new = sidecar_with_secrets(&app, &[NEW], &shutdown).await;
+    let resolve = |base: &str, token: &CallbackToken, id: &str| {
+        app.http
+            .post(format!("{base}/cb/{}/resolve", token.expose()))
+            .query(&[("id", id), ("value", "v")])
+    };
+    let ready = |base: String| {
+        let http = app.http.clone();
+        async move {
+            eventually(Duration::from_secs(10), "sidecar up", || async {
+                http.get(format!("{base}/health")).send().await.ok()
+            })
+            .await;
+        }
+    };
+    ready(both.clone()).await;
+    ready(only_new.clone()).await;
+
+    // Rotation under way: tokens handed out before and after both work.
+    for signer in [&old, &new] {
+        let id = pending_promise(&app, "rot").await;
+        let r = resolve(&both, &signer.sign(&id), id.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            app.promise(id.as_str()).await.unwrap().state.to_string(),
+            "RESOLVED"
+        );
+    }
+    // The old secret removed: its tokens are refused, the new ones work.
+    let id = pending_promise(&app, "rot-old").await;
+    let r = resolve(&only_new, &old.sign(&id), id.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        app.promise(id.as_str()).await.unwrap().state.to_string(),
+        "PENDING"
+    );
+    let r = resolve(&only_new, &new.sign(&id), id.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Tampering, against the app's own sidecar (OLD signs there).
+    let a = pending_promise(&app, "tamper-a").await;
+    let b = pending_promise(&app, "tamper-b").await;
+    let good = old.sign(&a).expose().to_owned();
+    let flipped: String = {
+        // Flip the case of the last letter of the MAC part.
+        let i = good.rfind(|c: char| c.is_ascii_alphabetic()).unwrap();
+        let mut t = good.clone();
+        let c = t.remove(i);
+        let c = if c.is_ascii_lowercase() {
+            c.to_ascii_uppercase()
+        } else {
+            c.to_ascii_lowercase()
+        };
+        t.insert(i, c);
+        t
+    };
+    let base = app.sidecar_url.clone();
+    for (what, token, id) in [
+        ("padded", format!("{good}A"), a.as_str()),
+        ("padded with '='", format!("{good}="), a.as_str()),
+        ("case flipped", flipped, a.as_str()),
+        ("another promise's", good.clone(), b.as_str()),
+        ("empty MAC", "v1.".to_string(), a.as_str()),
+    ] {
+        let r = app
+            .http
+            .post(format!("{base}/cb/{token}/resolve"))
+            .query(&[("id", id), ("value", "v")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{what}");
+    }
+    for id in [&a, &b] {
+        assert_eq!(
+            app.promise(id.as_str()).await.unwrap().state.to_string(),
+            "PENDING"
+        );
+    }
+    shutdown.cancel();
+    app.stop().await;
+}
+
+/// 1,000 resolves of one promise at once, with different values: exactly
+/// one settles it, the other 999 are answered as repeats of a completion
+/// already applied (a notebook's callback is idempotent), the stored value
+/// is the winner's, and one event goes out.
+#[tokio::test]
+async fn a_thousand_concurrent_resolves_settle_once() {
+    let mut app = TestApp::spawn().await;
+    let id = unique("stampede");
+    app.publish(&trigger(&id, JOB_NEVER)).await;
+    let url = app.callback_url(&id).await;
+    let answers = futures_util::future::join_all((0..1000).map(|i| {
+        let req = app
+            .http
+            .post(format!("{url}/resolve"))
+            .query(&[("id", id.as_str()), ("value", &format!("\"v{i}\""))]);
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap();
+            (i, status, body)
+        }
+    }))
+    .await;
+    assert!(
+        answers.iter().all(|(_, s, _)| *s == 200),
+        "every callback answered 200"
+    );
+    let winners: Vec<usize> = answers
+        .iter()
+        .filter(|(_, _, b)| b["deduplicated"] == false)
+        .map(|(i, _, _)| *i)
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one settled it: {winners:?}");
+    let stored = app.promise(&id).await.unwrap();
+    assert_eq!(
+        stored.value.data.as_deref(),
+        Some(format!("\"v{}\"", winners[0]).as_str())
+    );
+    let events = app.events_for(&id, Duration::from_secs(5)).await;
+    assert_eq!(events.len(), 1, "one event");
+    app.stop().await;
+}
+
+/// A client that sends its headers and then trickles its body (slowloris)
+/// gets 408 once `sidecar.body_timeout_ms` passed, and nothing changes.
+#[tokio::test]
+async fn a_slow_body_times_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        overrides: vec![("sidecar.body_timeout_ms", "300".into())],
+        ..Default::default()
+    })
+    .await;
+    let id = pending_promise(&app, "slow").await;
+    let signer = runbridge::domain::CallbackSigner::new(vec![
+        "local-dev-callback-secret-0123456789abcdef"
+            .to_string()
+            .into(),
+    ])
+    .unwrap();
+    let token = signer.sign(&id);
+    let addr = app.sidecar_url.trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let body = format!(r#"{{"id":"{id}","value":"v"}}"#);
+    let head = format!(
+        "POST /cb/{}/resolve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        token.expose(),
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&body.as_bytes()[..3]).await.unwrap();
+    // The rest never comes; the answer must, bounded.
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("an answer before the test's bound")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert_eq!(
+        app.promise(id.as_str()).await.unwrap().state.to_string(),
+        "PENDING"
+    );
+    app.stop().await;
+}
