@@ -182,7 +182,8 @@ async fn callback_secret_rotation_and_tampered_tokens() {
         let http = app.http.clone();
         async move {
             eventually(Duration::from_secs(10), "sidecar up", || async {
-                http.get(format!("{base}/health")).send().await.ok()
+                let r = http.get(format!("{base}/healthz")).send().await.ok()?;
+                r.status().is_success().then_some(())
             })
             .await;
         }
@@ -349,5 +350,88 @@ async fn a_slow_body_times_out() {
         app.promise(id.as_str()).await.unwrap().state.to_string(),
         "PENDING"
     );
+    app.stop().await;
+}
+
+/// Odd promise ids on every route that takes one: path-like (`..`, `%2F`),
+/// unicode, 201 characters. Each gets a clear 4xx and opens nothing; a
+/// valid token of one promise never reaches another. Oversized headers
+/// are refused and the sidecar keeps serving.
+#[tokio::test]
+async fn odd_ids_and_oversized_headers_are_refused() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let owned = pending_promise(&app, "owned").await;
+    let signer = runbridge::domain::CallbackSigner::new(vec![
+        "local-dev-callback-secret-0123456789abcdef"
+            .to_string()
+            .into(),
+    ])
+    .unwrap();
+    let token = signer.sign(&owned);
+    let base = app.sidecar_url.clone();
+    let long = "a".repeat(201);
+    let dotted = format!("{}/../{}", owned.as_str(), owned.as_str());
+    for (what, id) in [
+        ("dot-dot", dotted.as_str()),
+        ("encoded slash", "a%2F..%2Fb"),
+        ("unicode", "promesse-é"),
+        ("201 characters", long.as_str()),
+        ("empty", ""),
+    ] {
+        // A callback with the owned promise's token and another id.
+        let r = app
+            .http
+            .post(format!("{base}/cb/{}/resolve", token.expose()))
+            .query(&[("id", id), ("value", "v")])
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            matches!(r.status().as_u16(), 400 | 401),
+            "{what}: callback answered {}",
+            r.status()
+        );
+        // The operator API: a clear 400 for what is no id, 404 for an id
+        // that names nothing.
+        // Percent-encoded, so that the id arrives as one path segment (a
+        // client would resolve `..` itself).
+        let segment: String = url::form_urlencoded::byte_serialize(id.as_bytes()).collect();
+        let r = app
+            .operator(app.http.get(format!("{base}/promises/{segment}")))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            matches!(r.status().as_u16(), 400 | 404),
+            "{what}: GET answered {}",
+            r.status()
+        );
+    }
+    assert_eq!(
+        app.promise(owned.as_str()).await.unwrap().state.to_string(),
+        "PENDING"
+    );
+    // A 1 MiB header: refused (431 or the connection closed), never served.
+    let big = "x".repeat(1 << 20);
+    let r = app
+        .http
+        .get(format!("{base}/healthz"))
+        .header("x-big", big)
+        .send()
+        .await;
+    if let Ok(r) = r {
+        assert_eq!(r.status().as_u16(), 431, "an oversized header");
+    }
+    let r = app
+        .http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "still serving");
     app.stop().await;
 }
