@@ -81,6 +81,8 @@ pub struct Options {
     /// Seed nodes of a Redis Cluster of the test's own (`redis.mode =
     /// "cluster"`); empty: the one `RUNBRIDGE_IT_REDIS_CLUSTER` names, if any.
     pub redis_cluster: Vec<String>,
+    /// The personal access token the emulator accepts (and the bridge sends).
+    pub databricks_token: Option<String>,
 }
 
 impl Default for Options {
@@ -95,6 +97,7 @@ impl Default for Options {
             amqp_urls: Vec::new(),
             redis_sentinels: Vec::new(),
             redis_cluster: Vec::new(),
+            databricks_token: None,
         }
     }
 }
@@ -147,9 +150,13 @@ impl TestApp {
             JOB_RETRIED,
             job(Outcome::RetryThenCallback, 300, "second attempt"),
         );
+        let databricks_token = opts
+            .databricks_token
+            .clone()
+            .unwrap_or_else(|| "dapi-test".into());
         let emu = Emulator::new(EmulatorSettings {
             jobs,
-            token: Some("dapi-test".into()),
+            token: Some(databricks_token.clone()),
             oauth: opts.emulator_oauth.clone(),
             callback_ca_pem: opts
                 .sidecar_tls
@@ -205,7 +212,7 @@ impl TestApp {
             ("relay.reclaim_interval_ms", "300".into()),
             ("sidecar.public_url", sidecar_url.clone()),
             ("databricks.workspaces.default.host", emulator_url.clone()),
-            ("databricks.workspaces.default.token", "dapi-test".into()),
+            ("databricks.workspaces.default.token", databricks_token),
             ("databricks.retry_min_delay_ms", "20".into()),
             ("databricks.retry_max_delay_ms", "300".into()),
             ("databricks.launch_per_second", "0".into()),

@@ -435,3 +435,170 @@ async fn odd_ids_and_oversized_headers_are_refused() {
     assert_eq!(r.status(), 200, "still serving");
     app.stop().await;
 }
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A whole trigger → run → callback → event cycle through `runbridge all`
+/// at `RUST_LOG=trace`, with a password on Redis (a private Redis with
+/// `requirepass`) and on RabbitMQ (a user and vhost of the test's own): no
+/// log line carries the capability token, the callback secret, the
+/// Databricks token, the operator token, or either password.
+#[tokio::test]
+async fn no_secret_reaches_the_logs_at_trace() {
+    const REDIS_PASSWORD: &str = "redis-pw-5f3a9c1e7d";
+    const AMQP_PASSWORD: &str = "amqp-pw-8b2d4f6a0c";
+    const DATABRICKS_TOKEN: &str = "dapi-secret-token-77e1c0ffee";
+    const CALLBACK_SECRET: &str = "local-dev-callback-secret-0123456789abcdef";
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    // A private Redis with a password.
+    let redis_port = free_port();
+    let mut redis = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &redis_port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--requirepass",
+            REDIS_PASSWORD,
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    eventually(Duration::from_secs(10), "private redis up", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", redis_port))
+            .await
+            .ok()
+    })
+    .await;
+    // A RabbitMQ user with a password, on a vhost of the test's own.
+    let vhost = unique("it-secrets");
+    let user = unique("it-user");
+    rabbitmqctl(&["add_vhost", &vhost]);
+    rabbitmqctl(&["add_user", &user, AMQP_PASSWORD]);
+    rabbitmqctl(&["set_permissions", "-p", &vhost, &user, ".*", ".*", ".*"]);
+
+    let mut app = TestApp::spawn_with(Options {
+        worker: false,
+        overrides: vec![
+            (
+                "redis.url",
+                format!("redis://:{REDIS_PASSWORD}@127.0.0.1:{redis_port}"),
+            ),
+            (
+                "amqp.url",
+                format!("amqp://{user}:{AMQP_PASSWORD}@127.0.0.1:5672/{vhost}"),
+            ),
+        ],
+        databricks_token: Some(DATABRICKS_TOKEN.into()),
+        ..Default::default()
+    })
+    .await;
+    // `runbridge all` serves the callbacks itself: its own sidecar port.
+    let port = free_port();
+    let log_path = std::env::temp_dir().join(format!("{}-trace.log", app.name));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_runbridge"))
+        .arg("all")
+        .envs(app.env_vars())
+        .env("RUNBRIDGE__SIDECAR__LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "RUNBRIDGE__SIDECAR__PUBLIC_URL",
+            format!("http://127.0.0.1:{port}"),
+        )
+        .env("RUNBRIDGE__AUTH__OPERATOR_TOKENS", "it-operator-token")
+        .env("RUST_LOG", "trace")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let id = unique("secrets");
+    app.publish(&trigger(&id, JOB_CALLBACK)).await;
+    let (_, ev) = app.first_event(&id, Duration::from_secs(60)).await;
+    assert_eq!(ev["data"]["state"], "RESOLVED");
+    let url = app.callback_url(&id).await;
+    let token = url.rsplit("/cb/").next().unwrap().to_owned();
+    assert!(
+        url.starts_with(&format!("http://127.0.0.1:{port}/cb/")),
+        "{url}"
+    );
+    // Also an operator call and a refused callback, which log errors.
+    let r = app
+        .http
+        .get(format!("http://127.0.0.1:{port}/promises/{id}"))
+        .bearer_auth("it-operator-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app
+        .http
+        .post(format!("http://127.0.0.1:{port}/cb/{token}x/resolve"))
+        .query(&[("id", id.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    nix_term(&mut child).await;
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    // The log is the trace of this very cycle.
+    assert!(text.contains(&id), "the trace names the promise");
+    assert!(text.contains("TRACE"), "trace level was on");
+    for (what, secret) in [
+        ("capability token", token.as_str()),
+        ("callback secret", CALLBACK_SECRET),
+        ("Databricks token", DATABRICKS_TOKEN),
+        ("operator token", "it-operator-token"),
+        ("Redis password", REDIS_PASSWORD),
+        ("AMQP password", AMQP_PASSWORD),
+    ] {
+        let leaks: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(secret))
+            .take(3)
+            .collect();
+        assert!(leaks.is_empty(), "the {what} is in the log: {leaks:?}");
+    }
+    println!(
+        "{} log lines at trace, no secret in any",
+        text.lines().count()
+    );
+    app.stop().await;
+    let _ = redis.kill();
+    let _ = redis.wait();
+    rabbitmqctl(&["delete_user", &user]);
+    rabbitmqctl(&["delete_vhost", &vhost]);
+    let _ = std::fs::remove_file(&log_path);
+}
+
+/// SIGTERM, then the exit (bounded).
+async fn nix_term(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+}
