@@ -143,11 +143,27 @@ cluster-test: services
 
 # Hostile input and the promise model at length (issue 9): the property
 # tests of the parsers and the model test against Redis, with 100,000 cases
-# each (`make test` runs 2,000 and 10,000). FUZZ_CASES=1000000 for longer.
+# each (`make test` runs 2,000 and 10,000); then every cargo-fuzz target
+# (fuzz/fuzz_targets: trigger, control, patch_body, notification, run_info)
+# for FUZZ_SECONDS each, from the seed corpus in fuzz/corpus (what the fuzzer
+# finds goes to target/fuzz-corpus). Longer: FUZZ_CASES=1000000
+# FUZZ_SECONDS=3600 make fuzz. cargo-fuzz needs nightly flags: the stable
+# toolchain takes them with RUSTC_BOOTSTRAP=1.
 FUZZ_CASES ?= 100000
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS = trigger control patch_body notification run_info
 fuzz: services
 	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) nextest run $(TEST_FEATURES) --no-fail-fast \
 		-E 'test(hostile::) | test(store_agrees_with_the_promise_model)'
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || { \
+		echo "[fuzz] installing cargo-fuzz from crates.io"; $(CARGO) install cargo-fuzz --locked; }
+	RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build -O
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p target/fuzz-corpus/$$t; \
+		echo "[fuzz] $$t for $(FUZZ_SECONDS) s"; \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O $$t target/fuzz-corpus/$$t fuzz/corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -max_len=65536 || exit 1; \
+	done
 
 # Refreshes the README's console screenshot from the browser test's.
 ui-screenshot: ui-test-deps

@@ -282,13 +282,21 @@ fn json_body<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     bytes: &Bytes,
 ) -> Result<Option<T>, ApiError> {
-    if bytes.is_empty() {
-        return Ok(None);
-    }
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    json_bytes(ct, bytes)
+}
+
+/// [`json_body`] on a content type and bytes.
+fn json_bytes<T: serde::de::DeserializeOwned>(
+    ct: &str,
+    bytes: &[u8],
+) -> Result<Option<T>, ApiError> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
     let mime = ct
         .split(';')
         .next()
@@ -785,22 +793,16 @@ async fn complete<S: Store>(
     let bytes = read_body(st, &headers, body).await?;
     let id = parse_id(&id)?;
     let caller = caller_for(st, &headers, path_token, &id)?;
-    let b: PatchBody = json_body(&headers, &bytes)?
-        .ok_or_else(|| ApiError::bad_request("missing body: {\"state\": ..., \"value\": ...}"))?;
-    let target: State = b
-        .state
-        .parse()
-        .map_err(|e: crate::domain::promise::UnknownState| ApiError::bad_request(e.to_string()))?;
-    if Completion::from_target(target).is_none() {
-        return Err(ApiError::bad_request(
-            "state must be RESOLVED, REJECTED or REJECTED_CANCELED",
-        ));
-    }
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let (target, value) = parse_patch(ct, &bytes)?;
     let strict = header_flag(&headers, "strict")?;
     let req = Settle {
         id,
         target,
-        value: b.value.unwrap_or_default(),
+        value,
         ikey: ikey(&headers),
         strict,
         settled_by: match caller {
@@ -811,6 +813,35 @@ async fn complete<S: Store>(
     };
     let outcome = st.store.settle(&req).await?;
     settle_response(outcome, &req.id, strict)
+}
+
+/// A `PATCH` body (`{"state": ..., "value": ...}`) with its content type:
+/// the target state and value, or the 4xx to answer. Pure, so the fuzz
+/// target `patch_body` can call it.
+pub fn parse_patch(content_type: &str, bytes: &[u8]) -> Result<(State, Payload), ApiError> {
+    let b: PatchBody = json_bytes(content_type, bytes)?
+        .ok_or_else(|| ApiError::bad_request("missing body: {\"state\": ..., \"value\": ...}"))?;
+    let target: State = b
+        .state
+        .parse()
+        .map_err(|e: crate::domain::promise::UnknownState| ApiError::bad_request(e.to_string()))?;
+    if Completion::from_target(target).is_none() {
+        return Err(ApiError::bad_request(
+            "state must be RESOLVED, REJECTED or REJECTED_CANCELED",
+        ));
+    }
+    Ok((target, b.value.unwrap_or_default()))
+}
+
+/// A Databricks job notification's event type and run (its parent run for
+/// a task run), or the 400 to answer. Pure, for the fuzz target
+/// `notification`.
+pub fn parse_notification(bytes: &[u8]) -> Result<(String, RunId), ApiError> {
+    let n: Notification = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("not a job notification: {e}")))?;
+    let run = n.run.parent_run_id.unwrap_or(n.run.run_id);
+    let run = RunId::new(run).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok((n.event_type, run))
 }
 
 #[utoipa::path(
@@ -1124,12 +1155,9 @@ async fn notification<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> ApiResul
             "bad or missing basic auth",
         ));
     }
-    let n: Notification = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("not a job notification: {e}")))?;
-    let run = n.run.parent_run_id.unwrap_or(n.run.run_id);
-    let run = RunId::new(run).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let (event_type, run) = parse_notification(&bytes)?;
     let promise = st.store.poll_run_now(run).await?;
-    tracing::debug!(event_type = %n.event_type, run_id = run.get(), found = promise.is_some(), "job notification");
+    tracing::debug!(event_type = %event_type, run_id = run.get(), found = promise.is_some(), "job notification");
     let body = NotificationAnswer {
         scheduled: promise.is_some(),
         promise_id: promise.map(|p| p.to_string()),
