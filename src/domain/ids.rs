@@ -145,6 +145,12 @@ impl CallbackToken {
 
 type HmacSha256 = Hmac<Sha256>;
 
+#[cfg(test)]
+thread_local! {
+    /// MACs computed on this thread (tests: that verification never stops early).
+    static MACS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Signs and checks capability tokens. The first secret signs; every secret
 /// verifies, so a secret can be rotated without refusing tokens already handed out.
 #[derive(Clone)]
@@ -177,6 +183,8 @@ impl CallbackSigner {
     }
 
     fn mac(secret: &SecretString, id: &PromiseId) -> HmacSha256 {
+        #[cfg(test)]
+        MACS.with(|n| n.set(n.get() + 1));
         // HMAC accepts keys of any length, so this cannot fail.
         let mut mac = <HmacSha256 as Mac>::new_from_slice(secret.expose_secret().as_bytes())
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
@@ -302,5 +310,27 @@ mod tests {
     fn short_or_missing_secrets_are_refused() {
         assert!(CallbackSigner::new(vec![]).is_err());
         assert!(CallbackSigner::new(vec![SecretString::from("short".to_string())]).is_err());
+    }
+
+    /// Verification takes the same path whichever secret matches, or none:
+    /// one MAC per secret, each compared by `verify_slice` (constant time),
+    /// no early exit on a match (which would tell by its timing which
+    /// secret signed, or that the first did).
+    #[test]
+    fn verification_computes_every_mac_whatever_matches() {
+        let s = signer(&[
+            "first-secret-0123456789abcdef-0123456789",
+            "second-secret-0123456789abcdef-012345678",
+            "third-secret-0123456789abcdef-0123456789",
+        ]);
+        let id = id("p-1");
+        let by_first = s.sign(&id);
+        let by_third = signer(&["third-secret-0123456789abcdef-0123456789"]).sign(&id);
+        let forged = CallbackToken(format!("{TOKEN_PREFIX}{}", "A".repeat(43)));
+        for (token, valid) in [(&by_first, true), (&by_third, true), (&forged, false)] {
+            MACS.with(|n| n.set(0));
+            assert_eq!(s.verify(token, &id), valid);
+            assert_eq!(MACS.with(|n| n.get()), 3, "one MAC per secret");
+        }
     }
 }
