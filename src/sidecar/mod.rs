@@ -424,25 +424,32 @@ async fn callback_settle<S: Store>(
         .await
 }
 
-async fn callback_settle_in_span<S: Store>(
-    st: &AppState<S>,
+/// A notebook's callback, from what arrived (headers, the token in the
+/// path, the query string, the body): the promise its token opens and the
+/// value, or the 4xx to answer. Authenticates on the raw id before anything
+/// else; a request that is not authenticated learns nothing else (401
+/// whatever is wrong). Pure, for the fuzz target `callback`.
+pub fn parse_callback(
+    signer: &CallbackSigner,
     completion: Completion,
-    path_token: Option<&str>,
     headers: &HeaderMap,
-    raw_query: &Option<String>,
-    body: Body,
-) -> ApiResult {
-    let q = query_map(raw_query);
-    let bytes = read_body(st, headers, body).await?;
-    let b: CallbackBody = json_body(headers, &bytes)?.unwrap_or_default();
+    path_token: Option<&str>,
+    raw_query: Option<&str>,
+    bytes: &[u8],
+) -> Result<(PromiseId, Payload), ApiError> {
+    let q = query_map(&raw_query.map(str::to_owned));
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let b: CallbackBody = json_bytes(ct, bytes)?.unwrap_or_default();
     let id =
         q.get("id").cloned().or(b.id).ok_or_else(|| {
             ApiError::bad_request("missing promise id: pass ?id= or {\"id\": ...}")
         })?;
     let creds = auth::credentials(headers, path_token);
-    // Authenticate on the raw id before anything else can happen.
     let id = match PromiseId::parse(&id) {
-        Ok(id) if auth::opens(&st.signer, &creds, &id) => id,
+        Ok(id) if auth::opens(signer, &creds, &id) => id,
         Ok(_) => return Err(ApiError::unauthorized()),
         Err(e) => {
             return Err(if creds.is_empty() {
@@ -452,7 +459,6 @@ async fn callback_settle_in_span<S: Store>(
             });
         }
     };
-    tracing::Span::current().record("promise.id", id.as_str());
     let value = match completion {
         Completion::Resolve => q.get("value").map(|v| Value::String(v.clone())).or(b.value),
         _ => q
@@ -462,9 +468,30 @@ async fn callback_settle_in_span<S: Store>(
             .or(b.error)
             .or(b.value),
     };
+    Ok((id, payload_of(value)))
+}
+
+async fn callback_settle_in_span<S: Store>(
+    st: &AppState<S>,
+    completion: Completion,
+    path_token: Option<&str>,
+    headers: &HeaderMap,
+    raw_query: &Option<String>,
+    body: Body,
+) -> ApiResult {
+    let bytes = read_body(st, headers, body).await?;
+    let (id, value) = parse_callback(
+        &st.signer,
+        completion,
+        headers,
+        path_token,
+        raw_query.as_deref(),
+        &bytes,
+    )?;
+    tracing::Span::current().record("promise.id", id.as_str());
     let req = Settle {
         target: completion.target(),
-        value: payload_of(value),
+        value,
         // As in the Resonate example: the promise id is the idempotency key,
         // and the action must match the state for a repeat to be deduplicated.
         ikey: Some(id.to_string()),
@@ -1208,5 +1235,63 @@ mod tests {
         assert_eq!(parse_wait("7").unwrap(), Duration::from_secs(7));
         assert!(parse_wait("soon").is_err());
         assert!(parse_wait("5h").is_err());
+    }
+}
+
+/// Hostile requests (issue 9): the request parsers answer anything, in CI
+/// (`make fuzz` runs more cases, and the cargo-fuzz targets).
+#[cfg(test)]
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn signer() -> CallbackSigner {
+        CallbackSigner::new(vec![
+            "hostile-test-secret-0123456789abcdef".to_string().into(),
+        ])
+        .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: crate::domain::hostile_cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn patch_and_notification_bodies_get_an_answer(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_patch("application/json", &body);
+            let _ = parse_notification(&body);
+        }
+
+        #[test]
+        fn callbacks_open_nothing_without_their_token(
+            query in prop::option::of("[a-z=&%0-9._/-]{0,80}"),
+            body in prop::collection::vec(any::<u8>(), 0..256),
+            token in prop::option::of("v1\\\\.[A-Za-z0-9_-]{0,50}"),
+            json in any::<bool>(),
+        ) {
+            let mut h = HeaderMap::new();
+            if json {
+                h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+            }
+            // Whatever arrives, no promise opens: the token is not a MAC.
+            let r = parse_callback(&signer(), Completion::Resolve, &h, token.as_deref(), query.as_deref(), &body);
+            prop_assert!(r.is_err());
+        }
+
+        #[test]
+        fn a_valid_token_opens_only_its_promise(
+            other in prop_oneof![Just("owned-1".to_string()), "[a-z0-9-]{1,20}"],
+            value in "\\\\PC{0,40}",
+        ) {
+            let s = signer();
+            let id = PromiseId::parse("owned-1").unwrap();
+            let token = s.sign(&id);
+            let q = format!("id={other}&value={}", url::form_urlencoded::byte_serialize(value.as_bytes()).collect::<String>());
+            let r = parse_callback(&s, Completion::Resolve, &HeaderMap::new(), Some(token.expose()), Some(&q), b"");
+            if other == "owned-1" {
+                prop_assert!(r.is_ok());
+            } else {
+                prop_assert!(r.is_err());
+            }
+        }
     }
 }
