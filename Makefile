@@ -151,7 +151,7 @@ cluster-test: services
 # toolchain takes them with RUSTC_BOOTSTRAP=1.
 FUZZ_CASES ?= 100000
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS = trigger control patch_body notification run_info callback
+FUZZ_TARGETS = trigger control patch_body notification run_info callback error_body
 fuzz: services
 	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) nextest run $(TEST_FEATURES) --no-fail-fast \
 		-E 'test(hostile::) | test(store_agrees_with_the_promise_model)'

@@ -387,14 +387,7 @@ impl Client {
                 })
             });
         }
-        let body: ApiErrorBody = serde_json::from_slice(&bytes).unwrap_or_else(|_| ApiErrorBody {
-            error_code: status
-                .canonical_reason()
-                .unwrap_or("ERROR")
-                .replace(' ', "_")
-                .to_uppercase(),
-            message: String::from_utf8_lossy(&bytes).chars().take(500).collect(),
-        });
+        let body = ApiErrorBody::from_answer(status.as_u16(), &bytes);
         if status == StatusCode::TOO_MANY_REQUESTS {
             self.pause(name, ws, after.unwrap_or(Duration::from_secs(1)))
                 .await;

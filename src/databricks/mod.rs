@@ -45,6 +45,23 @@ pub struct ApiErrorBody {
     pub message: String,
 }
 
+impl ApiErrorBody {
+    /// An error answer's body; one that is not the documented JSON becomes
+    /// the status's name and the body's first 500 characters. Pure, for the
+    /// fuzz target `error_body`.
+    pub fn from_answer(status: u16, bytes: &[u8]) -> Self {
+        serde_json::from_slice(bytes).unwrap_or_else(|_| ApiErrorBody {
+            error_code: reqwest::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("ERROR")
+                .replace(' ', "_")
+                .to_uppercase(),
+            message: String::from_utf8_lossy(bytes).chars().take(500).collect(),
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DatabricksError {
     /// Databricks refused the request for good (400, 403, 404, ...).
