@@ -8,18 +8,6 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-fn rabbitmqctl(args: &[&str]) {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// (c) The worker is SIGKILLed after `run-now` returned and before the run id
 /// was recorded and the trigger acked. On restart the redelivery converges:
 /// the same idempotency token gets the same run back, one settlement, one
@@ -187,13 +175,6 @@ async fn every_subcommand_shuts_down_on_sigterm() {
         ..Default::default()
     })
     .await;
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
     type Case = (&'static str, Vec<String>, Vec<(String, String)>);
     let cases: Vec<Case> = vec![
         ("worker", vec!["worker".into()], vec![]),

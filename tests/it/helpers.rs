@@ -606,3 +606,55 @@ pub async fn delete_keys(settings: &Settings, prefix: &str) {
 pub fn trigger(id: &str, job_id: u64) -> Value {
     json!({ "id": id, "job_id": job_id, "tags": {"team": "growth"} })
 }
+
+/// A promise to create with nothing but an id and a timeout (the rest empty,
+/// workspace "default").
+pub fn new_promise(
+    id: &PromiseId,
+    timeout: runbridge::store::Timeout,
+) -> runbridge::store::NewPromise {
+    runbridge::store::NewPromise {
+        id: id.clone(),
+        param: Default::default(),
+        timeout,
+        tags: Default::default(),
+        ikey_create: None,
+        job_id: None,
+        workspace: "default".into(),
+        reply_to: None,
+        correlation_id: None,
+        traceparent: None,
+        heartbeat: None,
+        cancel_on_timeout: false,
+    }
+}
+
+/// The callback secret of `config/local.toml`, as the sidecar checks it.
+pub const LOCAL_CALLBACK_SECRET: &str = "local-dev-callback-secret-0123456789abcdef";
+
+/// A signer with one secret (tokens as a worker with it would hand out).
+pub fn signer_of(secret: &str) -> runbridge::domain::CallbackSigner {
+    runbridge::domain::CallbackSigner::new(vec![secret.to_string().into()]).expect("a long secret")
+}
+
+/// `rabbitmqctl` against the shared node, which must succeed.
+pub fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A local port free at the moment (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}

@@ -132,25 +132,10 @@ async fn sidecar_with_secrets(
 
 /// A pending promise made directly in the store (no run needed).
 async fn pending_promise(app: &TestApp, tag: &str) -> runbridge::domain::PromiseId {
-    use runbridge::store::{NewPromise, PromiseStore, Timeout};
+    use runbridge::store::{PromiseStore, Timeout};
     let id = runbridge::domain::PromiseId::parse(&unique(tag)).unwrap();
-    app.store
-        .create(&NewPromise {
-            id: id.clone(),
-            param: Default::default(),
-            timeout: Timeout::After(Duration::from_secs(600)),
-            tags: Default::default(),
-            ikey_create: None,
-            job_id: None,
-            workspace: "default".into(),
-            reply_to: None,
-            correlation_id: None,
-            traceparent: None,
-            heartbeat: None,
-            cancel_on_timeout: false,
-        })
-        .await
-        .unwrap();
+    let new = new_promise(&id, Timeout::After(Duration::from_secs(600)));
+    app.store.create(&new).await.unwrap();
     id
 }
 
@@ -160,16 +145,15 @@ async fn pending_promise(app: &TestApp, tag: &str) -> runbridge::domain::Promise
 /// flipped, another promise's) are refused without changing anything.
 #[tokio::test]
 async fn callback_secret_rotation_and_tampered_tokens() {
-    use runbridge::domain::{CallbackSigner, CallbackToken};
-    const OLD: &str = "local-dev-callback-secret-0123456789abcdef";
+    use runbridge::domain::CallbackToken;
+    const OLD: &str = LOCAL_CALLBACK_SECRET;
     const NEW: &str = "rotated-callback-secret-fedcba9876543210-xyz";
     let app = TestApp::spawn_with(Options {
         worker: false,
         ..Default::default()
     })
     .await;
-    let signer = |s: &str| CallbackSigner::new(vec![s.to_string().into()]).unwrap();
-    let (old, new) = (signer(OLD), signer(NEW));
+    let (old, new) = (signer_of(OLD), signer_of(NEW));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let both = sidecar_with_secrets(&app, &[NEW, OLD], &shutdown).await;
     let only_new = sidecar_with_secrets(&app, &[NEW], &shutdown).await;
@@ -320,12 +304,7 @@ async fn a_slow_body_times_out() {
     })
     .await;
     let id = pending_promise(&app, "slow").await;
-    let signer = runbridge::domain::CallbackSigner::new(vec![
-        "local-dev-callback-secret-0123456789abcdef"
-            .to_string()
-            .into(),
-    ])
-    .unwrap();
+    let signer = signer_of(LOCAL_CALLBACK_SECRET);
     let token = signer.sign(&id);
     let addr = app.sidecar_url.trim_start_matches("http://").to_owned();
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -365,12 +344,7 @@ async fn odd_ids_and_oversized_headers_are_refused() {
     })
     .await;
     let owned = pending_promise(&app, "owned").await;
-    let signer = runbridge::domain::CallbackSigner::new(vec![
-        "local-dev-callback-secret-0123456789abcdef"
-            .to_string()
-            .into(),
-    ])
-    .unwrap();
+    let signer = signer_of(LOCAL_CALLBACK_SECRET);
     let token = signer.sign(&owned);
     let base = app.sidecar_url.clone();
     let long = "a".repeat(201);
@@ -436,18 +410,6 @@ async fn odd_ids_and_oversized_headers_are_refused() {
     app.stop().await;
 }
 
-fn rabbitmqctl(args: &[&str]) {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A whole trigger → run → callback → event cycle through `runbridge all`
 /// at `RUST_LOG=trace`, with a password on Redis (a private Redis with
 /// `requirepass`) and on RabbitMQ (a user and vhost of the test's own): no
@@ -458,14 +420,7 @@ async fn no_secret_reaches_the_logs_at_trace() {
     const REDIS_PASSWORD: &str = "redis-pw-5f3a9c1e7d";
     const AMQP_PASSWORD: &str = "amqp-pw-8b2d4f6a0c";
     const DATABRICKS_TOKEN: &str = "dapi-secret-token-77e1c0ffee";
-    const CALLBACK_SECRET: &str = "local-dev-callback-secret-0123456789abcdef";
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
+    const CALLBACK_SECRET: &str = LOCAL_CALLBACK_SECRET;
     // A private Redis with a password.
     let redis_port = free_port();
     let mut redis = std::process::Command::new("redis-server")

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use reqwest::StatusCode;
-use runbridge::domain::{IdempotencyToken, Payload, PromiseId};
+use runbridge::domain::{IdempotencyToken, PromiseId};
 use runbridge::reconciler::Reconciler;
-use runbridge::store::{NewPromise, PromiseStore, Timeout};
+use runbridge::store::{PromiseStore, Timeout};
 use serde_json::{Value, json};
 
 use crate::helpers::*;
@@ -488,19 +488,8 @@ async fn sweep_reads_only_what_is_due() {
         ..Default::default()
     })
     .await;
-    let new = |id: String, after: Duration| NewPromise {
-        id: PromiseId::parse(&id).unwrap(),
-        param: Payload::default(),
-        timeout: Timeout::After(after),
-        tags: Default::default(),
-        ikey_create: None,
-        job_id: None,
-        workspace: "default".into(),
-        reply_to: None,
-        correlation_id: None,
-        traceparent: None,
-        heartbeat: None,
-        cancel_on_timeout: false,
+    let new = |id: String, after: Duration| {
+        new_promise(&PromiseId::parse(&id).unwrap(), Timeout::After(after))
     };
     let store = app.store.clone();
     futures_util::stream::iter(0..100_000)

@@ -26,8 +26,8 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use runbridge::domain::{Payload, PromiseId, SettledBy, State};
 use runbridge::store::{
-    CreateOutcome, ExpireOutcome, HeartbeatOutcome, Lifecycle, NewPromise, PromiseStore,
-    RedisStore, Settle, SettleOutcome, Timeout,
+    CreateOutcome, ExpireOutcome, HeartbeatOutcome, Lifecycle, PromiseStore, RedisStore, Settle,
+    SettleOutcome, Timeout,
 };
 
 use crate::helpers::*;
@@ -186,24 +186,16 @@ async fn run(store: &RedisStore, ids: &[PromiseId], op: &Op) -> Answer {
     let id = ids[op.id()].clone();
     match op {
         Op::Create { ikey, expired, .. } => {
-            let new = NewPromise {
-                id,
-                param: Payload::data("{}"),
-                timeout: if *expired {
+            let mut new = new_promise(
+                &id,
+                if *expired {
                     Timeout::At(1)
                 } else {
                     Timeout::After(Duration::from_secs(3600))
                 },
-                tags: Default::default(),
-                ikey_create: key(ikey),
-                job_id: None,
-                workspace: "default".into(),
-                reply_to: None,
-                correlation_id: None,
-                traceparent: None,
-                heartbeat: None,
-                cancel_on_timeout: false,
-            };
+            );
+            new.param = Payload::data("{}");
+            new.ikey_create = key(ikey);
             match store.create(&new).await.unwrap() {
                 CreateOutcome::Created(_) => Answer::Created,
                 CreateOutcome::Existing(p) => Answer::Existing(p.state),

@@ -542,7 +542,7 @@ async fn sentinel_failover_moves_the_store_to_the_new_master() {
 /// itself stands, so the caller's retry finds it.
 #[tokio::test]
 async fn wait_replicas_reports_an_unreplicated_transition() {
-    use runbridge::store::{CreateOutcome, NewPromise, PromiseStore, RedisStore, Timeout};
+    use runbridge::store::{CreateOutcome, PromiseStore, RedisStore, Timeout};
     let app = TestApp::spawn_with(Options {
         worker: false,
         // The machine's Redis, which has no replica (also under `make
@@ -567,20 +567,7 @@ async fn wait_replicas_reports_an_unreplicated_transition() {
     .await
     .unwrap();
     let id = runbridge::domain::PromiseId::parse(&unique("unreplicated")).unwrap();
-    let new = NewPromise {
-        id: id.clone(),
-        param: Default::default(),
-        timeout: Timeout::After(Duration::from_secs(60)),
-        tags: Default::default(),
-        ikey_create: None,
-        job_id: None,
-        workspace: "default".into(),
-        reply_to: None,
-        correlation_id: None,
-        traceparent: None,
-        heartbeat: None,
-        cancel_on_timeout: false,
-    };
+    let new = new_promise(&id, Timeout::After(Duration::from_secs(60)));
     let Err(e) = store.create(&new).await else {
         panic!("a transition no replica confirmed was reported as done");
     };
