@@ -343,6 +343,23 @@ impl TestApp {
     }
 
     /// The settings as RUNBRIDGE__* variables, for a child `runbridge` process.
+    /// `runbridge all` as a child process with this app's settings, serving
+    /// its own sidecar on `port` (so the callbacks of the runs it launches
+    /// reach it). Killed when dropped; stdio and more settings are the
+    /// caller's.
+    pub fn runbridge_all(&self, port: u16) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_runbridge"));
+        c.arg("all")
+            .envs(self.env_vars())
+            .env("RUNBRIDGE__SIDECAR__LISTEN", format!("127.0.0.1:{port}"))
+            .env(
+                "RUNBRIDGE__SIDECAR__PUBLIC_URL",
+                format!("http://127.0.0.1:{port}"),
+            )
+            .kill_on_drop(true);
+        c
+    }
+
     pub fn env_vars(&self) -> Vec<(String, String)> {
         let mut v: Vec<(String, String)> = self
             .overrides
@@ -657,4 +674,40 @@ pub fn free_port() -> u16 {
         .local_addr()
         .expect("addr")
         .port()
+}
+
+/// A Redis process of the test's own, killed when dropped.
+pub struct RedisProc {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl RedisProc {
+    /// `redis-server` with these arguments, once it listens on `port`.
+    pub async fn start(args: &[String], port: u16) -> RedisProc {
+        let child = std::process::Command::new("redis-server")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        eventually(Duration::from_secs(10), "redis listening", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+        })
+        .await;
+        RedisProc { child, port }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
 }

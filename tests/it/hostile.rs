@@ -423,28 +423,22 @@ async fn no_secret_reaches_the_logs_at_trace() {
     const CALLBACK_SECRET: &str = LOCAL_CALLBACK_SECRET;
     // A private Redis with a password.
     let redis_port = free_port();
-    let mut redis = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &redis_port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--requirepass",
-            REDIS_PASSWORD,
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server");
-    eventually(Duration::from_secs(10), "private redis up", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", redis_port))
-            .await
-            .ok()
-    })
-    .await;
+    let args: Vec<String> = [
+        "--port",
+        &redis_port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--requirepass",
+        REDIS_PASSWORD,
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let redis = RedisProc::start(&args, redis_port).await;
     // A RabbitMQ user with a password, on a vhost of the test's own.
     let vhost = unique("it-secrets");
     let user = unique("it-user");
@@ -472,19 +466,12 @@ async fn no_secret_reaches_the_logs_at_trace() {
     let port = free_port();
     let log_path = std::env::temp_dir().join(format!("{}-trace.log", app.name));
     let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_runbridge"))
-        .arg("all")
-        .envs(app.env_vars())
-        .env("RUNBRIDGE__SIDECAR__LISTEN", format!("127.0.0.1:{port}"))
-        .env(
-            "RUNBRIDGE__SIDECAR__PUBLIC_URL",
-            format!("http://127.0.0.1:{port}"),
-        )
+    let mut child = app
+        .runbridge_all(port)
         .env("RUNBRIDGE__AUTH__OPERATOR_TOKENS", "it-operator-token")
         .env("RUST_LOG", "trace")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
 
@@ -541,8 +528,7 @@ async fn no_secret_reaches_the_logs_at_trace() {
         text.lines().count()
     );
     app.stop().await;
-    let _ = redis.kill();
-    let _ = redis.wait();
+    drop(redis);
     rabbitmqctl(&["delete_user", &user]);
     rabbitmqctl(&["delete_vhost", &vhost]);
     let _ = std::fs::remove_file(&log_path);

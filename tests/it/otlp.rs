@@ -95,25 +95,14 @@ async fn spans_are_exported_in_the_triggers_trace() {
     })
     .await;
     // The child serves its own sidecar, so the notebook's callback reaches it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_runbridge"))
-        .arg("all")
-        .envs(app.env_vars())
-        .env("RUNBRIDGE__SIDECAR__LISTEN", format!("127.0.0.1:{port}"))
-        .env(
-            "RUNBRIDGE__SIDECAR__PUBLIC_URL",
-            format!("http://127.0.0.1:{port}"),
-        )
+    let port = free_port();
+    let mut child = app
+        .runbridge_all(port)
         .env("RUNBRIDGE__TELEMETRY__OTLP_ENDPOINT", &endpoint)
         .env("RUNBRIDGE__TELEMETRY__SERVICE_NAME", "runbridge-it")
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn runbridge all");
 

@@ -9,15 +9,6 @@ use secrecy::SecretString;
 
 use crate::helpers::*;
 
-/// A local port nothing listens on (bound, then released).
-fn dead_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn broker_connects_to_the_next_node_when_one_is_down() {
     let app = TestApp::spawn_with(Options {
@@ -28,7 +19,7 @@ async fn broker_connects_to_the_next_node_when_one_is_down() {
     let live = app.settings.amqp.url.clone();
     let dead = SecretString::from(format!(
         "amqp://guest:s3cret-pw@127.0.0.1:{}/%2f",
-        dead_port()
+        free_port()
     ));
     let mut bs = runbridge::startup::broker_settings(&app.settings, "it-nodes");
     bs.url = dead.clone();
@@ -77,7 +68,7 @@ async fn worker_runs_on_the_next_node() {
         .envs(app.env_vars())
         .env(
             "RUNBRIDGE__AMQP__URL",
-            format!("amqp://guest:guest@127.0.0.1:{}/%2f", dead_port()),
+            format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port()),
         )
         .env("RUNBRIDGE__AMQP__URLS", &live)
         .env("RUST_LOG", "warn")
@@ -109,7 +100,7 @@ async fn five_workers_share_the_queue_evenly() {
         ..Default::default()
     })
     .await;
-    let ports: Vec<u16> = (0..WORKERS).map(|_| dead_port()).collect();
+    let ports: Vec<u16> = (0..WORKERS).map(|_| free_port()).collect();
     let mut children: Vec<_> = ports
         .iter()
         .map(|port| {
@@ -333,41 +324,6 @@ async fn trigger_queue_leader_killed_in_a_three_node_cluster() {
     let _ = std::fs::remove_dir_all(&base);
 }
 
-/// A Redis process of the test's own, killed when dropped.
-struct RedisProc {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl RedisProc {
-    async fn start(args: &[String], port: u16) -> RedisProc {
-        let child = std::process::Command::new("redis-server")
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        eventually(Duration::from_secs(10), "redis listening", || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-        })
-        .await;
-        RedisProc { child, port }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for RedisProc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 async fn sentinel_master(sentinel_port: u16, name: &str) -> Option<u16> {
     let c = redis::Client::open(format!("redis://127.0.0.1:{sentinel_port}")).ok()?;
     let mut conn = c.get_multiplexed_async_connection().await.ok()?;
@@ -404,7 +360,7 @@ async fn sentinel_failover_moves_the_store_to_the_new_master() {
     const BATCH: usize = 300;
     let dir = std::env::temp_dir().join(unique("sentinel"));
     std::fs::create_dir_all(&dir).unwrap();
-    let (m, r) = (dead_port(), dead_port());
+    let (m, r) = (free_port(), free_port());
     let node = |port: u16, sub: &str, extra: &[String]| {
         let d = dir.join(sub);
         std::fs::create_dir_all(&d).unwrap();
@@ -433,11 +389,11 @@ async fn sentinel_failover_moves_the_store_to_the_new_master() {
     let _replica = RedisProc::start(&node(r, "r", &replica_of()), r).await;
     // A second replica, so that the promoted one has a replica of its own
     // and `WAIT 1` keeps being answered after the failover.
-    let r2 = dead_port();
+    let r2 = free_port();
     let _replica2 = RedisProc::start(&node(r2, "r2", &replica_of()), r2).await;
     let mut sentinels = Vec::new();
     for i in 0..3 {
-        let port = dead_port();
+        let port = free_port();
         let conf = dir.join(format!("sentinel-{i}.conf"));
         std::fs::write(
             &conf,

@@ -73,11 +73,7 @@ struct TlsRedis {
 
 impl TlsRedis {
     async fn start(pki: &Pki) -> TlsRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = Command::new("redis-server")
             .args([
                 "--bind",
