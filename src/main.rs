@@ -290,6 +290,7 @@ async fn emulate(s: &Settings, a: EmulateArgs) -> Result<()> {
         },
         url_param: s.databricks.param_url.clone(),
         promise_param: s.databricks.param_promise_id.clone(),
+        token_param: s.databricks.param_callback_token.clone(),
         notify: a.notify_url.map(|url| NotifyTarget {
             url,
             username: a.notify_user,

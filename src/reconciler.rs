@@ -51,8 +51,11 @@ pub struct ReconcilerSettings {
 /// Where a run is, as far as the promise cares.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunOutcome {
-    /// Not finished (including Databricks' own retries, `WAITING_FOR_RETRY`).
+    /// Not finished (including Databricks' own retries).
     Running,
+    /// Waiting in the job's queue (`max_concurrent_runs` reached, queueing
+    /// on): it has not started, so it cannot heartbeat yet.
+    Queued { reason: String },
     /// Finished with this result state.
     Ended {
         result: String,
@@ -64,8 +67,13 @@ pub enum RunOutcome {
     Unknown(String),
 }
 
-const RUNNING: &[&str] = &[
-    "QUEUED",
+/// `status.state` values of a run that has not ended (Jobs API 2.2,
+/// `RunLifecycleStateV2State` in Databricks' SDK), QUEUED aside.
+const V2_NOT_ENDED: &[&str] = &["PENDING", "RUNNING", "TERMINATING", "BLOCKED", "WAITING"];
+
+/// The deprecated `state.life_cycle_state` values of a run that has not
+/// ended, for answers without `status`.
+const LEGACY_NOT_ENDED: &[&str] = &[
     "PENDING",
     "RUNNING",
     "TERMINATING",
@@ -74,52 +82,80 @@ const RUNNING: &[&str] = &[
     "WAITING",
 ];
 
-/// Reads `runs/get` (pure; unit-tested).
+/// A termination code as a result state, when `state.result_state` is
+/// absent (only `status` sent).
+fn result_of_code(code: &str) -> String {
+    match code {
+        "USER_CANCELED" | "CANCELED" => "CANCELED".into(),
+        "" => "UNKNOWN".into(),
+        other => other.into(),
+    }
+}
+
+/// Reads `runs/get` (pure; unit-tested). The 2.2 `status` comes first, with
+/// `termination_details` as the reason; the deprecated `state` is the
+/// fallback for answers without it.
 pub fn classify(run: &RunInfo) -> RunOutcome {
-    let life = run
-        .state
-        .as_ref()
-        .and_then(|s| s.life_cycle_state.clone())
-        .or_else(|| run.status.as_ref().and_then(|s| s.state.clone()))
-        .unwrap_or_default();
-    let message = run
+    let status = run.status.as_ref();
+    let details = status
+        .and_then(|s| s.termination_details.clone())
+        .unwrap_or(Value::Null);
+    let legacy_message = run
         .state
         .as_ref()
         .and_then(|s| s.state_message.clone())
         .unwrap_or_default();
-    let details = run
-        .status
-        .as_ref()
-        .and_then(|s| s.termination_details.clone())
-        .unwrap_or(Value::Null);
+    let detail_message = details
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let message = if detail_message.is_empty() {
+        legacy_message
+    } else {
+        detail_message
+    };
+    let result_state = run.state.as_ref().and_then(|s| s.result_state.clone());
     let ended = |result: String| RunOutcome::Ended {
         result,
         message: message.clone(),
         details: details.clone(),
         end_time: run.end_time,
     };
+    if let Some(state) = status.and_then(|s| s.state.as_deref()) {
+        return match state {
+            "QUEUED" => RunOutcome::Queued {
+                reason: status
+                    .and_then(|s| s.queue_details.as_ref())
+                    .and_then(|q| q.get("code"))
+                    .and_then(Value::as_str)
+                    .or_else(|| run.state.as_ref().and_then(|s| s.queue_reason.as_deref()))
+                    .unwrap_or("")
+                    .to_owned(),
+            },
+            s if V2_NOT_ENDED.contains(&s) => RunOutcome::Running,
+            "TERMINATED" => ended(result_state.unwrap_or_else(|| {
+                result_of_code(details.get("code").and_then(Value::as_str).unwrap_or(""))
+            })),
+            other => RunOutcome::Unknown(other.to_owned()),
+        };
+    }
+    let life = run
+        .state
+        .as_ref()
+        .and_then(|s| s.life_cycle_state.clone())
+        .unwrap_or_default();
     match life.as_str() {
-        l if RUNNING.contains(&l) => RunOutcome::Running,
-        "TERMINATED" => {
-            let result = run
+        "QUEUED" => RunOutcome::Queued {
+            reason: run
                 .state
                 .as_ref()
-                .and_then(|s| s.result_state.clone())
-                .or_else(|| {
-                    details
-                        .get("code")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned)
-                })
-                .unwrap_or_else(|| "UNKNOWN".into());
-            ended(result)
-        }
-        "SKIPPED" | "INTERNAL_ERROR" => ended(
-            run.state
-                .as_ref()
-                .and_then(|s| s.result_state.clone())
-                .unwrap_or_else(|| life.clone()),
-        ),
+                .and_then(|s| s.queue_reason.clone())
+                .unwrap_or_default(),
+        },
+        l if LEGACY_NOT_ENDED.contains(&l) => RunOutcome::Running,
+        "TERMINATED" => ended(result_state.unwrap_or_else(|| "UNKNOWN".into())),
+        "SKIPPED" | "INTERNAL_ERROR" => ended(result_state.unwrap_or_else(|| life.clone())),
         other => RunOutcome::Unknown(other.to_owned()),
     }
 }
@@ -182,6 +218,27 @@ pub struct TickReport {
     pub polled: usize,
     pub settled: usize,
     pub cancels_sent: usize,
+}
+
+/// Why a run check did not finish; it comes back when its claim's lease
+/// ends.
+enum CheckError {
+    /// The workspace refuses its credentials (already logged, once).
+    Credentials,
+    Other(String),
+}
+
+impl From<DatabricksError> for CheckError {
+    fn from(e: DatabricksError) -> Self {
+        match e {
+            DatabricksError::Credentials { .. } => CheckError::Credentials,
+            e => CheckError::Other(e.to_string()),
+        }
+    }
+}
+
+fn other(e: impl std::fmt::Display) -> CheckError {
+    CheckError::Other(e.to_string())
 }
 
 fn now_ms() -> i64 {
@@ -262,7 +319,10 @@ impl<S: PromiseStore + Lifecycle, J: Jobs> Reconciler<S, J> {
     async fn check(&self, id: &PromiseId) -> bool {
         match self.try_check(id).await {
             Ok(settled) => settled,
-            Err(e) => {
+            // Logged once per outage by the client; the claim's lease brings
+            // the check back.
+            Err(CheckError::Credentials) => false,
+            Err(CheckError::Other(e)) => {
                 // The claim's lease brings it back; nothing else to do.
                 tracing::warn!(promise.id = %id, error = %e, "run check failed; will retry");
                 false
@@ -270,8 +330,12 @@ impl<S: PromiseStore + Lifecycle, J: Jobs> Reconciler<S, J> {
         }
     }
 
-    async fn try_check(&self, id: &PromiseId) -> Result<bool, String> {
-        let Some(p) = self.store.get(id).await.map_err(|e| e.to_string())? else {
+    async fn reschedule(&self, id: &PromiseId, d: Duration) -> Result<(), CheckError> {
+        self.store.reschedule_poll(id, d).await.map_err(other)
+    }
+
+    async fn try_check(&self, id: &PromiseId) -> Result<bool, CheckError> {
+        let Some(p) = self.store.get(id).await.map_err(other)? else {
             return Ok(false);
         };
         let Some(run) = p.run_id else {
@@ -282,20 +346,39 @@ impl<S: PromiseStore + Lifecycle, J: Jobs> Reconciler<S, J> {
         }
         let info = match self.jobs.get_run(&p.workspace, run).await {
             Ok(i) => i,
-            Err(DatabricksError::Permanent { status: 404, .. }) => {
-                // The run is gone (deleted): nothing will ever finish it.
+            Err(e) if e.is_unknown_run() => {
+                // The run is gone (deleted, or older than Databricks keeps
+                // runs): nothing will ever finish it.
                 let value = json!({"reason": "run_not_found", "message": format!("run {run} does not exist in Databricks")});
                 return self.settle(id, Verdict::Reject(value)).await;
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         };
+        // `run-now` answers only the run id: the run's page is recorded from
+        // the first check, so later events carry it.
+        if p.run_page_url.is_none()
+            && let Some(url) = info.run_page_url.as_deref().filter(|u| !u.is_empty())
+            && let Err(e) = self.store.record_run(id, run, Some(url)).await
+        {
+            tracing::debug!(promise.id = %id, error = %e, "run page url not recorded");
+        }
         match classify(&info) {
             RunOutcome::Running => {
-                let d = self.next_check(p.created_on, p.timeout);
-                self.store
-                    .reschedule_poll(id, d)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                self.reschedule(id, self.next_check(p.created_on, p.timeout))
+                    .await?;
+                Ok(false)
+            }
+            RunOutcome::Queued { reason } => {
+                // A queued run has not started, so it cannot heartbeat: its
+                // heartbeat deadline starts when it runs. Until then each
+                // check pushes it forward, and checks come often enough to.
+                let mut d = self.next_check(p.created_on, p.timeout);
+                if let Some(hb) = p.heartbeat_seconds {
+                    self.store.heartbeat(id).await.map_err(other)?;
+                    d = d.min(Duration::from_millis(hb * 1000 / 2));
+                }
+                tracing::debug!(promise.id = %id, %reason, "run queued");
+                self.reschedule(id, d).await?;
                 Ok(false)
             }
             RunOutcome::Unknown(state) => {
@@ -307,11 +390,8 @@ impl<S: PromiseStore + Lifecycle, J: Jobs> Reconciler<S, J> {
                 if first {
                     tracing::warn!(life_cycle_state = %state, "unknown run lifecycle state; treating it as running");
                 }
-                let d = self.next_check(p.created_on, p.timeout);
-                self.store
-                    .reschedule_poll(id, d)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                self.reschedule(id, self.next_check(p.created_on, p.timeout))
+                    .await?;
                 Ok(false)
             }
             RunOutcome::Ended {
@@ -325,18 +405,11 @@ impl<S: PromiseStore + Lifecycle, J: Jobs> Reconciler<S, J> {
                 if now < settle_at {
                     // Let a late callback win the race.
                     let d = Duration::from_millis(u64::try_from(settle_at - now).unwrap_or(0));
-                    self.store
-                        .reschedule_poll(id, d)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    self.reschedule(id, d).await?;
                     return Ok(false);
                 }
                 let output = if result.starts_with("SUCCESS") {
-                    let task_run = self.output_run(&info).unwrap_or(run);
-                    self.jobs
-                        .get_output(&p.workspace, task_run)
-                        .await
-                        .map_err(|e| e.to_string())?
+                    self.output(&p.workspace, run, &info).await?
                 } else {
                     None
                 };
@@ -349,18 +422,68 @@ impl<S: PromiseStore + Lifecycle, J: Jobs> Reconciler<S, J> {
         }
     }
 
-    /// The run whose notebook output counts: the configured task, else the
-    /// only task, else the run itself.
-    fn output_run(&self, info: &RunInfo) -> Option<RunId> {
-        let task = match &self.settings.output_task_key {
-            Some(key) => info.tasks.iter().find(|t| &t.task_key == key),
-            None if info.tasks.len() == 1 => info.tasks.first(),
-            None => None,
-        };
-        task.and_then(|t| RunId::new(t.run_id).ok())
+    /// The exit value that counts: the configured task's, else the only
+    /// task's, else every task's as a `{task_key: value}` JSON object (a
+    /// multi-task parent has no output of its own: Databricks refuses
+    /// `get-output` for it).
+    async fn output(
+        &self,
+        workspace: &str,
+        run: RunId,
+        info: &RunInfo,
+    ) -> Result<Option<String>, CheckError> {
+        let task_run = |t: &crate::databricks::TaskRun| RunId::new(t.run_id).ok();
+        if let Some(key) = &self.settings.output_task_key {
+            return match info.tasks.iter().find(|t| &t.task_key == key) {
+                Some(t) => {
+                    self.task_output(workspace, task_run(t).unwrap_or(run))
+                        .await
+                }
+                None if info.tasks.len() <= 1 => {
+                    let only = info.tasks.first().and_then(task_run).unwrap_or(run);
+                    self.task_output(workspace, only).await
+                }
+                None => {
+                    tracing::warn!(run_id = run.get(), task_key = %key, "reconciler.output_task_key names no task of this run; no exit value");
+                    Ok(None)
+                }
+            };
+        }
+        match info.tasks.as_slice() {
+            [] => self.task_output(workspace, run).await,
+            [only] => {
+                self.task_output(workspace, task_run(only).unwrap_or(run))
+                    .await
+            }
+            tasks => {
+                let mut values = serde_json::Map::new();
+                for t in tasks {
+                    let v = match task_run(t) {
+                        Some(r) => self.task_output(workspace, r).await?,
+                        None => None,
+                    };
+                    values.insert(
+                        t.task_key.clone(),
+                        v.map(Value::String).unwrap_or(Value::Null),
+                    );
+                }
+                if values.values().all(Value::is_null) {
+                    return Ok(None);
+                }
+                Ok(Some(Value::Object(values).to_string()))
+            }
+        }
     }
 
-    async fn settle(&self, id: &PromiseId, v: Verdict) -> Result<bool, String> {
+    async fn task_output(&self, workspace: &str, run: RunId) -> Result<Option<String>, CheckError> {
+        match self.jobs.get_output(workspace, run).await {
+            Ok(v) => Ok(v),
+            Err(e) if e.is_unknown_run() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn settle(&self, id: &PromiseId, v: Verdict) -> Result<bool, CheckError> {
         let (target, value) = match v {
             Verdict::Resolve(p) => (State::Resolved, p),
             Verdict::Reject(e) => (State::Rejected, Payload::data(e.to_string())),
@@ -374,7 +497,7 @@ impl<S: PromiseStore + Lifecycle, J: Jobs> Reconciler<S, J> {
             settled_by: SettledBy::Reconciler,
             cancel_run: false,
         };
-        match self.store.settle(&req).await.map_err(|e| e.to_string())? {
+        match self.store.settle(&req).await.map_err(other)? {
             SettleOutcome::Settled(p) | SettleOutcome::TimedOut(p) => {
                 tracing::info!(promise.id = %id, state = %p.state, "settled from the run's final state");
                 Ok(true)
@@ -393,14 +516,22 @@ impl<S: PromiseStore + Lifecycle, J: Jobs> Reconciler<S, J> {
                 }
                 true
             }
+            Err(e) if e.is_unknown_run() => {
+                tracing::info!(run_id = c.run.get(), workspace = %c.workspace, "run to cancel no longer exists; nothing to cancel");
+                let _ = self.store.cancel_done(c).await;
+                false
+            }
             Err(DatabricksError::Permanent { status, body, .. }) => {
-                // Unknown run or workspace refusal: retrying will not help.
+                // A refusal (no permission on the run): retrying will not help.
                 tracing::error!(run_id = c.run.get(), status, error_code = %body.error_code, message = %body.message, "runs/cancel refused; giving up on this run");
                 let _ = self.store.cancel_done(c).await;
                 false
             }
             Err(e) => {
-                tracing::warn!(run_id = c.run.get(), error = %e, "runs/cancel failed; retrying later");
+                // Credentials refusals were logged by the client, once.
+                if !matches!(e, DatabricksError::Credentials { .. }) {
+                    tracing::warn!(run_id = c.run.get(), error = %e, "runs/cancel failed; retrying later");
+                }
                 let _ = self
                     .store
                     .reschedule_cancel(
@@ -658,10 +789,12 @@ mod tests {
                 life_cycle_state: Some(life.into()),
                 result_state: result.map(Into::into),
                 state_message: Some("msg".into()),
+                ..Default::default()
             }),
             status: Some(RunStatus {
                 state: None,
                 termination_details: Some(json!({"code": "RUN_EXECUTION_ERROR"})),
+                ..Default::default()
             }),
             end_time: 5,
             ..Default::default()
@@ -670,8 +803,11 @@ mod tests {
 
     #[test]
     fn lifecycle_states_classify() {
+        assert_eq!(
+            classify(&run("QUEUED", None)),
+            RunOutcome::Queued { reason: "".into() }
+        );
         for l in [
-            "QUEUED",
             "PENDING",
             "RUNNING",
             "TERMINATING",
@@ -699,10 +835,84 @@ mod tests {
             status: Some(RunStatus {
                 state: Some("TERMINATED".into()),
                 termination_details: Some(json!({"code": "SUCCESS"})),
+                ..Default::default()
             }),
             ..Default::default()
         };
         assert!(matches!(classify(&r), RunOutcome::Ended { result, .. } if result == "SUCCESS"));
+    }
+
+    fn v2(state: &str, details: Value, queue: Value) -> RunInfo {
+        RunInfo {
+            run_id: 1,
+            status: Some(RunStatus {
+                state: Some(state.into()),
+                termination_details: Some(details),
+                queue_details: Some(queue),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Jobs API 2.2: `status` first (its states are those of the SDK's
+    /// `RunLifecycleStateV2State`), `termination_details` the reason.
+    #[test]
+    fn status_comes_first() {
+        for s in ["PENDING", "RUNNING", "TERMINATING", "BLOCKED", "WAITING"] {
+            assert_eq!(
+                classify(&v2(s, Value::Null, Value::Null)),
+                RunOutcome::Running,
+                "{s}"
+            );
+        }
+        assert_eq!(
+            classify(&v2(
+                "QUEUED",
+                Value::Null,
+                json!({"code": "MAX_CONCURRENT_RUNS_REACHED", "message": "m"})
+            )),
+            RunOutcome::Queued {
+                reason: "MAX_CONCURRENT_RUNS_REACHED".into()
+            }
+        );
+        // Only `status`: the code is the result, its message the reason.
+        match classify(&v2(
+            "TERMINATED",
+            json!({"code": "RUN_EXECUTION_ERROR", "type": "CLIENT_ERROR", "message": "Task a failed"}),
+            Value::Null,
+        )) {
+            RunOutcome::Ended {
+                result, message, ..
+            } => {
+                assert_eq!(result, "RUN_EXECUTION_ERROR");
+                assert_eq!(message, "Task a failed");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            classify(&v2("TERMINATED", json!({"code": "USER_CANCELED"}), Value::Null)),
+            RunOutcome::Ended { result, .. } if result == "CANCELED"
+        ));
+        // A failed task: the deprecated state says INTERNAL_ERROR while
+        // status says TERMINATED; status wins, the result state is kept.
+        let mut r = v2(
+            "TERMINATED",
+            json!({"code": "RUN_EXECUTION_ERROR", "message": "Task t failed with message: Workload failed."}),
+            Value::Null,
+        );
+        r.state = Some(RunState {
+            life_cycle_state: Some("INTERNAL_ERROR".into()),
+            result_state: Some("FAILED".into()),
+            ..Default::default()
+        });
+        assert!(
+            matches!(classify(&r), RunOutcome::Ended { result, message, .. }
+            if result == "FAILED" && message.starts_with("Task t failed"))
+        );
+        assert_eq!(
+            classify(&v2("WAITING_FOR_RETRY", Value::Null, Value::Null)),
+            RunOutcome::Unknown("WAITING_FOR_RETRY".into())
+        );
     }
 
     #[test]

@@ -410,6 +410,7 @@ mod tests {
                 settled_by: by.map(str::to_owned),
                 heartbeat_seconds: None,
                 cancel_on_timeout: true,
+                token_version: 2,
                 activity: Default::default(),
             };
             let e = CompletionEvent::from_promise(&p).unwrap();

@@ -186,6 +186,7 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
             callback_token: s.databricks.param_callback_token.clone(),
         },
         default_workspace: s.databricks.default_workspace.clone(),
+        job_styles: Default::default(),
         workspaces: s.databricks.workspaces.keys().cloned().collect(),
     });
     let name = worker_name();

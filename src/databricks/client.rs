@@ -10,7 +10,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
 use super::ratelimit::TokenBucket;
-use super::{ApiErrorBody, CallClass, DatabricksError, Jobs, LaunchRequest, RateBudget, RunInfo};
+use super::{
+    ApiErrorBody, CallClass, DatabricksError, ErrorClass, JobInfo, Jobs, LaunchRequest, RateBudget,
+    RunInfo, classify,
+};
 use crate::domain::{IdempotencyToken, RunId};
 
 /// One workspace: where it is and how to authenticate.
@@ -87,7 +90,15 @@ struct Workspace {
     paused_until: std::sync::Mutex<tokio::time::Instant>,
     /// Unlimited classes only look for another worker's pause this often.
     pause_seen_clear_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// The workspace refuses its credentials right now (logged once per
+    /// outage, shown as `runbridge_databricks_credentials_valid`).
+    credentials_refused: std::sync::atomic::AtomicBool,
 }
+
+/// How long every call to a workspace waits after it refused the
+/// credentials: an expired token fails every call alike, so a burst of
+/// triggers must not become a burst of refusals.
+const CREDENTIALS_PAUSE: Duration = Duration::from_secs(2);
 
 /// With no rate limit, the shared budget is consulted only for another
 /// worker's 429 pause, and a "no pause" answer holds for this long: one Redis
@@ -127,22 +138,25 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// Error codes that mean "try again" whatever the HTTP status.
-const TRANSIENT_CODES: &[&str] = &[
-    "COULD_NOT_ACQUIRE_LOCK",
-    "TEMPORARILY_UNAVAILABLE",
-    "REQUEST_LIMIT_EXCEEDED",
-    "RESOURCE_EXHAUSTED",
-];
-
 /// One attempt's failure, as backon sees it.
 #[derive(Debug)]
 enum Attempt {
     Retry {
         reason: String,
         retry_after: Option<Duration>,
+        /// A refused OAuth token (retried once with a fresh one): reported
+        /// as a credentials failure if the retries do not help.
+        refused: Option<(u16, ApiErrorBody)>,
     },
     Stop(DatabricksError),
+}
+
+fn retry(reason: String) -> Attempt {
+    Attempt::Retry {
+        reason,
+        retry_after: None,
+        refused: None,
+    }
 }
 
 fn retry_after(h: &header::HeaderMap) -> Option<Duration> {
@@ -186,10 +200,15 @@ impl Client {
                             .collect(),
                         paused_until: std::sync::Mutex::new(tokio::time::Instant::now()),
                         pause_seen_clear_at: std::sync::Mutex::new(None),
+                        credentials_refused: std::sync::atomic::AtomicBool::new(false),
                     },
                 )
             })
             .collect();
+        for name in s.workspaces.keys() {
+            metrics::gauge!("runbridge_databricks_credentials_valid", "workspace" => name.clone())
+                .set(1.0);
+        }
         let backoff = ExponentialBuilder::default()
             .with_jitter()
             .with_min_delay(s.retry_min_delay)
@@ -285,10 +304,7 @@ impl Client {
             return Ok(c.token.clone());
         }
         let endpoint = "oidc/v1/token";
-        let retry = |reason: String| Attempt::Retry {
-            reason: format!("oauth token: {reason}"),
-            retry_after: None,
-        };
+        let retry = |reason: String| retry(format!("oauth token: {reason}"));
         let url = ws.host.join(endpoint).map_err(|e| retry(e.to_string()))?;
         let resp = self
             .http
@@ -365,21 +381,26 @@ impl Client {
             .increment(1);
         metrics::histogram!("runbridge_databricks_request_duration_seconds", "endpoint" => endpoint)
             .record(started.elapsed().as_secs_f64());
-        let resp = sent.map_err(|e| Attempt::Retry {
-            reason: if e.is_timeout() {
+        let resp = sent.map_err(|e| {
+            retry(if e.is_timeout() {
                 "timeout".into()
             } else {
                 format!("connection: {e}")
-            },
-            retry_after: None,
+            })
         })?;
         let status = resp.status();
         let after = retry_after(resp.headers());
-        let bytes = resp.bytes().await.map_err(|e| Attempt::Retry {
-            reason: format!("reading body: {e}"),
-            retry_after: None,
-        })?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| retry(format!("reading body: {e}")))?;
         if status.is_success() {
+            self.credentials_accepted(name, ws);
+            // An empty 2xx body is a valid answer (`runs/cancel` sends `{}`,
+            // some gateways nothing at all).
+            if bytes.iter().all(u8::is_ascii_whitespace) {
+                return Ok(Value::Object(Default::default()));
+            }
             return serde_json::from_slice(&bytes).map_err(|e| {
                 Attempt::Stop(DatabricksError::Protocol {
                     endpoint,
@@ -387,38 +408,96 @@ impl Client {
                 })
             });
         }
-        let body = ApiErrorBody::from_answer(status.as_u16(), &bytes);
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            self.pause(name, ws, after.unwrap_or(Duration::from_secs(1)))
-                .await;
-        }
-        let transient = status == StatusCode::TOO_MANY_REQUESTS
-            || status.is_server_error()
-            // A bad token is an operator's mistake, not the producer's: keep
-            // the trigger (requeue) rather than reject its promise.
-            || status == StatusCode::UNAUTHORIZED
-            || TRANSIENT_CODES.contains(&body.error_code.as_str());
-        if status == StatusCode::UNAUTHORIZED {
-            // An OAuth token may have been revoked or expired early: the
-            // retry gets a fresh one.
-            *ws.oauth.lock().await = None;
-        }
-        if transient {
-            Err(Attempt::Retry {
-                reason: format!(
-                    "HTTP {} {}: {}",
-                    status.as_u16(),
-                    body.error_code,
-                    body.message
-                ),
-                retry_after: after,
-            })
-        } else {
-            Err(Attempt::Stop(DatabricksError::Permanent {
+        let code = status.as_u16();
+        let body = ApiErrorBody::from_answer(code, &bytes);
+        let reason = format!("HTTP {code} {}: {}", body.error_code, body.message);
+        match classify(code, &body) {
+            ErrorClass::Credentials => {
+                self.credentials_refused(name, ws, endpoint, code, &body)
+                    .await;
+                if matches!(ws.credentials, Credentials::OAuth { .. }) {
+                    // An OAuth token may have been revoked or expired early:
+                    // the retry gets a fresh one.
+                    *ws.oauth.lock().await = None;
+                    return Err(Attempt::Retry {
+                        reason,
+                        retry_after: None,
+                        refused: Some((code, body)),
+                    });
+                }
+                Err(Attempt::Stop(DatabricksError::Credentials {
+                    workspace: name.to_owned(),
+                    endpoint,
+                    status: code,
+                    body,
+                }))
+            }
+            ErrorClass::Transient => {
+                if status == StatusCode::TOO_MANY_REQUESTS {
+                    self.pause(name, ws, after.unwrap_or(Duration::from_secs(1)))
+                        .await;
+                }
+                Err(Attempt::Retry {
+                    reason,
+                    retry_after: after,
+                    refused: None,
+                })
+            }
+            // The quota frees over minutes: the caller tries again later
+            // (a trigger is held and retried in place), not this call.
+            ErrorClass::Quota => Err(Attempt::Stop(DatabricksError::Transient {
                 endpoint,
-                status: status.as_u16(),
+                reason,
+            })),
+            ErrorClass::Permanent => Err(Attempt::Stop(DatabricksError::Permanent {
+                endpoint,
+                status: code,
                 body,
-            }))
+            })),
+        }
+    }
+
+    /// A refusal of the credentials: every call to the workspace waits a
+    /// moment; the first refusal of an outage is logged (with the reason
+    /// Databricks gave), later ones are not.
+    async fn credentials_refused(
+        &self,
+        name: &str,
+        ws: &Workspace,
+        endpoint: &str,
+        status: u16,
+        body: &ApiErrorBody,
+    ) {
+        use std::sync::atomic::Ordering;
+        metrics::gauge!("runbridge_databricks_credentials_valid", "workspace" => name.to_owned())
+            .set(0.0);
+        if !ws.credentials_refused.swap(true, Ordering::SeqCst) {
+            tracing::error!(
+                workspace = name,
+                endpoint,
+                status,
+                error_code = %body.error_code,
+                message = %body.message,
+                "databricks refuses this workspace's credentials (expired or revoked token?): its triggers are held, none is rejected, until they are accepted again; set a valid token or OAuth secret under databricks.workspaces.{name}"
+            );
+        }
+        if let Ok(mut until) = ws.paused_until.lock() {
+            *until = (*until).max(tokio::time::Instant::now() + CREDENTIALS_PAUSE);
+        }
+    }
+
+    fn credentials_accepted(&self, name: &str, ws: &Workspace) {
+        use std::sync::atomic::Ordering;
+        // A load first: the swap (a write) only during an outage.
+        if ws.credentials_refused.load(Ordering::Relaxed)
+            && ws.credentials_refused.swap(false, Ordering::SeqCst)
+        {
+            metrics::gauge!("runbridge_databricks_credentials_valid", "workspace" => name.to_owned())
+                .set(1.0);
+            tracing::info!(
+                workspace = name,
+                "databricks accepts this workspace's credentials again"
+            );
         }
     }
 
@@ -458,6 +537,15 @@ impl Client {
             })
             .await
             .map_err(|e| match e {
+                Attempt::Retry {
+                    refused: Some((status, body)),
+                    ..
+                } => DatabricksError::Credentials {
+                    workspace: workspace.to_owned(),
+                    endpoint,
+                    status,
+                    body,
+                },
                 Attempt::Retry { reason, .. } => DatabricksError::Transient { endpoint, reason },
                 Attempt::Stop(e) => e,
             })
@@ -472,6 +560,61 @@ fn run_id_of(endpoint: &'static str, v: &Value) -> Result<RunId, DatabricksError
             endpoint,
             reason: "no positive run_id in the response".into(),
         })
+}
+
+/// Pages followed at the most (100 tasks each): a run or job larger than
+/// that is not one the bridge launched, and a loop must end.
+const MAX_PAGES: usize = 1000;
+
+fn too_many_pages(endpoint: &'static str) -> DatabricksError {
+    DatabricksError::Protocol {
+        endpoint,
+        reason: format!("more than {MAX_PAGES} pages"),
+    }
+}
+
+impl Client {
+    /// One GET of a paged read, parsed.
+    async fn get_page<T: serde::de::DeserializeOwned>(
+        &self,
+        workspace: &str,
+        endpoint: &'static str,
+        query: Value,
+    ) -> Result<T, DatabricksError> {
+        let v = self
+            .call(
+                workspace,
+                reqwest::Method::GET,
+                endpoint,
+                CallClass::Poll,
+                query,
+                None,
+            )
+            .await?;
+        serde_json::from_value(v).map_err(|e| DatabricksError::Protocol {
+            endpoint,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Who the workspace's credentials authenticate as (SCIM `Me`): one
+    /// cheap authenticated call, for `runbridge check`.
+    pub async fn whoami(&self, workspace: &str) -> Result<String, DatabricksError> {
+        let v = self
+            .call(
+                workspace,
+                reqwest::Method::GET,
+                "api/2.0/preview/scim/v2/Me",
+                CallClass::Poll,
+                json!({}),
+                None,
+            )
+            .await?;
+        Ok(v.get("userName")
+            .and_then(Value::as_str)
+            .unwrap_or("(unnamed)")
+            .to_owned())
+    }
 }
 
 impl Jobs for Client {
@@ -518,20 +661,52 @@ impl Jobs for Client {
 
     async fn get_run(&self, workspace: &str, run: RunId) -> Result<RunInfo, DatabricksError> {
         let endpoint = "api/2.2/jobs/runs/get";
-        let v = self
-            .call(
-                workspace,
-                reqwest::Method::GET,
-                endpoint,
-                CallClass::Poll,
-                json!({ "run_id": run.get() }),
-                None,
-            )
+        let mut info: RunInfo = self
+            .get_page(workspace, endpoint, json!({ "run_id": run.get() }))
             .await?;
-        serde_json::from_value(v).map_err(|e| DatabricksError::Protocol {
-            endpoint,
-            reason: e.to_string(),
-        })
+        // 2.2 pages `tasks` 100 at a time; later pages carry only the rest.
+        let mut pages = 1;
+        while let Some(token) = info.next_page_token.take().filter(|t| !t.is_empty()) {
+            let page: RunInfo = self
+                .get_page(
+                    workspace,
+                    endpoint,
+                    json!({ "run_id": run.get(), "page_token": token }),
+                )
+                .await?;
+            info.tasks.extend(page.tasks);
+            info.next_page_token = page.next_page_token;
+            pages += 1;
+            if pages > MAX_PAGES {
+                return Err(too_many_pages(endpoint));
+            }
+        }
+        Ok(info)
+    }
+
+    async fn get_job(&self, workspace: &str, job_id: u64) -> Result<JobInfo, DatabricksError> {
+        let endpoint = "api/2.2/jobs/get";
+        let mut job: JobInfo = self
+            .get_page(workspace, endpoint, json!({ "job_id": job_id }))
+            .await?;
+        let mut pages = 1;
+        while let Some(token) = job.next_page_token.take().filter(|t| !t.is_empty()) {
+            let page: JobInfo = self
+                .get_page(
+                    workspace,
+                    endpoint,
+                    json!({ "job_id": job_id, "page_token": token }),
+                )
+                .await?;
+            job.settings.tasks.extend(page.settings.tasks);
+            job.settings.parameters.extend(page.settings.parameters);
+            job.next_page_token = page.next_page_token;
+            pages += 1;
+            if pages > MAX_PAGES {
+                return Err(too_many_pages(endpoint));
+            }
+        }
+        Ok(job)
     }
 
     async fn get_output(

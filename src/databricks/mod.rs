@@ -14,12 +14,14 @@
 //! carries Databricks's own error body for the promise's rejection.
 
 mod client;
+mod errors;
 mod ratelimit;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 
 pub use client::{Client, ClientSettings, Credentials, WorkspaceSettings};
+pub use errors::{ApiErrorBody, ErrorClass, classify, is_unknown_run};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -36,33 +38,7 @@ pub enum LaunchRequest {
     Submit(serde_json::Map<String, Value>),
 }
 
-/// `{"error_code", "message"}`, Databricks's error body.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ApiErrorBody {
-    #[serde(default)]
-    pub error_code: String,
-    #[serde(default)]
-    pub message: String,
-}
-
-impl ApiErrorBody {
-    /// An error answer's body; one that is not the documented JSON becomes
-    /// the status's name and the body's first 500 characters. Pure, for the
-    /// fuzz target `error_body`.
-    pub fn from_answer(status: u16, bytes: &[u8]) -> Self {
-        serde_json::from_slice(bytes).unwrap_or_else(|_| ApiErrorBody {
-            error_code: reqwest::StatusCode::from_u16(status)
-                .ok()
-                .and_then(|s| s.canonical_reason())
-                .unwrap_or("ERROR")
-                .replace(' ', "_")
-                .to_uppercase(),
-            message: String::from_utf8_lossy(bytes).chars().take(500).collect(),
-        })
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DatabricksError {
     /// Databricks refused the request for good (400, 403, 404, ...).
     #[error("databricks refused {endpoint}: HTTP {status} {}: {}", body.error_code, body.message)]
@@ -77,6 +53,16 @@ pub enum DatabricksError {
         endpoint: &'static str,
         reason: String,
     },
+    /// The workspace refused its credentials (401, or a 403 that is not a
+    /// `PERMISSION_DENIED` on the resource): an expired or revoked token. The
+    /// work waits for the operator, nothing is rejected.
+    #[error("databricks refused the credentials of workspace {workspace:?} on {endpoint}: HTTP {status} {}: {}", body.error_code, body.message)]
+    Credentials {
+        workspace: String,
+        endpoint: &'static str,
+        status: u16,
+        body: ApiErrorBody,
+    },
     #[error("unknown workspace {0:?}: not configured under [databricks.workspaces]")]
     UnknownWorkspace(String),
     #[error("databricks {endpoint}: unexpected response: {reason}")]
@@ -89,7 +75,16 @@ pub enum DatabricksError {
 impl DatabricksError {
     /// Should the caller try again later (requeue), rather than give up?
     pub fn is_retryable(&self) -> bool {
-        matches!(self, DatabricksError::Transient { .. })
+        matches!(
+            self,
+            DatabricksError::Transient { .. } | DatabricksError::Credentials { .. }
+        )
+    }
+
+    /// Did Databricks say the run does not exist (400 "Run N does not
+    /// exist", or 404)?
+    pub fn is_unknown_run(&self) -> bool {
+        matches!(self, DatabricksError::Permanent { status, body, .. } if is_unknown_run(*status, body))
     }
 }
 
@@ -113,6 +108,10 @@ pub struct RunInfo {
     pub attempt_number: u32,
     #[serde(default)]
     pub tasks: Vec<TaskRun>,
+    /// Jobs API 2.2 pages `tasks` 100 at a time; the client follows the
+    /// pages, so a `RunInfo` it returns has every task and no token.
+    #[serde(default)]
+    pub next_page_token: Option<String>,
 }
 
 /// Jobs API 2.2 `status` (newer than `state`).
@@ -122,6 +121,9 @@ pub struct RunStatus {
     pub state: Option<String>,
     #[serde(default)]
     pub termination_details: Option<serde_json::Value>,
+    /// Why a QUEUED run waits (`{code, message}`).
+    #[serde(default)]
+    pub queue_details: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -130,12 +132,100 @@ pub struct TaskRun {
     pub task_key: String,
     #[serde(default)]
     pub run_id: u64,
+    #[serde(default)]
+    pub state: Option<RunState>,
+}
+
+/// A job as `jobs/get` reports it: what the bridge needs to launch it right
+/// (how it takes parameters) and what `runbridge check` shows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub job_id: u64,
+    #[serde(default)]
+    pub settings: JobSettings,
+    /// `jobs/get` pages `tasks` 100 at a time; followed by the client.
+    #[serde(default)]
+    pub next_page_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobSettings {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Job-level parameters. A job that defines any takes only
+    /// `job_parameters` on `run-now`; one that defines none takes only task
+    /// parameters (`notebook_params`).
+    #[serde(default)]
+    pub parameters: Vec<JobParameterDefinition>,
+    #[serde(default)]
+    pub tasks: Vec<JobTask>,
+    #[serde(default)]
+    pub max_concurrent_runs: Option<u64>,
+    #[serde(default)]
+    pub queue: Option<QueueSettings>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobParameterDefinition {
+    pub name: String,
+    #[serde(default)]
+    pub default: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QueueSettings {
+    #[serde(default)]
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobTask {
+    #[serde(default)]
+    pub task_key: String,
+    #[serde(flatten)]
+    pub rest: serde_json::Map<String, Value>,
+}
+
+impl JobTask {
+    /// The task's kind: the name of its `*_task` field (`notebook_task`, ...).
+    pub fn kind(&self) -> &str {
+        self.rest
+            .keys()
+            .find(|k| k.ends_with("_task"))
+            .map(String::as_str)
+            .unwrap_or("unknown")
+    }
+}
+
+/// How a job receives the bridge's three values (promise id, callback URL,
+/// callback token), learnt from its definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParameterStyle {
+    /// The job defines job parameters: only `job_parameters` are accepted,
+    /// and a value reaches the notebook only under a defined name.
+    Job { defined: Vec<String> },
+    /// The job defines none: task parameters (`notebook_params`) only.
+    Task,
+}
+
+impl JobSettings {
+    pub fn parameter_style(&self) -> ParameterStyle {
+        if self.parameters.is_empty() {
+            ParameterStyle::Task
+        } else {
+            ParameterStyle::Job {
+                defined: self.parameters.iter().map(|p| p.name.clone()).collect(),
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunState {
     #[serde(default)]
     pub life_cycle_state: Option<String>,
+    #[serde(default)]
+    pub queue_reason: Option<String>,
     #[serde(default)]
     pub result_state: Option<String>,
     #[serde(default)]
@@ -192,6 +282,7 @@ pub trait Jobs: Clone + Send + Sync + 'static {
         token: &IdempotencyToken,
         traceparent: Option<&str>,
     ) -> impl Future<Output = Result<RunId, DatabricksError>> + Send;
+    /// `runs/get`, every page of tasks.
     fn get_run(
         &self,
         workspace: &str,
@@ -202,7 +293,15 @@ pub trait Jobs: Clone + Send + Sync + 'static {
         workspace: &str,
         run: RunId,
     ) -> impl Future<Output = Result<(), DatabricksError>> + Send;
-    /// `runs/get-output`: the notebook's exit value (`notebook_output.result`).
+    /// `jobs/get`, every page of tasks.
+    fn get_job(
+        &self,
+        workspace: &str,
+        job_id: u64,
+    ) -> impl Future<Output = Result<JobInfo, DatabricksError>> + Send;
+    /// `runs/get-output` of one task run: the notebook's exit value
+    /// (`notebook_output.result`). Databricks refuses it for the parent of a
+    /// run with several tasks: ask each task run.
     fn get_output(
         &self,
         workspace: &str,

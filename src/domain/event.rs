@@ -180,6 +180,7 @@ mod tests {
             settled_by: Some("callback".into()),
             heartbeat_seconds: None,
             cancel_on_timeout: true,
+            token_version: 2,
             activity: Default::default(),
         }
     }

@@ -87,12 +87,22 @@ impl fmt::Display for RunId {
 }
 
 /// The `idempotency_token` sent to Databricks. Derived, never random, so that
-/// a retry after any crash asks for the same run (DESIGN.md §3):
-/// `rb1-` + hex of the first 30 bytes of SHA-256(workspace + "\0" + promise_id).
+/// a retry after any crash asks for the same run (docs/databricks-fidelity.md):
+/// - version 2, every promise created since token versions exist:
+///   `rb2-` + hex of the first 30 bytes of
+///   SHA-256(workspace + "\0" + promise_id + "\0" + created_ms). The creation
+///   time binds the token to one incarnation of the id: Databricks keeps a
+///   token bound to its run as long as the run exists (up to 60 days), longer
+///   than a settled promise is kept, so an id used again after its promise
+///   expired must not find the old run.
+/// - version 1, promises created before (no `tv` field): `rb1-` + the same
+///   over workspace + "\0" + promise_id, so a deployment upgraded while
+///   they were in flight launches no second run.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct IdempotencyToken(String);
 
 impl IdempotencyToken {
+    /// Version 1 (promises without a token version).
     pub fn derive(workspace: &str, promise_id: &PromiseId) -> Self {
         let mut h = Sha256::new();
         h.update(workspace.as_bytes());
@@ -100,6 +110,18 @@ impl IdempotencyToken {
         h.update(promise_id.as_str().as_bytes());
         let digest = h.finalize();
         Self(format!("rb1-{}", hex::encode(&digest[..30])))
+    }
+
+    /// Version 2: bound to the promise's creation time (ms, Redis's clock).
+    pub fn derive_v2(workspace: &str, promise_id: &PromiseId, created_ms: i64) -> Self {
+        let mut h = Sha256::new();
+        h.update(workspace.as_bytes());
+        h.update([0u8]);
+        h.update(promise_id.as_str().as_bytes());
+        h.update([0u8]);
+        h.update(created_ms.to_string().as_bytes());
+        let digest = h.finalize();
+        Self(format!("rb2-{}", hex::encode(&digest[..30])))
     }
 
     pub fn as_str(&self) -> &str {
@@ -250,6 +272,24 @@ mod tests {
         // SHA-256("default\0p1"), first 30 bytes, computed independently with Python's hashlib.
         let mut h = Sha256::new();
         h.update(b"default\0p1");
+        assert_eq!(&t.as_str()[4..], hex::encode(&h.finalize()[..30]));
+    }
+
+    #[test]
+    fn version_2_tokens_are_bound_to_the_incarnation() {
+        let t = IdempotencyToken::derive_v2("default", &id("p1"), 1_700_000_000_123);
+        assert_eq!(t.as_str().len(), 64);
+        assert!(t.as_str().starts_with("rb2-"));
+        assert_eq!(
+            t,
+            IdempotencyToken::derive_v2("default", &id("p1"), 1_700_000_000_123)
+        );
+        assert_ne!(
+            t,
+            IdempotencyToken::derive_v2("default", &id("p1"), 1_700_000_000_124)
+        );
+        let mut h = Sha256::new();
+        h.update(b"default\0p1\x001700000000123");
         assert_eq!(&t.as_str()[4..], hex::encode(&h.finalize()[..30]));
     }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::ids::{PromiseId, RunId};
+use super::ids::{IdempotencyToken, PromiseId, RunId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -158,6 +158,9 @@ pub struct Promise {
     pub settled_by: Option<String>,
     pub heartbeat_seconds: Option<u64>,
     pub cancel_on_timeout: bool,
+    /// How the run's idempotency token is derived: 2 for every promise
+    /// created since versions exist, 1 (no field) for older ones.
+    pub token_version: u8,
     /// For the console's timeline: when the run id was recorded, the last
     /// heartbeat and how many, when the completion event was confirmed.
     pub activity: Activity,
@@ -199,6 +202,7 @@ pub mod field {
     pub const LAST_HEARTBEAT: &str = "hbl";
     pub const HEARTBEATS: &str = "hbn";
     pub const PUBLISHED: &str = "pub";
+    pub const TOKEN_VERSION: &str = "tv";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -264,6 +268,7 @@ impl Promise {
             settled_by: opt(fields, field::SETTLED_BY),
             heartbeat_seconds: int_field(fields, field::HEARTBEAT)?,
             cancel_on_timeout: opt(fields, field::CANCEL_ON_TIMEOUT).as_deref() != Some("0"),
+            token_version: int_field(fields, field::TOKEN_VERSION)?.unwrap_or(1),
             activity: Activity {
                 launched_on: int_field(fields, field::LAUNCHED)?,
                 last_heartbeat_on: int_field(fields, field::LAST_HEARTBEAT)?,
@@ -271,6 +276,15 @@ impl Promise {
                 published_on: int_field(fields, field::PUBLISHED)?,
             },
         })
+    }
+
+    /// The `idempotency_token` of this promise's run (see
+    /// [`IdempotencyToken`] for the versions).
+    pub fn idempotency_token(&self) -> IdempotencyToken {
+        match self.token_version {
+            1 => IdempotencyToken::derive(&self.workspace, &self.id),
+            _ => IdempotencyToken::derive_v2(&self.workspace, &self.id, self.created_on),
+        }
     }
 
     /// The Durable Promise JSON (Resonate's `Promise` schema), plus the

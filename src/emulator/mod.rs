@@ -20,7 +20,10 @@
 //! `POST /emulator/faults`, or exactly scripted with `POST /emulator/inject`.
 
 mod api;
+mod execute;
+mod jobs;
 mod model;
+mod runs;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

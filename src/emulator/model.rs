@@ -50,6 +50,10 @@ pub struct Behaviour {
     pub delay_ms: u64,
     /// The value the notebook resolves with (or exits with).
     pub value: String,
+    /// Per task key, the exit value of that task (tags
+    /// `emulator.value.<task_key>`); other tasks exit with `value`.
+    #[serde(default)]
+    pub task_values: BTreeMap<String, String>,
 }
 
 impl Default for Behaviour {
@@ -58,6 +62,7 @@ impl Default for Behaviour {
             outcome: Outcome::Callback,
             delay_ms: 200,
             value: "hello world".into(),
+            task_values: BTreeMap::new(),
         }
     }
 }
@@ -88,6 +93,10 @@ pub enum Injected {
     UnavailableAfterCommit,
     /// Answers after 3 s.
     Slow,
+    /// 403 `PERMISSION_DENIED`, as for a caller without permission on the job.
+    PermissionDenied,
+    /// 400 `INVALID_STATE`: the workspace's hourly quota of created runs.
+    JobQuota,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +109,7 @@ pub struct EmulatorSettings {
     /// Names of the parameters that carry the callback URL and promise id.
     pub url_param: String,
     pub promise_param: String,
+    pub token_param: String,
     pub notify: Option<NotifyTarget>,
     /// A service principal for OAuth M2M (`POST /oidc/v1/token`); its access
     /// tokens are accepted as bearer tokens until they expire.
@@ -126,6 +136,7 @@ impl Default for EmulatorSettings {
             faults: Faults::default(),
             url_param: "url".into(),
             promise_param: "promise_id".into(),
+            token_param: "callback_token".into(),
             notify: None,
             oauth: None,
             callback_ca_pem: None,
@@ -140,6 +151,75 @@ pub struct Job {
     pub created_time: i64,
     #[serde(skip)]
     pub behaviour: Behaviour,
+}
+
+impl Job {
+    /// Job-level parameters: (name, default).
+    pub fn parameters(&self) -> Vec<(String, String)> {
+        self.settings
+            .get("parameters")
+            .and_then(Value::as_array)
+            .map(|ps| {
+                ps.iter()
+                    .filter_map(|p| {
+                        Some((
+                            p.get("name")?.as_str()?.to_owned(),
+                            p.get("default")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_owned(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The job's tasks; a job defined without any has one notebook task
+    /// (an emulator simplification).
+    pub fn tasks(&self) -> Vec<Value> {
+        match self.settings.get("tasks").and_then(Value::as_array) {
+            Some(t) if !t.is_empty() => t.clone(),
+            _ => vec![
+                json!({"task_key": "notebook", "notebook_task": {"notebook_path": "/notebook"}}),
+            ],
+        }
+    }
+
+    /// `max_concurrent_runs` when the job sets it. Databricks' default is 1;
+    /// the emulator does not limit a job that does not set it (its
+    /// preconfigured jobs stand for jobs a user configured).
+    pub fn max_concurrent_runs(&self) -> Option<u64> {
+        self.settings
+            .get("max_concurrent_runs")
+            .and_then(Value::as_u64)
+    }
+
+    pub fn queue_enabled(&self) -> bool {
+        self.settings
+            .pointer("/queue/enabled")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+}
+
+/// A task's kind: the name of its `*_task` field.
+pub fn task_kind(task: &Value) -> String {
+    task.as_object()
+        .and_then(|o| o.keys().find(|k| k.ends_with("_task")).cloned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// One task of a run, with its own run id (Jobs API 2.1+: outputs are read
+/// per task run).
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskRun {
+    pub task_key: String,
+    pub run_id: u64,
+    /// `notebook_task`, `spark_python_task`, ...
+    pub kind: String,
+    pub result_state: Option<&'static str>,
+    pub exit_value: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -161,6 +241,9 @@ pub struct Run {
     pub callbacks_sent: u32,
     pub callback_statuses: Vec<u16>,
     pub attempt_number: u32,
+    pub tasks: Vec<TaskRun>,
+    /// Why a QUEUED run waits (`MAX_CONCURRENT_RUNS_REACHED`).
+    pub queue_reason: Option<String>,
     /// The W3C `traceparent` header of the request that created the run
     /// (the emulator's record only; not part of the Jobs API's run object).
     pub traceparent: Option<String>,
@@ -175,6 +258,13 @@ pub struct Inner {
     pub tokens: HashMap<String, u64>,
     pub next_job_id: u64,
     pub next_run_id: u64,
+    /// Task run id → its parent run.
+    pub task_parent: HashMap<u64, u64>,
+    /// Tokens Databricks no longer accepts (revoked or expired PATs), and
+    /// whether to answer with the older HTML page instead of JSON.
+    pub refused_tokens: HashMap<String, bool>,
+    /// Per job, the most runs it ever had active at once.
+    pub max_active: BTreeMap<u64, u64>,
     pub calls: BTreeMap<String, u64>,
     pub inject: HashMap<String, VecDeque<Injected>>,
     /// Launch requests being handled right now, and the most ever at once:
@@ -234,10 +324,25 @@ impl Emulator {
             next_run_id: 100_000,
             ..Default::default()
         };
+        // Preconfigured jobs are set up as runbridge's docs say: job
+        // parameters for the three callback values, one notebook task.
         for (id, b) in &settings.jobs {
+            let params: Vec<Value> = [
+                &settings.promise_param,
+                &settings.url_param,
+                &settings.token_param,
+            ]
+            .iter()
+            .map(|n| json!({"name": n, "default": ""}))
+            .collect();
             inner.jobs.insert(*id, Job {
                 job_id: *id,
-                settings: json!({"name": format!("emulated job {id}"), "tags": {"emulator.outcome": b.outcome}}),
+                settings: json!({
+                    "name": format!("emulated job {id}"),
+                    "tags": {"emulator.outcome": b.outcome},
+                    "parameters": params,
+                    "tasks": [{"task_key": "notebook", "notebook_task": {"notebook_path": "/Shared/runbridge/notebook"}}],
+                }),
                 created_time: now_ms(),
                 behaviour: b.clone(),
             });
@@ -324,214 +429,12 @@ impl Emulator {
             if let Some(v) = tags.get("emulator.value").and_then(Value::as_str) {
                 b.value = v.to_owned();
             }
+            for (k, v) in tags {
+                if let (Some(task), Some(v)) = (k.strip_prefix("emulator.value."), v.as_str()) {
+                    b.task_values.insert(task.to_owned(), v.to_owned());
+                }
+            }
         }
         b
-    }
-
-    /// The callback a notebook makes: `POST {url}/{verb}?id=..&value=..`.
-    pub async fn call_back(&self, run_id: u64, verb: &str) {
-        let (url, id, value, traceparent) = {
-            let inner = self.lock();
-            let Some(run) = inner.runs.get(&run_id) else {
-                return;
-            };
-            let (Some(url), Some(id)) = (
-                run.params.get(&self.settings.url_param).cloned(),
-                run.params.get(&self.settings.promise_param).cloned(),
-            ) else {
-                tracing::warn!(
-                    run_id,
-                    "run has no url/promise_id parameter; nothing to call back"
-                );
-                return;
-            };
-            (
-                url,
-                id,
-                run.behaviour.value.clone(),
-                run.traceparent.clone(),
-            )
-        };
-        let key = if verb == "reject" { "error" } else { "value" };
-        // Like a notebook cell with a simple retry: connection errors and 5xx
-        // are tried a few times.
-        let mut status = 0u16;
-        for attempt in 0..5u32 {
-            // The notebook sends back the trace it was started in, as the
-            // Python helper does with $TRACEPARENT.
-            let mut req = self
-                .http
-                .post(format!("{url}/{verb}"))
-                .query(&[("id", id.as_str()), (key, value.as_str())]);
-            if let Some(tp) = &traceparent {
-                req = req.header("traceparent", tp);
-            }
-            match req.send().await {
-                Ok(r) => {
-                    status = r.status().as_u16();
-                    if !r.status().is_server_error() {
-                        break;
-                    }
-                }
-                Err(e) => tracing::debug!(run_id, error = %e, "callback failed"),
-            }
-            tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(attempt))).await;
-        }
-        let mut inner = self.lock();
-        if let Some(run) = inner.runs.get_mut(&run_id) {
-            run.callbacks_sent += 1;
-            run.callback_statuses.push(status);
-        }
-    }
-
-    /// Sends a job notification (`jobs.on_start`, `jobs.on_success`,
-    /// `jobs.on_failure`) in the background, if a destination is set.
-    pub fn notify(&self, run_id: u64, event_type: &'static str) {
-        let Some(target) = self.notify.lock().ok().and_then(|n| n.clone()) else {
-            return;
-        };
-        let (job_id, name) = match self.lock().runs.get(&run_id) {
-            Some(r) => (r.job_id, r.run_name.clone()),
-            None => return,
-        };
-        let body = json!({
-            "event_type": event_type,
-            "workspace_id": "1234567890123456",
-            "run": {"run_id": run_id},
-            "job": {"job_id": job_id, "name": name},
-        });
-        let http = self.http.clone();
-        tokio::spawn(async move {
-            let r = http
-                .post(&target.url)
-                .basic_auth(&target.username, Some(&target.password))
-                .json(&body)
-                .send()
-                .await;
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "notification not delivered");
-            }
-        });
-    }
-
-    pub fn set_state(
-        &self,
-        run_id: u64,
-        life: &'static str,
-        result: Option<&'static str>,
-        message: &str,
-    ) {
-        let mut inner = self.lock();
-        if let Some(run) = inner.runs.get_mut(&run_id) {
-            // A cancelled or finished run stays as it is.
-            if run.life_cycle_state == "TERMINATED" {
-                return;
-            }
-            run.life_cycle_state = life;
-            run.result_state = result;
-            run.state_message = message.to_owned();
-            if life == "TERMINATED" {
-                run.end_time = now_ms();
-            }
-        }
-    }
-
-    fn is_terminated(&self, run_id: u64) -> bool {
-        self.lock()
-            .runs
-            .get(&run_id)
-            .is_none_or(|r| r.life_cycle_state == "TERMINATED")
-    }
-
-    /// Plays a run to its end, per its job's behaviour.
-    pub async fn execute(self: Arc<Self>, run_id: u64, early_callback_done: bool) {
-        let b = match self.lock().runs.get(&run_id) {
-            Some(r) => r.behaviour.clone(),
-            None => return,
-        };
-        let shutdown = self.shutdown();
-        let sleep = |ms: u64| {
-            let s = shutdown.clone();
-            async move {
-                tokio::select! {
-                    _ = s.cancelled() => false,
-                    _ = tokio::time::sleep(Duration::from_millis(ms)) => true,
-                }
-            }
-        };
-        if !sleep(10).await {
-            return;
-        }
-        self.set_state(run_id, "RUNNING", None, "");
-        self.notify(run_id, "jobs.on_start");
-        if !sleep(b.delay_ms).await || self.is_terminated(run_id) {
-            return;
-        }
-        let (result, message) = match b.outcome {
-            Outcome::Callback => {
-                self.call_back(run_id, "resolve").await;
-                ("SUCCESS", "")
-            }
-            Outcome::DuplicateCallback => {
-                self.call_back(run_id, "resolve").await;
-                self.call_back(run_id, "resolve").await;
-                ("SUCCESS", "")
-            }
-            Outcome::EarlyCallback => {
-                if !early_callback_done {
-                    self.call_back(run_id, "resolve").await;
-                }
-                ("SUCCESS", "")
-            }
-            Outcome::RejectCallback => {
-                self.call_back(run_id, "reject").await;
-                ("FAILED", "Notebook rejected its promise")
-            }
-            Outcome::RetryThenCallback => {
-                self.set_state(
-                    run_id,
-                    "WAITING_FOR_RETRY",
-                    None,
-                    "Attempt 0 failed; waiting to retry",
-                );
-                if !sleep(b.delay_ms.max(1000)).await || self.is_terminated(run_id) {
-                    return;
-                }
-                if let Some(r) = self.lock().runs.get_mut(&run_id) {
-                    r.attempt_number = 1;
-                }
-                self.set_state(run_id, "RUNNING", None, "");
-                if !sleep(b.delay_ms).await || self.is_terminated(run_id) {
-                    return;
-                }
-                self.call_back(run_id, "resolve").await;
-                ("SUCCESS", "")
-            }
-            Outcome::Fail => ("FAILED", "Workload failed, see run output for details"),
-            Outcome::SuccessNoCallback => {
-                if let Some(r) = self.lock().runs.get_mut(&run_id) {
-                    r.exit_value = Some(b.value.clone());
-                }
-                ("SUCCESS", "")
-            }
-            Outcome::SuccessNoOutput => ("SUCCESS", ""),
-            Outcome::NeverFinish => return,
-        };
-        if self.is_terminated(run_id) {
-            return;
-        }
-        self.set_state(run_id, "TERMINATING", None, "");
-        if !sleep(5).await {
-            return;
-        }
-        self.set_state(run_id, "TERMINATED", Some(result), message);
-        self.notify(
-            run_id,
-            if result == "SUCCESS" {
-                "jobs.on_success"
-            } else {
-                "jobs.on_failure"
-            },
-        );
     }
 }

@@ -1137,9 +1137,36 @@ async fn get_cancel_promise<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQ
 
 #[derive(Deserialize, ToSchema)]
 struct NotificationRun {
+    /// A number, or a string of digits (some destinations send ids as
+    /// strings, to keep 64-bit ids exact in JSON).
+    #[serde(deserialize_with = "id_number")]
+    #[schema(value_type = u64)]
     run_id: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "opt_id_number")]
+    #[schema(value_type = Option<u64>)]
     parent_run_id: Option<u64>,
+}
+
+/// An id sent as a JSON number or as a string of digits.
+fn id_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| serde::de::Error::custom("run id must be a positive integer")),
+        serde_json::Value::String(s) => s
+            .parse()
+            .map_err(|_| serde::de::Error::custom("run id must be a string of digits")),
+        _ => Err(serde::de::Error::custom(
+            "run id must be a number or a string",
+        )),
+    }
+}
+
+fn opt_id_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Ok(None),
+        v => id_number(v).map(Some).map_err(serde::de::Error::custom),
+    }
 }
 
 /// A Databricks job notification (webhook destination) payload; other
@@ -1235,6 +1262,21 @@ mod tests {
         assert_eq!(parse_wait("7").unwrap(), Duration::from_secs(7));
         assert!(parse_wait("soon").is_err());
         assert!(parse_wait("5h").is_err());
+    }
+
+    #[test]
+    fn notification_ids_as_numbers_or_strings() {
+        for body in [
+            r#"{"event_type":"jobs.on_success","run":{"run_id":123}}"#,
+            r#"{"event_type":"jobs.on_success","run":{"run_id":"123"}}"#,
+            r#"{"event_type":"jobs.on_success","run":{"run_id":"9","parent_run_id":"123"}}"#,
+            r#"{"event_type":"jobs.on_success","run":{"run_id":9,"parent_run_id":123}}"#,
+        ] {
+            let (_, run) = parse_notification(body.as_bytes()).unwrap();
+            assert_eq!(run.get(), 123, "{body}");
+        }
+        assert!(parse_notification(br#"{"run":{"run_id":"12x"}}"#).is_err());
+        assert!(parse_notification(br#"{"run":{"run_id":-1}}"#).is_err());
     }
 }
 

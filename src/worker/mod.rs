@@ -12,23 +12,23 @@
 //! `process` concurrently for each delivery on a `TaskTracker`, and applies
 //! the disposition (ack / requeue / dead-letter / reply-then-ack).
 
+pub mod launch;
 pub mod runner;
 
-use std::collections::BTreeMap;
-
-use serde_json::{Value, json};
+use serde_json::json;
 use tracing::Instrument;
 use tracing::field::Empty;
 use url::Url;
 
 use crate::databricks::{DatabricksError, Jobs, LaunchRequest};
 use crate::domain::{
-    CallbackSigner, CompletionEvent, Envelope, IdempotencyToken, Launch, Parameters, Payload,
-    Promise, SettledBy, State, Trigger, TriggerError, TriggerRules,
+    CallbackSigner, CompletionEvent, Envelope, Launch, Payload, Promise, SettledBy, State, Trigger,
+    TriggerError, TriggerRules,
 };
 use crate::store::{
     CreateOutcome, NewPromise, PromiseStore, RecordOutcome, Settle, StoreError, Timeout,
 };
+pub use launch::JobStyles;
 
 /// What to do with a delivery once [`process`] is done with it.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +37,10 @@ pub enum Disposition {
     Ack,
     /// A passing failure: put it back, after the configured pause.
     Requeue(String),
+    /// The workspace refuses its credentials: keep the delivery and retry
+    /// in place until they are accepted (never back to the queue, whose
+    /// delivery limit would dead-letter it), however long the outage.
+    Hold(String),
     /// Never retried: to the dead-letter queue with this reason.
     DeadLetter(Refusal, String),
     /// Already settled: send its stored outcome to the trigger's `reply_to`, then ack.
@@ -101,6 +105,8 @@ pub struct WorkerContext<S, J> {
     pub params: ParamNames,
     pub default_workspace: String,
     pub workspaces: Vec<String>,
+    /// Each job's parameter style, learnt from `jobs/get`.
+    pub job_styles: JobStyles,
 }
 
 fn store_failure(e: StoreError) -> Disposition {
@@ -120,67 +126,34 @@ impl<S: PromiseStore, J: Jobs> WorkerContext<S, J> {
         )
     }
 
-    fn launch_request(&self, t: &Trigger) -> LaunchRequest {
+    /// The launch, with the callback values where the job takes them.
+    async fn launch_request(
+        &self,
+        t: &Trigger,
+        workspace: &str,
+    ) -> Result<LaunchRequest, DatabricksError> {
         let token = self.signer.sign(&t.id);
-        let extra: BTreeMap<String, String> = [
-            (self.params.promise_id.clone(), t.id.to_string()),
-            (self.params.url.clone(), self.callback_url(token.expose())),
-            (
-                self.params.callback_token.clone(),
-                token.expose().to_owned(),
-            ),
-        ]
-        .into();
-        match &t.launch {
-            Launch::RunNow { job_id, params } => match params {
-                Parameters::Job(p) => {
-                    let mut p = p.clone();
-                    p.extend(extra);
-                    LaunchRequest::RunNow {
-                        job_id: *job_id,
-                        job_parameters: Some(p),
-                        notebook_params: None,
-                    }
-                }
-                Parameters::Notebook(p) => {
-                    let mut p = p.clone();
-                    p.extend(extra);
-                    LaunchRequest::RunNow {
-                        job_id: *job_id,
-                        job_parameters: None,
-                        notebook_params: Some(p),
-                    }
-                }
-            },
-            Launch::Submit { body } => {
-                let mut body = body.clone();
-                add_submit_params(&mut body, &extra);
-                LaunchRequest::Submit(body)
+        let extra = launch::callback_values(
+            &self.params,
+            t.id.as_str(),
+            self.callback_url(token.expose()),
+            token.expose(),
+        );
+        let style = match &t.launch {
+            Launch::RunNow { job_id, .. } => {
+                self.job_styles
+                    .style(&self.jobs, workspace, *job_id)
+                    .await?
             }
-        }
-    }
-}
-
-/// A one-time run has no job parameters: the three go to every notebook
-/// task's `base_parameters` (and a legacy top-level `notebook_task`).
-fn add_submit_params(body: &mut serde_json::Map<String, Value>, extra: &BTreeMap<String, String>) {
-    let add = |task: &mut Value| {
-        if let Some(nb) = task.get_mut("notebook_task").and_then(Value::as_object_mut) {
-            let bp = nb.entry("base_parameters").or_insert_with(|| json!({}));
-            if let Some(bp) = bp.as_object_mut() {
-                for (k, v) in extra {
-                    bp.insert(k.clone(), json!(v));
-                }
-            }
-        }
-    };
-    if let Some(tasks) = body.get_mut("tasks").and_then(Value::as_array_mut) {
-        tasks.iter_mut().for_each(add);
-    }
-    let mut top = Value::Object(std::mem::take(body));
-    add(&mut top);
-    if let Value::Object(m) = top {
-        *body = m;
+            Launch::Submit { .. } => None,
+        };
+        Ok(launch::launch_request(
+            t,
+            extra,
+            style.as_ref(),
+            &self.job_styles,
+            workspace,
+        ))
     }
 }
 
@@ -284,13 +257,9 @@ async fn process_in_span<S: PromiseStore, J: Jobs>(
     }
 
     // 3. Launch with the derived token: a repeat gets the same run back.
-    let token = IdempotencyToken::derive(&workspace, &t.id);
-    let req = ctx.launch_request(&t);
-    match ctx
-        .jobs
-        .launch(&workspace, &req, &token, t.traceparent.as_deref())
-        .await
-    {
+    let token = promise.idempotency_token();
+    let result = launch(ctx, &t, &workspace, &token).await;
+    match result {
         Ok(run) => {
             span.record("databricks.run_id", run.get());
             launched("launched");
@@ -343,6 +312,10 @@ async fn process_in_span<S: PromiseStore, J: Jobs>(
         Err(e @ DatabricksError::UnknownWorkspace(_)) => {
             Disposition::DeadLetter(Refusal::UnknownWorkspace, e.to_string())
         }
+        Err(e @ DatabricksError::Credentials { .. }) => {
+            launched("held_credentials");
+            Disposition::Hold(e.to_string())
+        }
         Err(e) => {
             launched("failed_for_now");
             Disposition::Requeue(e.to_string())
@@ -350,44 +323,41 @@ async fn process_in_span<S: PromiseStore, J: Jobs>(
     }
 }
 
+/// Launches the run. A launch whose parameters Databricks refuses may have
+/// been built from a stale idea of the job: its style is learnt again, and
+/// if that changes the request, it is sent once more (same token).
+async fn launch<S: PromiseStore, J: Jobs>(
+    ctx: &WorkerContext<S, J>,
+    t: &Trigger,
+    workspace: &str,
+    token: &crate::domain::IdempotencyToken,
+) -> Result<crate::domain::RunId, DatabricksError> {
+    let req = ctx.launch_request(t, workspace).await?;
+    let result = ctx
+        .jobs
+        .launch(workspace, &req, token, t.traceparent.as_deref())
+        .await;
+    let (Err(DatabricksError::Permanent { status: 400, .. }), Launch::RunNow { job_id, .. }) =
+        (&result, &t.launch)
+    else {
+        return result;
+    };
+    ctx.job_styles.forget(workspace, *job_id);
+    match ctx.launch_request(t, workspace).await {
+        Ok(again) if again != req => {
+            ctx.jobs
+                .launch(workspace, &again, token, t.traceparent.as_deref())
+                .await
+        }
+        _ => result,
+    }
+}
+
 /// Launch attempts by outcome: `launched` (run-now/submit answered with a
 /// run id, a retry included), `already_launched` / `already_settled` (a
 /// redelivery or duplicate: nothing sent), `refused` (a permanent error,
-/// promise rejected), `failed_for_now` (transient, retried).
+/// promise rejected), `failed_for_now` (transient, retried),
+/// `held_credentials` (the workspace refuses its credentials: held).
 fn launched(outcome: &'static str) {
     metrics::counter!("runbridge_launches_total", "outcome" => outcome).increment(1);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn submit_params_go_to_every_notebook_task() {
-        let mut body = serde_json::from_value::<serde_json::Map<String, Value>>(json!({
-            "run_name": "x",
-            "tasks": [
-                {"task_key": "a", "notebook_task": {"notebook_path": "/a"}},
-                {"task_key": "b", "spark_python_task": {"python_file": "b.py"}},
-                {"task_key": "c", "notebook_task": {"notebook_path": "/c", "base_parameters": {"k": "v"}}}
-            ]
-        }))
-        .unwrap();
-        let extra = BTreeMap::from([("promise_id".to_string(), "p1".to_string())]);
-        add_submit_params(&mut body, &extra);
-        assert_eq!(
-            body["tasks"][0]["notebook_task"]["base_parameters"]["promise_id"],
-            "p1"
-        );
-        assert!(body["tasks"][1].get("notebook_task").is_none());
-        assert_eq!(
-            body["tasks"][2]["notebook_task"]["base_parameters"]["k"],
-            "v"
-        );
-        assert_eq!(
-            body["tasks"][2]["notebook_task"]["base_parameters"]["promise_id"],
-            "p1"
-        );
-        assert_eq!(body["run_name"], "x");
-    }
 }

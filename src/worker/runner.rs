@@ -39,6 +39,10 @@ pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
+/// The longest pause between two tries of a held delivery: how soon after
+/// the credentials are fixed its trigger runs.
+const HOLD_MAX_PAUSE: Duration = Duration::from_secs(10);
+
 /// Sleeps unless shutdown comes first; false if it did.
 pub async fn pause(d: Duration, shutdown: &CancellationToken) -> bool {
     tokio::select! {
@@ -90,7 +94,7 @@ fn count(queue: Queue, d: &Disposition) {
             metrics::counter!("runbridge_dead_lettered_total", "queue" => q, "reason" => kind.as_str())
                 .increment(1);
         }
-        Disposition::Requeue(_) => {
+        Disposition::Requeue(_) | Disposition::Hold(_) => {
             metrics::counter!("runbridge_requeued_total", "queue" => q).increment(1);
         }
         Disposition::Ack | Disposition::ReplyThenAck(_) => {}
@@ -127,6 +131,17 @@ async fn handle<S: PromiseStore, J: Jobs>(
                     break Disposition::Requeue(reason);
                 }
             }
+            // Held for as long as the credentials are refused: quietly
+            // (the client logged the outage once), never spending the
+            // queue's delivery limit.
+            Disposition::Hold(reason) => {
+                attempt += 1;
+                let wait = (requeue_delay * 2u32.pow(attempt.min(6) - 1)).min(HOLD_MAX_PAUSE);
+                tracing::debug!(%reason, attempt, "delivery held: workspace credentials refused");
+                if !pause(wait, &shutdown).await {
+                    break Disposition::Requeue(reason);
+                }
+            }
             other => break other,
         }
     };
@@ -137,7 +152,7 @@ async fn handle<S: PromiseStore, J: Jobs>(
             crate::failpoint!("worker.after_ack");
             r
         }
-        Disposition::Requeue(reason) => {
+        Disposition::Requeue(reason) | Disposition::Hold(reason) => {
             tracing::warn!(%reason, redelivered = inc.redelivered, "delivery still failing; back to the queue");
             inc.requeue().await
         }

@@ -134,6 +134,7 @@ impl TestApp {
             outcome,
             delay_ms,
             value: value.into(),
+            ..Default::default()
         };
         jobs.insert(JOB_CALLBACK, job(Outcome::Callback, 50, "hello world"));
         jobs.insert(JOB_FAIL, job(Outcome::Fail, 50, ""));

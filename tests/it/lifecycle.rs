@@ -457,13 +457,14 @@ async fn workspace_selects_credentials_and_token() {
     assert_eq!(v["source"], "runbridge/analytics");
     let run = run_of(&app, &id).await;
     let pid = PromiseId::parse(&id).unwrap();
+    let created = app.promise(&id).await.unwrap().created_on;
     assert_eq!(
         run["idempotency_token"],
-        IdempotencyToken::derive("analytics", &pid).as_str()
+        IdempotencyToken::derive_v2("analytics", &pid, created).as_str()
     );
     assert_ne!(
         run["idempotency_token"],
-        IdempotencyToken::derive("default", &pid).as_str()
+        IdempotencyToken::derive_v2("default", &pid, created).as_str()
     );
 
     let bad = unique("ws-bad");

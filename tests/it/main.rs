@@ -9,6 +9,7 @@ mod callbacks;
 mod core_loop;
 mod documents;
 mod faults;
+mod fidelity;
 mod helpers;
 mod hostile;
 // The harness's private RabbitMQ node (the TLS test starts one).

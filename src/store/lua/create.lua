@@ -10,7 +10,8 @@ end
 local now = now_ms()
 local timeout = tonumber(ARGV[3])
 if timeout == 0 then timeout = now + tonumber(ARGV[2]) end
-local fields = {'id', ARGV[1], 'state', 'PENDING', 'created', now, 'timeout', timeout}
+-- tv: the run's idempotency token is version 2, bound to 'created'.
+local fields = {'id', ARGV[1], 'state', 'PENDING', 'created', now, 'timeout', timeout, 'tv', '2'}
 for i = 6, #ARGV, 2 do
   if ARGV[i + 1] ~= '' then
     fields[#fields + 1] = ARGV[i]

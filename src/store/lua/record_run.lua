@@ -10,6 +10,10 @@ local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return {'NOT_FOUND'} end
 local cur = redis.call('HGET', KEYS[1], 'run_id')
 if cur and cur ~= ARGV[1] then return {'CONFLICT', cur} end
+if cur and ARGV[2] ~= '' and not redis.call('HGET', KEYS[1], 'url') then
+  -- The run's page, learnt at its first check (run-now answers only the id).
+  redis.call('HSET', KEYS[1], 'url', ARGV[2])
+end
 if not cur then
   local now = now_ms()
   redis.call('HSET', KEYS[1], 'run_id', ARGV[1], 'la', now)

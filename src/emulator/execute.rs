@@ -1,0 +1,315 @@
+//! How an emulated run plays out: queued behind the job's
+//! `max_concurrent_runs`, then PENDING → RUNNING → TERMINATING → TERMINATED,
+//! its notebook calling back (`{url}/resolve?id=..&value=..`, exactly the
+//! Resonate example notebook) or exiting with a value per task, and the
+//! job's notifications sent on the way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::model::{Emulator, Outcome, now_ms};
+
+/// Lifecycle states of a run that holds one of its job's concurrent slots.
+const ACTIVE: &[&str] = &["PENDING", "RUNNING", "TERMINATING", "WAITING_FOR_RETRY"];
+
+/// How often a queued run looks whether its turn came.
+const QUEUE_POLL: Duration = Duration::from_millis(20);
+
+impl Emulator {
+    /// Runs of `job_id` holding a concurrent slot, `except` aside.
+    pub fn active_runs(inner: &super::model::Inner, job_id: u64, except: u64) -> u64 {
+        inner
+            .runs
+            .values()
+            .filter(|r| r.job_id == Some(job_id) && r.run_id != except)
+            .filter(|r| ACTIVE.contains(&r.life_cycle_state))
+            .count() as u64
+    }
+
+    /// A queued run starts when a slot is free and it is the job's oldest
+    /// queued run. `None`: it is no longer queued (cancelled).
+    fn try_start(&self, run_id: u64) -> Option<bool> {
+        let mut inner = self.lock();
+        let run = inner.runs.get(&run_id)?;
+        if run.life_cycle_state != "QUEUED" {
+            return (run.life_cycle_state != "TERMINATED").then_some(true);
+        }
+        let Some(job_id) = run.job_id else {
+            return Some(true);
+        };
+        let max = inner
+            .jobs
+            .get(&job_id)
+            .and_then(|j| j.max_concurrent_runs())
+            .unwrap_or(u64::MAX);
+        let oldest = inner
+            .runs
+            .values()
+            .filter(|r| r.job_id == Some(job_id) && r.life_cycle_state == "QUEUED")
+            .map(|r| r.run_id)
+            .min();
+        if oldest != Some(run_id) || Self::active_runs(&inner, job_id, run_id) >= max {
+            return Some(false);
+        }
+        let run = inner.runs.get_mut(&run_id)?;
+        run.life_cycle_state = "PENDING";
+        run.queue_reason = None;
+        Some(true)
+    }
+
+    /// The callback a notebook makes: `POST {url}/{verb}?id=..&value=..`.
+    pub async fn call_back(&self, run_id: u64, verb: &str) {
+        let (url, id, value, traceparent) = {
+            let inner = self.lock();
+            let Some(run) = inner.runs.get(&run_id) else {
+                return;
+            };
+            let (Some(url), Some(id)) = (
+                run.params.get(&self.settings.url_param).cloned(),
+                run.params.get(&self.settings.promise_param).cloned(),
+            ) else {
+                tracing::debug!(
+                    run_id,
+                    "run has no url/promise_id parameter; nothing to call back"
+                );
+                return;
+            };
+            (
+                url,
+                id,
+                run.behaviour.value.clone(),
+                run.traceparent.clone(),
+            )
+        };
+        let key = if verb == "reject" { "error" } else { "value" };
+        // Like a notebook cell with a simple retry: connection errors and 5xx
+        // are tried a few times.
+        let mut status = 0u16;
+        for attempt in 0..5u32 {
+            // The notebook sends back the trace it was started in, as the
+            // Python helper does with $TRACEPARENT.
+            let mut req = self
+                .http
+                .post(format!("{url}/{verb}"))
+                .query(&[("id", id.as_str()), (key, value.as_str())]);
+            if let Some(tp) = &traceparent {
+                req = req.header("traceparent", tp);
+            }
+            match req.send().await {
+                Ok(r) => {
+                    status = r.status().as_u16();
+                    if !r.status().is_server_error() {
+                        break;
+                    }
+                }
+                Err(e) => tracing::debug!(run_id, error = %e, "callback failed"),
+            }
+            tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(attempt))).await;
+        }
+        let mut inner = self.lock();
+        if let Some(run) = inner.runs.get_mut(&run_id) {
+            run.callbacks_sent += 1;
+            run.callback_statuses.push(status);
+        }
+    }
+
+    /// Sends a job notification (`jobs.on_start`, `jobs.on_success`,
+    /// `jobs.on_failure`) in the background, if a destination is set.
+    pub fn notify(&self, run_id: u64, event_type: &'static str) {
+        let Some(target) = self.notify.lock().ok().and_then(|n| n.clone()) else {
+            return;
+        };
+        let (job_id, name) = match self.lock().runs.get(&run_id) {
+            Some(r) => (r.job_id, r.run_name.clone()),
+            None => return,
+        };
+        let body = json!({
+            "event_type": event_type,
+            "workspace_id": "1234567890123456",
+            "run": {"run_id": run_id},
+            "job": {"job_id": job_id, "name": name},
+        });
+        let http = self.http.clone();
+        tokio::spawn(async move {
+            let r = http
+                .post(&target.url)
+                .basic_auth(&target.username, Some(&target.password))
+                .json(&body)
+                .send()
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "notification not delivered");
+            }
+        });
+    }
+
+    /// Moves a run on. A finished run stays as it is; a terminal state
+    /// settles its tasks too (a failed run's first task failed, the others
+    /// were not run to success).
+    pub fn set_state(
+        &self,
+        run_id: u64,
+        life: &'static str,
+        result: Option<&'static str>,
+        message: &str,
+    ) {
+        let mut inner = self.lock();
+        let Some(run) = inner.runs.get_mut(&run_id) else {
+            return;
+        };
+        if matches!(run.life_cycle_state, "TERMINATED" | "SKIPPED") {
+            return;
+        }
+        run.life_cycle_state = life;
+        run.result_state = result;
+        run.state_message = message.to_owned();
+        if life == "TERMINATED" {
+            run.end_time = now_ms();
+            for (i, t) in run.tasks.iter_mut().enumerate() {
+                t.result_state = match result {
+                    Some("FAILED") if i > 0 => Some("UPSTREAM_FAILED"),
+                    other => other,
+                };
+            }
+        }
+        let job = run.job_id;
+        if life == "RUNNING"
+            && let Some(job) = job
+        {
+            let active = Self::active_runs(&inner, job, 0);
+            let m = inner.max_active.entry(job).or_default();
+            *m = (*m).max(active);
+        }
+    }
+
+    fn is_terminated(&self, run_id: u64) -> bool {
+        self.lock()
+            .runs
+            .get(&run_id)
+            .is_none_or(|r| matches!(r.life_cycle_state, "TERMINATED" | "SKIPPED"))
+    }
+
+    /// Every task exits with its value (`emulator.value.<task_key>`, else
+    /// the job's value): `dbutils.notebook.exit(value)`.
+    fn exit_with_values(&self, run_id: u64) {
+        let mut inner = self.lock();
+        if let Some(r) = inner.runs.get_mut(&run_id) {
+            let b = r.behaviour.clone();
+            r.exit_value = Some(b.value.clone());
+            for t in &mut r.tasks {
+                t.exit_value = Some(
+                    b.task_values
+                        .get(&t.task_key)
+                        .cloned()
+                        .unwrap_or_else(|| b.value.clone()),
+                );
+            }
+        }
+    }
+
+    /// Plays a run to its end, per its job's behaviour.
+    pub async fn execute(self: Arc<Self>, run_id: u64, early_callback_done: bool) {
+        let b = match self.lock().runs.get(&run_id) {
+            Some(r) => r.behaviour.clone(),
+            None => return,
+        };
+        let shutdown = self.shutdown();
+        let sleep = |d: Duration| {
+            let s = shutdown.clone();
+            async move {
+                tokio::select! {
+                    _ = s.cancelled() => false,
+                    _ = tokio::time::sleep(d) => true,
+                }
+            }
+        };
+        let ms = Duration::from_millis;
+        loop {
+            match self.try_start(run_id) {
+                None => return,
+                Some(true) => break,
+                Some(false) => {
+                    if !sleep(QUEUE_POLL).await {
+                        return;
+                    }
+                }
+            }
+        }
+        if !sleep(ms(10)).await {
+            return;
+        }
+        self.set_state(run_id, "RUNNING", None, "");
+        self.notify(run_id, "jobs.on_start");
+        if !sleep(ms(b.delay_ms)).await || self.is_terminated(run_id) {
+            return;
+        }
+        let (result, message) = match b.outcome {
+            Outcome::Callback => {
+                self.call_back(run_id, "resolve").await;
+                ("SUCCESS", "")
+            }
+            Outcome::DuplicateCallback => {
+                self.call_back(run_id, "resolve").await;
+                self.call_back(run_id, "resolve").await;
+                ("SUCCESS", "")
+            }
+            Outcome::EarlyCallback => {
+                if !early_callback_done {
+                    self.call_back(run_id, "resolve").await;
+                }
+                ("SUCCESS", "")
+            }
+            Outcome::RejectCallback => {
+                self.call_back(run_id, "reject").await;
+                ("FAILED", "Workload failed, see run output for details")
+            }
+            Outcome::RetryThenCallback => {
+                self.set_state(
+                    run_id,
+                    "WAITING_FOR_RETRY",
+                    None,
+                    "Attempt 0 failed; waiting to retry",
+                );
+                if !sleep(ms(b.delay_ms.max(1000))).await || self.is_terminated(run_id) {
+                    return;
+                }
+                if let Some(r) = self.lock().runs.get_mut(&run_id) {
+                    r.attempt_number = 1;
+                }
+                self.set_state(run_id, "RUNNING", None, "");
+                if !sleep(ms(b.delay_ms)).await || self.is_terminated(run_id) {
+                    return;
+                }
+                self.call_back(run_id, "resolve").await;
+                ("SUCCESS", "")
+            }
+            // The message a real workspace gives a failed task (measured by
+            // the Databricks CLI's test server).
+            Outcome::Fail => ("FAILED", "Workload failed, see run output for details"),
+            Outcome::SuccessNoCallback => {
+                self.exit_with_values(run_id);
+                ("SUCCESS", "")
+            }
+            Outcome::SuccessNoOutput => ("SUCCESS", ""),
+            Outcome::NeverFinish => return,
+        };
+        if self.is_terminated(run_id) {
+            return;
+        }
+        self.set_state(run_id, "TERMINATING", None, "");
+        if !sleep(ms(5)).await {
+            return;
+        }
+        self.set_state(run_id, "TERMINATED", Some(result), message);
+        self.notify(
+            run_id,
+            if result == "SUCCESS" {
+                "jobs.on_success"
+            } else {
+                "jobs.on_failure"
+            },
+        );
+    }
+}
