@@ -4,7 +4,7 @@ CARGO ?= cargo
 # The crash tests need the failpoints compiled in (never in a release build).
 TEST_FEATURES ?= --features failpoints
 
-.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke notebook-test docs docs-test ui-test-deps ui-screenshot cluster-test fuzz clean
+.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke notebook-test sdk-test docs docs-test ui-test-deps ui-screenshot cluster-test fuzz clean
 
 # Fault-injection run (see src/bin/chaos.rs): N triggers, every fault on, a
 # seed to replay it. `make chaos SEED=42 N=10000`.
@@ -26,7 +26,7 @@ services:
 # The whole suite: the 1,000-trigger fault-injection profile, then unit and
 # integration tests against the real RabbitMQ and Redis on this machine and
 # the emulator over HTTP (last, so the test runner's summary closes the output).
-test: services compose-config chaos-small bench-smoke notebook-test docs-test ui-test-deps
+test: services compose-config chaos-small bench-smoke notebook-test sdk-test docs-test ui-test-deps
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run $(TEST_FEATURES) --no-fail-fast; \
 	else \
@@ -83,6 +83,15 @@ notebook-test: services
 	$(CARGO) build --bins
 	@test -x target/pyvenv/bin/pytest || { python3 -m venv target/pyvenv && target/pyvenv/bin/pip install -q pytest; }
 	target/pyvenv/bin/pytest -q clients/python
+
+# Databricks' own Python SDK (pinned) drives the emulator through every
+# Jobs API endpoint runbridge uses (tests/databricks): the emulator is
+# checked by Databricks' generated client, not by its author.
+DATABRICKS_SDK ?= databricks-sdk==0.162.0
+sdk-test: build
+	@test -x target/pyvenv/bin/pytest || { python3 -m venv target/pyvenv && target/pyvenv/bin/pip install -q pytest; }
+	@target/pyvenv/bin/pip install -q "$(DATABRICKS_SDK)"
+	target/pyvenv/bin/pytest -q tests/databricks
 
 # Rewrites the generated contracts under docs/ (a test fails when they are
 # out of date): JSON Schemas, the sidecar's OpenAPI, the AsyncAPI document.

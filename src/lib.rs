@@ -6,6 +6,7 @@
 //! The core (`domain`, `worker`, `relay`) works through their traits.
 
 pub mod broker;
+pub mod check;
 pub mod config;
 pub mod databricks;
 pub mod domain;

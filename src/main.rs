@@ -45,9 +45,24 @@ enum Command {
     /// Operate on promises.
     #[command(subcommand)]
     Promise(PromiseCmd),
+    /// Is this deployment ready? Checks the configuration, RabbitMQ's
+    /// topology, Redis's eviction policy and persistence, each workspace's
+    /// credentials and each --job-id's definition; a table of what is ready
+    /// and what to change; exits 1 when something must change.
+    Check(CheckArgs),
     /// Print a machine-readable contract, generated from the code: JSON
     /// Schemas, the sidecar's OpenAPI document, the AsyncAPI document.
     Schema(SchemaArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// A job runbridge will launch (repeatable).
+    #[arg(long = "job-id", value_name = "JOB_ID")]
+    job_ids: Vec<u64>,
+    /// The workspace of the jobs (default: databricks.default_workspace).
+    #[arg(long)]
+    workspace: Option<String>,
 }
 
 #[derive(Args)]
@@ -479,16 +494,27 @@ async fn promise(s: &Settings, cmd: PromiseCmd) -> Result<()> {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> Result<std::process::ExitCode> {
     let cli = Cli::parse();
-    let settings = Settings::load().context("loading configuration")?;
+    let mut settings = Settings::load().context("loading configuration")?;
+    if matches!(cli.command, Command::Check(_)) {
+        // The check declares queues passively: a missing one closes its
+        // channel, which lapin logs as an error; the table says it.
+        settings.log.level = format!("{},lapin=off", settings.log.level);
+    }
     let tracing = runbridge::telemetry::init(&settings.log, &settings.telemetry)?;
     let result = run(cli, settings).await;
     tracing.shutdown();
-    result
+    Ok(if result? {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
 }
 
-async fn run(cli: Cli, settings: Settings) -> Result<()> {
+/// Runs the subcommand; `Ok(false)`: it ran, and says the process should
+/// exit 1 (`check` found something to change).
+async fn run(cli: Cli, settings: Settings) -> Result<bool> {
     match cli.command {
         Command::Worker => {
             let shutdown = runbridge::shutdown::on_signals();
@@ -530,6 +556,11 @@ async fn run(cli: Cli, settings: Settings) -> Result<()> {
             promise(&settings, cmd).await?;
         }
         Command::Schema(a) => schema(&settings, a)?,
+        Command::Check(a) => {
+            let report = runbridge::check::run(&settings, &a.job_ids, a.workspace.as_deref()).await;
+            print!("{}", report.render());
+            return Ok(!report.failed());
+        }
     }
-    Ok(())
+    Ok(true)
 }

@@ -10,8 +10,11 @@
 //! and connects again with backoff. Deliveries that were in flight are
 //! redelivered by the broker, which the worker's steps are built to absorb.
 
+mod check;
+
 use std::time::Duration;
 
+pub use check::{Found, TopologyFinding};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -84,6 +87,40 @@ impl std::fmt::Debug for BrokerSettings {
 }
 
 /// The AMQP URL with its password replaced, for messages and logs.
+/// A durable quorum queue's arguments (the dead-letter queue's).
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args
+}
+
+/// The trigger queue's: quorum, the delivery limit, dead letters to the DLX.
+fn triggers_args(s: &BrokerSettings) -> FieldTable {
+    let mut args = quorum_args();
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(i64::from(s.delivery_limit)),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(s.dead_letter_exchange.as_str().into()),
+    );
+    args
+}
+
+/// The control queue's: quorum, dead letters to the DLX.
+fn control_args(s: &BrokerSettings) -> FieldTable {
+    let mut args = quorum_args();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(s.dead_letter_exchange.as_str().into()),
+    );
+    args
+}
+
 pub fn redact_amqp_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
@@ -196,15 +233,10 @@ impl Broker {
         )
         .await
         .map_err(amqp)?;
-        let mut dead_args = FieldTable::default();
-        dead_args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
         ch.queue_declare(
             s.dead_letter_queue.as_str().into(),
             QueueDeclareOptions::durable(),
-            dead_args,
+            quorum_args(),
         )
         .await
         .map_err(amqp)?;
@@ -217,23 +249,10 @@ impl Broker {
         )
         .await
         .map_err(amqp)?;
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(i64::from(s.delivery_limit)),
-        );
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(s.dead_letter_exchange.as_str().into()),
-        );
         ch.queue_declare(
             s.triggers_queue.as_str().into(),
             QueueDeclareOptions::durable(),
-            args,
+            triggers_args(s),
         )
         .await
         .map_err(|e| {
@@ -242,19 +261,10 @@ impl Broker {
                 s.triggers_queue
             ))
         })?;
-        let mut control_args = FieldTable::default();
-        control_args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        control_args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(s.dead_letter_exchange.as_str().into()),
-        );
         ch.queue_declare(
             s.control_queue.as_str().into(),
             QueueDeclareOptions::durable(),
-            control_args,
+            control_args(s),
         )
         .await
         .map_err(amqp)?;

@@ -892,6 +892,32 @@ impl PromiseStore for RedisStore {
     }
 }
 
+impl RedisStore {
+    /// A server setting (`CONFIG GET`), for `runbridge check`: `Ok(None)`
+    /// when the server will not say (managed services often rename or
+    /// refuse CONFIG).
+    pub async fn server_setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn().await?;
+        let r: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(name)
+            .query_async(&mut conn)
+            .await;
+        match r {
+            Ok(v) => Ok(v.get(1).cloned()),
+            Err(e)
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
+            {
+                Ok(None)
+            }
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                Err(unavailable(e))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+}
+
 fn ids(v: Vec<String>) -> Vec<PromiseId> {
     v.into_iter()
         .filter_map(|s| match PromiseId::parse(&s) {

@@ -6,6 +6,7 @@
 mod auth;
 mod budget;
 mod callbacks;
+mod check;
 mod core_loop;
 mod documents;
 mod faults;

@@ -1,0 +1,163 @@
+//! `runbridge check` (the binary) against the emulator, the real RabbitMQ
+//! with the test's topology, and Redis: a ready job passes; a job that
+//! cannot receive the callback values, a refused token and a Redis that
+//! evicts keys fail, each saying what to change.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+async fn create_job(app: &TestApp, settings: Value) -> u64 {
+    let r: Value = app
+        .http
+        .post(format!("{}/api/2.2/jobs/create", app.emulator_url))
+        .bearer_auth("dapi-test")
+        .json(&settings)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["job_id"].as_u64().unwrap()
+}
+
+/// `runbridge check` with the app's settings and `env`; (exit code, stdout).
+async fn check(app: &TestApp, args: &[String], env: &[(&str, String)]) -> (i32, String) {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_runbridge"))
+            .arg("check")
+            .args(args)
+            .envs(app.env_vars())
+            .envs(env.iter().map(|(k, v)| (k.to_string(), v.clone())))
+            .output(),
+    )
+    .await
+    .expect("check ends")
+    .expect("runbridge runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn line<'a>(out: &'a str, area: &str, item: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.contains(area) && l.contains(item))
+        .unwrap_or_else(|| panic!("no line for {area} {item} in\n{out}"))
+}
+
+#[tokio::test]
+async fn check_says_what_is_ready_and_what_to_change() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let ready = create_job(
+        &app,
+        json!({"name": "ready", "max_concurrent_runs": 20, "queue": {"enabled": true},
+               "parameters": [{"name": "promise_id", "default": ""}, {"name": "url", "default": ""},
+                              {"name": "callback_token", "default": ""}],
+               "tasks": [{"task_key": "nb", "notebook_task": {"notebook_path": "/Shared/nb"}}]}),
+    )
+    .await;
+    let (code, out) = check(&app, &["--job-id".into(), ready.to_string()], &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        line(&out, "rabbitmq", ".triggers").starts_with("ok"),
+        "{out}"
+    );
+    assert!(
+        line(&out, "redis", "maxmemory-policy").starts_with("ok"),
+        "{out}"
+    );
+    assert!(
+        line(&out, "workspace default", "credentials").starts_with("ok"),
+        "{out}"
+    );
+    assert!(
+        line(&out, &format!("job {ready}"), "parameters").starts_with("ok"),
+        "{out}"
+    );
+    assert!(out.contains("\nready ("), "{out}");
+
+    let unready = create_job(
+        &app,
+        json!({"name": "unready", "parameters": [{"name": "date", "default": ""}],
+               "tasks": [{"task_key": "nb", "notebook_task": {"notebook_path": "/Shared/nb"}}]}),
+    )
+    .await;
+    let (code, out) = check(&app, &["--job-id".into(), unready.to_string()], &[]).await;
+    assert_eq!(code, 1, "{out}");
+    let params = line(&out, &format!("job {unready}"), "parameters");
+    assert!(
+        params.starts_with("FAIL")
+            && params.contains("add job parameters promise_id, url, callback_token"),
+        "{out}"
+    );
+    assert!(
+        line(&out, &format!("job {unready}"), "concurrency").starts_with("FAIL"),
+        "{out}"
+    );
+    let (code, out) = check(&app, &["--job-id".into(), "424242".into()], &[]).await;
+    assert_eq!(code, 1);
+    assert!(
+        line(&out, "job 424242", "exists").contains("does not exist"),
+        "{out}"
+    );
+
+    // A refused token.
+    let (code, out) = check(
+        &app,
+        &[],
+        &[(
+            "RUNBRIDGE__DATABRICKS__WORKSPACES__DEFAULT__TOKEN",
+            "dapi-revoked".into(),
+        )],
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(
+        line(&out, "workspace default", "credentials").contains("Invalid access token"),
+        "{out}"
+    );
+
+    // A Redis of the test's own that evicts keys under memory pressure.
+    let port = free_port();
+    let _redis = RedisProc::start(
+        &[
+            "--port".into(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--save".into(),
+            "".into(),
+            "--maxmemory-policy".into(),
+            "allkeys-lru".into(),
+        ],
+        port,
+    )
+    .await;
+    let (code, out) = check(
+        &app,
+        &[],
+        &[
+            ("RUNBRIDGE__REDIS__URL", format!("redis://127.0.0.1:{port}")),
+            ("RUNBRIDGE__REDIS__MODE", "standalone".into()),
+        ],
+    )
+    .await;
+    assert_eq!(code, 1, "{out}");
+    let policy = line(&out, "redis", "maxmemory-policy");
+    assert!(
+        policy.starts_with("FAIL")
+            && policy.contains("allkeys-lru")
+            && policy.contains("noeviction"),
+        "{out}"
+    );
+    app.stop().await;
+}
