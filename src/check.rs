@@ -99,13 +99,17 @@ impl Report {
                 .filter(|f| f.level == Level::Warn)
                 .count(),
         );
+        let warnings = match warns {
+            1 => "1 warning".to_string(),
+            n => format!("{n} warnings"),
+        };
         let _ = writeln!(
             out,
             "\n{}",
             if fails == 0 {
-                format!("ready ({warns} warnings)")
+                format!("ready ({warnings})")
             } else {
-                format!("not ready: {fails} to change, {warns} warnings")
+                format!("not ready: {fails} to change, {warnings}")
             }
         );
         out
@@ -188,7 +192,7 @@ pub fn job_findings(
                     "parameters",
                     Level::Fail,
                     format!(
-                        "job parameters without {}: a job that defines job parameters takes no others, so its runs cannot call back (they settle only when they end, by exit value); add job parameters {} with empty defaults",
+                        "job parameters without {}: a run receives only the job parameters its job defines, so these runs cannot call back (they settle only when they end, by exit value); add job parameters {} with empty defaults",
                         missing.join(", "),
                         missing.join(", ")
                     ),
@@ -529,7 +533,7 @@ mod tests {
         };
         assert!(r.failed());
         assert!(
-            r.render().contains("not ready: 1 to change, 1 warnings"),
+            r.render().contains("not ready: 1 to change, 1 warning\n"),
             "{}",
             r.render()
         );

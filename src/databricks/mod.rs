@@ -14,6 +14,7 @@
 //! carries Databricks's own error body for the promise's rejection.
 
 mod client;
+mod endpoints;
 mod errors;
 mod ratelimit;
 
