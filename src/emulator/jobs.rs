@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::api::{Emu, gate, invalid, parse_body};
 use super::model::{Job, now_ms};
-use super::runs::PAGE;
+use super::runs::{PAGE, page_token};
 
 pub async fn create_job(
     State(emu): Emu,
@@ -69,12 +69,9 @@ pub async fn get_job(
     let Some(id) = q.job_id else {
         return invalid("Missing required field: job_id");
     };
-    let page = match q.page_token.as_deref().filter(|t| !t.is_empty()) {
-        None => 0,
-        Some(t) => match t.parse::<usize>() {
-            Ok(p) => p,
-            Err(_) => return invalid(format!("Invalid page token: {t}")),
-        },
+    let page = match page_token(q.page_token.as_deref()) {
+        Ok(p) => p.unwrap_or(0),
+        Err(r) => return r,
     };
     let Some(j) = emu.lock().jobs.get(&id).cloned() else {
         return invalid(format!("Job {id} does not exist."));

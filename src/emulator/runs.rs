@@ -25,6 +25,33 @@ use super::model::{Emulator, Injected, Job, Outcome, Run, TaskRun, now_ms, task_
 /// Jobs API 2.2 pages a run's `tasks` (and a job's) this many at a time.
 pub const PAGE: usize = 100;
 
+/// A `page_token` (the emulator's are page numbers or offsets); an empty
+/// one is none.
+pub fn page_token(t: Option<&str>) -> Result<Option<usize>, Response> {
+    match t.filter(|t| !t.is_empty()) {
+        None => Ok(None),
+        Some(t) => t
+            .parse()
+            .map(Some)
+            .map_err(|_| invalid(format!("Invalid page token: {t}"))),
+    }
+}
+
+/// What both launch routes start with: auth and faults, the JSON body, and
+/// its idempotency token.
+async fn launch_prelude(
+    emu: &Emulator,
+    version: &str,
+    headers: &HeaderMap,
+    endpoint: &str,
+    body: &Bytes,
+) -> Result<(Option<Injected>, Map<String, Value>, Option<String>), Response> {
+    let fault = gate(emu, version, headers, endpoint).await?;
+    let m = parse_body(body)?;
+    let token = check_token(&m)?;
+    Ok((fault, m, token))
+}
+
 fn string_map(v: Option<&Value>, name: &str) -> Result<Option<BTreeMap<String, String>>, Response> {
     match v {
         None | Some(Value::Null) => Ok(None),
@@ -265,20 +292,13 @@ pub async fn run_now(
     body: Bytes,
 ) -> Response {
     let _in_flight = InFlight::new(&emu);
-    let fault = match gate(&emu, &version, &headers, "jobs/run-now").await {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
-    let m = match parse_body(&body) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
+    let (fault, m, token) =
+        match launch_prelude(&emu, &version, &headers, "jobs/run-now", &body).await {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
     let Some(job_id) = m.get("job_id").and_then(Value::as_u64) else {
         return invalid("Missing required field: job_id");
-    };
-    let token = match check_token(&m) {
-        Ok(t) => t,
-        Err(r) => return r,
     };
     let (jp, np) = match (
         string_map(m.get("job_parameters"), "job_parameters"),
@@ -338,18 +358,11 @@ pub async fn submit(
     body: Bytes,
 ) -> Response {
     let _in_flight = InFlight::new(&emu);
-    let fault = match gate(&emu, &version, &headers, "jobs/runs/submit").await {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
-    let m = match parse_body(&body) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
-    let token = match check_token(&m) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
+    let (fault, m, token) =
+        match launch_prelude(&emu, &version, &headers, "jobs/runs/submit", &body).await {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
     let mut tasks: Vec<Value> = m
         .get("tasks")
         .and_then(Value::as_array)
@@ -538,12 +551,9 @@ pub async fn get_run(
     if let Err(r) = gate(&emu, &version, &headers, "jobs/runs/get").await {
         return r;
     }
-    let page = match q.page_token.as_deref().filter(|t| !t.is_empty()) {
-        None => 0,
-        Some(t) => match t.parse::<usize>() {
-            Ok(p) => p,
-            Err(_) => return invalid(format!("Invalid page token: {t}")),
-        },
+    let page = match page_token(q.page_token.as_deref()) {
+        Ok(p) => p.unwrap_or(0),
+        Err(r) => return r,
     };
     match find_run(&emu, q.run_id) {
         Ok(run) => Json(run_json(&emu, &run, Some(page))).into_response(),
@@ -667,12 +677,9 @@ pub async fn list_runs(
     if !(1..=25).contains(&limit) {
         return invalid("limit must be between 1 and 25");
     }
-    let offset = match q.page_token.as_deref().filter(|t| !t.is_empty()) {
-        Some(t) => match t.parse::<usize>() {
-            Ok(o) => o,
-            Err(_) => return invalid(format!("Invalid page token: {t}")),
-        },
-        None => q.offset.unwrap_or(0),
+    let offset = match page_token(q.page_token.as_deref()) {
+        Ok(o) => o.or(q.offset).unwrap_or(0),
+        Err(r) => return r,
     };
     let inner = emu.lock();
     let finished = |r: &&Run| matches!(r.life_cycle_state, "TERMINATED" | "SKIPPED");

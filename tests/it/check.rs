@@ -5,24 +5,9 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::helpers::*;
-
-async fn create_job(app: &TestApp, settings: Value) -> u64 {
-    let r: Value = app
-        .http
-        .post(format!("{}/api/2.2/jobs/create", app.emulator_url))
-        .bearer_auth("dapi-test")
-        .json(&settings)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    r["job_id"].as_u64().unwrap()
-}
 
 /// `runbridge check` with the app's settings and `env`; (exit code, stdout).
 async fn check(app: &TestApp, args: &[String], env: &[(&str, String)]) -> (i32, String) {
@@ -57,14 +42,14 @@ async fn check_says_what_is_ready_and_what_to_change() {
         ..Default::default()
     })
     .await;
-    let ready = create_job(
-        &app,
-        json!({"name": "ready", "max_concurrent_runs": 20, "queue": {"enabled": true},
+    let ready = app
+        .create_job(
+            json!({"name": "ready", "max_concurrent_runs": 20, "queue": {"enabled": true},
                "parameters": [{"name": "promise_id", "default": ""}, {"name": "url", "default": ""},
                               {"name": "callback_token", "default": ""}],
                "tasks": [{"task_key": "nb", "notebook_task": {"notebook_path": "/Shared/nb"}}]}),
-    )
-    .await;
+        )
+        .await;
     let (code, out) = check(&app, &["--job-id".into(), ready.to_string()], &[]).await;
     assert_eq!(code, 0, "{out}");
     assert!(
@@ -85,12 +70,12 @@ async fn check_says_what_is_ready_and_what_to_change() {
     );
     assert!(out.contains("\nready ("), "{out}");
 
-    let unready = create_job(
-        &app,
-        json!({"name": "unready", "parameters": [{"name": "date", "default": ""}],
+    let unready = app
+        .create_job(
+            json!({"name": "unready", "parameters": [{"name": "date", "default": ""}],
                "tasks": [{"task_key": "nb", "notebook_task": {"notebook_path": "/Shared/nb"}}]}),
-    )
-    .await;
+        )
+        .await;
     let (code, out) = check(&app, &["--job-id".into(), unready.to_string()], &[]).await;
     assert_eq!(code, 1, "{out}");
     let params = line(&out, &format!("job {unready}"), "parameters");

@@ -15,22 +15,6 @@ use crate::helpers::*;
 
 const TOKEN: &str = "dapi-test";
 
-/// `jobs/create` on the emulator; the new job's id.
-async fn create_job(app: &TestApp, settings: Value) -> u64 {
-    let r: Value = app
-        .http
-        .post(format!("{}/api/2.2/jobs/create", app.emulator_url))
-        .bearer_auth(TOKEN)
-        .json(&settings)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    r["job_id"].as_u64().expect("job id")
-}
-
 async fn set_token(app: &TestApp, state: &str, html: bool) {
     let r = app
         .http
@@ -157,10 +141,10 @@ async fn the_emulator_refuses_parameters_a_job_cannot_take() {
         ..Default::default()
     })
     .await;
-    let plain = create_job(&app, json!({"name": "plain", "tasks": [notebook("nb")]})).await;
-    let with = create_job(
-        &app,
-        json!({"name": "with", "tasks": [notebook("nb")], "parameters": [{"name": "date", "default": ""}]}),
+    let plain = app
+        .create_job(json!({"name": "plain", "tasks": [notebook("nb")]}))
+        .await;
+    let with = app.create_job(json!({"name": "with", "tasks": [notebook("nb")], "parameters": [{"name": "date", "default": ""}]}),
     )
     .await;
     for (job, body) in [
@@ -189,9 +173,7 @@ async fn the_emulator_refuses_parameters_a_job_cannot_take() {
 #[tokio::test]
 async fn a_job_without_job_parameters_gets_notebook_params() {
     let mut app = TestApp::spawn().await;
-    let job = create_job(
-        &app,
-        json!({"name": "plain", "tasks": [notebook("nb")],
+    let job = app.create_job(json!({"name": "plain", "tasks": [notebook("nb")],
                "tags": {"emulator.outcome": "callback", "emulator.delay_ms": "50", "emulator.value": "by callback"}}),
     )
     .await;
@@ -214,9 +196,7 @@ async fn a_job_without_job_parameters_gets_notebook_params() {
 #[tokio::test]
 async fn a_job_that_cannot_receive_the_callback_values_settles_by_exit_value() {
     let mut app = TestApp::spawn().await;
-    let job = create_job(
-        &app,
-        json!({"name": "dated", "tasks": [notebook("nb")],
+    let job = app.create_job(json!({"name": "dated", "tasks": [notebook("nb")],
                "parameters": [{"name": "date", "default": "today"}],
                "tags": {"emulator.outcome": "success_no_callback", "emulator.delay_ms": "50", "emulator.value": "exited"}}),
     )
@@ -270,7 +250,7 @@ async fn a_multi_task_run_resolves_with_the_configured_tasks_exit_value() {
         ..Default::default()
     })
     .await;
-    let job = create_job(&app, two_task_job()).await;
+    let job = app.create_job(two_task_job()).await;
     let id = unique("two");
     app.publish(&json!({"id": id, "job_id": job})).await;
     let (ev, v) = app.first_event(&id, Duration::from_secs(10)).await;
@@ -305,7 +285,7 @@ async fn a_multi_task_run_resolves_with_the_configured_tasks_exit_value() {
 #[tokio::test]
 async fn without_a_configured_task_every_tasks_exit_value_counts() {
     let mut app = TestApp::spawn().await;
-    let job = create_job(&app, two_task_job()).await;
+    let job = app.create_job(two_task_job()).await;
     let id = unique("all-tasks");
     app.publish(&json!({"id": id, "job_id": job})).await;
     let (_, v) = app.first_event(&id, Duration::from_secs(10)).await;
@@ -315,9 +295,7 @@ async fn without_a_configured_task_every_tasks_exit_value_counts() {
     );
 
     let tasks: Vec<Value> = (0..150).map(|i| notebook(&format!("t{i:03}"))).collect();
-    let big = create_job(
-        &app,
-        json!({"name": "big", "tasks": tasks,
+    let big = app.create_job(json!({"name": "big", "tasks": tasks,
                "tags": {"emulator.outcome": "success_no_callback", "emulator.delay_ms": "50", "emulator.value": "ok"}}),
     )
     .await;
@@ -337,14 +315,14 @@ async fn without_a_configured_task_every_tasks_exit_value_counts() {
 #[tokio::test]
 async fn queued_runs_wait_their_turn_and_skipped_runs_are_rejected() {
     let mut app = TestApp::spawn().await;
-    let queued = create_job(
-        &app,
-        json!({"name": "one-at-a-time", "tasks": [notebook("nb")], "max_concurrent_runs": 1,
+    let queued = app
+        .create_job(
+            json!({"name": "one-at-a-time", "tasks": [notebook("nb")], "max_concurrent_runs": 1,
                "queue": {"enabled": true}, "parameters": [{"name": "promise_id", "default": ""},
                {"name": "url", "default": ""}, {"name": "callback_token", "default": ""}],
                "tags": {"emulator.outcome": "callback", "emulator.delay_ms": "1000"}}),
-    )
-    .await;
+        )
+        .await;
     let ids: Vec<String> = (0..4).map(|i| unique(&format!("queued-{i}"))).collect();
     for id in &ids {
         app.publish(&json!({"id": id, "job_id": queued, "heartbeat_seconds": 3}))
@@ -357,12 +335,12 @@ async fn queued_runs_wait_their_turn_and_skipped_runs_are_rejected() {
     let stats = app.emulator_stats().await;
     assert_eq!(stats["max_active_runs"][queued.to_string()], 1);
 
-    let skipping = create_job(
-        &app,
-        json!({"name": "no-queue", "tasks": [notebook("nb")], "max_concurrent_runs": 1,
+    let skipping = app
+        .create_job(
+            json!({"name": "no-queue", "tasks": [notebook("nb")], "max_concurrent_runs": 1,
                "tags": {"emulator.outcome": "callback", "emulator.delay_ms": "1500"}}),
-    )
-    .await;
+        )
+        .await;
     let (first, second) = (unique("runs"), unique("skipped"));
     app.publish(&json!({"id": first, "job_id": skipping})).await;
     eventually(Duration::from_secs(5), "first run launched", || async {
@@ -407,24 +385,14 @@ async fn an_id_used_again_after_its_promise_expired_starts_a_new_run() {
     app.publish(&trigger(&id, JOB_CALLBACK)).await;
     let (_, first) = app.first_event(&id, Duration::from_secs(10)).await;
     // What the retention period's expiry does to a settled promise.
-    let mut conn = redis::Client::open("redis://127.0.0.1:6379")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:*:promise:{id}", app.name))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    if keys.is_empty() {
+    let Some((key, mut conn)) = app.promise_key(&id).await else {
         // Under a Redis Cluster the key lives on another node; the cluster
         // run covers the rest of this file.
         app.stop().await;
         return;
-    }
+    };
     let _: () = redis::cmd("DEL")
-        .arg(&keys)
+        .arg(&key)
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -456,22 +424,12 @@ async fn a_promise_from_before_the_upgrade_keeps_its_token() {
     let mut new = new_promise(&pid, Timeout::After(Duration::from_secs(600)));
     new.job_id = Some(JOB_EXIT_ONLY);
     app.store.create(&new).await.unwrap();
-    let mut conn = redis::Client::open("redis://127.0.0.1:6379")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:*:promise:{id}", app.name))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    if keys.len() != 1 {
+    let Some((key, mut conn)) = app.promise_key(&id).await else {
         app.stop().await;
         return;
-    }
+    };
     let _: () = redis::cmd("HDEL")
-        .arg(&keys[0])
+        .arg(&key)
         .arg("tv")
         .query_async(&mut conn)
         .await

@@ -519,6 +519,52 @@ impl TestApp {
             .collect()
     }
 
+    /// `jobs/create` on the emulator, with the token the app's workspace
+    /// uses; the new job's id.
+    pub async fn create_job(&self, settings: Value) -> u64 {
+        let token = self
+            .overrides
+            .iter()
+            .find(|(k, _)| *k == "databricks.workspaces.default.token")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let r: Value = self
+            .http
+            .post(format!("{}/api/2.2/jobs/create", self.emulator_url))
+            .bearer_auth(token)
+            .json(&settings)
+            .send()
+            .await
+            .expect("emulator reachable")
+            .json()
+            .await
+            .expect("emulator json");
+        r["job_id"].as_u64().expect("a job id")
+    }
+
+    /// The Redis key of promise `id` (found by pattern; `None` on a Redis
+    /// Cluster, where it lives on whichever node owns its slot), and a
+    /// connection to the machine's Redis.
+    pub async fn promise_key(
+        &self,
+        id: &str,
+    ) -> Option<(String, redis::aio::MultiplexedConnection)> {
+        let mut conn = redis::Client::open("redis://127.0.0.1:6379")
+            .ok()?
+            .get_multiplexed_async_connection()
+            .await
+            .ok()?;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*:promise:{id}", self.name))
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        match keys.as_slice() {
+            [one] => Some((one.clone(), conn)),
+            _ => None,
+        }
+    }
+
     pub async fn emulator_stats(&self) -> Value {
         self.emulator_get("/emulator/stats").await
     }
