@@ -40,11 +40,15 @@ fn window_counting() {
     assert_eq!(max_in_window(&[], 1000), 0);
 }
 
-/// Three workers with a shared launch budget of R/s: over 2,000 triggers the
+/// Three workers with a shared launch budget of R/s: over 1,000 triggers the
 /// emulator never sees more than the budget (+ the burst) in any 2 s window.
 #[tokio::test]
 async fn three_workers_share_one_launch_budget() {
-    const RATE: usize = 200;
+    // Well below what three workers reach on two cores (about 100
+    // launches/s against a Redis Cluster, 250 against one Redis), so the
+    // budget is what limits them, and the bound below fails without it on
+    // either: a budget above the machine's pace would test nothing.
+    const RATE: usize = 50;
     const BURST: usize = 10;
     let mut app = TestApp::spawn_with(Options {
         extra_workers: 2,
@@ -58,24 +62,26 @@ async fn three_workers_share_one_launch_budget() {
     })
     .await;
     let batch = unique("rate");
-    let ids: Vec<String> = (0..2000).map(|i| format!("{batch}-{i:04}")).collect();
+    let ids: Vec<String> = (0..1000).map(|i| format!("{batch}-{i:04}")).collect();
     for id in &ids {
         app.publish(&trigger(id, JOB_CALLBACK)).await;
     }
     let events = app.events_for_all(&ids, Duration::from_secs(90)).await;
-    assert_eq!(events.len(), 2000);
+    assert_eq!(events.len(), 1000);
     let launches: Vec<i64> = calls(&app, "jobs/run-now")
         .await
         .into_iter()
         .map(|(t, _)| t)
         .collect();
-    assert_eq!(launches.len(), 2000, "one launch per trigger");
+    assert_eq!(launches.len(), 1000, "one launch per trigger");
     // Counted on arrival at the emulator, over 2 s windows: the budget allows
     // 2·R + burst. A scheduling stall on this 2-core machine can bunch
-    // requests that were granted evenly, so 0.1 s worth of budget is allowed
-    // for that (without a shared budget the peak is ~250-285/s, far above).
+    // requests that were granted evenly: 20 more are allowed for that
+    // (without a shared budget the peak is ~500 in 2 s against one Redis,
+    // ~150-190 against a Redis Cluster, both above).
+    const STALL: usize = 20;
     let peak = max_in_window(&launches, 2000);
-    let allowed = 2 * RATE + BURST + RATE / 10;
+    let allowed = 2 * RATE + BURST + STALL;
     assert!(
         peak <= allowed,
         "peak {peak} launches in 2 s over a budget of {RATE}/s + {BURST} (allowed {allowed})"
