@@ -33,8 +33,11 @@ impl Emulator {
     fn try_start(&self, run_id: u64) -> Option<bool> {
         let mut inner = self.lock();
         let run = inner.runs.get(&run_id)?;
-        if run.life_cycle_state != "QUEUED" {
-            return (run.life_cycle_state != "TERMINATED").then_some(true);
+        match run.life_cycle_state {
+            "QUEUED" => {}
+            // Cancelled (or skipped) before it started: it never runs.
+            "TERMINATING" | "TERMINATED" | "SKIPPED" => return None,
+            _ => return Some(true),
         }
         let Some(job_id) = run.job_id else {
             return Some(true);
