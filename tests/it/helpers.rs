@@ -542,27 +542,27 @@ impl TestApp {
         r["job_id"].as_u64().expect("a job id")
     }
 
-    /// The Redis key of promise `id` (found by pattern; `None` on a Redis
-    /// Cluster, where it lives on whichever node owns its slot), and a
-    /// connection to the machine's Redis.
+    /// The Redis key of promise `id` and a connection to the machine's
+    /// Redis; `None` on a Redis Cluster (the key lives on whichever node
+    /// owns its slot).
     pub async fn promise_key(
         &self,
         id: &str,
     ) -> Option<(String, redis::aio::MultiplexedConnection)> {
-        let mut conn = redis::Client::open("redis://127.0.0.1:6379")
+        if self.settings.redis.mode == "cluster" {
+            return None;
+        }
+        let key = self
+            .settings
+            .keys()
+            .ok()?
+            .promise(&PromiseId::parse(id).ok()?);
+        let conn = redis::Client::open("redis://127.0.0.1:6379")
             .ok()?
             .get_multiplexed_async_connection()
             .await
             .ok()?;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*:promise:{id}", self.name))
-            .query_async(&mut conn)
-            .await
-            .ok()?;
-        match keys.as_slice() {
-            [one] => Some((one.clone(), conn)),
-            _ => None,
-        }
+        Some((key, conn))
     }
 
     pub async fn emulator_stats(&self) -> Value {
@@ -654,16 +654,35 @@ pub async fn delete_keys(settings: &Settings, prefix: &str) {
         let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
             continue;
         };
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}:*"))
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
-        let mut pipe = redis::pipe();
-        for k in &keys {
-            pipe.cmd("DEL").arg(k).ignore();
+        // SCAN, not KEYS: KEYS blocks the shared Redis for the whole
+        // keyspace at once, and the tests running beside this one time out;
+        // small batches also keep each pipeline under the response timeout
+        // (one pipeline of 100,000 DELs did not, and left the keys behind).
+        let mut cursor: u64 = 0;
+        loop {
+            let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}:*"))
+                .arg("COUNT")
+                .arg(5000)
+                .query_async(&mut conn)
+                .await
+            else {
+                break;
+            };
+            let mut pipe = redis::pipe();
+            for k in &keys {
+                pipe.cmd("UNLINK").arg(k).ignore();
+            }
+            if !keys.is_empty() {
+                let _: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
         }
-        let _: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
     }
 }
 
