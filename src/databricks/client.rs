@@ -409,11 +409,10 @@ impl Client {
         let reason = format!("HTTP {code} {}: {}", body.error_code, body.message);
         match classify(code, &body) {
             ErrorClass::Credentials => {
-                self.credentials_refused(name, ws, endpoint, code, &body)
-                    .await;
                 if matches!(ws.credentials, Credentials::OAuth { .. }) {
                     // An OAuth token may have been revoked or expired early:
-                    // the retry gets a fresh one.
+                    // the retry gets a fresh one, and only a refusal that
+                    // outlives the retries counts as an outage (`call`).
                     *ws.oauth.lock().await = None;
                     return Err(Attempt::Retry {
                         reason,
@@ -421,6 +420,7 @@ impl Client {
                         refused: Some((code, body)),
                     });
                 }
+                self.credentials_refused(name, ws, endpoint, code, &body);
                 Err(Attempt::Stop(DatabricksError::Credentials {
                     workspace: name.to_owned(),
                     endpoint,
@@ -456,7 +456,7 @@ impl Client {
     /// A refusal of the credentials: every call to the workspace waits a
     /// moment; the first refusal of an outage is logged (with the reason
     /// Databricks gave), later ones are not.
-    async fn credentials_refused(
+    fn credentials_refused(
         &self,
         name: &str,
         ws: &Workspace,
@@ -539,12 +539,15 @@ impl Client {
                 Attempt::Retry {
                     refused: Some((status, body)),
                     ..
-                } => DatabricksError::Credentials {
-                    workspace: workspace.to_owned(),
-                    endpoint,
-                    status,
-                    body,
-                },
+                } => {
+                    self.credentials_refused(workspace, ws, endpoint, status, &body);
+                    DatabricksError::Credentials {
+                        workspace: workspace.to_owned(),
+                        endpoint,
+                        status,
+                        body,
+                    }
+                }
                 Attempt::Retry { reason, .. } => DatabricksError::Transient { endpoint, reason },
                 Attempt::Stop(e) => e,
             })
