@@ -878,14 +878,15 @@ async fn redis_cluster_primary_killed(wait_replicas: u64) -> KillReport {
 
 /// Without `WAIT`, Redis replicates asynchronously: what the killed primary
 /// acknowledged but had not sent to its replica is gone. Measured, and
-/// printed; exactly one run per idempotency token holds regardless (the
-/// token, not Redis, makes a retried launch the same run). Run by `make
-/// cluster-test`.
+/// printed. A promise whose record the failover lost is, on redelivery, a
+/// new incarnation with a new idempotency token (tokens are bound to the
+/// creation time), so it may get a second run; no other promise may. Run by
+/// `make cluster-test`.
 #[tokio::test]
 #[ignore = "make cluster-test"]
 async fn redis_cluster_primary_killed_without_wait() {
     let r = redis_cluster_primary_killed(0).await;
-    assert_eq!(r.extra_runs, 0, "{r:?}");
+    assert!(r.extra_runs <= r.record_mismatch, "{r:?}");
 }
 
 /// With `redis.wait_replicas = 1` every transition and every published
