@@ -14,9 +14,13 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
     && useradd --system --uid 10001 --home-dir /app runbridge
 WORKDIR /app
 COPY --from=build /src/target/release/runbridge /usr/local/bin/runbridge
-COPY config ./config
+# Not config/local.toml: its development secrets are public, and the image
+# runs in production mode, which refuses to start without secrets of its
+# own (RUNBRIDGE__AUTH__CALLBACK_SECRETS, RUNBRIDGE__AUTH__OPERATOR_TOKENS,
+# DATABRICKS_TOKEN...). docker-compose.yml mounts local.toml for development.
+COPY config/default.toml config/production.toml ./config/
 USER runbridge
-ENV RUNBRIDGE_CONFIG_DIR=/app/config
+ENV RUNBRIDGE_CONFIG_DIR=/app/config RUNBRIDGE_ENV=production
 EXPOSE 8080 8089
 ENTRYPOINT ["runbridge"]
 CMD ["all"]

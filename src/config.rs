@@ -20,6 +20,15 @@ use crate::keys::Keys;
 
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
+/// The development configuration committed with the source. Compiled in so
+/// that its secrets, which anyone can read, are recognised and refused
+/// outside development mode wherever they turn up.
+const LOCAL_TOML: &str = include_str!("../config/local.toml");
+
+/// Operator tokens and notification passwords shorter than this are
+/// refused at start-up (callback secrets need 32 bytes).
+pub const MIN_CREDENTIAL_LEN: usize = 16;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration could not be loaded: {0}")]
@@ -30,6 +39,11 @@ pub enum ConfigError {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
+    /// Development mode (`config/local.toml` sets it): the committed
+    /// development secrets are accepted. Off everywhere else, where they
+    /// and missing secrets are refused at start-up.
+    #[serde(default)]
+    pub development: bool,
     pub log: LogSettings,
     #[serde(default)]
     pub telemetry: TelemetrySection,
@@ -303,8 +317,10 @@ pub enum Role {
 
 impl Settings {
     /// Loads the layered configuration from the process environment.
+    /// Without `RUNBRIDGE_ENV` the environment is `production`: development
+    /// mode is always asked for by name (`RUNBRIDGE_ENV=local`).
     pub fn load() -> Result<Self, ConfigError> {
-        let env = std::env::var("RUNBRIDGE_ENV").unwrap_or_else(|_| "local".into());
+        let env = std::env::var("RUNBRIDGE_ENV").unwrap_or_else(|_| "production".into());
         let dir = std::env::var("RUNBRIDGE_CONFIG_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|_| "config".into());
@@ -546,17 +562,7 @@ impl Settings {
         if role == Role::Client {
             return Ok(());
         }
-        if self.auth.callback_secrets.is_empty() {
-            return bad("auth.callback_secrets is empty: set RUNBRIDGE__AUTH__CALLBACK_SECRETS (32+ bytes each)".into());
-        }
-        if self
-            .auth
-            .callback_secrets
-            .iter()
-            .any(|s| s.expose_secret().len() < 32)
-        {
-            return bad("every auth.callback_secrets entry must be at least 32 bytes".into());
-        }
+        self.validate_credentials()?;
         self.public_url()?;
         match role {
             Role::Worker => {
@@ -628,6 +634,129 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+impl Settings {
+    /// The credentials every serving role shares: present, long enough,
+    /// no empty list item, and none of the committed development secrets
+    /// outside development mode.
+    fn validate_credentials(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let dev_hint = if self.development {
+            ""
+        } else {
+            " (for development with the committed secrets: RUNBRIDGE_ENV=local)"
+        };
+        if self.auth.callback_secrets.is_empty() {
+            return bad(format!(
+                "auth.callback_secrets is empty: set RUNBRIDGE__AUTH__CALLBACK_SECRETS (32+ bytes each){dev_hint}"
+            ));
+        }
+        for (key, list, min) in [
+            ("auth.callback_secrets", &self.auth.callback_secrets, 32),
+            (
+                "auth.operator_tokens",
+                &self.auth.operator_tokens,
+                MIN_CREDENTIAL_LEN,
+            ),
+        ] {
+            let var = format!("RUNBRIDGE__{}", key.to_uppercase().replace('.', "__"));
+            for (i, s) in list.iter().enumerate() {
+                let len = s.expose_secret().len();
+                if len == 0 {
+                    return bad(format!(
+                        "{key} entry {} is empty (a trailing or doubled comma in {var}?): an empty credential is never accepted",
+                        i + 1
+                    ));
+                }
+                if len < min {
+                    return bad(format!(
+                        "{key} entry {} is {len} bytes; each must be at least {min}",
+                        i + 1
+                    ));
+                }
+            }
+        }
+        if let Some(p) = &self.auth.notification_password {
+            let len = p.expose_secret().len();
+            if len < MIN_CREDENTIAL_LEN {
+                return bad(format!(
+                    "auth.notification_password is {len} bytes; it must be at least {MIN_CREDENTIAL_LEN} (or unset: the notification route then refuses every request)"
+                ));
+            }
+        }
+        if self.development {
+            return Ok(());
+        }
+        let committed = committed_development_secrets();
+        let is_committed = |s: &SecretString| committed.iter().any(|c| c == s.expose_secret());
+        let mut found: Vec<String> = Vec::new();
+        for (key, list) in [
+            ("auth.callback_secrets", &self.auth.callback_secrets),
+            ("auth.operator_tokens", &self.auth.operator_tokens),
+        ] {
+            if list.iter().any(is_committed) {
+                found.push(key.into());
+            }
+        }
+        if self
+            .auth
+            .notification_password
+            .as_ref()
+            .is_some_and(is_committed)
+        {
+            found.push("auth.notification_password".into());
+        }
+        for (name, w) in &self.databricks.workspaces {
+            if w.token.as_ref().is_some_and(is_committed)
+                || w.client_secret.as_ref().is_some_and(is_committed)
+            {
+                found.push(format!("databricks.workspaces.{name}"));
+            }
+        }
+        if !found.is_empty() {
+            return bad(format!(
+                "{} hold the development secrets committed in config/local.toml, which anyone can read; outside development mode (RUNBRIDGE_ENV=local) set your own, e.g. RUNBRIDGE__AUTH__CALLBACK_SECRETS and RUNBRIDGE__AUTH__OPERATOR_TOKENS",
+                found.join(", ")
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Every secret in the committed `config/local.toml` (callback secrets,
+/// operator tokens, passwords, workspace tokens).
+fn committed_development_secrets() -> Vec<String> {
+    fn walk(v: &config::Value, key: &str, out: &mut Vec<String>) {
+        match &v.kind {
+            config::ValueKind::Table(t) => {
+                for (k, v) in t {
+                    walk(v, k, out);
+                }
+            }
+            config::ValueKind::Array(a) => {
+                for v in a {
+                    walk(v, key, out);
+                }
+            }
+            config::ValueKind::String(s)
+                if ["secret", "token", "password"]
+                    .iter()
+                    .any(|w| key.contains(w)) =>
+            {
+                out.push(s.clone());
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(c) = Config::builder()
+        .add_source(File::from_str(LOCAL_TOML, FileFormat::Toml))
+        .build()
+    {
+        walk(&c.cache, "", &mut out);
+    }
+    out
 }
 
 /// The keys runbridge uses (`host`, `token`, `client_id`, `client_secret`)
@@ -787,6 +916,58 @@ mod tests {
         }
         assert_eq!(s.redis.partitions, 16);
         assert_eq!(s.sidecar.body_limit_bytes, 256 * 1024);
+    }
+
+    #[test]
+    fn committed_development_secrets_are_refused_outside_development() {
+        let committed = committed_development_secrets();
+        assert!(committed.contains(&"local-dev-callback-secret-0123456789abcdef".to_string()));
+        assert!(committed.contains(&"local-dev-operator-token".to_string()));
+        assert!(committed.contains(&"dapi-local-emulator".to_string()));
+        // local.toml itself, with development mode turned off...
+        let mut s = load(&[]).unwrap();
+        s.development = false;
+        let e = s.validate(Role::Sidecar).unwrap_err().to_string();
+        assert!(e.contains("config/local.toml"), "{e}");
+        assert!(e.contains("auth.callback_secrets"), "{e}");
+        // ...or one committed secret copied into another environment.
+        s.auth.callback_secrets = vec!["a-secret-of-my-own-0123456789abcdef".to_string().into()];
+        s.auth.operator_tokens = vec!["an-operator-token-of-my-own".to_string().into()];
+        let e = s.validate(Role::Worker).unwrap_err().to_string();
+        assert!(e.contains("databricks.workspaces.default"), "{e}");
+        assert!(!e.contains("auth.callback_secrets"), "{e}");
+        s.databricks.workspaces.get_mut("default").unwrap().token =
+            Some("dapi-of-my-own".to_string().into());
+        s.validate(Role::Worker).unwrap();
+        s.validate(Role::Sidecar).unwrap();
+    }
+
+    #[test]
+    fn empty_and_short_credentials_are_refused() {
+        let check = |f: &dyn Fn(&mut Settings)| {
+            let mut s = load(&[]).unwrap();
+            f(&mut s);
+            s.validate(Role::Sidecar).err().map(|e| e.to_string())
+        };
+        let list = |v: &[&str]| v.iter().map(|t| t.to_string().into()).collect::<Vec<_>>();
+        let e = check(&|s| s.auth.operator_tokens = list(&["tokA-0123456789abcdef", ""])).unwrap();
+        assert!(e.contains("entry 2 is empty"), "{e}");
+        let e = check(&|s| s.auth.operator_tokens = list(&["x"])).unwrap();
+        assert!(e.contains("at least 16"), "{e}");
+        let e = check(&|s| {
+            s.auth.callback_secrets = list(&["", "local-dev-callback-secret-0123456789abcdef"])
+        })
+        .unwrap();
+        assert!(e.contains("entry 1 is empty"), "{e}");
+        let e = check(&|s| s.auth.notification_password = Some(String::new().into())).unwrap();
+        assert!(e.contains("notification_password"), "{e}");
+        let e =
+            check(&|s| s.auth.notification_password = Some("short".to_string().into())).unwrap();
+        assert!(e.contains("at least 16"), "{e}");
+        assert_eq!(
+            check(&|s| s.auth.operator_tokens = list(&["tokA-0123456789abcdef"])),
+            None
+        );
     }
 
     #[test]

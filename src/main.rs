@@ -515,6 +515,16 @@ async fn main() -> Result<std::process::ExitCode> {
 /// Runs the subcommand; `Ok(false)`: it ran, and says the process should
 /// exit 1 (`check` found something to change).
 async fn run(cli: Cli, settings: Settings) -> Result<bool> {
+    if settings.development
+        && matches!(
+            cli.command,
+            Command::Worker | Command::Sidecar | Command::All
+        )
+    {
+        tracing::warn!(
+            "development mode (RUNBRIDGE_ENV=local): the development secrets committed in config/local.toml are accepted; never expose this process to others"
+        );
+    }
     match cli.command {
         Command::Worker => {
             let shutdown = runbridge::shutdown::on_signals();

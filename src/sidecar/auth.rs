@@ -62,14 +62,18 @@ pub fn basic_matches(headers: &HeaderMap, user: &str, password: &SecretString) -
     let Some((u, p)) = decoded.split_once(':') else {
         return false;
     };
+    if p.is_empty() || password.expose_secret().is_empty() {
+        return false;
+    }
     let user_ok = bool::from(u.as_bytes().ct_eq(user.as_bytes()));
     let pass_ok = bool::from(p.as_bytes().ct_eq(password.expose_secret().as_bytes()));
     user_ok & pass_ok
 }
 
-/// Is one of the credentials an operator token?
+/// Is one of the credentials an operator token? An empty credential never
+/// is, whatever the configuration holds.
 pub fn is_operator(tokens: &[SecretString], creds: &[String]) -> bool {
-    creds.iter().any(|c| {
+    creds.iter().filter(|c| !c.is_empty()).any(|c| {
         tokens.iter().fold(false, |ok, t| {
             bool::from(t.expose_secret().as_bytes().ct_eq(c.as_bytes())) | ok
         })
@@ -101,5 +105,7 @@ mod tests {
         assert!(!is_operator(&toks, &["op-token-".into()]));
         assert!(!is_operator(&toks, &["op-token-12".into()]));
         assert!(!is_operator(&[], &["".into()]));
+        let with_empty = vec![SecretString::from(String::new())];
+        assert!(!is_operator(&with_empty, &["".into()]));
     }
 }

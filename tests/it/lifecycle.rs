@@ -409,7 +409,10 @@ async fn job_notification_triggers_an_immediate_check() {
     let mut app = TestApp::spawn_with(Options {
         overrides: vec![
             ("reconciler.first_poll_ms", "600000".into()),
-            ("auth.notification_password", "hook-secret".into()),
+            (
+                "auth.notification_password",
+                "hook-secret-0123456789".into(),
+            ),
         ],
         ..Default::default()
     })
@@ -426,7 +429,7 @@ async fn job_notification_triggers_an_immediate_check() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     app.http
         .post(format!("{}/emulator/notifications", app.emulator_url))
-        .json(&json!({"url": url, "username": "databricks", "password": "hook-secret"}))
+        .json(&json!({"url": url, "username": "databricks", "password": "hook-secret-0123456789"}))
         .send()
         .await
         .unwrap();

@@ -22,6 +22,7 @@ mod metrics;
 mod model;
 mod otlp;
 mod scale;
+mod security;
 mod tls;
 mod traces;
 mod ui;

@@ -1,0 +1,184 @@
+//! Secure by default: what an attacker on the network, or a deployment
+//! that forgot a setting, gets. Each test names the hole it keeps shut.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::helpers::*;
+
+/// Runs `runbridge <args>` with exactly `env` (nothing inherited but PATH)
+/// and a unique key prefix and queue names, so that a build that wrongly
+/// starts touches nothing shared. `Ok((code, stderr))` when it exits within
+/// 20 s; `Err(stderr so far)` when it is still running (it started).
+async fn start(args: &[&str], env: &[(String, String)]) -> Result<(i32, String), String> {
+    let name = unique("sec");
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_runbridge"));
+    c.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUNBRIDGE__REDIS__KEY_PREFIX", &name)
+        .env(
+            "RUNBRIDGE__AMQP__TRIGGERS_QUEUE",
+            format!("{name}.triggers"),
+        )
+        .env(
+            "RUNBRIDGE__AMQP__DEAD_LETTER_EXCHANGE",
+            format!("{name}.dlx"),
+        )
+        .env("RUNBRIDGE__AMQP__DEAD_LETTER_QUEUE", format!("{name}.dead"))
+        .env("RUNBRIDGE__AMQP__EVENTS_EXCHANGE", format!("{name}.events"))
+        .env("RUNBRIDGE__AMQP__CONTROL_QUEUE", format!("{name}.control"))
+        .env("RUNBRIDGE__SIDECAR__LISTEN", "127.0.0.1:0")
+        .envs(env.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = c.spawn().expect("runbridge runs");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let read = tokio::spawn(async move {
+        let mut s = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut s).await;
+        s
+    });
+    match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
+        Ok(status) => {
+            let code = status.expect("wait").code().unwrap_or(-1);
+            Ok((code, read.await.unwrap_or_default()))
+        }
+        Err(_) => {
+            let _ = child.kill().await;
+            Err(read.await.unwrap_or_default())
+        }
+    }
+}
+
+/// The runtime stage of the Dockerfile, read as the image is built: the
+/// config files it copies (into a fresh directory standing for /app/config)
+/// and the environment it sets.
+fn image_runtime(dir: &Path) -> Vec<(String, String)> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile");
+    let stage = text.rsplit("\nFROM ").next().expect("a runtime stage");
+    let mut env = Vec::new();
+    for line in stage.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.first() {
+            Some(&"COPY") if !line.contains("--from") => {
+                let (sources, dest) = words[1..].split_at(words.len() - 2);
+                if !dest[0].contains("config") {
+                    continue;
+                }
+                for src in sources {
+                    let from = root.join(src);
+                    if from.is_dir() {
+                        for f in std::fs::read_dir(&from).expect("config dir") {
+                            let f = f.expect("entry").path();
+                            std::fs::copy(&f, dir.join(f.file_name().expect("name")))
+                                .expect("copy");
+                        }
+                    } else {
+                        std::fs::copy(&from, dir.join(from.file_name().expect("name")))
+                            .expect("copy");
+                    }
+                }
+            }
+            Some(&"ENV") => {
+                for kv in &words[1..] {
+                    let (k, v) = kv.split_once('=').expect("ENV k=v");
+                    env.push((k.to_owned(), v.to_owned()));
+                }
+            }
+            _ => {}
+        }
+    }
+    for (k, v) in env.iter_mut() {
+        if k == "RUNBRIDGE_CONFIG_DIR" {
+            *v = dir.display().to_string();
+        }
+    }
+    env
+}
+
+/// The image started as it is shipped (`runbridge all`, its own config
+/// directory and environment, no secrets given) refuses to start and says
+/// which setting to provide; so does a bare `runbridge all`, and so does
+/// the image given the development secrets committed in the repository.
+#[tokio::test]
+async fn the_images_default_start_refuses_the_development_secrets() {
+    let dir = std::env::temp_dir().join(unique("rb-image-config"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = image_runtime(&dir);
+
+    let refused = start(&["all"], &image)
+        .await
+        .unwrap_or_else(|log| panic!("the image's default start started:\n{log}"));
+    assert_ne!(refused.0, 0);
+    assert!(
+        refused.1.contains("RUNBRIDGE__AUTH__CALLBACK_SECRETS"),
+        "says which setting to provide: {}",
+        refused.1
+    );
+
+    // The committed secrets, given outright, are refused too.
+    let mut with_dev = image.clone();
+    with_dev.push((
+        "RUNBRIDGE__AUTH__CALLBACK_SECRETS".into(),
+        "local-dev-callback-secret-0123456789abcdef".into(),
+    ));
+    with_dev.push(("DATABRICKS_TOKEN".into(), "dapi-local-emulator".into()));
+    with_dev.push(("DATABRICKS_HOST".into(), "http://127.0.0.1:9".into()));
+    let refused = start(&["sidecar"], &with_dev)
+        .await
+        .unwrap_or_else(|log| panic!("the image started with the development secrets:\n{log}"));
+    assert_ne!(refused.0, 0);
+    assert!(refused.1.contains("config/local.toml"), "{}", refused.1);
+
+    // The binary with the repository's config directory and no
+    // RUNBRIDGE_ENV is not in development mode either.
+    let bare = [(
+        "RUNBRIDGE_CONFIG_DIR".to_string(),
+        config_dir().display().to_string(),
+    )];
+    let refused = start(&["sidecar"], &bare)
+        .await
+        .unwrap_or_else(|log| panic!("a bare runbridge started:\n{log}"));
+    assert_ne!(refused.0, 0);
+    assert!(
+        refused.1.contains("RUNBRIDGE__AUTH__CALLBACK_SECRETS"),
+        "{}",
+        refused.1
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An operator token list with an empty item (a trailing comma) or a
+/// one-character token stops the sidecar at start-up, naming the setting.
+#[tokio::test]
+async fn an_empty_or_short_operator_token_is_refused_at_start_up() {
+    let local = |tokens: &str| {
+        vec![
+            ("RUNBRIDGE_ENV".to_string(), "local".to_string()),
+            (
+                "RUNBRIDGE_CONFIG_DIR".to_string(),
+                config_dir().display().to_string(),
+            ),
+            (
+                "RUNBRIDGE__AUTH__OPERATOR_TOKENS".to_string(),
+                tokens.to_string(),
+            ),
+        ]
+    };
+    for (tokens, says) in [
+        ("tokA-0123456789abcdef,", "entry 2 is empty"),
+        (",tokA-0123456789abcdef", "entry 1 is empty"),
+        ("x", "at least 16"),
+    ] {
+        let (code, log) = start(&["sidecar"], &local(tokens))
+            .await
+            .unwrap_or_else(|log| panic!("started with operator tokens {tokens:?}:\n{log}"));
+        assert_ne!(code, 0);
+        assert!(log.contains("auth.operator_tokens"), "{tokens:?}: {log}");
+        assert!(log.contains(says), "{tokens:?}: {log}");
+    }
+}
