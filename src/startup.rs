@@ -363,6 +363,7 @@ pub async fn run_sidecar(
             body_timeout: Duration::from_millis(s.sidecar.body_timeout_ms.max(1)),
             max_wait: Duration::from_secs(s.sidecar.max_wait_seconds),
             default_timeout: Duration::from_secs(s.worker.default_timeout_seconds),
+            max_timeout: Duration::from_secs(s.worker.max_timeout_seconds),
             default_workspace: s.databricks.default_workspace.clone(),
             secure_cookies: !s.sidecar.tls_cert_file.is_empty()
                 || s.sidecar.public_url.starts_with("https://"),

@@ -92,13 +92,30 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        // Logged here, where it is handled; the caller gets a retryable 503.
-        tracing::error!(error = %e, "store error");
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the promise store is unavailable; retry",
-        )
+        match e {
+            StoreError::InvalidCursor => {
+                Self::bad_request("invalid cursor: pass the cursor of the previous page unchanged")
+            }
+            // Not retryable, and the caller cannot fix it: say so without
+            // the record's details (logged where the record was read).
+            StoreError::Corrupt(_) => {
+                tracing::error!(error = %e, "store error");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "unreadable_record",
+                    "the stored record of this promise cannot be read; an operator must repair or delete it",
+                )
+            }
+            // Logged here, where it is handled; the caller gets a retryable 503.
+            _ => {
+                tracing::error!(error = %e, "store error");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the promise store is unavailable; retry",
+                )
+            }
+        }
     }
 }
 

@@ -52,6 +52,8 @@ pub struct SidecarSettings {
     pub body_timeout: Duration,
     pub max_wait: Duration,
     pub default_timeout: Duration,
+    /// The latest deadline a created promise may have, from now.
+    pub max_timeout: Duration,
     pub default_workspace: String,
     /// The console's cookie gets `Secure` (the sidecar serves HTTPS).
     pub secure_cookies: bool,
@@ -707,12 +709,20 @@ fn parse_wait(s: &str) -> Result<Duration, ApiError> {
         None => (s, "s"),
     };
     let n: u64 = num.parse().map_err(|_| bad())?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(bad()),
+    // Capped by sidecar.max_wait_seconds later; anything past a day is
+    // a mistake, and refusing it keeps the arithmetic below from overflowing.
+    let wait = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
+        _ => return Err(bad()),
+    };
+    if wait > Duration::from_secs(86_400) {
+        return Err(ApiError::bad_request(format!(
+            "wait must be at most a day (and is capped by sidecar.max_wait_seconds), got {s:?}"
+        )));
     }
+    Ok(wait)
 }
 
 async fn read_promise<S: Store>(
@@ -954,7 +964,18 @@ async fn create<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> ApiResult {
         id,
         param: b.param.unwrap_or_default(),
         timeout: match b.timeout {
-            Some(ms) if ms > 0 => Timeout::At(ms),
+            Some(ms) if ms > 0 => {
+                let latest = chrono::Utc::now()
+                    .timestamp_millis()
+                    .saturating_add(st.settings.max_timeout.as_millis() as i64);
+                if ms > latest {
+                    return Err(ApiError::bad_request(format!(
+                        "timeout {ms} is beyond the longest allowed, {} s from now (worker.max_timeout_seconds); it is an epoch time in milliseconds",
+                        st.settings.max_timeout.as_secs()
+                    )));
+                }
+                Timeout::At(ms)
+            }
             Some(_) => {
                 return Err(ApiError::bad_request(
                     "timeout must be a positive epoch time in milliseconds",
@@ -1062,13 +1083,7 @@ async fn search<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) -> Api
             }
         }
     }
-    let page = match st.store.search(&query).await {
-        Ok(p) => p,
-        Err(crate::store::StoreError::Protocol(m)) if m.contains("cursor") => {
-            return Err(ApiError::bad_request("invalid cursor"));
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let page = st.store.search(&query).await?;
     let body = SearchPage {
         promises: page.promises.iter().map(Promise::view).collect(),
         cursor: page.cursor,
@@ -1262,6 +1277,11 @@ mod tests {
         assert_eq!(parse_wait("7").unwrap(), Duration::from_secs(7));
         assert!(parse_wait("soon").is_err());
         assert!(parse_wait("5h").is_err());
+        // Would overflow a multiplication by 60.
+        assert!(parse_wait("307445734561825861m").is_err());
+        assert!(parse_wait("18446744073709551615s").is_err());
+        assert!(parse_wait("1441m").is_err());
+        assert_eq!(parse_wait("1440m").unwrap(), Duration::from_secs(86_400));
     }
 
     #[test]

@@ -261,6 +261,24 @@ fn error_page(session: &str, status: StatusCode, message: &str) -> Response {
     )
 }
 
+/// The store or broker failed: logged here with its details, shown
+/// without them (a page is no place for internal errors).
+fn unavailable_page(
+    session: &str,
+    what: &str,
+    error: &dyn std::fmt::Display,
+    outcome: &str,
+) -> Response {
+    tracing::error!(%error, "console: the {what} is unavailable");
+    error_page(
+        session,
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!(
+            "The {what} is unavailable{outcome}; try again in a moment (the sidecar's log says why)."
+        ),
+    )
+}
+
 // ---------- login / logout ----------
 
 pub async fn login_form<S: Store>(st: St<S>, h: HeaderMap) -> Response {
@@ -384,14 +402,14 @@ fn rate_chart(o: &Overview) -> String {
     )
 }
 
-fn overview_fragment(o: &Overview, dead: Result<u32, String>) -> String {
+fn overview_fragment(o: &Overview, dead: Result<u32, &str>) -> String {
     let oldest = o
         .oldest_pending_age()
         .map(human)
         .unwrap_or_else(|| "none".into());
     let dead = match dead {
         Ok(n) => n.to_string(),
-        Err(e) => format!(r#"<abbr title="{}">unknown</abbr>"#, esc(&e)),
+        Err(why) => format!(r#"<abbr title="{}">unknown</abbr>"#, esc(why)),
     };
     let last_hour = o.settled_last_hour();
     let settled: u64 = last_hour.values().sum();
@@ -431,18 +449,19 @@ fn overview_fragment(o: &Overview, dead: Result<u32, String>) -> String {
     s
 }
 
-async fn overview_data<S: Store>(st: &AppState<S>) -> Result<String, String> {
-    let o = st.store.overview().await.map_err(|e| e.to_string())?;
+async fn overview_data<S: Store>(st: &AppState<S>) -> Result<String, crate::store::StoreError> {
+    let o = st.store.overview().await?;
     // The readiness watcher knows whether the broker is there; asking it
     // then costs no connect timeout while it is down.
     let dead = match &st.broker {
         Some(_) if !st.broker_ready.load(std::sync::atomic::Ordering::Relaxed) => {
-            Err("the broker is unreachable".into())
+            Err("the broker is unreachable")
         }
-        Some(b) => broker::dead_letter_count(b)
-            .await
-            .map_err(|e| e.to_string()),
-        None => Err("no broker configured".into()),
+        Some(b) => broker::dead_letter_count(b).await.map_err(|e| {
+            tracing::warn!(error = %e, "console: cannot count dead letters");
+            "the broker did not answer"
+        }),
+        None => Err("no broker configured"),
     };
     Ok(overview_fragment(&o, dead))
 }
@@ -463,11 +482,7 @@ pub async fn overview<S: Store>(st: St<S>, h: HeaderMap) -> Response {
                 ),
             ),
         ),
-        Err(e) => error_page(
-            &s,
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("The store is unavailable: {e}"),
-        ),
+        Err(e) => unavailable_page(&s, "store", &e, ""),
     }
 }
 
@@ -478,7 +493,13 @@ pub async fn overview_fragment_route<S: Store>(st: St<S>, h: HeaderMap) -> Respo
     }
     match overview_data(&st).await {
         Ok(frag) => html(StatusCode::OK, frag),
-        Err(e) => html(StatusCode::SERVICE_UNAVAILABLE, esc(&e)),
+        Err(e) => {
+            tracing::error!(error = %e, "console: the store is unavailable");
+            html(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The store is unavailable.".into(),
+            )
+        }
     }
 }
 
@@ -576,7 +597,7 @@ pub async fn promises<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) 
     };
     let found = match st.store.search(&q).await {
         Ok(p) => p,
-        Err(crate::store::StoreError::Protocol(m)) if m.contains("cursor") => {
+        Err(crate::store::StoreError::InvalidCursor) => {
             let _ = write!(
                 body,
                 r#"<p class="error" role="alert">That page link is no longer valid; search again.</p>"#
@@ -586,14 +607,15 @@ pub async fn promises<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) 
                 page("Promises", Nav::Promises, Some(&s), &body),
             );
         }
-        Err(e) => {
-            return error_page(
-                &s,
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("The store is unavailable: {e}"),
-            );
-        }
+        Err(e) => return unavailable_page(&s, "store", &e, ""),
     };
+    if found.unreadable > 0 {
+        let _ = write!(
+            body,
+            r#"<p class="notice" id="unreadable">{} stored records on this page could not be read and are left out (see runbridge_store_unreadable_records_total and the sidecar's log).</p>"#,
+            found.unreadable
+        );
+    }
     if found.promises.is_empty() {
         body.push_str(r#"<p class="notice" id="no-results">No promise matches.</p>"#);
     } else {
@@ -810,11 +832,15 @@ pub async fn promise<S: Store>(
             StatusCode::NOT_FOUND,
             &format!("No promise {id:?} (never created, or expired after its retention)."),
         ),
-        Err(e) => error_page(
-            &s,
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("The store is unavailable: {e}"),
-        ),
+        Err(crate::store::StoreError::Corrupt(e)) => {
+            tracing::error!(error = %e, id = %id, "console: unreadable promise record");
+            error_page(
+                &s,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "The stored record of this promise cannot be read; it must be repaired or deleted in the store.",
+            )
+        }
+        Err(e) => unavailable_page(&s, "store", &e, ""),
     }
 }
 
@@ -884,11 +910,7 @@ pub async fn act<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
             StatusCode::NOT_FOUND,
             "No such promise; nothing was changed.",
         ),
-        Err(e) => error_page(
-            &s,
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("The store is unavailable; nothing was changed: {e}"),
-        ),
+        Err(e) => unavailable_page(&s, "store", &e, "; nothing was changed"),
     }
 }
 
@@ -959,11 +981,7 @@ pub async fn dead_letters<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQue
                 ),
             )
         }
-        Err(e) => error_page(
-            &s,
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("The broker is unavailable: {e}"),
-        ),
+        Err(e) => unavailable_page(&s, "broker", &e, ""),
     }
 }
 
@@ -998,11 +1016,7 @@ pub async fn republish<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Respons
             "/ui/dead-letters?done={}",
             url_enc("That dead letter is no longer in the queue; nothing was published.")
         )),
-        Err(e) => error_page(
-            &s,
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("The broker is unavailable; nothing was removed: {e}"),
-        ),
+        Err(e) => unavailable_page(&s, "broker", &e, "; nothing was removed"),
     }
 }
 

@@ -33,6 +33,9 @@ pub enum StoreError {
     Corrupt(#[from] CorruptRecord),
     #[error("unexpected reply from redis script: {0}")]
     Protocol(String),
+    /// A search cursor this store did not hand out (the caller's mistake).
+    #[error("invalid search cursor")]
+    InvalidCursor,
 }
 
 impl StoreError {
@@ -131,6 +134,29 @@ pub struct SearchQuery {
 pub struct SearchPage {
     pub promises: Vec<Promise>,
     pub cursor: Option<String>,
+    /// Records on this page's stretch of keys that could not be read and
+    /// were left out (see [`unreadable_record`]).
+    pub unreadable: usize,
+}
+
+/// A stored record that does not parse (written by a foreign writer or an
+/// older bug) is left out of searches rather than failing them: counted in
+/// `runbridge_store_unreadable_records_total` and logged once per key and
+/// process, so one bad record neither hides every other promise nor floods
+/// the log.
+pub fn unreadable_record(key: &str, error: &CorruptRecord) {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static LOGGED: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    metrics::counter!("runbridge_store_unreadable_records_total").increment(1);
+    let first = LOGGED
+        .get_or_init(Default::default)
+        .lock()
+        .map(|mut seen| seen.len() < 10_000 && seen.insert(key.to_owned()))
+        .unwrap_or(false);
+    if first {
+        tracing::error!(key, %error, "unreadable promise record left out of searches; delete or repair the key");
+    }
 }
 
 /// Promise operations, each atomic and safe to repeat.

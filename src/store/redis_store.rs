@@ -814,7 +814,7 @@ impl PromiseStore for RedisStore {
         // promises of the nodes that changed.
         let (mut node, mut scan, mut skip) = match &q.cursor {
             None => (0usize, 0u64, 0usize),
-            Some(c) => decode_cursor(c).ok_or_else(|| StoreError::Protocol("bad cursor".into()))?,
+            Some(c) => decode_cursor(c).ok_or(StoreError::InvalidCursor)?,
         };
         let nodes = self.scan_nodes().await?;
         let pattern = self
@@ -823,6 +823,7 @@ impl PromiseStore for RedisStore {
         let limit = q.limit.max(1);
         let mut conn = self.conn().await?;
         let mut out = Vec::new();
+        let mut unreadable = 0;
         while let Some(address) = nodes.get(node) {
             let mut cmd = redis::cmd("SCAN");
             cmd.arg(scan)
@@ -833,7 +834,13 @@ impl PromiseStore for RedisStore {
             let (next, mut batch): (u64, Vec<String>) = conn
                 .query_on_address(address.as_ref().map(|(h, p)| (h.as_str(), *p)), &cmd)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| {
+                    if e.to_string().contains("invalid cursor") {
+                        StoreError::InvalidCursor
+                    } else {
+                        unavailable(e)
+                    }
+                })?;
             batch.sort();
             let mut matched = Vec::new();
             for key in batch {
@@ -845,7 +852,14 @@ impl PromiseStore for RedisStore {
                 if m.is_empty() {
                     continue; // expired between SCAN and HGETALL
                 }
-                let p = Promise::from_fields(&m)?;
+                let p = match Promise::from_fields(&m) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        unreadable_record(&key, &e);
+                        unreadable += 1;
+                        continue;
+                    }
+                };
                 let state_ok = q.states.as_ref().is_none_or(|s| s.contains(&p.state));
                 let tags_ok = q.tags.iter().all(|(k, v)| p.tags.get(k) == Some(v));
                 let job_ok = q.job_id.is_none_or(|j| p.job_id == Some(j));
@@ -861,6 +875,7 @@ impl PromiseStore for RedisStore {
                 return Ok(SearchPage {
                     promises: out,
                     cursor: Some(encode_cursor(node, scan, skip + room)),
+                    unreadable,
                 });
             }
             out.extend(matched.into_iter().skip(skip));
@@ -873,12 +888,14 @@ impl PromiseStore for RedisStore {
                 return Ok(SearchPage {
                     promises: out,
                     cursor: Some(encode_cursor(node, scan, 0)),
+                    unreadable,
                 });
             }
         }
         Ok(SearchPage {
             promises: out,
             cursor: None,
+            unreadable,
         })
     }
 
@@ -1242,6 +1259,10 @@ impl RateBudget for RedisStore {
     }
 }
 
+/// Far above any SCAN batch of `COUNT 500` (Redis may return more than
+/// COUNT, never millions).
+const MAX_CURSOR_SKIP: usize = 1 << 24;
+
 fn encode_cursor(node: usize, scan: u64, skip: usize) -> String {
     URL_SAFE_NO_PAD.encode(format!("{scan}:{skip}:{node}"))
 }
@@ -1256,7 +1277,9 @@ fn decode_cursor(c: &str) -> Option<(usize, u64, usize)> {
         Some(n) => n.parse().ok()?,
         None => 0,
     };
-    parts.next().is_none().then_some((node, scan, skip))
+    // A page holds at most 1,000 promises, so no cursor this store hands
+    // out skips more than one SCAN batch could give; a bigger number is forged.
+    (parts.next().is_none() && skip <= MAX_CURSOR_SKIP).then_some((node, scan, skip))
 }
 
 /// The primaries that serve slots, from `CLUSTER NODES`, in address order

@@ -11,7 +11,9 @@ local now = now_ms()
 local timeout = tonumber(ARGV[3])
 if timeout == 0 then timeout = now + tonumber(ARGV[2]) end
 -- tv: the run's idempotency token is version 2, bound to 'created'.
-local fields = {'id', ARGV[1], 'state', 'PENDING', 'created', now, 'timeout', timeout, 'tv', '2'}
+-- Integers are written with %d: Lua prints a number of 15 digits or more as
+-- 1e+17, which no reader parses back.
+local fields = {'id', ARGV[1], 'state', 'PENDING', 'created', now, 'timeout', string.format('%d', timeout), 'tv', '2'}
 for i = 6, #ARGV, 2 do
   if ARGV[i + 1] ~= '' then
     fields[#fields + 1] = ARGV[i]
@@ -25,7 +27,7 @@ if hb then
   fields[#fields + 1] = 'hb'
   fields[#fields + 1] = ARGV[5]
   fields[#fields + 1] = 'hbd'
-  fields[#fields + 1] = deadline
+  fields[#fields + 1] = string.format('%d', deadline)
 end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[2], deadline, ARGV[1])
