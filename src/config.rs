@@ -165,6 +165,14 @@ fn default_body_timeout_ms() -> u64 {
     10_000
 }
 
+fn default_session_idle_seconds() -> u64 {
+    1800
+}
+
+fn default_session_max_seconds() -> u64 {
+    43_200
+}
+
 fn default_partition_lease_ms() -> u64 {
     10_000
 }
@@ -186,6 +194,12 @@ pub struct SidecarSection {
     #[serde(default = "default_body_timeout_ms")]
     pub body_timeout_ms: u64,
     pub max_wait_seconds: u64,
+    /// A console session ends after this long unused, and after
+    /// `session_max_seconds` in all.
+    #[serde(default = "default_session_idle_seconds")]
+    pub session_idle_seconds: u64,
+    #[serde(default = "default_session_max_seconds")]
+    pub session_max_seconds: u64,
     /// PEM certificate chain and key for HTTPS (both or neither).
     #[serde(default)]
     pub tls_cert_file: String,
@@ -622,6 +636,14 @@ impl Settings {
                 Self::listen_addr(&self.sidecar.listen, "sidecar.listen")?;
                 if self.sidecar.body_limit_bytes == 0 {
                     return bad("sidecar.body_limit_bytes must be positive".into());
+                }
+                if self.sidecar.session_idle_seconds == 0
+                    || self.sidecar.session_idle_seconds > self.sidecar.session_max_seconds
+                {
+                    return bad(format!(
+                        "sidecar.session_idle_seconds ({}) must be positive and at most sidecar.session_max_seconds ({})",
+                        self.sidecar.session_idle_seconds, self.sidecar.session_max_seconds
+                    ));
                 }
                 let (cert, key) = (&self.sidecar.tls_cert_file, &self.sidecar.tls_key_file);
                 if cert.is_empty() != key.is_empty() {

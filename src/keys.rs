@@ -132,6 +132,12 @@ impl Keys {
         format!("{}:{{members}}:owned", self.prefix)
     }
 
+    /// One console session (hash: csrf, op, expires), named by the SHA-256
+    /// of the cookie's value, so reading Redis gives no usable cookie.
+    pub fn session(&self, id_hash: &str) -> String {
+        format!("{}:{{sessions}}:{id_hash}", self.prefix)
+    }
+
     /// SCAN pattern for promise keys whose id matches `id_glob` (`*` only;
     /// ids cannot contain other glob characters).
     pub fn promise_pattern(&self, id_glob: &str) -> String {

@@ -367,6 +367,8 @@ pub async fn run_sidecar(
             default_workspace: s.databricks.default_workspace.clone(),
             secure_cookies: !s.sidecar.tls_cert_file.is_empty()
                 || s.sidecar.public_url.starts_with("https://"),
+            session_idle: Duration::from_secs(s.sidecar.session_idle_seconds),
+            session_max: Duration::from_secs(s.sidecar.session_max_seconds),
         },
         broker_ready: ready,
         notification_auth: s

@@ -57,6 +57,10 @@ pub struct SidecarSettings {
     pub default_workspace: String,
     /// The console's cookie gets `Secure` (the sidecar serves HTTPS).
     pub secure_cookies: bool,
+    /// A console session ends after this long unused...
+    pub session_idle: Duration,
+    /// ...and after this long in all.
+    pub session_max: Duration,
 }
 
 /// Shared by every handler.

@@ -262,8 +262,41 @@ pub trait Lifecycle: Clone + Send + Sync + 'static {
 }
 
 /// Everything the sidecar and reconciler need from a store.
-pub trait Store: PromiseStore + Lifecycle + Insights {}
-impl<T: PromiseStore + Lifecycle + Insights> Store for T {}
+pub trait Store: PromiseStore + Lifecycle + Insights + Sessions {}
+impl<T: PromiseStore + Lifecycle + Insights + Sessions> Store for T {}
+
+/// A logged-in operator console session, kept on the server: the browser
+/// holds only a random id, so logging out or expiring ends it for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleSession {
+    /// The CSRF token of this session's forms (random, per session).
+    pub csrf: String,
+    /// Which operator token logged in (a fingerprint, never the token): a
+    /// session ends when its token is removed from the configuration.
+    pub operator: String,
+}
+
+/// Console sessions. `id_hash` is a hash of the cookie's value: the store
+/// never holds a value a browser could present.
+pub trait Sessions: Clone + Send + Sync + 'static {
+    /// Stores a new session that ends after `idle` without use, and after
+    /// `absolute` whatever happens.
+    fn open_session(
+        &self,
+        id_hash: &str,
+        session: &ConsoleSession,
+        idle: Duration,
+        absolute: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The live session, its idle expiry pushed back by `idle` (never past
+    /// its absolute expiry); `None` if unknown, logged out or expired.
+    fn touch_session(
+        &self,
+        id_hash: &str,
+        idle: Duration,
+    ) -> impl Future<Output = Result<Option<ConsoleSession>, StoreError>> + Send;
+    fn close_session(&self, id_hash: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
 
 /// The whole store at a glance (the operator console's overview).
 #[derive(Debug, Clone, Default, PartialEq)]

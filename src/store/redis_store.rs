@@ -22,6 +22,8 @@ use crate::domain::promise::field;
 use crate::keys::Keys;
 use crate::partitions::{Leases, Membership};
 
+mod sessions;
+
 const COMMON: &str = include_str!("lua/common.lua");
 
 fn script(body: &str) -> Script {
@@ -41,6 +43,8 @@ struct Scripts {
     budget: Script,
     lease: Script,
     announce: Script,
+    session_open: Script,
+    session_touch: Script,
 }
 
 impl Scripts {
@@ -58,6 +62,8 @@ impl Scripts {
             budget: script(include_str!("lua/budget.lua")),
             lease: script(include_str!("lua/lease.lua")),
             announce: script(include_str!("lua/announce.lua")),
+            session_open: script(include_str!("lua/session_open.lua")),
+            session_touch: script(include_str!("lua/session_touch.lua")),
         }
     }
 }

@@ -369,3 +369,84 @@ async fn malformed_cursors_and_waits_are_400s() {
     assert_eq!(r.status(), 400);
     app.stop().await;
 }
+
+/// A logged-in console cookie opens `/ui` until logout, and never again
+/// after it (the session is deleted on the server, not only in the
+/// browser); it is never an API credential.
+#[tokio::test]
+async fn a_console_cookie_stops_working_after_logout() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let cookie = crate::ui::log_in(&app).await;
+    let (status, page) = crate::ui::get(&app, "/ui/promises", Some(&cookie)).await;
+    assert_eq!(status, 200);
+    let csrf = crate::ui::csrf_of(&page);
+    let value = cookie.split_once('=').unwrap().1.to_owned();
+    let r = app
+        .http
+        .get(format!("{}/promises", app.sidecar_url))
+        .bearer_auth(&value)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the session id is no API credential");
+
+    let r = crate::ui::post_form(&app, "/ui/logout", Some(&cookie), &[("csrf", &csrf)]).await;
+    assert_eq!(r.status(), 303);
+    for path in ["/ui", "/ui/promises", "/ui/dead-letters"] {
+        let (status, _) = crate::ui::get(&app, path, Some(&cookie)).await;
+        assert_eq!(status, 401, "{path} with the cookie after logout");
+    }
+    app.stop().await;
+}
+
+/// A session ends after `sidecar.session_idle_seconds` unused, and after
+/// `sidecar.session_max_seconds` however busy it is.
+#[tokio::test]
+async fn a_console_cookie_stops_working_after_its_expiry() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        overrides: vec![
+            ("sidecar.session_idle_seconds", "1".into()),
+            ("sidecar.session_max_seconds", "3".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    // Idle: unused for longer than a second.
+    let cookie = crate::ui::log_in(&app).await;
+    assert_eq!(crate::ui::get(&app, "/ui", Some(&cookie)).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        crate::ui::get(&app, "/ui", Some(&cookie)).await.0,
+        401,
+        "idle past session_idle_seconds"
+    );
+
+    // Absolute: used every 300 ms (well within the idle limit), it still
+    // ends, between 3 s and the 8 s this test allows.
+    let cookie = crate::ui::log_in(&app).await;
+    let opened = tokio::time::Instant::now();
+    let mut uses = 0;
+    loop {
+        let status = crate::ui::get(&app, "/ui", Some(&cookie)).await.0;
+        if status == 401 {
+            break;
+        }
+        assert_eq!(status, 200);
+        uses += 1;
+        assert!(
+            opened.elapsed() < Duration::from_secs(8),
+            "the session outlived session_max_seconds"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        uses >= 5,
+        "the session was kept alive by use first ({uses})"
+    );
+    app.stop().await;
+}

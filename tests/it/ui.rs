@@ -24,7 +24,7 @@ use serde_json::json;
 use crate::helpers::*;
 
 /// A client that does not follow redirects (to see the 303s and cookies).
-fn client() -> reqwest::Client {
+pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -32,7 +32,7 @@ fn client() -> reqwest::Client {
 }
 
 /// The login form: its cookie (`rb_login=...`) and the form's CSRF token.
-async fn login_form(app: &TestApp) -> (String, String) {
+pub async fn login_form(app: &TestApp) -> (String, String) {
     let r = client()
         .get(format!("{}/ui/login", app.sidecar_url))
         .send()
@@ -47,7 +47,7 @@ async fn login_form(app: &TestApp) -> (String, String) {
 }
 
 /// Posts a console form (with the session or login cookie, if any).
-async fn post_form(
+pub async fn post_form(
     app: &TestApp,
     path: &str,
     cookie: Option<&str>,
@@ -60,7 +60,7 @@ async fn post_form(
     rb.form(fields).send().await.unwrap()
 }
 
-async fn post_login(app: &TestApp, cookie: &str, csrf: &str, token: &str) -> reqwest::Response {
+pub async fn post_login(app: &TestApp, cookie: &str, csrf: &str, token: &str) -> reqwest::Response {
     post_form(
         app,
         "/ui/login",
@@ -71,7 +71,7 @@ async fn post_login(app: &TestApp, cookie: &str, csrf: &str, token: &str) -> req
 }
 
 /// Logs in through the form; the session cookie.
-async fn log_in(app: &TestApp) -> String {
+pub async fn log_in(app: &TestApp) -> String {
     let (login_cookie, csrf) = login_form(app).await;
     let r = post_login(app, &login_cookie, &csrf, &app.operator_token).await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
@@ -80,7 +80,7 @@ async fn log_in(app: &TestApp) -> String {
         .get_all("set-cookie")
         .iter()
         .map(|v| v.to_str().unwrap().to_owned())
-        .find(|c| c.starts_with("rb_operator="))
+        .find(|c| c.starts_with("rb_session="))
         .expect("the session cookie");
     for attr in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
         assert!(cookie.contains(attr), "cookie without {attr}: {cookie}");
@@ -89,7 +89,7 @@ async fn log_in(app: &TestApp) -> String {
 }
 
 /// The page's CSRF token (every form carries the same one).
-fn csrf_of(html: &str) -> String {
+pub fn csrf_of(html: &str) -> String {
     let at = html
         .find(r#"name="csrf" value=""#)
         .expect("a form with a CSRF token")
@@ -97,7 +97,7 @@ fn csrf_of(html: &str) -> String {
     html[at..at + 64].to_owned()
 }
 
-async fn get(app: &TestApp, path: &str, cookie: Option<&str>) -> (StatusCode, String) {
+pub async fn get(app: &TestApp, path: &str, cookie: Option<&str>) -> (StatusCode, String) {
     let mut rb = client().get(format!("{}{path}", app.sidecar_url));
     if let Some(c) = cookie {
         rb = rb.header(COOKIE, c);
@@ -126,7 +126,10 @@ async fn console_is_closed_without_the_token_and_forms_need_csrf() {
     let (pending, resolved) = real_data(&mut app).await;
 
     // No token, a wrong cookie, a wrong bearer: 401 and nothing of the data.
-    let bad_cookie = "rb_operator=not-a-token";
+    // The cookie of earlier versions held the operator token itself: it is
+    // no credential now.
+    let old_cookie = format!("rb_operator={}", app.operator_token);
+    let bad_cookie = old_cookie.as_str();
     for path in [
         "/ui".to_owned(),
         "/ui/overview".to_owned(),
@@ -137,7 +140,11 @@ async fn console_is_closed_without_the_token_and_forms_need_csrf() {
         "/ui/dead-letters".to_owned(),
         "/ui/login".to_owned(),
     ] {
-        for cookie in [None, Some(bad_cookie)] {
+        for cookie in [
+            None,
+            Some(bad_cookie),
+            Some(&format!("rb_session={}", "ab".repeat(32))),
+        ] {
             let (status, body) = get(&app, &path, cookie).await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "GET {path} ({cookie:?})");
             for secret in [
@@ -172,7 +179,7 @@ async fn console_is_closed_without_the_token_and_forms_need_csrf() {
             !r.headers()
                 .get_all("set-cookie")
                 .iter()
-                .any(|c| c.to_str().unwrap().starts_with("rb_operator="))
+                .any(|c| c.to_str().unwrap().starts_with("rb_session="))
         );
     }
     // ...and an operator token.
@@ -182,7 +189,7 @@ async fn console_is_closed_without_the_token_and_forms_need_csrf() {
         !r.headers()
             .get_all("set-cookie")
             .iter()
-            .any(|c| c.to_str().unwrap().starts_with("rb_operator="))
+            .any(|c| c.to_str().unwrap().starts_with("rb_session="))
     );
 
     // Two heartbeats from the notebook (for the timeline below).

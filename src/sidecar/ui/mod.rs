@@ -2,17 +2,17 @@
 //! framework, assets compiled into the binary (one stylesheet and one small
 //! script, inlined into each page, so there is no asset route to protect).
 //!
-//! Access: an operator token (`auth.operator_tokens`), given once in the
-//! login form and then kept in an `HttpOnly`, `SameSite=Strict` cookie
-//! scoped to `/ui` (`Secure` when the sidecar serves HTTPS), or sent as
-//! `Authorization: Bearer`. Without one every `/ui` route answers 401 with
-//! the login form and no data. Every form that changes something carries a
-//! CSRF token (an HMAC of the session's operator token; the login form a
-//! random one matched against a cookie), checked before anything else; a
-//! missing or wrong one is a 403 that changes nothing.
+//! Access: a server-side session opened by logging in with an operator
+//! token, or `Authorization: Bearer` on every request (`session.rs`).
+//! Without one every `/ui` route answers 401 with the login form and no
+//! data. Every form that changes something carries the session's CSRF
+//! token, checked before anything else; a missing or wrong one is a 403
+//! that changes nothing.
 //!
 //! The pages read through the same store traits as the HTTP API, and the
 //! buttons settle through the same `settle` (cancel also cancels the run).
+
+mod session;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -22,9 +22,6 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-use subtle::ConstantTimeEq;
 
 use super::{AppState, St, auth, read_body};
 use crate::broker::{self, DeadLetter};
@@ -32,10 +29,9 @@ use crate::domain::{Completion, Payload, Promise, PromiseId, SettledBy, State};
 use crate::reconciler::valid_id_filter;
 use crate::store::{Overview, SearchQuery, Settle, SettleOutcome, Store};
 
-const COOKIE: &str = "rb_operator";
-/// Before login there is no session to derive a CSRF token from: the login
-/// form carries a random one that must match this cookie (double submit).
-const LOGIN_COOKIE: &str = "rb_login";
+use session::{LOGIN_COOKIE, csrf_ok};
+pub use session::{login, login_form, logout};
+
 const CSS: &str = include_str!("ui.css");
 const JS: &str = include_str!("ui.js");
 
@@ -57,46 +53,6 @@ pub fn esc(s: &str) -> String {
 
 fn url_enc(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
-}
-
-/// The operator token this request carries (cookie or bearer), if valid.
-fn session<S>(st: &AppState<S>, headers: &HeaderMap) -> Option<String> {
-    let mut creds = auth::credentials(headers, None);
-    if let Some(c) = cookie(headers, COOKIE) {
-        creds.push(c);
-    }
-    creds
-        .into_iter()
-        .find(|c| auth::is_operator(&st.operator_tokens, std::slice::from_ref(c)))
-}
-
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| {
-            percent_encoding::percent_decode_str(v)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-}
-
-/// The CSRF token of a session: it cannot be made without the operator token.
-fn csrf_token(session: &str) -> String {
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(session.as_bytes()) else {
-        return String::new();
-    };
-    mac.update(b"runbridge-ui-csrf-v1");
-    hex::encode(mac.finalize().into_bytes())
-}
-
-fn csrf_ok(session: &str, given: Option<&String>) -> bool {
-    let want = csrf_token(session);
-    given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(want.as_bytes())))
 }
 
 fn form(bytes: &Bytes) -> HashMap<String, String> {
@@ -135,7 +91,7 @@ fn page(title: &str, nav: Nav, session: Option<&str>, body: &str) -> String {
             link("/ui", "Overview", Nav::Overview),
             link("/ui/promises", "Promises", Nav::Promises),
             link("/ui/dead-letters", "Dead letters", Nav::DeadLetters),
-            csrf_token(s)
+            s
         ),
         None => r#"<header><span class="brand">runbridge</span></header>"#.to_owned(),
     };
@@ -217,12 +173,12 @@ fn see_other(to: &str) -> Response {
 
 /// A state-changing form, checked in this order before anything else is
 /// looked at: the session (401), the body, its CSRF token (403).
-async fn checked_form<S>(
+async fn checked_form<S: Store>(
     st: &AppState<S>,
     h: &HeaderMap,
     body: Body,
 ) -> Result<(String, HashMap<String, String>), Response> {
-    let Some(s) = session(st, h) else {
+    let Some(s) = session::operator(st, h).await else {
         return Err(unauthorized());
     };
     let Ok(bytes) = read_body(st, h, body).await else {
@@ -277,66 +233,6 @@ fn unavailable_page(
             "The {what} is unavailable{outcome}; try again in a moment (the sidecar's log says why)."
         ),
     )
-}
-
-// ---------- login / logout ----------
-
-pub async fn login_form<S: Store>(st: St<S>, h: HeaderMap) -> Response {
-    if session(&st, &h).is_some() {
-        return see_other("/ui");
-    }
-    unauthorized()
-}
-
-pub async fn login<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
-    let Ok(bytes) = read_body(&st, &h, body).await else {
-        return login_page(StatusCode::BAD_REQUEST, Some("The form could not be read."));
-    };
-    let mut f = form(&bytes);
-    let nonce = cookie(&h, LOGIN_COOKIE).unwrap_or_default();
-    let given = f.remove("csrf").unwrap_or_default();
-    if nonce.len() != 32 || !bool::from(given.as_bytes().ct_eq(nonce.as_bytes())) {
-        return login_page(
-            StatusCode::FORBIDDEN,
-            Some("The login form expired or came from elsewhere; log in again."),
-        );
-    }
-    let token = f.remove("token").unwrap_or_default();
-    if !auth::is_operator(&st.operator_tokens, std::slice::from_ref(&token)) {
-        return login_page(
-            StatusCode::UNAUTHORIZED,
-            Some("That is not an operator token."),
-        );
-    }
-    let secure = if st.settings.secure_cookies {
-        "; Secure"
-    } else {
-        ""
-    };
-    let mut r = see_other("/ui");
-    if let Ok(v) = HeaderValue::from_str(&format!(
-        "{COOKIE}={}; Path=/ui; HttpOnly; SameSite=Strict{secure}",
-        url_enc(&token)
-    )) {
-        r.headers_mut().insert(header::SET_COOKIE, v);
-    }
-    r.headers_mut().append(
-        header::SET_COOKIE,
-        HeaderValue::from_static("rb_login=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0"),
-    );
-    r
-}
-
-pub async fn logout<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
-    if let Err(refused) = checked_form(&st, &h, body).await {
-        return refused;
-    }
-    let mut r = see_other("/ui/login");
-    r.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static("rb_operator=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0"),
-    );
-    r
 }
 
 // ---------- overview ----------
@@ -467,7 +363,7 @@ async fn overview_data<S: Store>(st: &AppState<S>) -> Result<String, crate::stor
 }
 
 pub async fn overview<S: Store>(st: St<S>, h: HeaderMap) -> Response {
-    let Some(s) = session(&st, &h) else {
+    let Some(s) = session::operator(&st, &h).await else {
         return unauthorized();
     };
     match overview_data(&st).await {
@@ -488,7 +384,7 @@ pub async fn overview<S: Store>(st: St<S>, h: HeaderMap) -> Response {
 
 /// The overview's body alone, for the page's live refresh.
 pub async fn overview_fragment_route<S: Store>(st: St<S>, h: HeaderMap) -> Response {
-    if session(&st, &h).is_none() {
+    if session::operator(&st, &h).await.is_none() {
         return (StatusCode::UNAUTHORIZED, Html(String::new())).into_response();
     }
     match overview_data(&st).await {
@@ -506,7 +402,7 @@ pub async fn overview_fragment_route<S: Store>(st: St<S>, h: HeaderMap) -> Respo
 // ---------- search ----------
 
 pub async fn promises<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
-    let Some(s) = session(&st, &h) else {
+    let Some(s) = session::operator(&st, &h).await else {
         return unauthorized();
     };
     let params = query(&q);
@@ -775,7 +671,7 @@ fn promise_page(p: &Promise, session: &str, notice: Option<&str>) -> String {
     });
     b.push_str(&data_block(&p.value));
     if p.state == State::Pending {
-        let csrf = csrf_token(session);
+        let csrf = session;
         let _ = write!(
             b,
             r#"<h2>Act on it</h2><div class="actions">
@@ -803,7 +699,7 @@ pub async fn promise<S: Store>(
     h: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
-    let Some(s) = session(&st, &h) else {
+    let Some(s) = session::operator(&st, &h).await else {
         return unauthorized();
     };
     let Ok(pid) = PromiseId::parse(&id) else {
@@ -941,7 +837,7 @@ fn dead_letter_rows(letters: &[DeadLetter], csrf: &str) -> String {
 }
 
 pub async fn dead_letters<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
-    let Some(s) = session(&st, &h) else {
+    let Some(s) = session::operator(&st, &h).await else {
         return unauthorized();
     };
     let Some(b) = &st.broker else {
@@ -964,7 +860,7 @@ pub async fn dead_letters<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQue
             } else {
                 format!(
                     r#"<ol class="dead-letters">{}</ol>"#,
-                    dead_letter_rows(&letters, &csrf_token(&s))
+                    dead_letter_rows(&letters, &s)
                 )
             };
             html(
@@ -1030,15 +926,6 @@ mod tests {
             esc(r#"<a href="x">'&'</a>"#),
             "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
         );
-    }
-
-    #[test]
-    fn csrf_is_bound_to_the_session() {
-        let t = csrf_token("op-token-1");
-        assert!(csrf_ok("op-token-1", Some(&t)));
-        assert!(!csrf_ok("op-token-2", Some(&t)));
-        assert!(!csrf_ok("op-token-1", None));
-        assert!(!csrf_ok("op-token-1", Some(&String::new())));
     }
 
     #[test]
