@@ -197,10 +197,10 @@ pub async fn logout<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
         Ok((csrf, _)) => csrf,
         Err(refused) => return refused,
     };
-    if let Some(hash) = session_hash(&h) {
-        if let Err(e) = st.store.close_session(&hash).await {
-            return super::unavailable_page(&csrf, "store", &e, "; you are still logged in");
-        }
+    if let Some(hash) = session_hash(&h)
+        && let Err(e) = st.store.close_session(&hash).await
+    {
+        return super::unavailable_page(&csrf, "store", &e, "; you are still logged in");
     }
     let mut r = see_other("/ui/login");
     r.headers_mut()
