@@ -134,6 +134,9 @@ pub struct AmqpSection {
     pub triggers_queue: String,
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
+    /// "classic" (browsing costs nothing) or "quorum" (replicated).
+    #[serde(default = "default_dead_letter_queue_type")]
+    pub dead_letter_queue_type: crate::broker::QueueType,
     pub events_exchange: String,
     pub control_queue: String,
     pub delivery_limit: u32,
@@ -165,6 +168,18 @@ fn default_body_timeout_ms() -> u64 {
     10_000
 }
 
+fn default_dead_letter_queue_type() -> crate::broker::QueueType {
+    crate::broker::QueueType::Classic
+}
+
+fn default_header_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+
 fn default_session_idle_seconds() -> u64 {
     1800
 }
@@ -193,6 +208,13 @@ pub struct SidecarSection {
     /// How long a client may take to send its request body.
     #[serde(default = "default_body_timeout_ms")]
     pub body_timeout_ms: u64,
+    /// How long a client may take to send a request's head (and, on a
+    /// kept-alive connection, to start its next request).
+    #[serde(default = "default_header_timeout_ms")]
+    pub header_timeout_ms: u64,
+    /// Connections served at once; more are closed when accepted.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     pub max_wait_seconds: u64,
     /// A console session ends after this long unused, and after
     /// `session_max_seconds` in all.
@@ -636,6 +658,12 @@ impl Settings {
                 Self::listen_addr(&self.sidecar.listen, "sidecar.listen")?;
                 if self.sidecar.body_limit_bytes == 0 {
                     return bad("sidecar.body_limit_bytes must be positive".into());
+                }
+                if self.sidecar.header_timeout_ms == 0 || self.sidecar.max_connections == 0 {
+                    return bad(
+                        "sidecar.header_timeout_ms and sidecar.max_connections must be positive"
+                            .into(),
+                    );
                 }
                 if self.sidecar.session_idle_seconds == 0
                     || self.sidecar.session_idle_seconds > self.sidecar.session_max_seconds

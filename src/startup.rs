@@ -99,6 +99,7 @@ pub fn broker_settings(s: &Settings, role: &str) -> BrokerSettings {
         control_queue: s.amqp.control_queue.clone(),
         delivery_limit: s.amqp.delivery_limit,
         prefetch: s.amqp.prefetch,
+        dead_letter_queue_type: s.amqp.dead_letter_queue_type,
         connection_name: instance_name(role),
         tls_ca_file: s.amqp.tls_ca_file.clone(),
     }
@@ -386,7 +387,11 @@ pub async fn run_sidecar(
         (Some(cert), Some(key)) => Some(sidecar::TlsPem { cert, key }),
         _ => None,
     };
-    let r = sidecar::serve(listener, state, tls, shutdown)
+    let limits = sidecar::Limits {
+        max_connections: s.sidecar.max_connections,
+        header_timeout: Duration::from_millis(s.sidecar.header_timeout_ms),
+    };
+    let r = sidecar::serve(listener, state, tls, limits, shutdown)
         .await
         .map_err(StartupError::Serve);
     let _ = watcher.await;

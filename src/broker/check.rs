@@ -9,7 +9,7 @@ use lapin::ExchangeKind;
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 
-use super::{Broker, control_args, quorum_args, triggers_args};
+use super::{Broker, control_args, dead_letter_args, triggers_args};
 
 /// One object of the topology and what was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +50,11 @@ impl Broker {
                     s.delivery_limit, s.dead_letter_exchange
                 ),
             ),
-            (&s.dead_letter_queue, quorum_args(), "quorum".into()),
+            (
+                &s.dead_letter_queue,
+                dead_letter_args(s),
+                s.dead_letter_queue_type.as_str().into(),
+            ),
             (
                 &s.control_queue,
                 control_args(s),
@@ -142,7 +146,7 @@ impl Broker {
                 ),
             },
             Err(e) => fail(format!(
-                "exists with other arguments than runbridge's ({want}): {e}; a classic queue or another delivery limit must be deleted or renamed, and is declared again by a worker"
+                "exists with other arguments than runbridge's ({want}): {e}; delete or rename it (after moving its messages away), and a worker declares it again"
             )),
         }
     }

@@ -69,6 +69,8 @@ pub struct BrokerSettings {
     pub control_queue: String,
     pub delivery_limit: u32,
     pub prefetch: u16,
+    /// The dead-letter queue's type (`amqp.dead_letter_queue_type`).
+    pub dead_letter_queue_type: QueueType,
     pub connection_name: String,
     /// With `amqps://`: a PEM file of the CA(s) to trust instead of the
     /// system's roots (empty: the system's). Read at each connect, so a
@@ -86,13 +88,45 @@ impl std::fmt::Debug for BrokerSettings {
     }
 }
 
-/// The AMQP URL with its password replaced, for messages and logs.
-/// A durable quorum queue's arguments (the dead-letter queue's).
+/// A RabbitMQ queue type, as `x-queue-type` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueType {
+    /// Not replicated, durable on its node; a message returned unacked
+    /// keeps its place and gains no delivery count, so the console can
+    /// browse it for free.
+    Classic,
+    /// Replicated (Raft). Before RabbitMQ 4.3 every return of a message,
+    /// browsing included, raises its delivery count.
+    Quorum,
+}
+
+impl QueueType {
+    fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+/// A durable quorum queue's arguments.
 fn quorum_args() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
         AMQPValue::LongString("quorum".into()),
+    );
+    args
+}
+
+/// The dead-letter queue's: its configured type, no delivery limit (a dead
+/// letter is never dropped for having been looked at).
+fn dead_letter_args(s: &BrokerSettings) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(s.dead_letter_queue_type.as_str().into()),
     );
     args
 }
@@ -233,13 +267,28 @@ impl Broker {
         )
         .await
         .map_err(amqp)?;
-        ch.queue_declare(
-            s.dead_letter_queue.as_str().into(),
-            QueueDeclareOptions::durable(),
-            quorum_args(),
-        )
-        .await
-        .map_err(amqp)?;
+        let ch = match ch
+            .queue_declare(
+                s.dead_letter_queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                dead_letter_args(s),
+            )
+            .await
+        {
+            Ok(_) => ch,
+            // It exists with other arguments: an earlier version declared it
+            // a quorum queue. Dead letters stay where they are; the broker
+            // closed the channel, so go on with a new one.
+            Err(e) if e.to_string().contains("PRECONDITION_FAILED") => {
+                tracing::warn!(
+                    queue = %s.dead_letter_queue,
+                    wanted = s.dead_letter_queue_type.as_str(),
+                    "the dead-letter queue exists with another type and is used as it is; on a quorum queue before RabbitMQ 4.3 each view in the console raises its messages' delivery counts (runbridge check says how to change it)"
+                );
+                self.conn.create_channel().await.map_err(amqp)?
+            }
+            Err(e) => return Err(amqp(e)),
+        };
         ch.queue_bind(
             s.dead_letter_queue.as_str().into(),
             s.dead_letter_exchange.as_str().into(),
@@ -627,6 +676,11 @@ pub struct ReceivedEvent {
     pub persistent: bool,
     /// String-valued headers (e.g. `x-runbridge-error`, `traceparent`).
     pub headers: std::collections::BTreeMap<String, String>,
+    /// `x-delivery-count`: how often a quorum queue delivered the message
+    /// before without it being acked (`None`: never, or not a quorum queue).
+    pub delivery_count: Option<i64>,
+    /// The broker's `redelivered` flag.
+    pub redelivered: bool,
     pub body: Vec<u8>,
 }
 
@@ -825,6 +879,16 @@ impl EventListener {
             content_type: s(d.properties.content_type()),
             persistent: *d.properties.delivery_mode() == Some(2),
             headers,
+            delivery_count: d.properties.headers().as_ref().and_then(|h| {
+                match h.inner().get("x-delivery-count")? {
+                    AMQPValue::LongLongInt(n) => Some(*n),
+                    AMQPValue::LongInt(n) => Some(i64::from(*n)),
+                    AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+                    AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+                    _ => None,
+                }
+            }),
+            redelivered: d.redelivered,
             body: d.data,
         })
     }
@@ -912,7 +976,23 @@ impl DeadLetterWalk {
         Some((d, letter))
     }
 
-    async fn finish(self) {
+    /// Returns every message it did not ack with one `basic.nack` (requeue):
+    /// on a classic queue they keep their places and no count changes; on a
+    /// quorum queue from RabbitMQ 4.3 a nack does not count as a failed
+    /// delivery (a channel closing with them unacked would, before 4.3).
+    async fn finish(self, last_tag: Option<u64>) {
+        if let Some(tag) = last_tag {
+            let _ = self
+                .channel
+                .basic_nack(
+                    tag,
+                    BasicNackOptions {
+                        multiple: true,
+                        requeue: true,
+                    },
+                )
+                .await;
+        }
         let _ = self.channel.close(200, "browsed".into()).await;
         self.broker.close().await;
     }
@@ -925,13 +1005,17 @@ pub async fn browse_dead_letters(
 ) -> Result<Vec<DeadLetter>, BrokerError> {
     let mut walk = DeadLetterWalk::start(settings, limit).await?;
     let mut seen = Vec::new();
+    let mut last_tag = None;
     while seen.len() < limit {
         match walk.next().await {
-            Some((_, letter)) => seen.push(letter),
+            Some((d, letter)) => {
+                last_tag = Some(d.delivery_tag);
+                seen.push(letter);
+            }
             None => break,
         }
     }
-    walk.finish().await;
+    walk.finish(last_tag).await;
     Ok(seen)
 }
 
@@ -948,11 +1032,13 @@ pub async fn republish_dead_letter(
     let publisher = publishing.publisher().await?;
     let mut walk = DeadLetterWalk::start(settings, 1000).await?;
     let mut outcome = Ok(false);
+    let mut passed_over = None;
     for _ in 0..1000 {
         let Some((d, letter)) = walk.next().await else {
             break;
         };
         if letter.fingerprint != wanted {
+            passed_over = Some(d.delivery_tag);
             continue;
         }
         let mut props = BasicProperties::default()
@@ -983,7 +1069,7 @@ pub async fn republish_dead_letter(
         };
         break;
     }
-    walk.finish().await;
+    walk.finish(passed_over).await;
     publishing.close().await;
     outcome
 }

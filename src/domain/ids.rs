@@ -19,6 +19,10 @@ pub enum IdError {
     PromiseIdLength(usize),
     #[error("promise id may contain only [A-Za-z0-9._:/-]; found {0:?}")]
     PromiseIdChar(char),
+    #[error(
+        "promise id may not have a \".\" or \"..\" segment between slashes (it would name another path)"
+    )]
+    PromiseIdDotSegment,
     #[error("run id must be a positive integer")]
     RunId,
     #[error("callback token is malformed")]
@@ -41,6 +45,12 @@ impl PromiseId {
             .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-')))
         {
             return Err(IdError::PromiseIdChar(c));
+        }
+        // In a URL path (`/promises/{id}`, the console's links) a "." or
+        // ".." segment would be resolved away by browsers and proxies, so
+        // the link of one promise would open another.
+        if s.split('/').any(|seg| seg == "." || seg == "..") {
+            return Err(IdError::PromiseIdDotSegment);
         }
         Ok(Self(s.to_owned()))
     }
@@ -259,6 +269,16 @@ mod tests {
             PromiseId::parse("a{b}").is_err(),
             "hash-tag braces must be refused"
         );
+        for bad in ["decoy/../xss-7", "..", ".", "./a", "a/.", "a/./b", "a/.."] {
+            assert_eq!(
+                PromiseId::parse(bad),
+                Err(IdError::PromiseIdDotSegment),
+                "{bad}"
+            );
+        }
+        for good in ["a..b", "...", "a/.b", "v1.2/x..", "a/...", ".a/b."] {
+            assert!(PromiseId::parse(good).is_ok(), "{good}");
+        }
     }
 
     #[test]

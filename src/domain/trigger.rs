@@ -128,7 +128,11 @@ pub struct TriggerMessage {
     /// The promise id and the idempotency key of the whole request; when
     /// absent, the AMQP message_id is used. The same id twice never starts a
     /// second run.
-    #[schemars(length(min = 1, max = 200), regex(pattern = r"^[A-Za-z0-9._:/-]+$"))]
+    /// No "." or ".." segment between slashes.
+    #[schemars(
+        length(min = 1, max = 200),
+        regex(pattern = r"^(?!(.*/)?\.{1,2}(/|$))[A-Za-z0-9._:/-]+$")
+    )]
     id: Option<String>,
     /// The Databricks job to run with `jobs/run-now`.
     // A `Value` so that a string or a negative number gets a message of ours.

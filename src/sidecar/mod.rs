@@ -10,7 +10,10 @@
 mod auth;
 mod error;
 pub mod openapi;
+mod serve;
 pub mod ui;
+
+pub use serve::{Limits, TlsPem, serve, serve_metrics};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -27,8 +30,6 @@ use axum::routing::{get, post};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use utoipa::ToSchema;
 
@@ -126,7 +127,24 @@ pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
                 "method not allowed on this route",
             )
         })
+        .layer(axum::middleware::map_response(hardening_headers))
         .with_state(state)
+}
+
+/// On every response: no content-type sniffing (a JSON body is never run
+/// as script), and no Referer carrying a promise id or a capability token
+/// in a URL to another site.
+async fn hardening_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        header::HeaderValue::from_static("no-referrer"),
+    );
+    r
 }
 
 /// Prometheus text format (version 0.0.4).
@@ -146,66 +164,6 @@ async fn metrics() -> Response {
         crate::telemetry::metrics::render(),
     )
         .into_response()
-}
-
-/// The worker's own `/metrics` (and `/healthz`) listener: the worker serves
-/// no other HTTP, and axum stays inside this module.
-pub async fn serve_metrics(
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, "metrics listening");
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-}
-
-/// The sidecar's certificate chain and private key, PEM.
-pub struct TlsPem {
-    pub cert: Vec<u8>,
-    pub key: Vec<u8>,
-}
-
-/// Serves until `shutdown`, then finishes in-flight requests. With `tls`,
-/// HTTPS only (rustls; a plain-HTTP request fails its handshake).
-pub async fn serve<S: Store>(
-    listener: TcpListener,
-    state: Arc<AppState<S>>,
-    tls: Option<TlsPem>,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let addr = listener.local_addr()?;
-    let app = router(state);
-    let Some(pem) = tls else {
-        tracing::info!(%addr, "sidecar listening (http)");
-        return axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-    };
-    let config = axum_server::tls_rustls::RustlsConfig::from_pem(pem.cert, pem.key)
-        .await
-        .map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("sidecar.tls_cert_file / tls_key_file: {e}"),
-            )
-        })?;
-    let handle = axum_server::Handle::new();
-    let on_shutdown = handle.clone();
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        // Like axum::serve's graceful shutdown: stop accepting, let the
-        // requests in flight finish.
-        on_shutdown.graceful_shutdown(None);
-    });
-    tracing::info!(%addr, "sidecar listening (https)");
-    axum_server::from_tcp_rustls(listener.into_std()?, config)?
-        .handle(handle)
-        .serve(app.into_make_service())
-        .await
 }
 
 #[utoipa::path(

@@ -450,3 +450,215 @@ async fn a_console_cookie_stops_working_after_its_expiry() {
     );
     app.stop().await;
 }
+
+fn sidecar_addr(app: &TestApp) -> String {
+    app.sidecar_url
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .to_owned()
+}
+
+/// Has the server closed this connection? Waits up to `limit` for EOF or
+/// a reset; `false` if it is still open then.
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 512];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // A response (a 408, say) may come first; then the close.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// A client trickling its request head one byte at a time is cut off once
+/// `sidecar.header_timeout_ms` has passed, and so is a kept-alive
+/// connection that sends nothing more.
+#[tokio::test]
+async fn a_trickling_header_connection_is_closed_within_the_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        overrides: vec![("sidecar.header_timeout_ms", "1000".into())],
+        ..Default::default()
+    })
+    .await;
+    let mut s = tokio::net::TcpStream::connect(sidecar_addr(&app))
+        .await
+        .unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let opened = tokio::time::Instant::now();
+    let mut closed = false;
+    // One byte every 200 ms for up to 10 s (ten times the timeout).
+    for _ in 0..50 {
+        if s.write_all(b"a").await.is_err()
+            || closed_within(&mut s, Duration::from_millis(200)).await
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "still open after 10 s of trickling");
+    let took = opened.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "closed only after {took:?} (timeout 1 s)"
+    );
+
+    // Kept alive after one request, then silent.
+    let mut s = tokio::net::TcpStream::connect(sidecar_addr(&app))
+        .await
+        .unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut s, Duration::from_secs(6)).await,
+        "an idle kept-alive connection stayed open"
+    );
+    app.stop().await;
+}
+
+/// Past `sidecar.max_connections`, one more connection is closed at once;
+/// once connections end, new ones are served again.
+#[tokio::test]
+async fn connections_past_the_limit_are_closed() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        overrides: vec![
+            ("sidecar.max_connections", "3".into()),
+            ("sidecar.header_timeout_ms", "30000".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(
+            tokio::net::TcpStream::connect(sidecar_addr(&app))
+                .await
+                .unwrap(),
+        );
+    }
+    // At most 3 are served (one may be the test client's pooled one), so
+    // at least one of the 4 idle ones is closed long before the 30 s
+    // header timeout.
+    let mut refused = 0;
+    for s in held.iter_mut() {
+        if closed_within(s, Duration::from_millis(500)).await {
+            refused += 1;
+        }
+    }
+    assert!(
+        refused >= 1,
+        "4 idle connections all held open past a limit of 3"
+    );
+    drop(held);
+    let url = format!("{}/healthz", app.sidecar_url);
+    eventually(Duration::from_secs(10), "served again", || async {
+        reqwest::get(&url)
+            .await
+            .ok()
+            .filter(|r| r.status().is_success())
+    })
+    .await;
+    app.stop().await;
+}
+
+/// Pages allow only their one script (by hash: no 'unsafe-inline'), and
+/// every response forbids sniffing and referrers.
+#[tokio::test]
+async fn pages_allow_no_inline_script_and_responses_forbid_sniffing() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let r = app
+        .http
+        .get(format!("{}/ui/login", app.sidecar_url))
+        .send()
+        .await
+        .unwrap();
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let script_src = csp
+        .split(';')
+        .map(str::trim)
+        .find(|d| d.starts_with("script-src"))
+        .unwrap_or_else(|| panic!("no script-src in {csp}"));
+    assert!(!script_src.contains("unsafe-inline"), "{csp}");
+    assert!(script_src.contains("'sha256-"), "{csp}");
+    for path in ["/ui/login", "/promises", "/healthz", "/no-such-route"] {
+        let r = app
+            .http
+            .get(format!("{}{path}", app.sidecar_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(r.headers()["referrer-policy"], "no-referrer", "{path}");
+    }
+    app.stop().await;
+}
+
+/// An id with a "." or ".." segment is refused, so that no link of one
+/// promise can resolve to another.
+#[tokio::test]
+async fn ids_with_dot_segments_are_refused() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    for id in ["decoy/../xss-7", "a/./b", "..", "x/.."] {
+        let r = app
+            .operator(app.http.post(format!("{}/promises", app.sidecar_url)))
+            .json(&json!({"id": id}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{id}");
+    }
+    app.stop().await;
+}
+
+/// Viewing the dead letters ten times leaves each where it was, with the
+/// delivery count it had.
+#[tokio::test]
+async fn viewing_dead_letters_leaves_their_delivery_count_unchanged() {
+    let app = TestApp::spawn().await;
+    let bs = runbridge::startup::broker_settings(&app.settings, "it-count");
+    app.publish_raw(br#"{"id": "dead-1", "job_id": "not a number"}"#, None)
+        .await;
+    eventually(Duration::from_secs(20), "dead-lettered", || async {
+        (runbridge::broker::dead_letter_count(&bs).await.ok()? == 1).then_some(())
+    })
+    .await;
+    for i in 0..10 {
+        let r = app
+            .operator(app.http.get(format!("{}/ui/dead-letters", app.sidecar_url)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.text().await.unwrap().contains("not a number"), "view {i}");
+    }
+    assert_eq!(runbridge::broker::dead_letter_count(&bs).await.unwrap(), 1);
+    let letters = app.dead_letters(Duration::from_secs(5), 1).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        letters[0].delivery_count.unwrap_or(0),
+        0,
+        "ten views raised the delivery count"
+    );
+    app.stop().await;
+}
