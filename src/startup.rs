@@ -390,6 +390,7 @@ pub async fn run_sidecar(
     let limits = sidecar::Limits {
         max_connections: s.sidecar.max_connections,
         header_timeout: Duration::from_millis(s.sidecar.header_timeout_ms),
+        drain: Duration::from_secs(s.worker.drain_timeout_seconds),
     };
     let r = sidecar::serve(listener, state, tls, limits, shutdown)
         .await

@@ -39,6 +39,9 @@ pub struct TlsPem {
 pub struct Limits {
     pub max_connections: usize,
     pub header_timeout: Duration,
+    /// At shutdown, how long requests in flight (a long-poll, say) may take
+    /// to finish before their connections are closed.
+    pub drain: Duration,
 }
 
 /// Accepts a connection only while fewer than the limit are open; the
@@ -143,8 +146,8 @@ pub async fn serve<S: Store>(
     let on_shutdown = handle.clone();
     tokio::spawn(async move {
         shutdown.cancelled().await;
-        // Stop accepting, let the requests in flight finish.
-        on_shutdown.graceful_shutdown(None);
+        // Stop accepting, let the requests in flight finish (for a while).
+        on_shutdown.graceful_shutdown(Some(limits.drain));
     });
     let limited = Limited {
         inner: DefaultAcceptor,

@@ -241,12 +241,14 @@ async fn durable_promise_api() {
     .await;
     let base = app.sidecar_url.clone();
     let id = unique("api");
+    // A day from now: within worker.max_timeout_seconds.
+    let timeout = chrono::Utc::now().timestamp_millis() + 86_400_000;
 
     // Create: 201, then 200 deduplicated with the same key, 409 with another.
     let create = |key: &str| {
         app.operator(app.http.post(format!("{base}/promises")))
             .header("idempotency-key", key)
-            .json(&json!({"id": id, "param": {"headers": {}, "data": "cGFyYW0="}, "timeout": 4102444800000i64, "tags": {"k": "v"}}))
+            .json(&json!({"id": id, "param": {"headers": {}, "data": "cGFyYW0="}, "timeout": timeout, "tags": {"k": "v"}}))
             .send()
     };
     let r = create("ik1").await.unwrap();
@@ -254,7 +256,7 @@ async fn durable_promise_api() {
     let created: Value = r.json().await.unwrap();
     assert_eq!(created["state"], "PENDING");
     assert_eq!(created["idempotencyKeyForCreate"], "ik1");
-    assert_eq!(created["timeout"], 4102444800000i64);
+    assert_eq!(created["timeout"], timeout);
     assert_eq!(create("ik1").await.unwrap().status(), StatusCode::OK);
     assert_eq!(create("ik2").await.unwrap().status(), StatusCode::CONFLICT);
 

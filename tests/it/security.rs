@@ -662,3 +662,61 @@ async fn viewing_dead_letters_leaves_their_delivery_count_unchanged() {
     );
     app.stop().await;
 }
+
+/// When the store fails, the console says so without its internal error
+/// (which the log has): no Redis address, no OS error on the page.
+#[tokio::test]
+async fn console_error_pages_do_not_show_internal_errors() {
+    let port = free_port();
+    let args: Vec<String> = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let mut redis = RedisProc::start(&args, port).await;
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        overrides: vec![
+            ("redis.url", format!("redis://127.0.0.1:{port}")),
+            ("redis.response_timeout_ms", "500".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let r = app
+        .operator(app.http.get(format!("{}/ui/promises", app.sidecar_url)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    redis.kill9();
+    for path in ["/ui", "/ui/promises", "/ui/promises/some-id"] {
+        let r = app
+            .operator(app.http.get(format!("{}{path}", app.sidecar_url)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503, "{path}");
+        let page = r.text().await.unwrap();
+        assert!(page.contains("is unavailable"), "{path}: {page}");
+        for internal in [
+            "127.0.0.1",
+            &port.to_string(),
+            "os error",
+            "refused",
+            "redis unavailable",
+        ] {
+            assert!(
+                !page.contains(internal),
+                "{path} shows {internal:?}: {page}"
+            );
+        }
+    }
+    app.stop().await;
+}
