@@ -720,3 +720,42 @@ async fn console_error_pages_do_not_show_internal_errors() {
     }
     app.stop().await;
 }
+
+/// A dead-letter queue an earlier version declared as a quorum queue is
+/// used as it is: declaring the topology still succeeds, dead letters keep
+/// reaching it, and `runbridge check` says it differs.
+#[tokio::test]
+async fn an_existing_quorum_dead_letter_queue_is_used_as_it_is() {
+    let app = TestApp::spawn_with(Options {
+        overrides: vec![("amqp.dead_letter_queue_type", "quorum".into())],
+        ..Default::default()
+    })
+    .await;
+    let mut upgraded = app.settings.clone();
+    upgraded.amqp.dead_letter_queue_type = runbridge::broker::QueueType::Classic;
+    let bs = runbridge::startup::broker_settings(&upgraded, "it-upgrade");
+    let broker = runbridge::broker::Broker::connect(&bs).await.unwrap();
+    broker
+        .declare_topology()
+        .await
+        .expect("an existing quorum dead-letter queue does not stop a worker");
+    let dlq = broker
+        .check_topology()
+        .await
+        .into_iter()
+        .find(|f| f.object == format!("queue {}", bs.dead_letter_queue))
+        .unwrap();
+    assert!(
+        matches!(dlq.state, runbridge::broker::Found::Wrong),
+        "{}",
+        dlq.detail
+    );
+    broker.close().await;
+    app.publish_raw(br#"{"id": "dead-2", "job_id": "x"}"#, None)
+        .await;
+    eventually(Duration::from_secs(20), "dead-lettered", || async {
+        (runbridge::broker::dead_letter_count(&bs).await.ok()? == 1).then_some(())
+    })
+    .await;
+    app.stop().await;
+}
