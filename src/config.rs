@@ -134,9 +134,10 @@ pub struct AmqpSection {
     pub triggers_queue: String,
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
-    /// "classic" (browsing costs nothing) or "quorum" (replicated).
-    #[serde(default = "default_dead_letter_queue_type")]
-    pub dead_letter_queue_type: crate::broker::QueueType,
+    /// "classic" (browsing costs nothing), "quorum" (replicated), or
+    /// "auto": quorum when `urls` names other nodes of a cluster.
+    #[serde(default)]
+    pub dead_letter_queue_type: DeadLetterQueueType,
     pub events_exchange: String,
     pub control_queue: String,
     pub delivery_limit: u32,
@@ -147,6 +148,30 @@ pub struct AmqpSection {
     /// PEM CA file for amqps:// (empty: the system's roots).
     #[serde(default)]
     pub tls_ca_file: String,
+}
+
+/// `amqp.dead_letter_queue_type`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterQueueType {
+    /// Quorum with other nodes in `amqp.urls` (a cluster: dead letters
+    /// survive a node), else classic (one node: browsing costs nothing).
+    #[default]
+    Auto,
+    Classic,
+    Quorum,
+}
+
+impl AmqpSection {
+    pub fn dead_letter_queue_type(&self) -> crate::broker::QueueType {
+        use crate::broker::QueueType;
+        match self.dead_letter_queue_type {
+            DeadLetterQueueType::Classic => QueueType::Classic,
+            DeadLetterQueueType::Quorum => QueueType::Quorum,
+            DeadLetterQueueType::Auto if self.urls.is_empty() => QueueType::Classic,
+            DeadLetterQueueType::Auto => QueueType::Quorum,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,10 +191,6 @@ pub struct WorkerSection {
 
 fn default_body_timeout_ms() -> u64 {
     10_000
-}
-
-fn default_dead_letter_queue_type() -> crate::broker::QueueType {
-    crate::broker::QueueType::Classic
 }
 
 fn default_header_timeout_ms() -> u64 {
@@ -990,6 +1011,18 @@ mod tests {
             Some("dapi-of-my-own".to_string().into());
         s.validate(Role::Worker).unwrap();
         s.validate(Role::Sidecar).unwrap();
+    }
+
+    #[test]
+    fn the_dead_letter_queue_is_quorum_on_a_cluster_by_default() {
+        use crate::broker::QueueType;
+        let mut s = load(&[]).unwrap();
+        assert_eq!(s.amqp.dead_letter_queue_type, DeadLetterQueueType::Auto);
+        assert_eq!(s.amqp.dead_letter_queue_type(), QueueType::Classic);
+        s.amqp.urls = vec!["amqp://guest:guest@rabbit-2:5672/%2f".to_string().into()];
+        assert_eq!(s.amqp.dead_letter_queue_type(), QueueType::Quorum);
+        s.amqp.dead_letter_queue_type = DeadLetterQueueType::Classic;
+        assert_eq!(s.amqp.dead_letter_queue_type(), QueueType::Classic);
     }
 
     #[test]

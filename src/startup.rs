@@ -99,7 +99,7 @@ pub fn broker_settings(s: &Settings, role: &str) -> BrokerSettings {
         control_queue: s.amqp.control_queue.clone(),
         delivery_limit: s.amqp.delivery_limit,
         prefetch: s.amqp.prefetch,
-        dead_letter_queue_type: s.amqp.dead_letter_queue_type,
+        dead_letter_queue_type: s.amqp.dead_letter_queue_type(),
         connection_name: instance_name(role),
         tls_ca_file: s.amqp.tls_ca_file.clone(),
     }

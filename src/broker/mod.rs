@@ -89,8 +89,7 @@ impl std::fmt::Debug for BrokerSettings {
 }
 
 /// A RabbitMQ queue type, as `x-queue-type` names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueType {
     /// Not replicated, durable on its node; a message returned unacked
     /// keeps its place and gains no delivery count, so the console can
@@ -267,37 +266,7 @@ impl Broker {
         )
         .await
         .map_err(amqp)?;
-        let ch = match ch
-            .queue_declare(
-                s.dead_letter_queue.as_str().into(),
-                QueueDeclareOptions::durable(),
-                dead_letter_args(s),
-            )
-            .await
-        {
-            Ok(_) => ch,
-            // It exists with other arguments: an earlier version declared it
-            // a quorum queue. Dead letters stay where they are; the broker
-            // closed the channel, so go on with a new one.
-            Err(e) if e.to_string().contains("PRECONDITION_FAILED") => {
-                tracing::warn!(
-                    queue = %s.dead_letter_queue,
-                    wanted = s.dead_letter_queue_type.as_str(),
-                    "the dead-letter queue exists with another type and is used as it is; on a quorum queue before RabbitMQ 4.3 each view in the console raises its messages' delivery counts (runbridge check says how to change it)"
-                );
-                self.conn.create_channel().await.map_err(amqp)?
-            }
-            Err(e) => return Err(amqp(e)),
-        };
-        ch.queue_bind(
-            s.dead_letter_queue.as_str().into(),
-            s.dead_letter_exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(amqp)?;
+        let ch = self.declare_dead_letter_queue(ch).await?;
         ch.queue_declare(
             s.triggers_queue.as_str().into(),
             QueueDeclareOptions::durable(),
@@ -319,6 +288,59 @@ impl Broker {
         .map_err(amqp)?;
         let _ = ch.close(200, "topology declared".into()).await;
         Ok(())
+    }
+
+    /// The dead-letter queue and its binding, on `ch`; the channel to go on
+    /// with (the broker closes one that a declaration failed on).
+    async fn declare_dead_letter_queue(&self, ch: Channel) -> Result<Channel, BrokerError> {
+        let s = &self.settings;
+        let queue = s.dead_letter_queue.as_str();
+        // A classic queue lives on one node: with that node down it can be
+        // neither declared nor bound, and RabbitMQ drops what is
+        // dead-lettered meanwhile. Triggers and events must not wait for it.
+        let node_down = |e: &lapin::Error| e.to_string().contains("down or inaccessible");
+        let ch = match ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions::durable(),
+                dead_letter_args(s),
+            )
+            .await
+        {
+            Ok(_) => ch,
+            // It exists with other arguments: an earlier version declared it
+            // a quorum queue. Dead letters stay where they are.
+            Err(e) if e.to_string().contains("PRECONDITION_FAILED") => {
+                tracing::warn!(
+                    queue,
+                    wanted = s.dead_letter_queue_type.as_str(),
+                    "the dead-letter queue exists with another type and is used as it is; on a quorum queue before RabbitMQ 4.3 each view in the console raises its messages' delivery counts (runbridge check says how to change it)"
+                );
+                self.conn.create_channel().await.map_err(amqp)?
+            }
+            Err(e) if node_down(&e) => {
+                tracing::warn!(queue, error = %e, "the dead-letter queue's node is down: until it is back, RabbitMQ drops what is dead-lettered (a quorum dead-letter queue, amqp.dead_letter_queue_type, is replicated)");
+                return self.conn.create_channel().await.map_err(amqp);
+            }
+            Err(e) => return Err(amqp(e)),
+        };
+        match ch
+            .queue_bind(
+                queue.into(),
+                s.dead_letter_exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(()) => Ok(ch),
+            Err(e) if node_down(&e) => {
+                tracing::warn!(queue, error = %e, "the dead-letter queue's node is down: until it is back, RabbitMQ drops what is dead-lettered");
+                self.conn.create_channel().await.map_err(amqp)
+            }
+            Err(e) => Err(amqp(e)),
+        }
     }
 
     /// Starts consuming triggers with the configured prefetch.

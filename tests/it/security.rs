@@ -732,7 +732,7 @@ async fn an_existing_quorum_dead_letter_queue_is_used_as_it_is() {
     })
     .await;
     let mut upgraded = app.settings.clone();
-    upgraded.amqp.dead_letter_queue_type = runbridge::broker::QueueType::Classic;
+    upgraded.amqp.dead_letter_queue_type = runbridge::config::DeadLetterQueueType::Classic;
     let bs = runbridge::startup::broker_settings(&upgraded, "it-upgrade");
     let broker = runbridge::broker::Broker::connect(&bs).await.unwrap();
     broker
