@@ -133,7 +133,7 @@ ui-test-deps:
 		echo "[ui-test-deps] installing $(PLAYWRIGHT) under target/node"; \
 		npm install --silent --no-audit --no-fund --prefix target/node $(PLAYWRIGHT); }
 
-# The scale tests (issue 8), too long for `make test`; .ci/run runs them
+# The scale tests, too long for `make test`; .ci/run runs them
 # after it. First the integration suite (core loop and the rest) against a
 # private 6-node Redis Cluster (scripts/redis-cluster.sh; tests that bring a
 # Redis of their own keep it); then the ignored tests of tests/it/scale.rs:
@@ -150,7 +150,7 @@ cluster-test: services
 		rc=$$?; scripts/redis-cluster.sh down $(REDIS_CLUSTER_DIR); exit $$rc
 	$(CARGO) nextest run $(TEST_FEATURES) --run-ignored only -E 'test(scale::)' --no-capture
 
-# Hostile input and the promise model at length (issue 9): the property
+# Hostile input and the promise model at length: the property
 # tests of the parsers and the model test against Redis, with 100,000 cases
 # each (`make test` runs 2,000 and 10,000); then every cargo-fuzz target
 # (fuzz/fuzz_targets: trigger, control, patch_body, notification, run_info)

@@ -1,4 +1,4 @@
-//! Every Redis key runbridge uses comes from here (DESIGN.md §6).
+//! Every Redis key runbridge uses comes from here (docs/contracts.md, the Redis layout).
 //!
 //! All keys of one promise and of its partition share the hash tag `{p<N>}`,
 //! so each Lua script touches a single slot and the layout runs unchanged on

@@ -1,6 +1,6 @@
 //! Which partitions this worker's reconciler and relay work on.
 //!
-//! Every partition (DESIGN.md §6) is owned by one worker at a time through a
+//! Every partition (docs/contracts.md, the Redis layout) is owned by one worker at a time through a
 //! lease in Redis (`<prefix>:{p<N>}:lease`, the owner's name with an
 //! expiry). Workers announce themselves in a member set every round, and
 //! each aims at a fair share: the partition count divided by the live

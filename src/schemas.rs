@@ -23,12 +23,12 @@ use crate::domain::event::CloudEvent;
 use crate::domain::trigger::TriggerMessage;
 use crate::reconciler::ControlMessage;
 
-/// JSON Schema of the trigger message (DESIGN.md §2).
+/// JSON Schema of the trigger message (docs/contracts.md, the trigger message).
 pub fn trigger() -> Value {
     schemars::schema_for!(TriggerMessage).to_value()
 }
 
-/// JSON Schema of the completion event (DESIGN.md §5), `data` included.
+/// JSON Schema of the completion event (docs/contracts.md, completion events), `data` included.
 pub fn event() -> Value {
     schemars::schema_for!(CloudEvent).to_value()
 }

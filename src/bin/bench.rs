@@ -1,5 +1,5 @@
 //! `make bench`: runbridge measured against baselines taken in the same run,
-//! on the same RabbitMQ, Redis and emulator (issue 5, README "Performance").
+//! on the same RabbitMQ, Redis and emulator (README "Performance").
 //!
 //! Absolute numbers on a shared 2-core machine drift from run to run; each
 //! scenario therefore measures its own baseline right beside runbridge and
@@ -12,7 +12,7 @@
 //! binary is the one place outside `broker`/`store`/`sidecar` that imports
 //! those crates (ARCHITECTURE.md).
 //!
-//! Scenarios (ids as in the issue): B1 trigger throughput, B2 latency hiding,
+//! Scenarios (ids as in bench/results.md): B1 trigger throughput, B2 latency hiding,
 //! B3 settle throughput, B4 settle → event latency, B5 Redis memory per
 //! pending promise, B6 worker RSS with 10,000 promises in flight, B7 deadline
 //! sweep cost with 1,000,000 pending. `--smoke` runs every scenario with a

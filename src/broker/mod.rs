@@ -1,6 +1,6 @@
 //! RabbitMQ, through lapin: the only module that imports lapin.
 //!
-//! It declares the topology of DESIGN.md §2/§5, turns deliveries into plain
+//! It declares the topology of docs/contracts.md, turns deliveries into plain
 //! [`Envelope`]s with an [`Incoming`] handle to settle them, and publishes
 //! with publisher confirms: [`Publisher::publish`] returns only once the
 //! broker confirmed the message with no `basic.return`.

@@ -1,4 +1,4 @@
-//! Completion events (DESIGN.md §5): a CloudEvents 1.0 structured JSON event
+//! Completion events (docs/contracts.md, completion events): a CloudEvents 1.0 structured JSON event
 //! built from a settled promise.
 //!
 //! The event is a pure function of the settled record, so the relay, a

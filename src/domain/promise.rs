@@ -56,7 +56,7 @@ impl State {
         )
     }
 
-    /// `promise.<state in lower case>` (DESIGN.md §5).
+    /// `promise.<state in lower case>` (docs/contracts.md, completion events).
     pub fn routing_key(self) -> String {
         format!("promise.{}", self.as_str().to_ascii_lowercase())
     }

@@ -1,4 +1,4 @@
-//! The trigger message (DESIGN.md §2), parsed once at the edge.
+//! The trigger message (docs/contracts.md, the trigger message), parsed once at the edge.
 //!
 //! [`Trigger::parse`] is the only way to get a [`Trigger`]; its error says,
 //! in words a producer can act on, why a message was refused. The worker
@@ -107,7 +107,7 @@ pub const MAX_TAGS: usize = 64;
 pub const MAX_TAG_KEY: usize = 128;
 pub const MAX_TAG_VALUE: usize = 1024;
 
-/// The trigger message as it travels (DESIGN.md §2). Its JSON Schema
+/// The trigger message as it travels (docs/contracts.md, the trigger message). Its JSON Schema
 /// (`docs/schemas/trigger.schema.json`, `runbridge schema trigger`) is derived
 /// from this struct, so the document and the parser cannot drift apart. What a
 /// schema cannot say is checked in [`Trigger::parse`] and written in the
@@ -340,7 +340,7 @@ impl Trigger {
     }
 }
 
-/// Hostile input (issue 9): whatever arrives, parsing answers (no panic),
+/// Hostile input: whatever arrives, parsing answers (no panic),
 /// and the worst cases are refused before they cost anything.
 #[cfg(test)]
 mod hostile {

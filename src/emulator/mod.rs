@@ -1,4 +1,4 @@
-//! `runbridge emulate`: a Databricks Jobs API 2.2 emulator (DESIGN.md §9).
+//! `runbridge emulate`: a Databricks Jobs API 2.2 emulator (docs/databricks-fidelity.md).
 //!
 //! It is a stand-in for Databricks in demos, tests and benchmarks, not part
 //! of the bridge: it is the one module besides `sidecar` that serves HTTP

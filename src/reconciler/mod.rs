@@ -1,4 +1,4 @@
-//! The reconciler (DESIGN.md §8): callbacks are the accelerator, this is the
+//! The reconciler (docs/contracts.md, the reconciler): callbacks are the accelerator, this is the
 //! source of truth. Every tick, for every partition, it
 //!
 //! 1. **sweeps deadlines**: promises past their timeout or heartbeat deadline
@@ -579,7 +579,7 @@ pub async fn cancel_matching<S: PromiseStore>(
     Ok(report)
 }
 
-/// Hostile control messages (issue 9): any bytes get an answer, no panic.
+/// Hostile control messages: any bytes get an answer, no panic.
 #[cfg(test)]
 mod hostile {
     use super::*;

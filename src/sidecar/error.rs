@@ -1,5 +1,5 @@
 //! Every error the sidecar answers is JSON: `{"error": {"code", "message"}}`
-//! with the status codes of DESIGN.md §4.
+//! with the status codes of docs/contracts.md, the HTTP API.
 
 use axum::Json;
 use axum::http::StatusCode;

@@ -1,4 +1,4 @@
-//! The HTTP sidecar (DESIGN.md §4): notebook callbacks, the Durable Promise
+//! The HTTP sidecar (docs/contracts.md, the HTTP API): notebook callbacks, the Durable Promise
 //! API, health. The only module that imports axum (besides the emulator, a
 //! stand-in for Databricks that is not part of the bridge).
 //!
@@ -1262,7 +1262,7 @@ mod tests {
     }
 }
 
-/// Hostile requests (issue 9): the request parsers answer anything, in CI
+/// Hostile requests: the request parsers answer anything, in CI
 /// (`make fuzz` runs more cases, and the cargo-fuzz targets).
 #[cfg(test)]
 mod hostile {

@@ -1,4 +1,4 @@
-//! The promise store: durable promises in Redis (DESIGN.md §6).
+//! The promise store: durable promises in Redis (docs/contracts.md, the Redis layout).
 //!
 //! This module is the only one that speaks to Redis. The rest of the code sees
 //! the [`PromiseStore`] and [`Outbox`] traits and plain domain types, so the
@@ -212,7 +212,7 @@ pub struct PendingCancel {
     pub workspace: String,
 }
 
-/// The schedules the reconciler works from (DESIGN.md §8). Each read takes
+/// The schedules the reconciler works from (docs/contracts.md, the reconciler). Each read takes
 /// only what is due; each claim leases what it took, so several workers can
 /// reconcile the same partitions without doing the same work twice.
 pub trait Lifecycle: Clone + Send + Sync + 'static {

@@ -1,4 +1,4 @@
-//! The trigger worker: DESIGN.md §7, one delivery at a time, many at once.
+//! The trigger worker: docs/contracts.md, handling a trigger, one delivery at a time, many at once.
 //!
 //! [`process`] is the unit of work: given a trigger's [`Envelope`] it runs
 //! validate → create promise → launch → record run id, and returns a
@@ -75,7 +75,7 @@ impl Refusal {
     }
 }
 
-/// Names of the three parameters the run receives (DESIGN.md §3).
+/// Names of the three parameters the run receives (docs/contracts.md, what a run receives).
 #[derive(Debug, Clone)]
 pub struct ParamNames {
     pub promise_id: String,
@@ -189,7 +189,7 @@ fn reply_for(p: &Promise, t: &Trigger) -> Disposition {
     }
 }
 
-/// Handles one trigger (DESIGN.md §7). Never panics on input; every error
+/// Handles one trigger (docs/contracts.md, handling a trigger). Never panics on input; every error
 /// becomes a [`Disposition`] and is logged once, by the runner.
 ///
 /// Its span (`process`, with `promise.id` and `databricks.run_id`) is a child

@@ -4,7 +4,7 @@ matches them):
 
 - docs/openapi.json with openapi-spec-validator (OpenAPI 3.1);
 - docs/schemas/*.json against the JSON Schema 2020-12 metaschema, and the
-  DESIGN.md trigger example against the trigger schema;
+  the trigger example of docs/contracts.md against the trigger schema;
 - docs/asyncapi.yaml with @asyncapi/parser (AsyncAPI 3.0), through node.
 
 Each check is shown to fail on a broken copy, so a validator that accepts
@@ -52,20 +52,15 @@ def test_json_schemas_are_valid_2020_12(name):
         jsonschema.Draft202012Validator.check_schema({**schema, "type": 5})
 
 
-def test_design_example_trigger_is_valid():
-    example = {
-        "id": "nightly-sales-2026-11-23",
-        "job_id": 123,
-        "job_parameters": {"date": "2026-11-23"},
-        "timeout_seconds": 3600,
-        "heartbeat_seconds": 600,
-        "cancel_on_timeout": True,
-        "tags": {"team": "growth"},
-    }
+def test_the_contracts_trigger_example_is_valid():
+    text = (ROOT / "docs" / "contracts.md").read_text()
+    section = text.split("## The trigger message", 1)[1]
+    example = json.loads(section.split("```json", 1)[1].split("```", 1)[0])
     v = jsonschema.Draft202012Validator(load("schemas/trigger.schema.json"))
     v.validate(example)
     assert not v.is_valid({**example, "submit": {}}), "job_id and submit together"
     assert not v.is_valid({**example, "id": "has space"})
+    assert not v.is_valid({**example, "id": "decoy/../other"}), "a .. segment"
 
 
 def run_asyncapi_check(path):

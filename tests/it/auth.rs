@@ -1,4 +1,4 @@
-//! Databricks authentication conventions (issue 6): OAuth machine-to-machine
+//! Databricks authentication conventions: OAuth machine-to-machine
 //! against the emulator's token endpoint, including refresh after expiry.
 
 use std::time::Duration;

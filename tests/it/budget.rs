@@ -1,5 +1,4 @@
-//! The workspace request budget, shared by every worker through Redis
-//! (issue 3, item 6).
+//! The workspace request budget, shared by every worker through Redis.
 
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
 //! The sidecar: callbacks, the Durable Promise API, auth and bad input
-//! (issue 2 acceptance e, f, and the Resonate notebook).
+//! (and the Resonate notebook).
 
 use std::time::Duration;
 

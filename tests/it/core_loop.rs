@@ -1,4 +1,4 @@
-//! The main job, end to end (issue 2 acceptance a, b, d, g, h).
+//! The main job, end to end.
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! The generated contracts (issue 6, schemas): the copies under docs/ are the
+//! The generated contracts: the copies under docs/ are the
 //! code's current output, and real messages and real HTTP answers validate
 //! against them: triggers and completion events off the broker against the
 //! JSON Schemas, every sidecar answer against the OpenAPI document's schema

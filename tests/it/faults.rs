@@ -1,4 +1,4 @@
-//! Crashes and outages (issue 2 acceptance c and i).
+//! Crashes and outages.
 
 use std::time::Duration;
 

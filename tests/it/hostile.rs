@@ -1,4 +1,4 @@
-//! Hostile and poisonous triggers (issue 9): nothing a producer publishes
+//! Hostile and poisonous triggers: nothing a producer publishes
 //! blocks the queue or stops valid work.
 
 use std::collections::BTreeSet;

@@ -1,4 +1,4 @@
-//! The whole run lifecycle (issue 3): runs that end without calling back,
+//! The whole run lifecycle: runs that end without calling back,
 //! deadlines and heartbeats, cancellation by every path, notifications,
 //! several workspaces, and a sweep whose cost follows what is due.
 

@@ -1,4 +1,4 @@
-//! `GET /metrics` counts what happened (issue 6, metrics).
+//! `GET /metrics` counts what happened.
 //!
 //! The recorder is process-wide; nextest runs each test in its own process,
 //! and the test compares readings taken before and after its own run anyway.

@@ -1,4 +1,4 @@
-//! The promise state machine, proven against a model (issue 9).
+//! The promise state machine, proven against a model.
 //!
 //! `Model` is the Durable Promise specification's transitions written out in
 //! plain Rust: create-if-absent, settle (resolve / reject / cancel) with

@@ -1,4 +1,4 @@
-//! OTLP trace export (issue 6, traces): a `runbridge all` process with
+//! OTLP trace export: a `runbridge all` process with
 //! `telemetry.otlp_endpoint` set exports its spans to a stand-in OTLP/HTTP
 //! collector run here. A trigger published with a `traceparent` produces a
 //! worker span in that trace, child of the producer's span, and the

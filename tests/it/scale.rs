@@ -1,4 +1,4 @@
-//! Running on several broker nodes (issue 8, first part): `amqp.urls` lists
+//! Running on several broker nodes: `amqp.urls` lists
 //! more nodes of the cluster; a connect tries the node that answered last
 //! first, then the others in turn.
 
@@ -87,7 +87,7 @@ async fn worker_runs_on_the_next_node() {
 }
 
 /// Five workers on one queue share 5,000 triggers evenly: each handled
-/// within ±30 % of the mean (issue 8). Every worker is consuming before the
+/// within ±30 % of the mean. Every worker is consuming before the
 /// first trigger is published, so none gets a head start. Run by
 /// `make cluster-test` (ignored in `make test` for its length).
 #[tokio::test]

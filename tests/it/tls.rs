@@ -1,4 +1,4 @@
-//! TLS (issue 6): a CA made here with rcgen signs a certificate for
+//! TLS: a CA made here with rcgen signs a certificate for
 //! localhost / 127.0.0.1. The sidecar serves HTTPS with it, a private Redis
 //! (started here, never the shared one) serves only TLS with it, and a whole
 //! trigger → run → HTTPS callback → event cycle goes through both. Clients

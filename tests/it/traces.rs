@@ -1,5 +1,5 @@
 //! W3C trace context: a trigger's `traceparent` reaches the Databricks
-//! request and the completion event (issue 6, traces).
+//! request and the completion event.
 
 use std::time::Duration;
 

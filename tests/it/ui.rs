@@ -1,4 +1,4 @@
-//! The operator console (issue 7) against a live sidecar with real data:
+//! The operator console against a live sidecar with real data:
 //! promises made by real triggers (resolved, pending, refused), a real
 //! dead letter in RabbitMQ.
 //!

@@ -1,4 +1,4 @@
--- Create a PENDING promise if absent (DESIGN.md §7 step 2).
+-- Create a PENDING promise if absent (docs/contracts.md, handling a trigger step 2).
 -- KEYS[1] promise hash, KEYS[2] partition deadlines zset,
 -- KEYS[3] pending_by_second hash, KEYS[4] pending_seconds zset
 -- ARGV[1] id, ARGV[2] timeout relative ms (used when ARGV[3] is 0),

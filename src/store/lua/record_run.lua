@@ -1,4 +1,4 @@
--- Record the Databricks run of a promise (DESIGN.md §7 step 5). Idempotent:
+-- Record the Databricks run of a promise (docs/contracts.md, handling a trigger step 5). Idempotent:
 -- the same run id again is OK; a different one is a conflict and changes nothing.
 -- Recorded even on a settled promise (a callback may win the race): then, if
 -- the promise was cancelled or timed out with cancel_on_timeout, the run is

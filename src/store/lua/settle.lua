@@ -1,4 +1,4 @@
--- Settle a promise and write its outbox entry in the same step (DESIGN.md §4),
+-- Settle a promise and write its outbox entry in the same step (docs/contracts.md, the HTTP API),
 -- following the Durable Promise specification's idempotency table.
 -- KEYS: promise, deadlines, outbox, runs, polls, cancels, pending_by_second,
 -- pending_seconds, settled_in_minute
