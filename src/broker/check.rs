@@ -69,7 +69,7 @@ impl Broker {
 
     async fn check_exchange(&self, name: &str, kind: ExchangeKind) -> TopologyFinding {
         let object = format!("exchange {name}");
-        let Ok(ch) = self.conn.create_channel().await else {
+        let Ok(ch) = self.channel().await else {
             return TopologyFinding {
                 object,
                 state: Found::Wrong,
@@ -105,7 +105,7 @@ impl Broker {
             state: Found::Wrong,
             detail,
         };
-        let Ok(ch) = self.conn.create_channel().await else {
+        let Ok(ch) = self.channel().await else {
             return fail("no channel".into());
         };
         let passive = QueueDeclareOptions {
@@ -128,7 +128,7 @@ impl Broker {
                 };
             }
         };
-        let Ok(ch) = self.conn.create_channel().await else {
+        let Ok(ch) = self.channel().await else {
             return fail("no channel".into());
         };
         let same = ch

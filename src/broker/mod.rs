@@ -169,9 +169,24 @@ pub fn redact_amqp_url(url: &str) -> String {
 pub struct Broker {
     conn: Connection,
     settings: BrokerSettings,
+    /// Every channel opened on `conn`, so that [`Broker::close`] closes
+    /// them (and waits for the broker to confirm) before the connection: a
+    /// channel still closing when the connection goes makes lapin log an
+    /// error for what is a clean stop.
+    channels: std::sync::Mutex<Vec<Channel>>,
 }
 
 impl Broker {
+    /// A new channel on this connection, closed by [`Broker::close`].
+    async fn channel(&self) -> Result<Channel, lapin::Error> {
+        let ch = self.conn.create_channel().await?;
+        if let Ok(mut open) = self.channels.lock() {
+            open.retain(|c| c.status().connected());
+            open.push(ch.clone());
+        }
+        Ok(ch)
+    }
+
     /// Connects to the node that answered last, else to the next ones in
     /// turn; the error names every node tried (passwords redacted).
     pub async fn connect(settings: &BrokerSettings) -> Result<Self, BrokerError> {
@@ -237,6 +252,7 @@ impl Broker {
         Ok(Self {
             conn,
             settings: settings.clone(),
+            channels: Default::default(),
         })
     }
 
@@ -245,7 +261,7 @@ impl Broker {
     /// repeat; a queue declared earlier with other arguments is a clear error.
     pub async fn declare_topology(&self) -> Result<(), BrokerError> {
         let s = &self.settings;
-        let ch = self.conn.create_channel().await.map_err(amqp)?;
+        let ch = self.channel().await.map_err(amqp)?;
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
@@ -316,11 +332,11 @@ impl Broker {
                     wanted = s.dead_letter_queue_type.as_str(),
                     "the dead-letter queue exists with another type and is used as it is; on a quorum queue before RabbitMQ 4.3 each view in the console raises its messages' delivery counts (runbridge check says how to change it)"
                 );
-                self.conn.create_channel().await.map_err(amqp)?
+                self.channel().await.map_err(amqp)?
             }
             Err(e) if node_down(&e) => {
                 tracing::warn!(queue, error = %e, "the dead-letter queue's node is down: until it is back, RabbitMQ drops what is dead-lettered (a quorum dead-letter queue, amqp.dead_letter_queue_type, is replicated)");
-                return self.conn.create_channel().await.map_err(amqp);
+                return self.channel().await.map_err(amqp);
             }
             Err(e) => return Err(amqp(e)),
         };
@@ -337,7 +353,7 @@ impl Broker {
             Ok(()) => Ok(ch),
             Err(e) if node_down(&e) => {
                 tracing::warn!(queue, error = %e, "the dead-letter queue's node is down: until it is back, RabbitMQ drops what is dead-lettered");
-                self.conn.create_channel().await.map_err(amqp)
+                self.channel().await.map_err(amqp)
             }
             Err(e) => Err(amqp(e)),
         }
@@ -366,7 +382,7 @@ impl Broker {
         queue: &str,
         consumer_tag: &str,
     ) -> Result<TriggerConsumer, BrokerError> {
-        let ch = self.conn.create_channel().await.map_err(amqp)?;
+        let ch = self.channel().await.map_err(amqp)?;
         ch.basic_qos(self.settings.prefetch, BasicQosOptions::default())
             .await
             .map_err(amqp)?;
@@ -387,7 +403,7 @@ impl Broker {
 
     /// A channel in confirm mode.
     pub async fn publisher(&self) -> Result<Publisher, BrokerError> {
-        let ch = self.conn.create_channel().await.map_err(amqp)?;
+        let ch = self.channel().await.map_err(amqp)?;
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(amqp)?;
@@ -403,7 +419,16 @@ impl Broker {
         self.conn.status().connected()
     }
 
+    /// Closes every channel it opened, then the connection.
     pub async fn close(&self) {
+        let open: Vec<Channel> = self
+            .channels
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default();
+        for ch in open.iter().filter(|c| c.status().connected()) {
+            let _ = ch.close(200, "shutting down".into()).await;
+        }
         let _ = self.conn.close(200, "shutting down".into()).await;
     }
 }
@@ -714,7 +739,7 @@ impl Broker {
         exchange: Option<&str>,
         binding: &str,
     ) -> Result<EventListener, BrokerError> {
-        let ch = self.conn.create_channel().await.map_err(amqp)?;
+        let ch = self.channel().await.map_err(amqp)?;
         let q = ch
             .queue_declare(
                 "".into(),
@@ -766,7 +791,7 @@ impl Broker {
     /// A queue's message and consumer counts (a passive declare: nothing
     /// changes; an error if the queue does not exist).
     async fn inspect_queue(&self, queue: &str) -> Result<lapin::Queue, BrokerError> {
-        let ch = self.conn.create_channel().await.map_err(amqp)?;
+        let ch = self.channel().await.map_err(amqp)?;
         let q = ch
             .queue_declare(
                 queue.into(),
@@ -793,7 +818,7 @@ impl Broker {
 
     /// Consumes an existing queue (auto-ack), e.g. the dead-letter queue.
     pub async fn consume_queue(&self, queue: &str) -> Result<EventListener, BrokerError> {
-        let ch = self.conn.create_channel().await.map_err(amqp)?;
+        let ch = self.channel().await.map_err(amqp)?;
         Self::listen_on(ch, queue).await
     }
 
@@ -833,7 +858,7 @@ impl Broker {
         binding: &str,
         args: FieldTable,
     ) -> Result<(), BrokerError> {
-        let ch = self.conn.create_channel().await.map_err(amqp)?;
+        let ch = self.channel().await.map_err(amqp)?;
         ch.queue_declare(queue.into(), QueueDeclareOptions::durable(), args)
             .await
             .map_err(amqp)?;
@@ -854,7 +879,7 @@ impl Broker {
     /// decommissioning). Messages in them are lost: never on a live deployment.
     pub async fn delete_topology(&self, extra_queues: &[&str]) -> Result<(), BrokerError> {
         let s = &self.settings;
-        let ch = self.conn.create_channel().await.map_err(amqp)?;
+        let ch = self.channel().await.map_err(amqp)?;
         for q in [
             s.triggers_queue.as_str(),
             s.dead_letter_queue.as_str(),
@@ -958,7 +983,7 @@ struct DeadLetterWalk {
 impl DeadLetterWalk {
     async fn start(settings: &BrokerSettings, limit: usize) -> Result<Self, BrokerError> {
         let broker = Broker::connect(settings).await?;
-        let channel = broker.conn.create_channel().await.map_err(amqp)?;
+        let channel = broker.channel().await.map_err(amqp)?;
         channel
             .basic_qos(limit.clamp(1, 1000) as u16, BasicQosOptions::default())
             .await

@@ -23,6 +23,7 @@ mod model;
 mod otlp;
 mod scale;
 mod security;
+mod stops;
 mod tls;
 mod traces;
 mod ui;
