@@ -15,6 +15,7 @@ pub mod failpoint;
 pub mod keys;
 pub mod partitions;
 pub mod reconciler;
+pub mod redact;
 pub mod relay;
 pub mod schemas;
 pub mod shutdown;

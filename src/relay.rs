@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{Broker, BrokerError, BrokerSettings, Publisher};
 use crate::domain::CompletionEvent;
 use crate::partitions::{Assignment, Progress};
+use crate::shutdown::{pause, reconnect_backoff};
 use crate::store::{Outbox, OutboxEntry, RedisStore};
-use crate::worker::runner::{pause, reconnect_backoff};
 
 #[derive(Debug, Clone)]
 pub struct RelaySettings {

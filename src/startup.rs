@@ -18,10 +18,11 @@ use crate::domain::{CallbackSigner, TriggerRules};
 use crate::partitions::{Ownership, OwnershipSettings, Progress};
 use crate::reconciler::{Reconciler, ReconcilerSettings};
 use crate::relay::{self, RelaySettings};
+use crate::shutdown::{pause, reconnect_backoff};
 use crate::sidecar::{self, AppState, SidecarSettings};
 use crate::store::redis_store::{SentinelSettings, StoreSettings, Topology};
 use crate::store::{RedisStore, StoreError};
-use crate::worker::runner::{self, RunnerSettings, pause, reconnect_backoff};
+use crate::worker::runner::{self, RunnerSettings};
 use crate::worker::{ParamNames, WorkerContext};
 
 #[derive(Debug, thiserror::Error)]

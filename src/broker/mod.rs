@@ -29,6 +29,7 @@ use lapin::{
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::domain::{CompletionEvent, Envelope};
+use crate::redact::redact_url;
 
 pub const ERROR_HEADER: &str = "x-runbridge-error";
 
@@ -81,7 +82,7 @@ pub struct BrokerSettings {
 impl std::fmt::Debug for BrokerSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerSettings")
-            .field("url", &redact_amqp_url(self.url.expose_secret()))
+            .field("url", &redact_url(self.url.expose_secret()))
             .field("triggers_queue", &self.triggers_queue)
             .field("events_exchange", &self.events_exchange)
             .finish_non_exhaustive()
@@ -154,17 +155,6 @@ fn control_args(s: &BrokerSettings) -> FieldTable {
     args
 }
 
-pub fn redact_amqp_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "<unparseable url>".into(),
-    }
-}
-
 /// One connection to the broker.
 pub struct Broker {
     conn: Connection,
@@ -200,7 +190,7 @@ impl Broker {
             match Self::connect_to(settings, urls[i]).await {
                 Ok(b) => {
                     if i != first {
-                        tracing::info!(node = %redact_amqp_url(urls[i].expose_secret()), "connected to another broker node");
+                        tracing::info!(node = %redact_url(urls[i].expose_secret()), "connected to another broker node");
                     }
                     settings.last_node.store(i, Ordering::Relaxed);
                     return Ok(b);
@@ -228,7 +218,7 @@ impl Broker {
         let props = ConnectionProperties::default()
             .with_connection_name(settings.connection_name.clone().into());
         let failed = |reason: String| BrokerError::Connect {
-            url: redact_amqp_url(url.expose_secret()),
+            url: redact_url(url.expose_secret()),
             reason,
         };
         let tls =

@@ -27,11 +27,11 @@ use crate::config::NoCallbackPolicy;
 use crate::databricks::{DatabricksError, Jobs, RunInfo};
 use crate::domain::{Payload, PromiseId, RunId, SettledBy, State};
 use crate::partitions::Assignment;
+use crate::shutdown::pause;
 use crate::store::{
     ExpireOutcome, Lifecycle, PendingCancel, PromiseStore, SearchQuery, Settle, SettleOutcome,
     StoreError,
 };
-use crate::worker::runner::pause;
 
 mod verdict;
 pub use verdict::{RunOutcome, Verdict, classify, verdict};

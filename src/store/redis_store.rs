@@ -21,6 +21,7 @@ use crate::databricks::{CallClass, RateBudget};
 use crate::domain::promise::field;
 use crate::keys::Keys;
 use crate::partitions::{Leases, Membership};
+use crate::redact::redact_url;
 
 mod sessions;
 
@@ -181,18 +182,6 @@ impl std::fmt::Debug for RedisStore {
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
-}
-
-/// The URL with any password replaced, for error messages and logs.
-pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "<unparseable url>".into(),
-    }
 }
 
 fn to_map(flat: Vec<String>) -> HashMap<String, String> {
@@ -1575,18 +1564,6 @@ dead 127.0.0.1:28009@28019 master,fail - 0 1795496715000 1 connected 5461-10922
                 ("127.0.0.1".to_owned(), 28001),
                 ("127.0.0.1".to_owned(), 28002),
             ]
-        );
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("redis://:hunter2@127.0.0.1:6379/0"),
-            "redis://:***@127.0.0.1:6379/0"
-        );
-        assert_eq!(
-            redact_url("redis://127.0.0.1:6379"),
-            "redis://127.0.0.1:6379"
         );
     }
 }

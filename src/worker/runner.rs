@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -15,6 +14,7 @@ use crate::broker::{Broker, BrokerError, BrokerSettings, Incoming, Publisher};
 use crate::databricks::Jobs;
 use crate::domain::SettledBy;
 use crate::reconciler::{cancel_matching, parse_control};
+use crate::shutdown::{pause, reconnect_backoff};
 use crate::store::PromiseStore;
 
 #[derive(Debug, Clone)]
@@ -29,27 +29,9 @@ pub struct RunnerSettings {
     pub consumer_tag: String,
 }
 
-/// Reconnection schedule shared by the long-running broker loops.
-pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_jitter()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
-        .without_max_times()
-        .build()
-}
-
 /// The longest pause between two tries of a held delivery: how soon after
 /// the credentials are fixed its trigger runs.
 const HOLD_MAX_PAUSE: Duration = Duration::from_secs(10);
-
-/// Sleeps unless shutdown comes first; false if it did.
-pub async fn pause(d: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => false,
-        _ = tokio::time::sleep(d) => true,
-    }
-}
 
 /// Which queue a delivery came from: it decides the unit of work.
 #[derive(Debug, Clone, Copy)]
