@@ -87,7 +87,7 @@ impl Default for TelemetrySection {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct LogSettings {
-    pub format: String,
+    pub format: LogFormat,
     pub level: String,
 }
 
@@ -102,10 +102,8 @@ pub struct RedisSection {
     /// PEM CA file for rediss:// (empty: the system's roots).
     #[serde(default)]
     pub tls_ca_file: String,
-    /// "standalone" (`url`), "sentinel" (`sentinels`, `sentinel_master`)
-    /// or "cluster" (`cluster_nodes`, else `url`, as seeds).
-    #[serde(default = "default_redis_mode")]
-    pub mode: String,
+    #[serde(default)]
+    pub mode: RedisMode,
     #[serde(default)]
     pub sentinels: Vec<SecretString>,
     /// Seed nodes of a Redis Cluster (any that answers gives the slot map).
@@ -124,8 +122,51 @@ fn default_wait_timeout_ms() -> u64 {
     1000
 }
 
-fn default_redis_mode() -> String {
-    "standalone".into()
+/// `redis.mode`: which Redis deployment the store talks to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum RedisMode {
+    /// The Redis at `url`.
+    #[default]
+    Standalone,
+    /// The master that `sentinels` name `sentinel_master`.
+    Sentinel,
+    /// A Redis Cluster, found through `cluster_nodes` (else `url`).
+    Cluster,
+}
+
+/// The enums of the configuration read from their names, with a message
+/// that lists the names a value may take.
+macro_rules! named {
+    ($t:ty { $($name:literal => $v:expr),+ $(,)? }) => {
+        impl TryFrom<String> for $t {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                match s.as_str() {
+                    $($name => Ok($v),)+
+                    _ => Err(format!(
+                        "must be one of {}, got {s:?}",
+                        [$(format!("{:?}", $name)),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+named!(RedisMode { "standalone" => RedisMode::Standalone, "sentinel" => RedisMode::Sentinel, "cluster" => RedisMode::Cluster });
+named!(LogFormat { "text" => LogFormat::Text, "json" => LogFormat::Json });
+named!(DeadLetterQueueType { "auto" => DeadLetterQueueType::Auto, "classic" => DeadLetterQueueType::Classic, "quorum" => DeadLetterQueueType::Quorum });
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -152,7 +193,7 @@ pub struct AmqpSection {
 
 /// `amqp.dead_letter_queue_type`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "String")]
 pub enum DeadLetterQueueType {
     /// Quorum with other nodes in `amqp.urls` (a cluster: dead letters
     /// survive a node), else classic (one node: browsing costs nothing).
@@ -502,12 +543,6 @@ impl Settings {
     pub fn validate(&self, role: Role) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         self.keys()?;
-        if !matches!(self.log.format.as_str(), "text" | "json") {
-            return bad(format!(
-                "log.format must be \"text\" or \"json\", got {:?}",
-                self.log.format
-            ));
-        }
         if self.worker.partition_lease_ms < 300 {
             return bad(format!(
                 "worker.partition_lease_ms must be at least 300 (it is renewed every third), got {}",
@@ -522,19 +557,10 @@ impl Settings {
                 self.relay.block_ms, self.worker.partition_lease_ms
             ));
         }
-        match self.redis.mode.as_str() {
-            "standalone" => {}
-            "sentinel" => {
-                if self.redis.sentinels.is_empty() || self.redis.sentinel_master.is_empty() {
-                    return bad("redis.mode = \"sentinel\" needs redis.sentinels (their URLs) and redis.sentinel_master (the master's name)".into());
-                }
-            }
-            "cluster" => {}
-            other => {
-                return bad(format!(
-                    "redis.mode must be \"standalone\", \"sentinel\" or \"cluster\", got {other:?}"
-                ));
-            }
+        if self.redis.mode == RedisMode::Sentinel
+            && (self.redis.sentinels.is_empty() || self.redis.sentinel_master.is_empty())
+        {
+            return bad("redis.mode = \"sentinel\" needs redis.sentinels (their URLs) and redis.sentinel_master (the master's name)".into());
         }
         let amqp_urls = self
             .amqp
@@ -891,12 +917,14 @@ mod tests {
             s.validate(Role::Client).err().map(|e| e.to_string())
         };
         assert_eq!(check(&|_| {}), None);
-        let e = check(&|s| s.redis.mode = "cluster-ish".into()).unwrap();
-        assert!(e.contains("redis.mode"), "{e}");
-        let e = check(&|s| s.redis.mode = "sentinel".into()).unwrap();
+        let e = load(&[("redis.mode", "cluster-ish".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("redis.mode") && e.contains("cluster-ish"), "{e}");
+        let e = check(&|s| s.redis.mode = RedisMode::Sentinel).unwrap();
         assert!(e.contains("redis.sentinels"), "{e}");
         let e = check(&|s| {
-            s.redis.mode = "sentinel".into();
+            s.redis.mode = RedisMode::Sentinel;
             s.redis.sentinel_master = "m".into();
             s.redis.sentinels = vec!["http://s1:26379".to_string().into()];
         })
@@ -904,15 +932,15 @@ mod tests {
         assert!(e.contains("redis.sentinels must use"), "{e}");
         assert_eq!(
             check(&|s| {
-                s.redis.mode = "sentinel".into();
+                s.redis.mode = RedisMode::Sentinel;
                 s.redis.sentinel_master = "m".into();
                 s.redis.sentinels = vec!["redis://s1:26379".to_string().into()];
             }),
             None
         );
-        assert_eq!(check(&|s| s.redis.mode = "cluster".into()), None);
+        assert_eq!(check(&|s| s.redis.mode = RedisMode::Cluster), None);
         let e = check(&|s| {
-            s.redis.mode = "cluster".into();
+            s.redis.mode = RedisMode::Cluster;
             s.redis.cluster_nodes = vec![
                 "redis://:pw@n1:7000".to_string().into(),
                 "n2:7000".to_string().into(),
@@ -1069,10 +1097,7 @@ mod tests {
             .validate(Role::Worker)
             .unwrap_err();
         assert!(e.to_string().contains("key_prefix"), "{e}");
-        let e = load(&[("log.format", "xml".into())])
-            .unwrap()
-            .validate(Role::Worker)
-            .unwrap_err();
+        let e = load(&[("log.format", "xml".into())]).unwrap_err();
         assert!(e.to_string().contains("log.format"), "{e}");
         let e = load(&[("sidecar.public_url", "ftp://x".into())])
             .unwrap()

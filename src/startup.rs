@@ -72,15 +72,15 @@ pub async fn store(s: &Settings) -> Result<RedisStore, StartupError> {
         response_timeout: Duration::from_millis(s.redis.response_timeout_ms),
         first_poll: Duration::from_millis(s.reconciler.first_poll_ms),
         tls_ca_pem: read_pem("redis.tls_ca_file", &s.redis.tls_ca_file)?,
-        topology: match s.redis.mode.as_str() {
-            "sentinel" => Topology::Sentinel(SentinelSettings {
+        topology: match s.redis.mode {
+            crate::config::RedisMode::Sentinel => Topology::Sentinel(SentinelSettings {
                 sentinels: urls(&s.redis.sentinels),
                 master: s.redis.sentinel_master.clone(),
             }),
-            "cluster" => Topology::Cluster {
+            crate::config::RedisMode::Cluster => Topology::Cluster {
                 seeds: urls(&s.redis.cluster_nodes),
             },
-            _ => Topology::Standalone,
+            crate::config::RedisMode::Standalone => Topology::Standalone,
         },
         wait_replicas: s.redis.wait_replicas,
         wait_timeout: Duration::from_millis(s.redis.wait_timeout_ms),

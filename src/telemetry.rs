@@ -58,7 +58,7 @@ pub fn init(log: &LogSettings, telemetry: &TelemetrySection) -> Result<Tracing, 
         Err(_) => filter,
     };
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let fmt = if log.format == "json" {
+    let fmt = if log.format == crate::config::LogFormat::Json {
         fmt.json().flatten_event(true).boxed()
     } else {
         fmt.boxed()

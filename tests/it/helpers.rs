@@ -549,7 +549,7 @@ impl TestApp {
         &self,
         id: &str,
     ) -> Option<(String, redis::aio::MultiplexedConnection)> {
-        if self.settings.redis.mode == "cluster" {
+        if self.settings.redis.mode == runbridge::config::RedisMode::Cluster {
             return None;
         }
         let key = self
