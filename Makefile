@@ -174,7 +174,7 @@ fuzz: services
 			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -max_len=65536 || exit 1; \
 	done
 
-# Refreshes the README's console screenshot from the browser test's.
+# Refreshes the console screenshot in docs/ (shown by docs/operating.md) from the browser test's.
 ui-screenshot: ui-test-deps
 	$(CARGO) nextest run $(TEST_FEATURES) -E 'test(console_in_a_real_browser)'
 	cp target/ui/overview.png docs/ui-overview.png

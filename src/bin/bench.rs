@@ -1,5 +1,5 @@
 //! `make bench`: runbridge measured against baselines taken in the same run,
-//! on the same RabbitMQ, Redis and emulator (README "Performance").
+//! on the same RabbitMQ, Redis and emulator (bench/README.md).
 //!
 //! Absolute numbers on a shared 2-core machine drift from run to run; each
 //! scenario therefore measures its own baseline right beside runbridge and
