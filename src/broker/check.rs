@@ -9,7 +9,8 @@ use lapin::ExchangeKind;
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 
-use super::{Broker, control_args, dead_letter_args, triggers_args};
+use super::Broker;
+use super::topology::{control_args, dead_letter_args, triggers_args};
 
 /// One object of the topology and what was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
