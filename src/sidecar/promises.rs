@@ -1,0 +1,486 @@
+//! The Durable Promise API: read (with long-poll), complete, create,
+//! search and bulk cancel.
+
+use super::*;
+
+/// Who may act on `/promises/{id}`: an operator, or the promise's own token.
+pub(super) enum Caller {
+    Operator,
+    Capability,
+}
+
+pub(super) fn caller_for<S>(
+    st: &AppState<S>,
+    headers: &HeaderMap,
+    path_token: Option<&str>,
+    id: &PromiseId,
+) -> Result<Caller, ApiError> {
+    let creds = auth::credentials(headers, path_token);
+    if path_token.is_none() && auth::is_operator(&st.operator_tokens, &creds) {
+        return Ok(Caller::Operator);
+    }
+    if auth::opens(&st.signer, &creds, id) {
+        return Ok(Caller::Capability);
+    }
+    Err(ApiError::unauthorized())
+}
+
+pub(super) fn require_operator<S>(st: &AppState<S>, headers: &HeaderMap) -> Result<(), ApiError> {
+    if auth::is_operator(&st.operator_tokens, &auth::credentials(headers, None)) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid operator token",
+        ))
+    }
+}
+
+/// `30s`, `500ms`, `2m` or a number of seconds.
+pub(super) fn parse_wait(s: &str) -> Result<Duration, ApiError> {
+    let bad = || ApiError::bad_request(format!("wait must look like 30s, 500ms or 2m, got {s:?}"));
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    // Capped by sidecar.max_wait_seconds later; anything past a day is
+    // a mistake, and refusing it keeps the arithmetic below from overflowing.
+    let wait = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
+        _ => return Err(bad()),
+    };
+    if wait > Duration::from_secs(86_400) {
+        return Err(ApiError::bad_request(format!(
+            "wait must be at most a day (and is capped by sidecar.max_wait_seconds), got {s:?}"
+        )));
+    }
+    Ok(wait)
+}
+
+pub(super) async fn read_promise<S: Store>(
+    st: &AppState<S>,
+    id: &PromiseId,
+    wait: Option<Duration>,
+) -> ApiResult {
+    let deadline = tokio::time::Instant::now() + wait.unwrap_or_default().min(st.settings.max_wait);
+    let mut interval = Duration::from_millis(25);
+    loop {
+        let p = st
+            .store
+            .get(id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(id.as_str()))?;
+        let now = tokio::time::Instant::now();
+        if p.state.is_settled() || now >= deadline {
+            return Ok((StatusCode::OK, Json(p.view())).into_response());
+        }
+        tokio::time::sleep(interval.min(deadline - now)).await;
+        interval = (interval * 2).min(Duration::from_millis(500));
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/promises/{id}",
+    tag = "promises",
+    params(
+        ("id" = String, Path, description = "The promise id (may contain /)"),
+        ("wait" = Option<String>, Query, description = "Long-poll until settled, at most this long (30s, 500ms, 2m; capped by sidecar.max_wait_seconds)"),
+    ),
+    security(("bearer" = []), ("basic" = [])),
+    responses(
+        (status = 200, description = "The promise", body = PromiseView),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such promise", body = ErrorBody)
+    )
+)]
+pub(super) async fn get_promise<S: Store>(
+    st: St<S>,
+    Path(id): Path<String>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    let id = parse_id(&id)?;
+    caller_for(&st, &h, None, &id)?;
+    let wait = query_map(&q)
+        .get("wait")
+        .map(|w| parse_wait(w))
+        .transpose()?;
+    read_promise(&st, &id, wait).await
+}
+
+#[utoipa::path(
+    get,
+    path = "/cb/{token}/promises/{id}",
+    tag = "promises",
+    params(("token" = String, Path, description = "The capability token (the `url` parameter's last segment)"),
+        ("id" = String, Path, description = "The promise id (may contain /)"),
+        ("wait" = Option<String>, Query, description = "Long-poll until settled, at most this long (30s, 500ms, 2m; capped by sidecar.max_wait_seconds)"),
+    ),
+    security(()),
+    responses(
+        (status = 200, description = "The promise", body = PromiseView),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such promise", body = ErrorBody)
+    )
+)]
+pub(super) async fn cb_get<S: Store>(
+    st: St<S>,
+    Path((token, id)): Path<(String, String)>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    let id = parse_id(&id)?;
+    caller_for(&st, &h, Some(&token), &id)?;
+    let wait = query_map(&q)
+        .get("wait")
+        .map(|w| parse_wait(w))
+        .transpose()?;
+    read_promise(&st, &id, wait).await
+}
+
+/// Complete a promise (Durable Promise specification).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PatchBody {
+    /// RESOLVED, REJECTED or REJECTED_CANCELED (case-insensitive).
+    #[schema(example = "RESOLVED")]
+    state: String,
+    #[serde(default)]
+    value: Option<Payload>,
+}
+
+pub(super) async fn complete<S: Store>(
+    st: &AppState<S>,
+    id: String,
+    path_token: Option<&str>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let bytes = read_body(st, &headers, body).await?;
+    let id = parse_id(&id)?;
+    let caller = caller_for(st, &headers, path_token, &id)?;
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let (target, value) = parse_patch(ct, &bytes)?;
+    let strict = header_flag(&headers, "strict")?;
+    let req = Settle {
+        id,
+        target,
+        value,
+        ikey: ikey(&headers),
+        strict,
+        settled_by: match caller {
+            Caller::Operator => SettledBy::Operator,
+            Caller::Capability => SettledBy::Callback,
+        },
+        cancel_run: target == State::RejectedCanceled,
+    };
+    let outcome = st.store.settle(&req).await?;
+    settle_response(outcome, &req.id, strict)
+}
+
+/// A `PATCH` body (`{"state": ..., "value": ...}`) with its content type:
+/// the target state and value, or the 4xx to answer. Pure, so the fuzz
+/// target `patch_body` can call it.
+pub fn parse_patch(content_type: &str, bytes: &[u8]) -> Result<(State, Payload), ApiError> {
+    let b: PatchBody = json_bytes(content_type, bytes)?
+        .ok_or_else(|| ApiError::bad_request("missing body: {\"state\": ..., \"value\": ...}"))?;
+    let target: State = b
+        .state
+        .parse()
+        .map_err(|e: crate::domain::promise::UnknownState| ApiError::bad_request(e.to_string()))?;
+    if Completion::from_target(target).is_none() {
+        return Err(ApiError::bad_request(
+            "state must be RESOLVED, REJECTED or REJECTED_CANCELED",
+        ));
+    }
+    Ok((target, b.value.unwrap_or_default()))
+}
+
+#[utoipa::path(
+    patch,
+    path = "/promises/{id}",
+    tag = "promises",
+    params(
+        ("id" = String, Path, description = "The promise id (may contain /)"),
+        ("idempotency-key" = Option<String>, Header, description = "Repeats with the same key are deduplicated"),
+        ("strict" = Option<bool>, Header, description = "Refuse to complete a timed-out promise, and deduplicate only a matching state"),
+    ),
+    request_body(content = PatchBody, content_type = "application/json"),
+    security(("bearer" = []), ("basic" = [])),
+    responses(SettleAnswers)
+)]
+pub(super) async fn patch<S: Store>(
+    st: St<S>,
+    Path(id): Path<String>,
+    h: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    complete(&st, id, None, h, body).await
+}
+
+#[utoipa::path(
+    patch,
+    path = "/cb/{token}/promises/{id}",
+    tag = "promises",
+    params(("token" = String, Path, description = "The capability token (the `url` parameter's last segment)"),
+        ("id" = String, Path, description = "The promise id (may contain /)"),
+        ("idempotency-key" = Option<String>, Header, description = "Repeats with the same key are deduplicated"),
+        ("strict" = Option<bool>, Header, description = "Refuse to complete a timed-out promise, and deduplicate only a matching state"),
+    ),
+    request_body(content = PatchBody, content_type = "application/json"),
+    security(()),
+    responses(SettleAnswers)
+)]
+pub(super) async fn cb_patch<S: Store>(
+    st: St<S>,
+    Path((token, id)): Path<(String, String)>,
+    h: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    complete(&st, id, Some(&token), h, body).await
+}
+
+/// Create a bare promise (Durable Promise specification).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateBody {
+    id: String,
+    #[serde(default)]
+    param: Option<Payload>,
+    /// Milliseconds since the epoch.
+    #[serde(default)]
+    timeout: Option<i64>,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/promises",
+    tag = "promises",
+    params(
+        ("idempotency-key" = Option<String>, Header, description = "A repeat with the same key answers 200 with the existing promise"),
+        ("strict" = Option<bool>, Header, description = "With strict, a repeat of a settled promise is a conflict"),
+    ),
+    request_body(content = CreateBody, content_type = "application/json"),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Created", body = PromiseAnswer),
+        (status = 200, description = "A repeat with the same idempotency key", body = PromiseAnswer),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 409, description = "Exists already (another key)", body = ErrorBody)
+    )
+)]
+pub(super) async fn create<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> ApiResult {
+    let bytes = read_body(&st, &h, body).await?;
+    require_operator(&st, &h)?;
+    let b: CreateBody =
+        json_body(&h, &bytes)?.ok_or_else(|| ApiError::bad_request("missing body"))?;
+    let id = parse_id(&b.id)?;
+    let strict = header_flag(&h, "strict")?;
+    let key = ikey(&h);
+    let new = NewPromise {
+        id,
+        param: b.param.unwrap_or_default(),
+        timeout: match b.timeout {
+            Some(ms) if ms > 0 => {
+                let latest = chrono::Utc::now()
+                    .timestamp_millis()
+                    .saturating_add(st.settings.max_timeout.as_millis() as i64);
+                if ms > latest {
+                    return Err(ApiError::bad_request(format!(
+                        "timeout {ms} is beyond the longest allowed, {} s from now (worker.max_timeout_seconds); it is an epoch time in milliseconds",
+                        st.settings.max_timeout.as_secs()
+                    )));
+                }
+                Timeout::At(ms)
+            }
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "timeout must be a positive epoch time in milliseconds",
+                ));
+            }
+            None => Timeout::After(st.settings.default_timeout),
+        },
+        tags: b.tags,
+        ikey_create: key.clone(),
+        job_id: None,
+        workspace: st.settings.default_workspace.clone(),
+        reply_to: None,
+        correlation_id: None,
+        traceparent: None,
+        heartbeat: None,
+        cancel_on_timeout: false,
+    };
+    match st.store.create(&new).await? {
+        CreateOutcome::Created(p) => Ok(promise_response(StatusCode::CREATED, &p, false)),
+        CreateOutcome::Existing(p) => {
+            let same_key = key.is_some() && p.ikey_create == key;
+            if same_key && (!p.state.is_settled() || !strict) {
+                Ok(promise_response(StatusCode::OK, &p, true))
+            } else {
+                Err(ApiError {
+                    status: StatusCode::CONFLICT,
+                    code: "already_exists",
+                    message: format!("promise {} already exists ({})", p.id, p.state),
+                    promise: Some(Box::new(p.view())),
+                })
+            }
+        }
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/promises",
+    tag = "promises",
+    params(
+        ("id" = Option<String>, Query, description = "Id or pattern with * wildcards (default *)"),
+        ("state" = Option<String>, Query, description = "A state, case-insensitive; `rejected` matches every REJECTED_* state"),
+        ("tags" = Option<std::collections::HashMap<String, String>>, Query, style = DeepObject, explode, description = "tags[k]=v, all must match"),
+        ("limit" = Option<usize>, Query, description = "1-1000 (default 100)"),
+        ("cursor" = Option<String>, Query, description = "From the previous page"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A page of promises", body = SearchPage),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+    )
+)]
+pub(super) async fn search<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) -> ApiResult {
+    require_operator(&st, &h)?;
+    let mut query = SearchQuery {
+        id: "*".into(),
+        limit: 100,
+        ..Default::default()
+    };
+    for (k, v) in url::form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "id" => {
+                if !valid_id_filter(&v) {
+                    return Err(ApiError::bad_request(
+                        "id may use [A-Za-z0-9._:/-] and * wildcards",
+                    ));
+                }
+                query.id = v.into_owned();
+            }
+            "state" => {
+                let states = if v.eq_ignore_ascii_case("rejected") {
+                    vec![
+                        State::Rejected,
+                        State::RejectedCanceled,
+                        State::RejectedTimedout,
+                    ]
+                } else {
+                    vec![
+                        v.parse::<State>()
+                            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+                    ]
+                };
+                query.states = Some(states);
+            }
+            "limit" => {
+                query.limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| ApiError::bad_request("limit must be 1-1000"))?;
+            }
+            "cursor" => query.cursor = Some(v.into_owned()),
+            other => {
+                if let Some(tag) = other
+                    .strip_prefix("tags[")
+                    .and_then(|t| t.strip_suffix(']'))
+                {
+                    query.tags.insert(tag.to_owned(), v.into_owned());
+                } else {
+                    return Err(ApiError::bad_request(format!(
+                        "unknown search parameter {other:?}"
+                    )));
+                }
+            }
+        }
+    }
+    let page = st.store.search(&query).await?;
+    let body = SearchPage {
+        promises: page.promises.iter().map(Promise::view).collect(),
+        cursor: page.cursor,
+    };
+    Ok(Json(body).into_response())
+}
+
+/// Cancel every pending promise that matches all of the given filters.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CancelBody {
+    /// A promise id or a pattern with * wildcards.
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    #[serde(default)]
+    job_id: Option<u64>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `POST /promises/cancel`: cancel every pending promise matching tags, a job
+/// id or an id wildcard (Databricks Connect's `interruptTag`, the Jobs API's
+/// `cancel_all`). Answers how many matched.
+#[utoipa::path(
+    post,
+    path = "/promises/cancel",
+    tag = "promises",
+    request_body(content = CancelBody, content_type = "application/json"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "How many matched and were cancelled (their runs too)", body = CancelReport),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+    )
+)]
+pub(super) async fn bulk_cancel<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> ApiResult {
+    let bytes = read_body(&st, &h, body).await?;
+    require_operator(&st, &h)?;
+    let b: CancelBody = json_body(&h, &bytes)?
+        .ok_or_else(|| ApiError::bad_request("missing body: {\"tags\"|\"job_id\"|\"id\": ...}"))?;
+    if b.id.as_deref().is_some_and(|id| !valid_id_filter(id)) {
+        return Err(ApiError::bad_request(
+            "id may use [A-Za-z0-9._:/-] and * wildcards",
+        ));
+    }
+    let filter = CancelFilter {
+        id: b.id,
+        tags: b.tags,
+        job_id: b.job_id,
+    };
+    if filter.is_empty() {
+        return Err(ApiError::bad_request(
+            "give at least one of id, tags, job_id",
+        ));
+    }
+    let reason = b.reason.unwrap_or_else(|| "canceled by an operator".into());
+    let report = cancel_matching(&st.store, &filter, &reason, SettledBy::Operator).await?;
+    Ok(Json(report).into_response())
+}
+
+pub(super) async fn get_cancel_promise<S: Store>(
+    st: St<S>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    get_promise(st, Path("cancel".into()), h, RawQuery(q)).await
+}
