@@ -4,6 +4,7 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock clippy.toml ./
 COPY src ./src
+COPY crates ./crates
 COPY config ./config
 COPY tests ./tests
 RUN cargo build --release --locked --bin runbridge

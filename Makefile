@@ -37,7 +37,7 @@ test: services compose-config chaos-small bench-smoke notebook-test sdk-test doc
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets $(TEST_FEATURES) -- -D warnings
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

@@ -10,7 +10,8 @@ pub mod check;
 pub mod config;
 pub mod databricks;
 pub mod domain;
-pub mod emulator;
+/// The Databricks emulator (`runbridge emulate`), a crate of its own.
+pub use databricks_emulator as emulator;
 pub mod failpoint;
 pub mod keys;
 pub mod partitions;

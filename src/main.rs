@@ -10,14 +10,11 @@ use clap::{Args, Parser, Subcommand};
 use runbridge::broker::Broker;
 use runbridge::config::{Role, Settings};
 use runbridge::domain::{Payload, PromiseId, SettledBy, State};
-use runbridge::emulator::{
-    self, Behaviour, Emulator, EmulatorSettings, Faults, NotifyTarget, Outcome,
-};
+use runbridge::emulator;
 use runbridge::reconciler::{CancelFilter, cancel_matching};
 use runbridge::startup;
 use runbridge::store::{PromiseStore, SearchQuery, Settle, SettleOutcome};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 #[derive(Parser)]
 #[command(
@@ -39,7 +36,7 @@ enum Command {
     /// Worker and sidecar in one process (local use).
     All,
     /// A Databricks Jobs API 2.2 emulator.
-    Emulate(EmulateArgs),
+    Emulate(emulator::cli::Args),
     /// Publish a trigger; with --wait, print its completion event.
     Trigger(TriggerArgs),
     /// Operate on promises.
@@ -110,62 +107,6 @@ fn schema(settings: &Settings, a: SchemaArgs) -> Result<()> {
     };
     println!("{}", text.trim_end());
     Ok(())
-}
-
-#[derive(Args)]
-struct EmulateArgs {
-    /// host:port to listen on (default: emulator.listen).
-    #[arg(long)]
-    listen: Option<String>,
-    /// Pre-created job: ID:OUTCOME[:DELAY_MS[:VALUE]], e.g. 1:callback:300:ok (repeatable).
-    #[arg(long = "job", value_name = "SPEC")]
-    jobs: Vec<String>,
-    /// Required bearer token (default: any).
-    #[arg(long)]
-    token: Option<String>,
-    /// Outcome of jobs created through jobs/create without emulator tags.
-    #[arg(long, default_value = "callback")]
-    default_outcome: String,
-    #[arg(long, default_value_t = 200)]
-    default_delay_ms: u64,
-    /// Fraction of API calls answered 429 with Retry-After.
-    #[arg(long, default_value_t = 0.0)]
-    fault_429_rate: f64,
-    /// Fraction of API calls answered 503.
-    #[arg(long, default_value_t = 0.0)]
-    fault_503_rate: f64,
-    /// Fraction of API calls answered slowly.
-    #[arg(long, default_value_t = 0.0)]
-    fault_slow_rate: f64,
-    #[arg(long, default_value_t = 3000)]
-    fault_slow_ms: u64,
-    /// Extra latency on every run-now / runs/submit.
-    #[arg(long, default_value_t = 0)]
-    launch_latency_ms: u64,
-    /// Send job notifications (on_start/on_success/on_failure) to this URL,
-    /// e.g. http://127.0.0.1:8080/databricks/notifications.
-    #[arg(long)]
-    notify_url: Option<String>,
-    #[arg(long, default_value = "databricks")]
-    notify_user: String,
-    /// A PEM CA to trust when runs call back an https sidecar with a
-    /// private certificate (the system's roots always apply).
-    #[arg(long, value_name = "PEM_FILE")]
-    callback_ca_file: Option<std::path::PathBuf>,
-    /// OAuth M2M: a service principal's client id (POST /oidc/v1/token).
-    #[arg(long)]
-    oauth_client_id: Option<String>,
-    #[arg(
-        long,
-        env = "RUNBRIDGE_EMULATOR_OAUTH_CLIENT_SECRET",
-        default_value = ""
-    )]
-    oauth_client_secret: String,
-    /// Lifetime of the OAuth access tokens it issues.
-    #[arg(long, default_value_t = 3600)]
-    oauth_token_ttl_seconds: u64,
-    #[arg(long, env = "RUNBRIDGE_EMULATOR_NOTIFY_PASSWORD", default_value = "")]
-    notify_password: String,
 }
 
 #[derive(Args)]
@@ -248,82 +189,16 @@ fn kv(items: &[String], what: &str) -> Result<BTreeMap<String, String>> {
         .collect()
 }
 
-fn parse_job(spec: &str) -> Result<(u64, Behaviour)> {
-    let mut parts = spec.splitn(4, ':');
-    let id: u64 = parts
-        .next()
-        .unwrap_or("")
-        .parse()
-        .with_context(|| format!("--job {spec:?}: ID must be a number"))?;
-    let mut b = Behaviour::default();
-    if let Some(o) = parts.next() {
-        b.outcome = o.parse::<Outcome>().map_err(anyhow::Error::msg)?;
-    }
-    if let Some(d) = parts.next() {
-        b.delay_ms = d
-            .parse()
-            .with_context(|| format!("--job {spec:?}: DELAY_MS must be a number"))?;
-    }
-    if let Some(v) = parts.next() {
-        b.value = v.to_owned();
-    }
-    Ok((id, b))
-}
-
-async fn emulate(s: &Settings, a: EmulateArgs) -> Result<()> {
-    let mut jobs = BTreeMap::new();
-    for spec in &a.jobs {
-        let (id, b) = parse_job(spec)?;
-        jobs.insert(id, b);
-    }
-    let settings = EmulatorSettings {
-        token: a.token,
-        default_behaviour: Behaviour {
-            outcome: a
-                .default_outcome
-                .parse::<Outcome>()
-                .map_err(anyhow::Error::msg)?,
-            delay_ms: a.default_delay_ms,
-            ..Default::default()
-        },
-        jobs,
-        oauth: a
-            .oauth_client_id
-            .clone()
-            .map(|client_id| emulator::OAuthClient {
-                client_id,
-                client_secret: a.oauth_client_secret.clone(),
-                token_ttl: Duration::from_secs(a.oauth_token_ttl_seconds),
-            }),
-        faults: Faults {
-            rate_429: a.fault_429_rate,
-            rate_503: a.fault_503_rate,
-            rate_slow: a.fault_slow_rate,
-            slow_ms: a.fault_slow_ms,
-            retry_after_s: 1,
-            launch_latency_ms: a.launch_latency_ms,
-        },
-        url_param: s.databricks.param_url.clone(),
-        promise_param: s.databricks.param_promise_id.clone(),
-        token_param: s.databricks.param_callback_token.clone(),
-        notify: a.notify_url.map(|url| NotifyTarget {
-            url,
-            username: a.notify_user,
-            password: a.notify_password,
-        }),
-        callback_ca_pem: a
-            .callback_ca_file
-            .map(|f| {
-                std::fs::read(&f).with_context(|| format!("--callback-ca-file {}", f.display()))
-            })
-            .transpose()?,
+async fn emulate(s: &Settings, a: emulator::cli::Args) -> Result<()> {
+    let names = emulator::cli::ParamNames {
+        url: s.databricks.param_url.clone(),
+        promise_id: s.databricks.param_promise_id.clone(),
+        callback_token: s.databricks.param_callback_token.clone(),
     };
-    let listen = a.listen.unwrap_or_else(|| s.emulator.listen.clone());
-    let listener = TcpListener::bind(&listen)
+    let listen = s.emulator.listen.clone();
+    emulator::cli::run(a, &listen, names, runbridge::shutdown::on_signals())
         .await
-        .with_context(|| format!("emulator: cannot listen on {listen}"))?;
-    let shutdown = runbridge::shutdown::on_signals();
-    emulator::serve(listener, Emulator::new(settings), shutdown).await?;
+        .map_err(anyhow::Error::msg)?;
     Ok(())
 }
 

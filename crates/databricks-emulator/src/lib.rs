@@ -1,9 +1,11 @@
-//! `runbridge emulate`: a Databricks Jobs API 2.2 emulator (docs/databricks-fidelity.md).
+//! A Databricks Jobs API 2.2 emulator (what it models, and from which
+//! source: docs/databricks-fidelity.md in the runbridge repository), served
+//! by `runbridge emulate` and by this crate's own `databricks-emulator`
+//! binary.
 //!
 //! It is a stand-in for Databricks in demos, tests and benchmarks, not part
-//! of the bridge: it is the one module besides `sidecar` that serves HTTP
-//! (axum) and besides `databricks` that calls out (reqwest, to play the
-//! notebook's callback). Nothing in the bridge imports it.
+//! of the bridge: it serves HTTP (axum) and calls out (reqwest, to play the
+//! notebook's callback). Nothing in the bridge's library uses it.
 //!
 //! Faithful where the bridge depends on it: request and response shapes of
 //! `jobs/run-now`, `jobs/runs/submit`, `jobs/runs/get`, `jobs/runs/get-output`,
@@ -20,6 +22,7 @@
 //! `POST /emulator/faults`, or exactly scripted with `POST /emulator/inject`.
 
 mod api;
+pub mod cli;
 mod execute;
 mod jobs;
 mod model;
