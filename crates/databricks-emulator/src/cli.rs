@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{Behaviour, Emulator, EmulatorSettings, Faults, NotifyTarget, OAuthClient, Outcome};
 
 /// The emulator's command line (`databricks-emulator`, `runbridge emulate`).
-#[derive(Debug, clap::Args)]
+// No `Debug`: it holds the OAuth client secret and the notification password.
+#[derive(clap::Args)]
 pub struct Args {
     /// host:port to listen on (default: 127.0.0.1:8089, or runbridge's emulator.listen).
     #[arg(long)]
