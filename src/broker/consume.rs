@@ -235,13 +235,9 @@ pub struct ReceivedEvent {
     pub correlation_id: Option<String>,
     pub content_type: Option<String>,
     pub persistent: bool,
-    /// String-valued headers (e.g. `x-runbridge-error`, `traceparent`).
+    /// Headers as text: strings (e.g. `x-runbridge-error`, `traceparent`)
+    /// and broker counters (a quorum queue's `x-delivery-count`).
     pub headers: std::collections::BTreeMap<String, String>,
-    /// `x-delivery-count`: how often a quorum queue delivered the message
-    /// before without it being acked (`None`: never, or not a quorum queue).
-    pub delivery_count: Option<i64>,
-    /// The broker's `redelivered` flag.
-    pub redelivered: bool,
     pub body: Vec<u8>,
 }
 
@@ -269,16 +265,6 @@ impl EventListener {
             content_type: s(d.properties.content_type()),
             persistent: *d.properties.delivery_mode() == Some(2),
             headers,
-            delivery_count: d.properties.headers().as_ref().and_then(|h| {
-                match h.inner().get("x-delivery-count")? {
-                    AMQPValue::LongLongInt(n) => Some(*n),
-                    AMQPValue::LongInt(n) => Some(i64::from(*n)),
-                    AMQPValue::ShortInt(n) => Some(i64::from(*n)),
-                    AMQPValue::LongUInt(n) => Some(i64::from(*n)),
-                    _ => None,
-                }
-            }),
-            redelivered: d.redelivered,
             body: d.data,
         })
     }
