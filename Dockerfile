@@ -2,12 +2,14 @@
 # slim Debian image with only CA certificates added.
 FROM rust:1-bookworm AS build
 WORKDIR /src
+# The workspace's manifests must all be present for Cargo to load it; only
+# runbridge (and the emulator library it links) is compiled. `config/` is
+# read at compile time (the development secrets runbridge must recognise).
 COPY Cargo.toml Cargo.lock clippy.toml ./
 COPY src ./src
 COPY crates ./crates
 COPY config ./config
-COPY tests ./tests
-RUN cargo build --release --locked --bin runbridge
+RUN cargo build --release --locked -p runbridge --bin runbridge
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \

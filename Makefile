@@ -1,12 +1,16 @@
 # runbridge — the two set-up commands are `make demo` and `make test`.
 SHELL := /bin/bash
 CARGO ?= cargo
-# The crash tests need the failpoints compiled in (never in a release build).
-TEST_FEATURES ?= --features failpoints
+# Every crate of the workspace; the crash tests and the chaos harness need
+# runbridge's failpoints compiled in (never in a release build).
+TEST_FEATURES ?= --workspace --features runbridge-harness/failpoints
+# The harnesses (crates/harness) and the runbridge binary they drive, built
+# side by side in target/<profile>/.
+HARNESS = -p runbridge -p runbridge-harness --bins
 
 .PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke notebook-test sdk-test docs docs-test ui-test-deps ui-screenshot cluster-test fuzz clean
 
-# Fault-injection run (see src/bin/chaos.rs): N triggers, every fault on, a
+# Fault-injection run (see crates/harness/src/bin/chaos): N triggers, every fault on, a
 # seed to replay it. `make chaos SEED=42 N=10000`.
 N ?= 10000
 RATE ?= 100
@@ -57,24 +61,24 @@ compose-config:
 	else echo "no docker-compose here: apt-get install docker-compose" >&2; exit 1; fi
 
 chaos: services
-	$(CARGO) build --features failpoints --bins
+	$(CARGO) build $(HARNESS) --features runbridge-harness/failpoints
 	target/debug/chaos --triggers $(N) --rate $(RATE) $(if $(SEED),--seed $(SEED),)
 
 # The profile `make test` runs: 1,000 triggers, every fault kind.
 chaos-small: services
-	$(CARGO) build --features failpoints --bins
+	$(CARGO) build $(HARNESS) --features runbridge-harness/failpoints
 	target/debug/chaos --triggers 1000 --rate 50 --fault-every 1.5 $(if $(SEED),--seed $(SEED),)
 
-# Benchmarks against baselines measured in the same run (src/bin/bench.rs):
+# Benchmarks against baselines measured in the same run (crates/harness/src/bin/bench):
 # writes bench/results.json, bench/results.md and bench/latency.svg.
 bench: services
-	$(CARGO) build --release --bins
+	$(CARGO) build --release $(HARNESS)
 	target/release/bench --out bench
 
 # The profile `make test` runs: every scenario with a few hundred messages,
 # to keep the harness working. Its numbers mean nothing; nothing asserts them.
 bench-smoke: services
-	$(CARGO) build --bins
+	$(CARGO) build $(HARNESS)
 	target/debug/bench --smoke --out target/bench-smoke
 
 # The notebook helper's pytest suite against a real sidecar (and Redis), in a

@@ -113,7 +113,7 @@ async fn check_says_what_is_ready_and_what_to_change() {
 
     // A Redis of the test's own that evicts keys under memory pressure.
     let port = free_port();
-    let _redis = RedisProc::start(
+    let _redis = RedisServer::start(
         &[
             "--port".into(),
             port.to_string(),
@@ -126,7 +126,8 @@ async fn check_says_what_is_ready_and_what_to_change() {
         ],
         port,
     )
-    .await;
+    .await
+    .unwrap();
     let (code, out) = check(
         &app,
         &[],

@@ -3,7 +3,6 @@
 //! Redis key prefix), so tests run in parallel without seeing each other.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use runbridge::domain::{Promise, PromiseId};
 use runbridge::emulator::{self, Behaviour, Emulator, EmulatorSettings, Outcome};
 use runbridge::startup;
 use runbridge::store::{PromiseStore, RedisStore};
+pub use runbridge_testkit::{RedisServer, eventually, free_port};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -28,27 +28,6 @@ pub const JOB_EXIT_ONLY: u64 = 7;
 pub const JOB_NO_OUTPUT: u64 = 8;
 pub const JOB_RETRIED: u64 = 9;
 pub const JOB_UNKNOWN: u64 = 999;
-
-/// Polls `f` until it returns `Some`, for at most `limit`.
-pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut wait = Duration::from_millis(20);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_millis(250));
-    }
-}
 
 pub fn unique(prefix: &str) -> String {
     format!(
@@ -722,58 +701,5 @@ pub fn signer_of(secret: &str) -> runbridge::domain::CallbackSigner {
 
 /// `rabbitmqctl` against the shared node, which must succeed.
 pub fn rabbitmqctl(args: &[&str]) {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A local port free at the moment (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// A Redis process of the test's own, killed when dropped.
-pub struct RedisProc {
-    child: std::process::Child,
-    pub port: u16,
-}
-
-impl RedisProc {
-    /// `redis-server` with these arguments, once it listens on `port`.
-    pub async fn start(args: &[String], port: u16) -> RedisProc {
-        let child = std::process::Command::new("redis-server")
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        eventually(Duration::from_secs(10), "redis listening", || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-        })
-        .await;
-        RedisProc { child, port }
-    }
-
-    pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for RedisProc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
+    runbridge_testkit::rabbitmqctl(None, args).unwrap();
 }

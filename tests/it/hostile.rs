@@ -438,7 +438,7 @@ async fn no_secret_reaches_the_logs_at_trace() {
     .iter()
     .map(|a| a.to_string())
     .collect();
-    let redis = RedisProc::start(&args, redis_port).await;
+    let redis = RedisServer::start(&args, redis_port).await.unwrap();
     // A RabbitMQ user with a password, on a vhost of the test's own.
     let vhost = unique("it-secrets");
     let user = unique("it-user");

@@ -13,10 +13,6 @@ mod faults;
 mod fidelity;
 mod helpers;
 mod hostile;
-// The harness's private RabbitMQ node (the TLS test starts one).
-#[path = "../../src/bin/harness/mod.rs"]
-#[allow(dead_code)]
-mod harness;
 mod lifecycle;
 mod metrics;
 mod model;

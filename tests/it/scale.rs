@@ -200,7 +200,7 @@ async fn five_workers_share_the_queue_evenly() {
 #[tokio::test]
 #[ignore = "make cluster-test"]
 async fn trigger_queue_leader_killed_in_a_three_node_cluster() {
-    use crate::harness::node::RabbitNode;
+    use runbridge_testkit::RabbitNode;
     use std::collections::{BTreeMap, BTreeSet};
 
     const TRIGGERS: usize = 2000;
@@ -384,13 +384,17 @@ async fn sentinel_failover_moves_the_store_to_the_new_master() {
         a.extend_from_slice(extra);
         a
     };
-    let mut master = RedisProc::start(&node(m, "m", &[]), m).await;
+    let mut master = RedisServer::start(&node(m, "m", &[]), m).await.unwrap();
     let replica_of = || vec!["--replicaof".to_string(), "127.0.0.1".into(), m.to_string()];
-    let _replica = RedisProc::start(&node(r, "r", &replica_of()), r).await;
+    let _replica = RedisServer::start(&node(r, "r", &replica_of()), r)
+        .await
+        .unwrap();
     // A second replica, so that the promoted one has a replica of its own
     // and `WAIT 1` keeps being answered after the failover.
     let r2 = free_port();
-    let _replica2 = RedisProc::start(&node(r2, "r2", &replica_of()), r2).await;
+    let _replica2 = RedisServer::start(&node(r2, "r2", &replica_of()), r2)
+        .await
+        .unwrap();
     let mut sentinels = Vec::new();
     for i in 0..3 {
         let port = free_port();
@@ -405,10 +409,13 @@ async fn sentinel_failover_moves_the_store_to_the_new_master() {
             ),
         )
         .unwrap();
-        sentinels
-            .push(RedisProc::start(&[conf.display().to_string(), "--sentinel".into()], port).await);
+        sentinels.push(
+            RedisServer::start(&[conf.display().to_string(), "--sentinel".into()], port)
+                .await
+                .unwrap(),
+        );
     }
-    let s0 = sentinels[0].port;
+    let s0 = sentinels[0].port();
     eventually(
         Duration::from_secs(20),
         "the Sentinels know the master",
@@ -421,7 +428,7 @@ async fn sentinel_failover_moves_the_store_to_the_new_master() {
         eventually(
             Duration::from_secs(30),
             "the Sentinels know both replicas",
-            || async { (sentinel_replicas(s.port, "rbm").await? >= 2).then_some(()) },
+            || async { (sentinel_replicas(s.port(), "rbm").await? >= 2).then_some(()) },
         )
         .await;
     }
@@ -436,7 +443,7 @@ async fn sentinel_failover_moves_the_store_to_the_new_master() {
         ],
         redis_sentinels: sentinels
             .iter()
-            .map(|s| format!("redis://127.0.0.1:{}", s.port))
+            .map(|s| format!("redis://127.0.0.1:{}", s.port()))
             .collect(),
         ..Default::default()
     })

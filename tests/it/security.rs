@@ -680,7 +680,7 @@ async fn console_error_pages_do_not_show_internal_errors() {
     .iter()
     .map(|a| a.to_string())
     .collect();
-    let mut redis = RedisProc::start(&args, port).await;
+    let mut redis = RedisServer::start(&args, port).await.unwrap();
     let app = TestApp::spawn_with(Options {
         worker: false,
         overrides: vec![

@@ -5,7 +5,7 @@
 //! that do not trust the CA, and plain-text clients, are refused.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use rcgen::{
@@ -65,59 +65,36 @@ impl Pki {
 }
 
 /// A Redis of the test's own that speaks only TLS (no plain port), killed
-/// when dropped.
-struct TlsRedis {
-    child: Child,
-    port: u16,
-}
-
-impl TlsRedis {
-    async fn start(pki: &Pki) -> TlsRedis {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--tls-port")
-            .arg(port.to_string())
-            .arg("--tls-cert-file")
-            .arg(&pki.cert_file)
-            .arg("--tls-key-file")
-            .arg(&pki.key_file)
-            .arg("--tls-ca-cert-file")
-            .arg(&pki.ca_file)
-            .args(["--tls-auth-clients", "no", "--dir"])
-            .arg(&pki.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        eventually(Duration::from_secs(10), "TLS redis listening", || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-        })
-        .await;
-        TlsRedis { child, port }
+/// when dropped, and its `rediss://` URL.
+async fn tls_redis(pki: &Pki) -> (RedisServer, String) {
+    let port = free_port();
+    let mut args: Vec<std::ffi::OsString> = [
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--tls-port",
+        &port.to_string(),
+        "--tls-auth-clients",
+        "no",
+    ]
+    .map(Into::into)
+    .into();
+    for (flag, file) in [
+        ("--tls-cert-file", &pki.cert_file),
+        ("--tls-key-file", &pki.key_file),
+        ("--tls-ca-cert-file", &pki.ca_file),
+        ("--dir", &pki.dir),
+    ] {
+        args.push(flag.into());
+        args.push(file.into());
     }
-
-    fn url(&self) -> String {
-        format!("rediss://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    let server = RedisServer::start(args, port).await.unwrap();
+    (server, format!("rediss://127.0.0.1:{port}"))
 }
 
 fn store_settings(url: String, ca: Option<&Pki>) -> StoreSettings {
@@ -141,11 +118,11 @@ fn store_settings(url: String, ca: Option<&Pki>) -> StoreSettings {
 #[tokio::test]
 async fn trigger_to_event_over_rediss_and_https() {
     let pki = Pki::new("tls-e2e");
-    let redis = TlsRedis::start(&pki).await;
+    let (redis_server, redis_url) = tls_redis(&pki).await;
     let mut app = TestApp::spawn_with(Options {
         sidecar_tls: Some(pki.clone()),
         overrides: vec![
-            ("redis.url", redis.url()),
+            ("redis.url", redis_url.clone()),
             ("redis.tls_ca_file", pki.ca_file.display().to_string()),
         ],
         ..Default::default()
@@ -192,7 +169,7 @@ async fn trigger_to_event_over_rediss_and_https() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     app.stop().await;
-    drop(redis);
+    drop(redis_server);
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
 
@@ -202,27 +179,27 @@ async fn trigger_to_event_over_rediss_and_https() {
 #[tokio::test]
 async fn rediss_needs_the_ca_it_was_given() {
     let pki = Pki::new("tls-redis");
-    let redis = TlsRedis::start(&pki).await;
+    let (redis_server, redis_url) = tls_redis(&pki).await;
 
-    let store = RedisStore::connect(&store_settings(redis.url(), Some(&pki)))
+    let store = RedisStore::connect(&store_settings(redis_url.clone(), Some(&pki)))
         .await
         .expect("rediss with the CA");
     store.ping().await.expect("ping over TLS");
 
-    let Err(err) = RedisStore::connect(&store_settings(redis.url(), None)).await else {
+    let Err(err) = RedisStore::connect(&store_settings(redis_url.clone(), None)).await else {
         panic!("a certificate of an unknown CA was trusted");
     };
     let msg = err.to_string();
     assert!(msg.contains("rediss://127.0.0.1"), "{msg}");
 
-    let plain = redis.url().replace("rediss://", "redis://");
+    let plain = redis_url.clone().replace("rediss://", "redis://");
     assert!(
         RedisStore::connect(&store_settings(plain, None))
             .await
             .is_err(),
         "plain text spoke to a TLS-only port"
     );
-    drop(redis);
+    drop(redis_server);
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
 
@@ -283,10 +260,10 @@ async fn amqps_to_a_private_node_with_a_private_ca() {
         return;
     }
     let pki = Pki::new("tls-amqp");
-    let mut node = crate::harness::node::RabbitNode::new(
+    let mut node = runbridge_testkit::RabbitNode::new(
         &unique("it-tls"),
         pki.dir.join("rabbitmq"),
-        Some(&crate::harness::node::NodeTls {
+        Some(&runbridge_testkit::NodeTls {
             ca_file: pki.ca_file.clone(),
             cert_file: pki.cert_file.clone(),
             key_file: pki.key_file.clone(),

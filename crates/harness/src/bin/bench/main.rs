@@ -21,22 +21,20 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-mod harness;
-
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use futures_util::{StreamExt, stream};
-use harness::{rabbitmqctl, rss_kib, runbridge_bin};
 use runbridge::broker::{Broker, BrokerSettings};
 use runbridge::config::Settings;
 use runbridge::domain::{Payload, PromiseId, RunId};
 use runbridge::reconciler::Reconciler;
 use runbridge::store::{Lifecycle, NewPromise, PromiseStore, RedisStore, Timeout};
+use runbridge_harness::{config_dir, rss_kib, runbridge_bin};
+use runbridge_testkit::{RedisServer, free_port, rabbitmqctl};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
@@ -238,29 +236,15 @@ impl Env {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
+/// Waits for a listener the bench started (20 s: a release build starts in
+/// well under one).
 async fn wait_port(port: u16, what: &str) -> Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(20) {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    bail!("{what} did not listen on port {port}")
+    runbridge_testkit::wait_port(port, Duration::from_secs(20), what).await
 }
 
 /// An emulator child process; `launch_latency_ms` is added to every run-now.
 async fn emulator(env: &Env, tag: &str, launch_latency_ms: u64) -> Result<(Child, u16)> {
-    let port = free_port()?;
+    let port = free_port();
     let child = env.spawn(
         &format!("{tag}-emulator"),
         &[
@@ -615,7 +599,7 @@ async fn b3(env: &Env, tag: &str, n: usize) -> Result<(Row, Vec<f64>, Vec<f64>)>
         Timeout::After(Duration::from_secs(3600)),
     )
     .await?;
-    let port = free_port()?;
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut sidecar = env.spawn(
         &format!("{tag}-sidecar"),
@@ -639,7 +623,7 @@ async fn b3(env: &Env, tag: &str, n: usize) -> Result<(Row, Vec<f64>, Vec<f64>)>
     let (rb_rate, rb_lat) = closed_loop(Arc::new(urls), CONNS).await?;
     stop(&mut sidecar).await;
 
-    let bport = free_port()?;
+    let bport = free_port();
     let blisten = format!("127.0.0.1:{bport}");
     let me = std::env::current_exe()?;
     let blog = std::fs::File::create(env.logs.join(format!("{tag}-baseline.log")))?;
@@ -725,7 +709,7 @@ async fn b4(env: &Env, rate: u64, seconds: u64, curves: &mut Curves) -> Result<V
     let b = Broker::connect(&bs).await?;
     b.declare_topology().await?;
     let mut listener = b.listen(Some(&bs.events_exchange), "promise.#").await?;
-    let port = free_port()?;
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let env_vars = env.child_env(
         tag,
@@ -938,36 +922,6 @@ async fn b5(env: &Env, n: usize) -> Result<Vec<Row>> {
 // ---------------------------------------------------------------------------
 // B7: the deadline sweep follows what is due, not what is pending.
 
-struct PrivateRedis {
-    child: Child,
-    url: String,
-}
-
-async fn private_redis() -> Result<PrivateRedis> {
-    let port = free_port()?;
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting a private redis-server for B7")?;
-    wait_port(port, "private redis").await?;
-    Ok(PrivateRedis {
-        child,
-        url: format!("redis://127.0.0.1:{port}"),
-    })
-}
-
 /// Median time of `reps` sweeps, each over 100 freshly due promises.
 async fn sweeps(
     store: &RedisStore,
@@ -1001,13 +955,12 @@ async fn sweeps(
 }
 
 async fn b7(env: &Env, pending: usize) -> Result<Row> {
-    let mut redis = private_redis().await?;
+    let redis = RedisServer::ephemeral()
+        .await
+        .context("starting a private redis-server for B7")?;
     let s = env.settings(
         "b7",
-        &[
-            ("redis.url", redis.url.clone()),
-            ("redis.pool_size", "64".into()),
-        ],
+        &[("redis.url", redis.url()), ("redis.pool_size", "64".into())],
     )?;
     let store = runbridge::startup::store(&s).await?;
     let jobs = runbridge::startup::jobs_client(&s, None)?;
@@ -1042,7 +995,7 @@ async fn b7(env: &Env, pending: usize) -> Result<Row> {
     filled.into_iter().collect::<Result<Vec<()>>>()?;
     let fill_s = t.elapsed().as_secs_f64();
     let deadlines: u64 = {
-        let client = redis::Client::open(redis.url.as_str())?;
+        let client = redis::Client::open(redis.url())?;
         let mut c = client.get_multiplexed_async_connection().await?;
         let mut total = 0u64;
         for p in 0..store.partitions() {
@@ -1055,7 +1008,7 @@ async fn b7(env: &Env, pending: usize) -> Result<Row> {
         total
     };
     let large = sweeps(&store, &reconciler, &format!("{prefix}-large"), reps).await?;
-    let _ = redis.child.start_kill();
+    drop(redis);
     let ratio = large / small;
     Ok(Row {
         id: "B7",
@@ -1113,7 +1066,7 @@ async fn run(args: &Args) -> Result<()> {
         .as_ref()
         .map(|o| o.split(',').map(|s| s.trim().to_uppercase()).collect());
     let want = |id: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == id));
-    let bin = runbridge_bin(args.bin.as_ref(), "cargo build --release --bins")?;
+    let bin = runbridge_bin(args.bin.as_ref(), "make bench")?;
     let run_id = format!("bench{}", chrono::Utc::now().timestamp_millis());
     let logs = std::env::temp_dir().join(&run_id);
     std::fs::create_dir_all(&logs)?;
@@ -1126,7 +1079,7 @@ async fn run(args: &Args) -> Result<()> {
     )?;
     let env = Env {
         bin,
-        config_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"),
+        config_dir: config_dir(),
         logs: logs.clone(),
         run_id: run_id.clone(),
         vhost: vhost.clone(),

@@ -12,7 +12,7 @@
 //! runbridge reaches Redis, RabbitMQ and the emulator through TCP proxies in
 //! this process, which can cut, blackhole or delay a link.
 //! The `node` fault kills a private RabbitMQ node with `kill -9` and
-//! restarts it (`harness::node`).
+//! restarts it (`runbridge_testkit::RabbitNode`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -21,17 +21,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-mod harness;
-
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use harness::node::{RabbitNode, free_port};
-use harness::{rabbitmqctl, rss_kib, runbridge_bin};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use runbridge::broker::Broker;
 use runbridge::config::Settings;
 use runbridge::store::{PromiseStore, SearchQuery};
+use runbridge_harness::{config_dir, rss_kib, runbridge_bin};
+use runbridge_testkit::{RabbitNode, RedisServer, rabbitmqctl, restartable_port};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
@@ -271,55 +269,6 @@ async fn pump(
     }
 }
 
-struct Redis {
-    port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Redis {
-    async fn start(&mut self) -> Result<()> {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting redis-server (is it installed?)")?;
-        self.child = Some(child);
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        bail!("private redis did not start on port {}", self.port)
-    }
-
-    async fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.start_kill();
-            let _ = c.wait().await;
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -343,8 +292,8 @@ async fn main() -> Result<()> {
             bail!("unknown fault {f:?}");
         }
     }
-    let bin = runbridge_bin(args.bin.as_ref(), "cargo build --features failpoints")?;
-    let config_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config");
+    let bin = runbridge_bin(args.bin.as_ref(), "make chaos")?;
+    let config_dir = config_dir();
     let root = std::env::temp_dir().join(format!("runbridge-chaos-{seed}"));
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(root.join("redis"))?;
@@ -359,14 +308,28 @@ async fn main() -> Result<()> {
     // Private Redis and vhost.
     let redis_port = match args.redis_port {
         Some(p) => p,
-        None => free_port()?,
+        None => restartable_port(),
     };
-    let mut redis = Redis {
-        port: redis_port,
-        dir: root.join("redis"),
-        child: None,
-    };
-    redis.start().await?;
+    // Append-only with fsync always: a kill -9 loses nothing acknowledged.
+    let mut redis_args: Vec<std::ffi::OsString> = [
+        "--port",
+        &redis_port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+        "--dir",
+    ]
+    .map(Into::into)
+    .into();
+    redis_args.push(root.join("redis").into());
+    let redis = RedisServer::start(redis_args, redis_port)
+        .await
+        .context("starting the private redis-server")?;
     // The broker: a private node when the node fault is on (it gets killed),
     // else a private vhost on the shared node.
     let node = if faults.contains("node") {
@@ -405,10 +368,8 @@ async fn main() -> Result<()> {
         &["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"],
     )?;
 
-    let emu_port = free_port()?;
-    let sidecar_ports: Vec<u16> = (0..args.sidecars)
-        .map(|_| free_port())
-        .collect::<Result<_>>()?;
+    let emu_port = restartable_port();
+    let sidecar_ports: Vec<u16> = (0..args.sidecars).map(|_| restartable_port()).collect();
     // runbridge reaches Redis, RabbitMQ and the emulator only through these
     // proxies; the harness's own connections go direct.
     let proxies = vec![
@@ -794,10 +755,10 @@ async fn main() -> Result<()> {
                         );
                     }
                     _ => {
-                        redis.kill9().await;
+                        redis.kill9();
                         tokio::time::sleep(Duration::from_millis(500 + rng.random_range(0..1000)))
                             .await;
-                        if let Err(e) = redis.start().await {
+                        if let Err(e) = redis.restart().await {
                             eprintln!("[chaos] redis restart failed: {e}");
                         }
                     }
@@ -856,8 +817,8 @@ async fn main() -> Result<()> {
         std::env::temp_dir().join(format!("runbridge-chaos-{seed}-rss.csv")),
         format!("seconds,pid,rss_kib\n{csv}"),
     );
-    if redis.child.is_none() {
-        redis.start().await?;
+    if redis.is_down() {
+        redis.restart().await?;
     }
     if let Some(n) = node.as_mut().filter(|n| n.is_down()) {
         n.start().await?;
@@ -925,7 +886,7 @@ async fn main() -> Result<()> {
         &rss,
     )
     .await?;
-    redis.kill9().await;
+    redis.kill9();
     drop(proxies);
     if let Some(mut c) = emulator.child.take() {
         let _ = c.start_kill();

@@ -1,46 +1,29 @@
-//! A private RabbitMQ node (the chaos harness kills one; the TLS tests give
-//! one an `amqps` listener), and free ports for restartable listeners.
+//! `rabbitmqctl`, and a private RabbitMQ node: the chaos harness kills one,
+//! the TLS tests give one an `amqps` listener, the scale tests cluster three.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tokio::process::{Child, Command};
 
-use super::rabbitmqctl;
+use crate::restartable_port;
 
-/// A free port for a listener the harness restarts (Redis, RabbitMQ, the
-/// sidecars): below the kernel's ephemeral range, so that while the process
-/// is down no outgoing connection can take the port as its source port (it
-/// would then fail to listen again with "address in use").
-pub fn free_port() -> Result<u16> {
-    use std::sync::atomic::AtomicU16;
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32768);
-    let (low, high) = (10_000u16, ephemeral_low.max(10_100));
-    // Start somewhere different in each run (several harnesses may share a
-    // machine), then walk up, skipping ports in use.
-    if NEXT.load(Ordering::Relaxed) == 0 {
-        let start = low + (std::process::id() as u16).wrapping_mul(7919) % (high - low);
-        let _ = NEXT.compare_exchange(0, start, Ordering::Relaxed, Ordering::Relaxed);
+/// `rabbitmqctl` against the machine's shared node, or with `node` a
+/// private one; an error carries its stderr.
+pub fn rabbitmqctl(node: Option<&str>, args: &[&str]) -> Result<String> {
+    let mut cmd = std::process::Command::new("rabbitmqctl");
+    if let Some(n) = node {
+        cmd.args(["-n", n]);
     }
-    for _ in 0..(high - low) {
-        let p = NEXT.fetch_add(1, Ordering::Relaxed);
-        let p = if p >= high {
-            NEXT.store(low + 1, Ordering::Relaxed);
-            low
-        } else {
-            p
-        };
-        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            return Ok(p);
-        }
+    let out = cmd.args(args).output().context("running rabbitmqctl")?;
+    if !out.status.success() {
+        bail!(
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    bail!("no free port between {low} and {high}")
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A private RabbitMQ node for the fault that kills the broker itself: its
@@ -90,7 +73,7 @@ impl RabbitNode {
         for d in ["mnesia", "log"] {
             std::fs::create_dir_all(dir.join(d))?;
         }
-        let port = free_port()?;
+        let port = restartable_port();
         let conf = match tls {
             None => format!("listeners.tcp.1 = 127.0.0.1:{port}\n"),
             Some(t) => {
@@ -128,7 +111,7 @@ impl RabbitNode {
         Ok(Self {
             name: format!("{name}@localhost"),
             port,
-            dist_port: free_port()?,
+            dist_port: restartable_port(),
             dir,
             child: None,
         })
