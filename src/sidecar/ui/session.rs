@@ -21,7 +21,8 @@ use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{AppState, St, auth, form, login_page, read_body, see_other, unauthorized};
+use super::{form, login_page, see_other, unauthorized};
+use crate::sidecar::{AppState, St, auth, read_body};
 use crate::store::{ConsoleSession, Store};
 
 pub(super) const SESSION_COOKIE: &str = "rb_session";
