@@ -150,74 +150,8 @@ pub(super) async fn callback_heartbeat<S: Store>(
     }
 }
 
-#[utoipa::path(
-    post,
-    path = "/cb/{token}/resolve",
-    tag = "callbacks",
-    params(("token" = String, Path, description = "The capability token (the `url` parameter's last segment)"),
-        ("id" = Option<String>, Query, description = "The promise id (or in the body)"),
-        ("value" = Option<String>, Query, description = "The result (or in the body)"),
-    ),
-    request_body(content = Option<CallbackBody>, content_type = "application/json"),
-    security(()),
-    responses(SettleAnswers)
-)]
-pub(super) async fn cb_resolve<S: Store>(
-    st: St<S>,
-    Path(token): Path<String>,
-    h: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Body,
-) -> ApiResult {
-    callback_settle(&st, Completion::Resolve, Some(&token), &h, &q, body).await
-}
-#[utoipa::path(
-    post,
-    path = "/cb/{token}/reject",
-    tag = "callbacks",
-    params(("token" = String, Path, description = "The capability token (the `url` parameter's last segment)"),
-        ("id" = Option<String>, Query, description = "The promise id (or in the body)"),
-        ("error" = Option<String>, Query, description = "The error (or in the body)"),
-    ),
-    request_body(content = Option<CallbackBody>, content_type = "application/json"),
-    security(()),
-    responses(SettleAnswers)
-)]
-pub(super) async fn cb_reject<S: Store>(
-    st: St<S>,
-    Path(token): Path<String>,
-    h: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Body,
-) -> ApiResult {
-    callback_settle(&st, Completion::Reject, Some(&token), &h, &q, body).await
-}
-#[utoipa::path(
-    post,
-    path = "/cb/{token}/heartbeat",
-    tag = "callbacks",
-    params(("token" = String, Path, description = "The capability token (the `url` parameter's last segment)"),
-        ("id" = Option<String>, Query, description = "The promise id (or in the body)"),
-    ),
-    request_body(content = Option<CallbackBody>, content_type = "application/json"),
-    security(()),
-    responses(
-        (status = 200, description = "Heartbeat deadline extended", body = PromiseAnswer),
-        (status = 400, description = "Malformed request", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 403, description = "Already settled", body = ErrorBody),
-        (status = 404, description = "No such promise", body = ErrorBody)
-    )
-)]
-pub(super) async fn cb_heartbeat<S: Store>(
-    st: St<S>,
-    Path(token): Path<String>,
-    h: HeaderMap,
-    RawQuery(q): RawQuery,
-    body: Body,
-) -> ApiResult {
-    callback_heartbeat(&st, Some(&token), &h, &q, body).await
-}
+// `/resolve` and `/cb/{token}/resolve`: the token form carries the capability
+// token in the path (the notebook's `url`), the other a credential header.
 #[utoipa::path(
     post,
     path = "/resolve",
@@ -232,12 +166,16 @@ pub(super) async fn cb_heartbeat<S: Store>(
 )]
 pub(super) async fn resolve<S: Store>(
     st: St<S>,
+    token: Option<Path<String>>,
     h: HeaderMap,
     RawQuery(q): RawQuery,
     body: Body,
 ) -> ApiResult {
-    callback_settle(&st, Completion::Resolve, None, &h, &q, body).await
+    let token = token.map(|Path(t)| t);
+    callback_settle(&st, Completion::Resolve, token.as_deref(), &h, &q, body).await
 }
+// `/reject` and `/cb/{token}/reject`: the token form carries the capability
+// token in the path (the notebook's `url`), the other a credential header.
 #[utoipa::path(
     post,
     path = "/reject",
@@ -252,12 +190,16 @@ pub(super) async fn resolve<S: Store>(
 )]
 pub(super) async fn reject<S: Store>(
     st: St<S>,
+    token: Option<Path<String>>,
     h: HeaderMap,
     RawQuery(q): RawQuery,
     body: Body,
 ) -> ApiResult {
-    callback_settle(&st, Completion::Reject, None, &h, &q, body).await
+    let token = token.map(|Path(t)| t);
+    callback_settle(&st, Completion::Reject, token.as_deref(), &h, &q, body).await
 }
+// `/heartbeat` and `/cb/{token}/heartbeat`: the token form carries the capability
+// token in the path (the notebook's `url`), the other a credential header.
 #[utoipa::path(
     post,
     path = "/heartbeat",
@@ -277,9 +219,11 @@ pub(super) async fn reject<S: Store>(
 )]
 pub(super) async fn heartbeat<S: Store>(
     st: St<S>,
+    token: Option<Path<String>>,
     h: HeaderMap,
     RawQuery(q): RawQuery,
     body: Body,
 ) -> ApiResult {
-    callback_heartbeat(&st, None, &h, &q, body).await
+    let token = token.map(|Path(t)| t);
+    callback_heartbeat(&st, token.as_deref(), &h, &q, body).await
 }

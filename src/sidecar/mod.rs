@@ -103,12 +103,14 @@ pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
         .route("/readyz", get(readyz::<S>))
         .route("/openapi.json", get(openapi_json))
         .route("/metrics", get(metrics))
-        .route("/cb/{token}/resolve", post(cb_resolve::<S>))
-        .route("/cb/{token}/reject", post(cb_reject::<S>))
-        .route("/cb/{token}/heartbeat", post(cb_heartbeat::<S>))
+        // The capability routes: the same handlers as their token-less
+        // forms below, with the token in the path.
+        .route("/cb/{token}/resolve", post(resolve::<S>))
+        .route("/cb/{token}/reject", post(reject::<S>))
+        .route("/cb/{token}/heartbeat", post(heartbeat::<S>))
         .route(
             "/cb/{token}/promises/{*id}",
-            get(cb_get::<S>).patch(cb_patch::<S>),
+            get(get_promise::<S>).patch(patch::<S>),
         )
         .route("/resolve", post(resolve::<S>))
         .route("/reject", post(reject::<S>))

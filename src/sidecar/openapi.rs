@@ -15,8 +15,7 @@ use crate::domain::{Payload, SettledBy, State};
 use crate::reconciler::CancelReport;
 
 use super::error::{ErrorBody, ErrorDetail};
-use super::{__path_bulk_cancel, __path_cb_get, __path_cb_heartbeat, PromiseAnswer};
-use super::{__path_cb_patch, __path_cb_reject, __path_cb_resolve, __path_create};
+use super::{__path_bulk_cancel, __path_create, PromiseAnswer};
 use super::{__path_get_promise, __path_healthz, __path_heartbeat, __path_metrics};
 use super::{__path_notification, __path_openapi_json, __path_patch, __path_readyz};
 use super::{__path_reject, __path_resolve, __path_search};
@@ -91,7 +90,6 @@ pub struct Readiness {
         license(name = "Apache-2.0")
     ),
     paths(
-        cb_resolve, cb_reject, cb_heartbeat, cb_get, cb_patch,
         resolve, reject, heartbeat,
         get_promise, patch, create, search, bulk_cancel,
         notification, healthz, readyz, metrics, openapi_json
@@ -101,7 +99,7 @@ pub struct Readiness {
         CallbackBody, PatchBody, CreateBody, CancelBody, CancelReport, SearchPage,
         Notification, NotificationRun, NotificationAnswer, Health, Readiness
     )),
-    modifiers(&Security),
+    modifiers(&Security, &CapabilityRoutes),
     tags(
         (name = "callbacks", description = "What a notebook calls: the capability token opens only its own promise"),
         (name = "promises", description = "The Durable Promise API"),
@@ -126,6 +124,48 @@ impl Modify for Security {
             "Any user name and the capability token as the password (Resonate SDK clients); for notifications, auth.notification_username/password".into(),
         );
         components.add_security_scheme("basic", SecurityScheme::Http(basic));
+    }
+}
+
+/// The routes a notebook calls under its `url` (`/cb/{token}`): the same
+/// handlers as these token-less paths, so each is documented once (on the
+/// handler) and its capability form derived here: a `token` path parameter
+/// first, no credential header, and its own operation id.
+const CAPABILITY_ROUTES: [&str; 4] = ["/resolve", "/reject", "/heartbeat", "/promises/{id}"];
+
+struct CapabilityRoutes;
+
+impl Modify for CapabilityRoutes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+        use utoipa::openapi::security::SecurityRequirement;
+        use utoipa::openapi::{ObjectBuilder, Required, Type};
+        for path in CAPABILITY_ROUTES {
+            let Some(mut item) = openapi.paths.paths.get(path).cloned() else {
+                continue;
+            };
+            for op in [&mut item.get, &mut item.post, &mut item.patch]
+                .into_iter()
+                .flatten()
+            {
+                let token = ParameterBuilder::new()
+                    .name("token")
+                    .parameter_in(ParameterIn::Path)
+                    .required(Required::True)
+                    .description(Some(
+                        "The capability token (the `url` parameter's last segment)",
+                    ))
+                    .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                    .build();
+                op.parameters.get_or_insert_with(Vec::new).insert(0, token);
+                op.security = Some(vec![SecurityRequirement::default()]);
+                op.operation_id = op.operation_id.take().map(|id| format!("cb_{id}"));
+            }
+            openapi
+                .paths
+                .paths
+                .insert(format!("/cb/{{token}}{path}"), item);
+        }
     }
 }
 

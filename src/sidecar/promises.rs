@@ -84,6 +84,16 @@ pub(super) async fn read_promise<S: Store>(
     }
 }
 
+/// The path of `/promises/{*id}` and `/cb/{token}/promises/{*id}`: one
+/// handler per operation serves both, the token form carrying the
+/// capability token in the path instead of a credential header.
+#[derive(Deserialize)]
+pub(super) struct PromisePath {
+    #[serde(default)]
+    token: Option<String>,
+    id: String,
+}
+
 #[utoipa::path(
     get,
     path = "/promises/{id}",
@@ -102,43 +112,12 @@ pub(super) async fn read_promise<S: Store>(
 )]
 pub(super) async fn get_promise<S: Store>(
     st: St<S>,
-    Path(id): Path<String>,
+    Path(path): Path<PromisePath>,
     h: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> ApiResult {
-    let id = parse_id(&id)?;
-    caller_for(&st, &h, None, &id)?;
-    let wait = query_map(&q)
-        .get("wait")
-        .map(|w| parse_wait(w))
-        .transpose()?;
-    read_promise(&st, &id, wait).await
-}
-
-#[utoipa::path(
-    get,
-    path = "/cb/{token}/promises/{id}",
-    tag = "promises",
-    params(("token" = String, Path, description = "The capability token (the `url` parameter's last segment)"),
-        ("id" = String, Path, description = "The promise id (may contain /)"),
-        ("wait" = Option<String>, Query, description = "Long-poll until settled, at most this long (30s, 500ms, 2m; capped by sidecar.max_wait_seconds)"),
-    ),
-    security(()),
-    responses(
-        (status = 200, description = "The promise", body = PromiseView),
-        (status = 400, description = "Malformed request", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 404, description = "No such promise", body = ErrorBody)
-    )
-)]
-pub(super) async fn cb_get<S: Store>(
-    st: St<S>,
-    Path((token, id)): Path<(String, String)>,
-    h: HeaderMap,
-    RawQuery(q): RawQuery,
-) -> ApiResult {
-    let id = parse_id(&id)?;
-    caller_for(&st, &h, Some(&token), &id)?;
+    let id = parse_id(&path.id)?;
+    caller_for(&st, &h, path.token.as_deref(), &id)?;
     let wait = query_map(&q)
         .get("wait")
         .map(|w| parse_wait(w))
@@ -222,33 +201,11 @@ pub fn parse_patch(content_type: &str, bytes: &[u8]) -> Result<(State, Payload),
 )]
 pub(super) async fn patch<S: Store>(
     st: St<S>,
-    Path(id): Path<String>,
+    Path(path): Path<PromisePath>,
     h: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    complete(&st, id, None, h, body).await
-}
-
-#[utoipa::path(
-    patch,
-    path = "/cb/{token}/promises/{id}",
-    tag = "promises",
-    params(("token" = String, Path, description = "The capability token (the `url` parameter's last segment)"),
-        ("id" = String, Path, description = "The promise id (may contain /)"),
-        ("idempotency-key" = Option<String>, Header, description = "Repeats with the same key are deduplicated"),
-        ("strict" = Option<bool>, Header, description = "Refuse to complete a timed-out promise, and deduplicate only a matching state"),
-    ),
-    request_body(content = PatchBody, content_type = "application/json"),
-    security(()),
-    responses(SettleAnswers)
-)]
-pub(super) async fn cb_patch<S: Store>(
-    st: St<S>,
-    Path((token, id)): Path<(String, String)>,
-    h: HeaderMap,
-    body: Body,
-) -> ApiResult {
-    complete(&st, id, Some(&token), h, body).await
+    complete(&st, path.id, path.token.as_deref(), h, body).await
 }
 
 /// Create a bare promise (Durable Promise specification).
@@ -482,5 +439,9 @@ pub(super) async fn get_cancel_promise<S: Store>(
     h: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> ApiResult {
-    get_promise(st, Path("cancel".into()), h, RawQuery(q)).await
+    let path = PromisePath {
+        token: None,
+        id: "cancel".into(),
+    };
+    get_promise(st, Path(path), h, RawQuery(q)).await
 }
