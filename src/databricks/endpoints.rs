@@ -241,6 +241,24 @@ mod tests {
         IdempotencyToken::derive("default", &crate::domain::PromiseId::parse("p").unwrap())
     }
 
+    /// Launches once against a server that answers every POST with
+    /// `answer`, which must be asked `times` times (checked when the server
+    /// is dropped, on return).
+    async fn launch_answered(
+        answer: ResponseTemplate,
+        times: u64,
+    ) -> Result<RunId, DatabricksError> {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(answer)
+            .expect(times)
+            .mount(&server)
+            .await;
+        client(&server.uri())
+            .launch("default", &run_now(), &token(), None)
+            .await
+    }
+
     fn run_now() -> LaunchRequest {
         LaunchRequest::RunNow {
             job_id: 7,
@@ -286,34 +304,19 @@ mod tests {
 
     #[tokio::test]
     async fn timeouts_are_retried_then_reported_transient() {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(2)))
-            .expect(4) // first try + 3 retries
-            .mount(&server)
-            .await;
-        let e = client(&server.uri())
-            .launch("default", &run_now(), &token(), None)
-            .await
-            .unwrap_err();
+        // first try + 3 retries
+        let answer = ResponseTemplate::new(200).set_delay(Duration::from_secs(2));
+        let e = launch_answered(answer, 4).await.unwrap_err();
         assert!(e.is_retryable(), "{e}");
         assert!(e.to_string().contains("timeout"), "{e}");
     }
 
     #[tokio::test]
     async fn not_found_is_permanent_with_the_body() {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(404).set_body_json(
-                json!({"error_code":"RESOURCE_DOES_NOT_EXIST","message":"Job 7 does not exist."}),
-            ))
-            .expect(1)
-            .mount(&server)
-            .await;
-        match client(&server.uri())
-            .launch("default", &run_now(), &token(), None)
-            .await
-        {
+        let answer = ResponseTemplate::new(404).set_body_json(
+            json!({"error_code":"RESOURCE_DOES_NOT_EXIST","message":"Job 7 does not exist."}),
+        );
+        match launch_answered(answer, 1).await {
             Err(DatabricksError::Permanent {
                 status: 404, body, ..
             }) => {
@@ -381,16 +384,7 @@ mod tests {
                 json!({"error_code": "UNAUTHENTICATED", "message": "Credential was not sent"}),
             ),
         ] {
-            let server = MockServer::start().await;
-            Mock::given(method("POST"))
-                .respond_with(answer)
-                .expect(1)
-                .mount(&server)
-                .await;
-            let e = client(&server.uri())
-                .launch("default", &run_now(), &token(), None)
-                .await
-                .unwrap_err();
+            let e = launch_answered(answer, 1).await.unwrap_err();
             assert!(matches!(e, DatabricksError::Credentials { .. }), "{e}");
             assert!(e.is_retryable());
         }
@@ -398,18 +392,10 @@ mod tests {
 
     #[tokio::test]
     async fn permission_denied_on_the_job_is_permanent() {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(403).set_body_json(
+        let answer = ResponseTemplate::new(403).set_body_json(
                 json!({"error_code": "PERMISSION_DENIED", "message": "User x does not have Manage Run permissions on job 7"}),
-            ))
-            .expect(1)
-            .mount(&server)
-            .await;
-        let e = client(&server.uri())
-            .launch("default", &run_now(), &token(), None)
-            .await
-            .unwrap_err();
+            );
+        let e = launch_answered(answer, 1).await.unwrap_err();
         assert!(
             matches!(e, DatabricksError::Permanent { status: 403, .. }),
             "{e}"
@@ -436,19 +422,11 @@ mod tests {
 
     #[tokio::test]
     async fn the_hourly_quota_is_transient_and_not_retried_in_the_call() {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(400).set_body_json(json!({
-                "error_code": "INVALID_STATE",
-                "message": "The number of jobs created in past 3600 seconds exceeds the limit of 10000."
-            })))
-            .expect(1)
-            .mount(&server)
-            .await;
-        let e = client(&server.uri())
-            .launch("default", &run_now(), &token(), None)
-            .await
-            .unwrap_err();
+        let answer = ResponseTemplate::new(400).set_body_json(json!({
+            "error_code": "INVALID_STATE",
+            "message": "The number of jobs created in past 3600 seconds exceeds the limit of 10000."
+        }));
+        let e = launch_answered(answer, 1).await.unwrap_err();
         assert!(matches!(e, DatabricksError::Transient { .. }), "{e}");
     }
 
