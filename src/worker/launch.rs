@@ -280,6 +280,18 @@ mod tests {
 
     type Params = Option<BTreeMap<String, String>>;
 
+    /// The run-now parameters of `t` for a job with `style` (no
+    /// per-job configuration, workspace `w`).
+    fn run_now_for(t: &Trigger, style: Option<&ParameterStyle>) -> (Params, Params) {
+        run_now(launch_request(
+            t,
+            extra(),
+            style,
+            &JobStyles::default(),
+            "w",
+        ))
+    }
+
     fn run_now(req: LaunchRequest) -> (Params, Params) {
         match req {
             LaunchRequest::RunNow {
@@ -294,13 +306,7 @@ mod tests {
     #[test]
     fn a_job_without_job_parameters_gets_notebook_params() {
         let t = trigger(r#"{"id":"p1","job_id":7}"#);
-        let (jp, np) = run_now(launch_request(
-            &t,
-            extra(),
-            Some(&ParameterStyle::Task),
-            &JobStyles::default(),
-            "w",
-        ));
+        let (jp, np) = run_now_for(&t, Some(&ParameterStyle::Task));
         assert_eq!(jp, None);
         assert_eq!(np.unwrap()["promise_id"], "p1");
     }
@@ -309,13 +315,7 @@ mod tests {
     fn a_job_with_job_parameters_gets_the_ones_it_defines() {
         let t = trigger(r#"{"id":"p1","job_id":7,"job_parameters":{"date":"d"}}"#);
         let style = job_style(&["date", "promise_id", "url"]);
-        let (jp, np) = run_now(launch_request(
-            &t,
-            extra(),
-            Some(&style),
-            &JobStyles::default(),
-            "w",
-        ));
+        let (jp, np) = run_now_for(&t, Some(&style));
         let jp = jp.unwrap();
         assert_eq!(np, None);
         assert_eq!(jp["date"], "d");
@@ -323,13 +323,7 @@ mod tests {
         assert!(!jp.contains_key("callback_token"), "not defined by the job");
         // Empty notebook params on such a job become job parameters.
         let t = trigger(r#"{"id":"p1","job_id":7,"notebook_params":{}}"#);
-        let (jp, np) = run_now(launch_request(
-            &t,
-            extra(),
-            Some(&style),
-            &JobStyles::default(),
-            "w",
-        ));
+        let (jp, np) = run_now_for(&t, Some(&style));
         assert_eq!(np, None);
         assert_eq!(jp.unwrap()["promise_id"], "p1");
     }
@@ -337,23 +331,11 @@ mod tests {
     #[test]
     fn a_producer_style_the_job_refuses_is_sent_as_chosen() {
         let t = trigger(r#"{"id":"p1","job_id":7,"job_parameters":{"date":"d"}}"#);
-        let (jp, np) = run_now(launch_request(
-            &t,
-            extra(),
-            Some(&ParameterStyle::Task),
-            &JobStyles::default(),
-            "w",
-        ));
+        let (jp, np) = run_now_for(&t, Some(&ParameterStyle::Task));
         assert_eq!(jp.unwrap().len(), 1);
         assert_eq!(np, None);
         // Unknown style: as before, where the producer put them.
-        let (jp, _) = run_now(launch_request(
-            &t,
-            extra(),
-            None,
-            &JobStyles::default(),
-            "w",
-        ));
+        let (jp, _) = run_now_for(&t, None);
         assert_eq!(jp.unwrap().len(), 4);
     }
 
