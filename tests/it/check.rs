@@ -112,22 +112,10 @@ async fn check_says_what_is_ready_and_what_to_change() {
     );
 
     // A Redis of the test's own that evicts keys under memory pressure.
-    let port = free_port();
-    let _redis = RedisServer::start(
-        &[
-            "--port".into(),
-            port.to_string(),
-            "--bind".into(),
-            "127.0.0.1".into(),
-            "--save".into(),
-            "".into(),
-            "--maxmemory-policy".into(),
-            "allkeys-lru".into(),
-        ],
-        port,
-    )
-    .await
-    .unwrap();
+    let redis = RedisServer::ephemeral_with(&["--maxmemory-policy", "allkeys-lru"])
+        .await
+        .unwrap();
+    let port = redis.port();
     let (code, out) = check(
         &app,
         &[],

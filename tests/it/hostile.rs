@@ -422,23 +422,10 @@ async fn no_secret_reaches_the_logs_at_trace() {
     const DATABRICKS_TOKEN: &str = "dapi-secret-token-77e1c0ffee";
     const CALLBACK_SECRET: &str = LOCAL_CALLBACK_SECRET;
     // A private Redis with a password.
-    let redis_port = free_port();
-    let args: Vec<String> = [
-        "--port",
-        &redis_port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--requirepass",
-        REDIS_PASSWORD,
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    let redis = RedisServer::start(&args, redis_port).await.unwrap();
+    let redis = RedisServer::ephemeral_with(&["--requirepass", REDIS_PASSWORD])
+        .await
+        .unwrap();
+    let redis_port = redis.port();
     // A RabbitMQ user with a password, on a vhost of the test's own.
     let vhost = unique("it-secrets");
     let user = unique("it-user");

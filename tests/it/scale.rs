@@ -348,6 +348,13 @@ async fn sentinel_replicas(sentinel_port: u16, name: &str) -> Option<usize> {
     Some(replicas.len())
 }
 
+/// A Redis of the test's own with its append-only file in `dir/sub`.
+async fn durable_node(dir: &std::path::Path, port: u16, sub: &str, extra: &[&str]) -> RedisServer {
+    let d = dir.join(sub);
+    std::fs::create_dir_all(&d).unwrap();
+    RedisServer::durable(port, &d, extra).await.unwrap()
+}
+
 /// `redis.mode = "sentinel"` with `redis.wait_replicas = 1`: a master, two
 /// replicas and three Sentinels made here (private ports and directories).
 /// Triggers run; the master is killed with `kill -9`; once the Sentinels
@@ -361,40 +368,14 @@ async fn sentinel_failover_moves_the_store_to_the_new_master() {
     let dir = std::env::temp_dir().join(unique("sentinel"));
     std::fs::create_dir_all(&dir).unwrap();
     let (m, r) = (free_port(), free_port());
-    let node = |port: u16, sub: &str, extra: &[String]| {
-        let d = dir.join(sub);
-        std::fs::create_dir_all(&d).unwrap();
-        let mut a: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--dir",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        a.push(d.display().to_string());
-        a.extend_from_slice(extra);
-        a
-    };
-    let mut master = RedisServer::start(&node(m, "m", &[]), m).await.unwrap();
-    let replica_of = || vec!["--replicaof".to_string(), "127.0.0.1".into(), m.to_string()];
-    let _replica = RedisServer::start(&node(r, "r", &replica_of()), r)
-        .await
-        .unwrap();
+    let mut master = durable_node(&dir, m, "m", &[]).await;
+    let m_port = m.to_string();
+    let replica_of = ["--replicaof", "127.0.0.1", m_port.as_str()];
+    let _replica = durable_node(&dir, r, "r", &replica_of).await;
     // A second replica, so that the promoted one has a replica of its own
     // and `WAIT 1` keeps being answered after the failover.
     let r2 = free_port();
-    let _replica2 = RedisServer::start(&node(r2, "r2", &replica_of()), r2)
-        .await
-        .unwrap();
+    let _replica2 = durable_node(&dir, r2, "r2", &replica_of).await;
     let mut sentinels = Vec::new();
     for i in 0..3 {
         let port = free_port();

@@ -668,19 +668,8 @@ async fn viewing_dead_letters_leaves_their_delivery_count_unchanged() {
 /// (which the log has): no Redis address, no OS error on the page.
 #[tokio::test]
 async fn console_error_pages_do_not_show_internal_errors() {
-    let port = free_port();
-    let args: Vec<String> = [
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    let mut redis = RedisServer::start(&args, port).await.unwrap();
+    let mut redis = RedisServer::ephemeral().await.unwrap();
+    let port = redis.port();
     let app = TestApp::spawn_with(Options {
         worker: false,
         overrides: vec![

@@ -3,6 +3,7 @@
 //! never touch the machine's shared instance.
 
 use std::ffi::{OsStr, OsString};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -21,17 +22,38 @@ impl RedisServer {
     /// An in-memory server (no snapshots, no append-only file) on a port
     /// that stays usable across [`RedisServer::restart`].
     pub async fn ephemeral() -> Result<Self> {
+        Self::ephemeral_with(&[]).await
+    }
+
+    /// [`RedisServer::ephemeral`] with more arguments (a password, an
+    /// eviction policy...).
+    pub async fn ephemeral_with(extra: &[&str]) -> Result<Self> {
         let port = crate::restartable_port();
-        let args = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ];
+        let mut args = listen_args(port);
+        args.extend(["--save", "", "--appendonly", "no"].map(OsString::from));
+        args.extend(extra.iter().map(OsString::from));
+        Self::start(args, port).await
+    }
+
+    /// A server that loses nothing it acknowledged to a `kill -9`: an
+    /// append-only file in `dir`, fsynced on every write; with more
+    /// arguments (`--replicaof`...).
+    pub async fn durable(port: u16, dir: &Path, extra: &[&str]) -> Result<Self> {
+        let mut args = listen_args(port);
+        args.extend(
+            [
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+            ]
+            .map(OsString::from),
+        );
+        args.push(dir.into());
+        args.extend(extra.iter().map(OsString::from));
         Self::start(args, port).await
     }
 
@@ -86,6 +108,13 @@ impl RedisServer {
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
+}
+
+/// `--port <port> --bind 127.0.0.1`.
+fn listen_args(port: u16) -> Vec<OsString> {
+    ["--port", &port.to_string(), "--bind", "127.0.0.1"]
+        .map(OsString::from)
+        .into()
 }
 
 impl Drop for RedisServer {

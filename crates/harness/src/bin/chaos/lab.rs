@@ -63,23 +63,7 @@ impl Lab {
         );
 
         let redis_port = args.redis_port.unwrap_or_else(restartable_port);
-        let mut redis_args: Vec<std::ffi::OsString> = [
-            "--port",
-            &redis_port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--save",
-            "",
-            "--dir",
-        ]
-        .map(Into::into)
-        .into();
-        redis_args.push(root.join("redis").into());
-        let redis = RedisServer::start(redis_args, redis_port)
+        let redis = RedisServer::durable(redis_port, &root.join("redis"), &[])
             .await
             .context("starting the private redis-server")?;
 
