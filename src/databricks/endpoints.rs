@@ -29,7 +29,59 @@ fn too_many_pages(endpoint: &'static str) -> DatabricksError {
     }
 }
 
+/// A Jobs API 2.2 read that pages its `tasks` (100 at a time): later pages
+/// carry only the rest, and the last no `next_page_token`.
+trait Paged: serde::de::DeserializeOwned {
+    fn take_page_token(&mut self) -> Option<String>;
+    /// Adds a later page's items to this (the first) page.
+    fn extend(&mut self, page: Self);
+}
+
+impl Paged for RunInfo {
+    fn take_page_token(&mut self) -> Option<String> {
+        self.next_page_token.take().filter(|t| !t.is_empty())
+    }
+    fn extend(&mut self, page: Self) {
+        self.tasks.extend(page.tasks);
+        self.next_page_token = page.next_page_token;
+    }
+}
+
+impl Paged for JobInfo {
+    fn take_page_token(&mut self) -> Option<String> {
+        self.next_page_token.take().filter(|t| !t.is_empty())
+    }
+    fn extend(&mut self, page: Self) {
+        self.settings.tasks.extend(page.settings.tasks);
+        self.settings.parameters.extend(page.settings.parameters);
+        self.next_page_token = page.next_page_token;
+    }
+}
+
 impl Client {
+    /// A paged read, every page followed (at most [`MAX_PAGES`]): the first
+    /// page with the others' items added, and no page token left.
+    async fn get_all_pages<T: Paged>(
+        &self,
+        workspace: &str,
+        endpoint: &'static str,
+        query: Value,
+    ) -> Result<T, DatabricksError> {
+        let mut all: T = self.get_page(workspace, endpoint, query.clone()).await?;
+        let mut pages = 1;
+        while let Some(token) = all.take_page_token() {
+            let mut q = query.clone();
+            q["page_token"] = Value::String(token);
+            let page: T = self.get_page(workspace, endpoint, q).await?;
+            all.extend(page);
+            pages += 1;
+            if pages > MAX_PAGES {
+                return Err(too_many_pages(endpoint));
+            }
+        }
+        Ok(all)
+    }
+
     /// One GET of a paged read, parsed.
     async fn get_page<T: serde::de::DeserializeOwned>(
         &self,
@@ -116,53 +168,17 @@ impl Jobs for Client {
     }
 
     async fn get_run(&self, workspace: &str, run: RunId) -> Result<RunInfo, DatabricksError> {
-        let endpoint = "api/2.2/jobs/runs/get";
-        let mut info: RunInfo = self
-            .get_page(workspace, endpoint, json!({ "run_id": run.get() }))
-            .await?;
-        // 2.2 pages `tasks` 100 at a time; later pages carry only the rest.
-        let mut pages = 1;
-        while let Some(token) = info.next_page_token.take().filter(|t| !t.is_empty()) {
-            let page: RunInfo = self
-                .get_page(
-                    workspace,
-                    endpoint,
-                    json!({ "run_id": run.get(), "page_token": token }),
-                )
-                .await?;
-            info.tasks.extend(page.tasks);
-            info.next_page_token = page.next_page_token;
-            pages += 1;
-            if pages > MAX_PAGES {
-                return Err(too_many_pages(endpoint));
-            }
-        }
-        Ok(info)
+        self.get_all_pages(
+            workspace,
+            "api/2.2/jobs/runs/get",
+            json!({ "run_id": run.get() }),
+        )
+        .await
     }
 
     async fn get_job(&self, workspace: &str, job_id: u64) -> Result<JobInfo, DatabricksError> {
-        let endpoint = "api/2.2/jobs/get";
-        let mut job: JobInfo = self
-            .get_page(workspace, endpoint, json!({ "job_id": job_id }))
-            .await?;
-        let mut pages = 1;
-        while let Some(token) = job.next_page_token.take().filter(|t| !t.is_empty()) {
-            let page: JobInfo = self
-                .get_page(
-                    workspace,
-                    endpoint,
-                    json!({ "job_id": job_id, "page_token": token }),
-                )
-                .await?;
-            job.settings.tasks.extend(page.settings.tasks);
-            job.settings.parameters.extend(page.settings.parameters);
-            job.next_page_token = page.next_page_token;
-            pages += 1;
-            if pages > MAX_PAGES {
-                return Err(too_many_pages(endpoint));
-            }
-        }
-        Ok(job)
+        self.get_all_pages(workspace, "api/2.2/jobs/get", json!({ "job_id": job_id }))
+            .await
     }
 
     async fn get_output(

@@ -248,38 +248,31 @@ pub(super) async fn create<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Api
     let id = parse_id(&b.id)?;
     let strict = header_flag(&h, "strict")?;
     let key = ikey(&h);
+    let timeout = match b.timeout {
+        Some(ms) if ms > 0 => {
+            let latest = chrono::Utc::now()
+                .timestamp_millis()
+                .saturating_add(st.settings.max_timeout.as_millis() as i64);
+            if ms > latest {
+                return Err(ApiError::bad_request(format!(
+                    "timeout {ms} is beyond the longest allowed, {} s from now (worker.max_timeout_seconds); it is an epoch time in milliseconds",
+                    st.settings.max_timeout.as_secs()
+                )));
+            }
+            Timeout::At(ms)
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "timeout must be a positive epoch time in milliseconds",
+            ));
+        }
+        None => Timeout::After(st.settings.default_timeout),
+    };
     let new = NewPromise {
-        id,
         param: b.param.unwrap_or_default(),
-        timeout: match b.timeout {
-            Some(ms) if ms > 0 => {
-                let latest = chrono::Utc::now()
-                    .timestamp_millis()
-                    .saturating_add(st.settings.max_timeout.as_millis() as i64);
-                if ms > latest {
-                    return Err(ApiError::bad_request(format!(
-                        "timeout {ms} is beyond the longest allowed, {} s from now (worker.max_timeout_seconds); it is an epoch time in milliseconds",
-                        st.settings.max_timeout.as_secs()
-                    )));
-                }
-                Timeout::At(ms)
-            }
-            Some(_) => {
-                return Err(ApiError::bad_request(
-                    "timeout must be a positive epoch time in milliseconds",
-                ));
-            }
-            None => Timeout::After(st.settings.default_timeout),
-        },
         tags: b.tags,
         ikey_create: key.clone(),
-        job_id: None,
-        workspace: st.settings.default_workspace.clone(),
-        reply_to: None,
-        correlation_id: None,
-        traceparent: None,
-        heartbeat: None,
-        cancel_on_timeout: false,
+        ..NewPromise::bare(id, timeout, st.settings.default_workspace.clone())
     };
     match st.store.create(&new).await? {
         CreateOutcome::Created(p) => Ok(promise_response(StatusCode::CREATED, &p, false)),

@@ -61,6 +61,28 @@ pub struct NewPromise {
     pub cancel_on_timeout: bool,
 }
 
+impl NewPromise {
+    /// A promise with nothing but an id, a deadline and a workspace: no
+    /// parameters, tags, job, reply address or heartbeat (what `POST
+    /// /promises` creates before its body's fields are applied).
+    pub fn bare(id: PromiseId, timeout: Timeout, workspace: impl Into<String>) -> Self {
+        Self {
+            id,
+            param: Payload::default(),
+            timeout,
+            tags: BTreeMap::new(),
+            ikey_create: None,
+            job_id: None,
+            workspace: workspace.into(),
+            reply_to: None,
+            correlation_id: None,
+            traceparent: None,
+            heartbeat: None,
+            cancel_on_timeout: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub enum Timeout {
     /// From now, by Redis's clock.

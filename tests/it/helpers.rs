@@ -669,26 +669,13 @@ pub fn trigger(id: &str, job_id: u64) -> Value {
     json!({ "id": id, "job_id": job_id, "tags": {"team": "growth"} })
 }
 
-/// A promise to create with nothing but an id and a timeout (the rest empty,
-/// workspace "default").
+/// A promise to create with nothing but an id and a timeout (workspace
+/// "default").
 pub fn new_promise(
     id: &PromiseId,
     timeout: runbridge::store::Timeout,
 ) -> runbridge::store::NewPromise {
-    runbridge::store::NewPromise {
-        id: id.clone(),
-        param: Default::default(),
-        timeout,
-        tags: Default::default(),
-        ikey_create: None,
-        job_id: None,
-        workspace: "default".into(),
-        reply_to: None,
-        correlation_id: None,
-        traceparent: None,
-        heartbeat: None,
-        cancel_on_timeout: false,
-    }
+    runbridge::store::NewPromise::bare(id.clone(), timeout, "default")
 }
 
 /// The callback secret of `config/local.toml`, as the sidecar checks it.

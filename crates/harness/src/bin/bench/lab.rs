@@ -2,7 +2,6 @@
 //! (emulator, worker, sidecar), publishing, and the RabbitMQ and Redis
 //! helpers the scenarios share.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use futures_util::{StreamExt, stream};
 use runbridge::broker::{Broker, BrokerSettings};
 use runbridge::config::Settings;
-use runbridge::domain::{Payload, PromiseId, RunId};
+use runbridge::domain::{PromiseId, RunId};
 use runbridge::store::{NewPromise, PromiseStore, RedisStore, Timeout};
 use runbridge_testkit::free_port;
 use serde_json::{Value, json};
@@ -247,18 +246,8 @@ pub(crate) async fn pending_promises(
 
 pub(crate) fn new_promise(id: &PromiseId, timeout: Timeout) -> NewPromise {
     NewPromise {
-        id: id.clone(),
-        param: Payload::default(),
-        timeout,
-        tags: BTreeMap::new(),
-        ikey_create: None,
         job_id: Some(1),
-        workspace: "default".into(),
-        reply_to: None,
-        correlation_id: None,
-        traceparent: None,
-        heartbeat: None,
-        cancel_on_timeout: false,
+        ..NewPromise::bare(id.clone(), timeout, "default")
     }
 }
 
