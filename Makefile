@@ -140,7 +140,7 @@ ui-test-deps:
 # The scale tests, too long for `make test`; .ci/run runs them
 # after it. First the integration suite (core loop and the rest) against a
 # private 6-node Redis Cluster (scripts/redis-cluster.sh; tests that bring a
-# Redis of their own keep it); then the ignored tests of tests/it/scale.rs:
+# Redis of their own keep it); then the ignored tests of tests/it/scale/:
 # five workers sharing 5,000 triggers; a three-node RabbitMQ cluster of
 # private nodes (needs root) whose trigger-queue leader is killed with -9
 # under 2,000 triggers; a Redis Sentinel failover; a Redis Cluster primary
