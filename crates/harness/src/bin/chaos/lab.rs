@@ -183,52 +183,49 @@ impl Lab {
     pub fn processes(&self, workers: usize, crash: bool) -> Vec<Proc> {
         let mut procs = Vec::new();
         for (i, port) in self.sidecar_ports.iter().enumerate() {
-            let mut env = self.env.clone();
-            env.push((
-                "RUNBRIDGE__SIDECAR__LISTEN".into(),
-                format!("127.0.0.1:{port}"),
-            ));
-            if crash {
-                env.push((
-                    "RUNBRIDGE_FAILPOINTS".into(),
-                    "sidecar.after_settle=abort@0.003".into(),
-                ));
-            }
-            let log = self.root.join(format!("sidecar-{i}.log"));
-            procs.push(Proc::new(
-                format!("sidecar-{i}"),
-                self.bin.clone(),
-                vec!["sidecar".into()],
-                env,
-                log,
-            ));
+            let env = [("RUNBRIDGE__SIDECAR__LISTEN", format!("127.0.0.1:{port}"))];
+            procs.push(self.runbridge("sidecar", i, &env, crash.then_some(SIDECAR_CRASHES)));
         }
         for i in 0..workers {
-            let mut env = self.env.clone();
             // Notebooks of worker i call back sidecar i mod S.
-            env.retain(|(k, _)| k != "RUNBRIDGE__SIDECAR__PUBLIC_URL");
-            env.push((
-                "RUNBRIDGE__SIDECAR__PUBLIC_URL".into(),
-                format!(
-                    "http://127.0.0.1:{}",
-                    self.sidecar_ports[i % self.sidecar_ports.len()]
-                ),
-            ));
-            if crash {
-                env.push(("RUNBRIDGE_FAILPOINTS".into(), "worker.after_launch=abort@0.003,worker.after_ack=abort@0.002,relay.after_confirm=abort@0.003".into()));
-            }
-            let log = self.root.join(format!("worker-{i}.log"));
-            procs.push(Proc::new(
-                format!("worker-{i}"),
-                self.bin.clone(),
-                vec!["worker".into()],
-                env,
-                log,
-            ));
+            let sidecar = self.sidecar_ports[i % self.sidecar_ports.len()];
+            let env = [(
+                "RUNBRIDGE__SIDECAR__PUBLIC_URL",
+                format!("http://127.0.0.1:{sidecar}"),
+            )];
+            procs.push(self.runbridge("worker", i, &env, crash.then_some(WORKER_CRASHES)));
         }
         procs
     }
 }
+
+impl Lab {
+    /// `runbridge <kind>` number `i`, not started: the common environment
+    /// with `env` over it, and `crashes` armed (`RUNBRIDGE_FAILPOINTS`).
+    fn runbridge(
+        &self,
+        kind: &str,
+        i: usize,
+        env: &[(&str, String)],
+        crashes: Option<&str>,
+    ) -> Proc {
+        let mut all = self.env.clone();
+        all.retain(|(k, _)| !env.iter().any(|(over, _)| k == over));
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        if let Some(c) = crashes {
+            all.push(("RUNBRIDGE_FAILPOINTS".into(), c.into()));
+        }
+        let name = format!("{kind}-{i}");
+        let log = self.root.join(format!("{name}.log"));
+        Proc::new(name, self.bin.clone(), vec![kind.into()], all, log)
+    }
+}
+
+/// The crash points armed in every sidecar and worker with `crash`, each
+/// firing at a low rate (besides the `crash` fault, which arms one at a time).
+const SIDECAR_CRASHES: &str = "sidecar.after_settle=abort@0.003";
+const WORKER_CRASHES: &str =
+    "worker.after_launch=abort@0.003,worker.after_ack=abort@0.002,relay.after_confirm=abort@0.003";
 
 /// The private RabbitMQ node the `node` fault kills, started; none when the
 /// fault is off (or dropped because it cannot run here).
