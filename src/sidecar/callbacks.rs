@@ -1,6 +1,7 @@
 //! What a notebook calls: resolve, reject and heartbeat, with the
-//! capability token in the path (`/cb/{token}/...`) or in a header; both
-//! forms share one handler per operation.
+//! capability token in the path (`/cb/{token}/...`, the notebook's `url`)
+//! or in a credential header; both forms share one handler per operation,
+//! the token arriving as `Option<Path>`.
 
 use super::*;
 
@@ -150,8 +151,6 @@ pub(super) async fn callback_heartbeat<S: Store>(
     }
 }
 
-// `/resolve` and `/cb/{token}/resolve`: the token form carries the capability
-// token in the path (the notebook's `url`), the other a credential header.
 #[utoipa::path(
     post,
     path = "/resolve",
@@ -174,8 +173,6 @@ pub(super) async fn resolve<S: Store>(
     let token = token.map(|Path(t)| t);
     callback_settle(&st, Completion::Resolve, token.as_deref(), &h, &q, body).await
 }
-// `/reject` and `/cb/{token}/reject`: the token form carries the capability
-// token in the path (the notebook's `url`), the other a credential header.
 #[utoipa::path(
     post,
     path = "/reject",
@@ -198,8 +195,6 @@ pub(super) async fn reject<S: Store>(
     let token = token.map(|Path(t)| t);
     callback_settle(&st, Completion::Reject, token.as_deref(), &h, &q, body).await
 }
-// `/heartbeat` and `/cb/{token}/heartbeat`: the token form carries the capability
-// token in the path (the notebook's `url`), the other a credential header.
 #[utoipa::path(
     post,
     path = "/heartbeat",
