@@ -105,6 +105,23 @@ impl Keys {
         format!("{}:{{p{partition}}}:cancels", self.prefix)
     }
 
+    /// A parent's children (hash, in the parent's partition): `i<n>` each
+    /// child's id, and as their outcomes arrive `s<n>` state, `v<n>` value
+    /// data, `done` how many, `first` the decisive one.
+    pub fn children(&self, parent: &PromiseId) -> String {
+        format!(
+            "{}:{{p{}}}:children:{}",
+            self.prefix,
+            self.partition(parent),
+            parent
+        )
+    }
+
+    /// Parents whose next fan-out step (launching children) is due, by time.
+    pub fn fanout(&self, partition: u32) -> String {
+        format!("{}:{{p{partition}}}:fanout", self.prefix)
+    }
+
     /// A workspace's shared token bucket for one class of calls. The hash tag
     /// is the workspace, so bucket and pause live in one slot.
     pub fn budget(&self, workspace: &str, class: &str) -> String {
@@ -165,6 +182,11 @@ mod tests {
         assert_eq!(k.polls(3), "rb:{p3}:polls");
         assert_eq!(k.cancels(3), "rb:{p3}:cancels");
         assert_eq!(k.lease(3), "rb:{p3}:lease");
+        assert_eq!(k.fanout(3), "rb:{p3}:fanout");
+        assert_eq!(
+            k.children(&id),
+            format!("rb:{{p{n}}}:children:nightly-sales-2026-11-23")
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod domain;
 /// The Databricks emulator (`runbridge emulate`), a crate of its own.
 pub use databricks_emulator as emulator;
 pub mod failpoint;
+pub mod join;
 pub mod keys;
 pub mod partitions;
 pub mod reconciler;

@@ -310,11 +310,20 @@ async fn promise(s: &Settings, cmd: PromiseCmd) -> Result<()> {
     let out = match cmd {
         PromiseCmd::Get { id } => {
             let id = PromiseId::parse(&id).map_err(anyhow::Error::msg)?;
-            store
+            let p = store
                 .get(&id)
                 .await?
-                .with_context(|| format!("no promise {id}"))?
-                .to_json()
+                .with_context(|| format!("no promise {id}"))?;
+            let mut view = p.view();
+            // A parent is printed with its children and their states.
+            if let Some(children) = view.children.as_mut() {
+                children.items = runbridge::join::children_now(&store, &id)
+                    .await?
+                    .iter()
+                    .map(runbridge::store::ChildEntry::view)
+                    .collect();
+            }
+            serde_json::to_value(view)?
         }
         PromiseCmd::List {
             id,

@@ -18,7 +18,7 @@ use crate::broker::{Broker, BrokerError, BrokerSettings, Publisher};
 use crate::domain::CompletionEvent;
 use crate::partitions::{Assignment, Progress};
 use crate::shutdown::{pause, reconnect_backoff};
-use crate::store::{Outbox, OutboxEntry, RedisStore};
+use crate::store::{Families, Outbox, OutboxEntry, PromiseStore, RedisStore};
 
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
@@ -112,16 +112,45 @@ enum Round {
     Refused,
 }
 
-/// Publishes a batch concurrently (confirms awaited together) and acks what
-/// was confirmed.
-async fn publish_batch<O: Outbox>(
+/// A confirmed settlement of a parent or a child is followed up in its
+/// family ([`crate::join`]) before its entry goes; if that fails the entry
+/// stays, and comes back (event and follow-up again) once reclaimed.
+async fn follow_up<S: PromiseStore + Families>(store: &S, entry: &OutboxEntry) -> bool {
+    let Ok(p) = &entry.promise else { return true };
+    if p.parent.is_none() && p.family.is_none() {
+        return true;
+    }
+    match crate::join::after_settlement(store, p).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(promise.id = %p.id, error = %e, "family follow-up failed; the entry stays for a later try");
+            false
+        }
+    }
+}
+
+/// Publishes a batch concurrently (confirms awaited together), follows up
+/// families, and acks what was confirmed.
+async fn publish_batch<O: Outbox, S: PromiseStore + Families>(
     publisher: &Publisher,
     outbox: &mut O,
+    store: &S,
     entries: Vec<OutboxEntry>,
 ) -> Result<Round, crate::store::StoreError> {
     let results = join_all(entries.iter().map(|e| publish_entry(publisher, e))).await;
+    let confirmed: Vec<&OutboxEntry> = entries
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| **r == Published::Confirmed)
+        .map(|(e, _)| e)
+        .collect();
+    let followed = join_all(confirmed.into_iter().map(|e| follow_up(store, e))).await;
+    let mut followed = followed.into_iter();
     let mut round = Round::Healthy;
     for (entry, r) in entries.iter().zip(results) {
+        if r == Published::Confirmed && followed.next() == Some(false) {
+            continue;
+        }
         match r {
             Published::Confirmed | Published::Dropped => {
                 crate::failpoint!("relay.after_confirm");
@@ -198,7 +227,7 @@ pub async fn run(
                         .read_new(&owned, settings.batch, settings.block)
                         .await?;
                 }
-                publish_batch(&publisher, &mut outbox, entries).await
+                publish_batch(&publisher, &mut outbox, &store, entries).await
             };
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => break,

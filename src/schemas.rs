@@ -357,6 +357,19 @@ mod tests {
             r#"{"id":"a","job_id":1,"workspace":""}"#,
             r#"{"id":"a","job_id":1,"cancel_on_timeout":"yes"}"#,
             r#"[1]"#,
+            r#"{"id":"p","children":[{"job_id":1},{"submit":{"run_name":"x"},"tags":{"k":"v"}}]}"#,
+            r#"{"id":"p","job_id":1,"notebook_params":{"e":"x"},"for_each":[{"d":"x"},{"d":2}],"join":"any","fail_fast":false,"max_concurrency":3}"#,
+            r#"{"id":"p","children":[]}"#,
+            r#"{"id":"p","job_id":1,"join":"any"}"#,
+            r#"{"id":"p","job_id":1,"submit":{},"for_each":[{}]}"#,
+            r#"{"id":"p","submit":{},"for_each":[{}]}"#,
+            r#"{"id":"p","children":[{"job_id":1,"submit":{}}]}"#,
+            r#"{"id":"p","children":[{"job_id":1,"bogus":1}]}"#,
+            r#"{"id":"p","children":[{"job_id":1}],"job_id":1}"#,
+            r#"{"id":"p","children":[{"job_id":1}],"job_parameters":{}}"#,
+            r#"{"id":"p","children":[{"job_id":1}],"max_concurrency":0}"#,
+            r#"{"id":"p","children":[{"job_id":1}],"join":"some"}"#,
+            r#"{"id":"p","job_id":1,"for_each":[[1]]}"#,
         ];
         let long_id = format!(r#"{{"id":"{}","job_id":1}}"#, "x".repeat(201));
         for body in cases.iter().copied().chain([long_id.as_str()]) {
@@ -412,6 +425,11 @@ mod tests {
                 cancel_on_timeout: true,
                 token_version: 2,
                 activity: Default::default(),
+                parent: (state == State::Rejected).then(|| crate::domain::promise::ChildOf {
+                    parent: PromiseId::parse("parent").unwrap(),
+                    index: 3,
+                }),
+                family: None,
             };
             let e = CompletionEvent::from_promise(&p).unwrap();
             let body: Value = serde_json::from_slice(&e.body).unwrap();

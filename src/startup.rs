@@ -180,6 +180,7 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
         rules: TriggerRules {
             default_timeout: Duration::from_secs(s.worker.default_timeout_seconds),
             max_timeout: Duration::from_secs(s.worker.max_timeout_seconds),
+            max_children: s.worker.max_children,
         },
         public_url: s.public_url()?,
         params: ParamNames {
@@ -190,6 +191,7 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
         default_workspace: s.databricks.default_workspace.clone(),
         job_styles: Default::default(),
         workspaces: s.databricks.workspaces.keys().cloned().collect(),
+        fanout_lease: Duration::from_millis(s.reconciler.lease_ms),
     });
     let name = worker_name();
     // This worker's share of the partitions, for its reconciler and relay,
@@ -210,6 +212,13 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
                 .with_assignment(assignment.clone()),
         )
     });
+    let fanouts = crate::worker::fanout::run(
+        ctx.clone(),
+        assignment.clone(),
+        Duration::from_millis(s.reconciler.tick_ms),
+        s.reconciler.batch,
+        shutdown.clone(),
+    );
     let consumer = runner::run(
         ctx,
         broker_settings(s, "worker"),
@@ -247,7 +256,7 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
         }
     };
     let work = async {
-        tokio::join!(consumer, relay, reconcile, gauges);
+        tokio::join!(consumer, relay, reconcile, gauges, fanouts);
         leases_done.cancel();
     };
     tokio::join!(work, leases);

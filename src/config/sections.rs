@@ -177,6 +177,13 @@ pub struct WorkerSection {
     /// How long a partition lease lasts unrenewed (renewed every third).
     #[serde(default = "default_partition_lease_ms")]
     pub partition_lease_ms: u64,
+    /// The most children one parent trigger may have.
+    #[serde(default = "default_max_children")]
+    pub max_children: usize,
+}
+
+fn default_max_children() -> usize {
+    1000
 }
 
 fn default_body_timeout_ms() -> u64 {

@@ -170,6 +170,12 @@ impl Settings {
                 {
                     return bad("worker.default_timeout_seconds must be between 1 and worker.max_timeout_seconds".into());
                 }
+                if !(1..=100_000).contains(&self.worker.max_children) {
+                    return bad(format!(
+                        "worker.max_children must be between 1 and 100000, got {}",
+                        self.worker.max_children
+                    ));
+                }
             }
             Role::Sidecar => {
                 Self::listen_addr(&self.sidecar.listen, "sidecar.listen")?;

@@ -98,6 +98,12 @@ pub struct EventData {
     /// Who settled it.
     #[schemars(with = "Option<SettledBy>")]
     pub settled_by: Option<String>,
+    /// A child's parent promise (only on a child of a parent trigger).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// How many children a parent has (only on a parent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub children: Option<u32>,
 }
 
 impl CompletionEvent {
@@ -136,6 +142,8 @@ impl CompletionEvent {
                 created_at: rfc3339(p.created_on),
                 settled_at,
                 settled_by: p.settled_by.clone(),
+                parent: p.parent.as_ref().map(|c| c.parent.to_string()),
+                children: p.family.as_ref().map(|f| f.children),
             },
         };
         let mut body = serde_json::to_vec(&event).unwrap_or_default();
@@ -182,6 +190,8 @@ mod tests {
             cancel_on_timeout: true,
             token_version: 2,
             activity: Default::default(),
+            parent: None,
+            family: None,
         }
     }
 

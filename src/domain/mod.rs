@@ -3,14 +3,16 @@
 //! tested without a broker or a Redis.
 
 pub mod event;
+pub mod fanout;
 pub mod ids;
 pub mod promise;
 pub mod trigger;
 
 pub use event::CompletionEvent;
+pub use fanout::{FanOut, Join};
 pub use ids::{CallbackSigner, CallbackToken, IdempotencyToken, PromiseId, RunId};
 pub use promise::{Completion, Payload, Promise, SettledBy, State};
-pub use trigger::{Envelope, Launch, Parameters, Trigger, TriggerError, TriggerRules};
+pub use trigger::{Envelope, Launch, Parameters, Trigger, TriggerError, TriggerRules, Work};
 
 /// Cases per hostile-input property test: `PROPTEST_CASES`, else 2,000
 /// (`make fuzz` runs more).

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use super::fanout::Join;
 use super::ids::{IdempotencyToken, PromiseId, RunId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, ToSchema)]
@@ -93,6 +94,10 @@ pub enum SettledBy {
     Operator,
     /// The worker, from a permanent Databricks error at launch.
     Worker,
+    /// A parent, from its children's outcomes.
+    Join,
+    /// A child cancelled because its parent settled.
+    Parent,
 }
 
 impl SettledBy {
@@ -103,6 +108,8 @@ impl SettledBy {
             SettledBy::Timeout => "timeout",
             SettledBy::Operator => "operator",
             SettledBy::Worker => "worker",
+            SettledBy::Join => "join",
+            SettledBy::Parent => "parent",
         }
     }
 }
@@ -164,6 +171,28 @@ pub struct Promise {
     /// For the console's timeline: when the run id was recorded, the last
     /// heartbeat and how many, when the completion event was confirmed.
     pub activity: Activity,
+    /// The parent, for a child of a parent trigger.
+    pub parent: Option<ChildOf>,
+    /// The children, for a parent.
+    pub family: Option<Family>,
+}
+
+/// Where a child sits: its parent and its place among the parent's children.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildOf {
+    pub parent: PromiseId,
+    pub index: u32,
+}
+
+/// A parent's children as its record describes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Family {
+    pub children: u32,
+    pub join: Join,
+    pub fail_fast: bool,
+    pub max_concurrency: Option<u32>,
+    /// How many children may have been launched so far (the window).
+    pub launched: u32,
 }
 
 /// When things happened to a promise (milliseconds since the epoch).
@@ -203,6 +232,13 @@ pub mod field {
     pub const HEARTBEATS: &str = "hbn";
     pub const PUBLISHED: &str = "pub";
     pub const TOKEN_VERSION: &str = "tv";
+    pub const PARENT: &str = "par";
+    pub const PARENT_INDEX: &str = "pn";
+    pub const CHILDREN: &str = "kids";
+    pub const JOIN: &str = "join";
+    pub const FAIL_FAST: &str = "ff";
+    pub const MAX_CONCURRENCY: &str = "mc";
+    pub const WINDOW: &str = "kl";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -243,6 +279,26 @@ impl Promise {
             .ok_or_else(|| CorruptRecord("no state".into()))?
             .parse::<State>()
             .map_err(|e| CorruptRecord(e.to_string()))?;
+        let parent = match opt(fields, field::PARENT) {
+            None => None,
+            Some(par) => Some(ChildOf {
+                parent: PromiseId::parse(&par).map_err(|e| CorruptRecord(e.to_string()))?,
+                index: int_field(fields, field::PARENT_INDEX)?
+                    .ok_or_else(|| CorruptRecord("par without pn".into()))?,
+            }),
+        };
+        let family = match int_field::<u32>(fields, field::CHILDREN)? {
+            None => None,
+            Some(children) => Some(Family {
+                children,
+                join: opt(fields, field::JOIN)
+                    .and_then(|j| Join::parse(&j))
+                    .ok_or_else(|| CorruptRecord("kids without a known join".into()))?,
+                fail_fast: opt(fields, field::FAIL_FAST).as_deref() == Some("1"),
+                max_concurrency: int_field(fields, field::MAX_CONCURRENCY)?,
+                launched: int_field(fields, field::WINDOW)?.unwrap_or(children),
+            }),
+        };
         let run_id = int_field::<u64>(fields, field::RUN_ID)?
             .map(RunId::new)
             .transpose()
@@ -275,6 +331,8 @@ impl Promise {
                 heartbeats: int_field(fields, field::HEARTBEATS)?.unwrap_or(0),
                 published_on: int_field(fields, field::PUBLISHED)?,
             },
+            parent,
+            family,
         })
     }
 
@@ -309,8 +367,35 @@ impl Promise {
             job_id: self.job_id,
             run_page_url: self.run_page_url.clone(),
             settled_by: self.settled_by.clone(),
+            parent: self.parent.as_ref().map(|c| c.parent.to_string()),
+            children: self.family.as_ref().map(|f| ChildrenView {
+                count: f.children,
+                join: f.join,
+                fail_fast: f.fail_fast,
+                max_concurrency: f.max_concurrency,
+                items: Vec::new(),
+            }),
         }
     }
+}
+
+/// A parent's children in the HTTP API.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChildrenView {
+    pub count: u32,
+    pub join: Join,
+    pub fail_fast: bool,
+    pub max_concurrency: Option<u32>,
+    /// Each child in order with its state (null: not created yet).
+    pub items: Vec<ChildView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChildView {
+    pub index: u32,
+    pub id: String,
+    pub state: Option<State>,
 }
 
 /// A promise as the HTTP API answers it: the Durable Promise specification's
@@ -339,6 +424,12 @@ pub struct PromiseView {
     pub run_page_url: Option<String>,
     #[schema(value_type = Option<SettledBy>)]
     pub settled_by: Option<String>,
+    /// A child's parent (only on children).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// A parent's children (only on parents).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub children: Option<ChildrenView>,
 }
 
 /// What a client asks a pending promise to become.

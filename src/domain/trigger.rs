@@ -11,6 +11,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use super::fanout::{self, FanOut};
 use super::ids::{IdError, PromiseId};
 
 /// What the broker module hands over from one AMQP delivery: the body plus
@@ -29,6 +30,8 @@ pub struct Envelope {
 pub struct TriggerRules {
     pub default_timeout: Duration,
     pub max_timeout: Duration,
+    /// The most children one parent trigger may have.
+    pub max_children: usize,
 }
 
 impl Default for TriggerRules {
@@ -36,6 +39,20 @@ impl Default for TriggerRules {
         Self {
             default_timeout: Duration::from_secs(86_400),
             max_timeout: Duration::from_secs(30 * 86_400),
+            max_children: 1000,
+        }
+    }
+}
+
+impl TriggerRules {
+    /// For reading back a trigger that was accepted when it arrived (a
+    /// parent's, at each fan-out step): limits lowered since then must not
+    /// strand a parent already running.
+    pub fn accepted() -> Self {
+        Self {
+            default_timeout: Duration::from_secs(86_400),
+            max_timeout: Duration::MAX,
+            max_children: usize::MAX,
         }
     }
 }
@@ -56,10 +73,17 @@ pub enum Parameters {
     Notebook(BTreeMap<String, String>),
 }
 
+/// What a trigger asks for: one run, or children that each get one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Work {
+    Run(Launch),
+    FanOut(FanOut),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Trigger {
     pub id: PromiseId,
-    pub launch: Launch,
+    pub work: Work,
     pub timeout: Duration,
     pub heartbeat: Option<Duration>,
     pub cancel_on_timeout: bool,
@@ -72,12 +96,56 @@ pub struct Trigger {
     pub raw: String,
 }
 
-impl Trigger {
+impl Launch {
     pub fn job_id(&self) -> Option<u64> {
-        match &self.launch {
+        match self {
             Launch::RunNow { job_id, .. } => Some(*job_id),
             Launch::Submit { .. } => None,
         }
+    }
+}
+
+impl Trigger {
+    /// The job a single-run trigger runs (a parent runs none itself).
+    pub fn job_id(&self) -> Option<u64> {
+        match &self.work {
+            Work::Run(l) => l.job_id(),
+            Work::FanOut(_) => None,
+        }
+    }
+
+    /// The launch of a single-run trigger.
+    pub fn launch(&self) -> Option<&Launch> {
+        match &self.work {
+            Work::Run(l) => Some(l),
+            Work::FanOut(_) => None,
+        }
+    }
+
+    /// Child `n` of a parent trigger as a trigger of its own: its launch,
+    /// the parent's tags under its own, its workspace or the parent's, the
+    /// parent's heartbeat, timeout rule and trace. No reply: the parent
+    /// answers the producer.
+    pub fn child(&self, n: usize) -> Option<Trigger> {
+        let Work::FanOut(f) = &self.work else {
+            return None;
+        };
+        let c = f.children.get(n)?;
+        let mut tags = self.tags.clone();
+        tags.extend(c.tags.clone());
+        Some(Trigger {
+            id: c.id.clone(),
+            work: Work::Run(c.launch.clone()),
+            timeout: self.timeout,
+            heartbeat: self.heartbeat,
+            cancel_on_timeout: self.cancel_on_timeout,
+            tags,
+            workspace: c.workspace.clone().or_else(|| self.workspace.clone()),
+            reply_to: None,
+            correlation_id: None,
+            traceparent: self.traceparent.clone(),
+            raw: c.raw.clone(),
+        })
     }
 }
 
@@ -92,7 +160,7 @@ pub enum TriggerError {
     MissingId,
     #[error("invalid id: {0}")]
     Id(#[from] IdError),
-    #[error("exactly one of \"job_id\" or \"submit\" is required, {0}")]
+    #[error("exactly one of \"job_id\", \"submit\" or \"children\" is required, {0}")]
     LaunchChoice(&'static str),
     #[error("{0}")]
     Invalid(String),
@@ -117,11 +185,16 @@ pub const MAX_TAG_VALUE: usize = 1024;
 #[serde(deny_unknown_fields)]
 #[schemars(
     title = "runbridge trigger",
-    description = "A request to run a Databricks job (job_id) or a one-time run (submit), published to the trigger queue as application/json. Exactly one of job_id and submit.",
+    description = "A request to run a Databricks job (job_id), a one-time run (submit), or many children joined into one outcome (children, or job_id with for_each), published to the trigger queue as application/json. Exactly one of job_id, submit and children.",
     extend(
-        "oneOf" = [{"required": ["job_id"]}, {"required": ["submit"]}],
+        "oneOf" = [{"required": ["job_id"]}, {"required": ["submit"]}, {"required": ["children"]}],
         "not" = {"required": ["job_parameters", "notebook_params"]},
-        "dependentRequired" = {"job_parameters": ["job_id"], "notebook_params": ["job_id"]}
+        "dependentRequired" = {"job_parameters": ["job_id"], "notebook_params": ["job_id"], "for_each": ["job_id"]},
+        "dependentSchemas" = {
+            "join": {"anyOf": [{"required": ["children"]}, {"required": ["for_each"]}]},
+            "fail_fast": {"anyOf": [{"required": ["children"]}, {"required": ["for_each"]}]},
+            "max_concurrency": {"anyOf": [{"required": ["children"]}, {"required": ["for_each"]}]}
+        }
     )
 )]
 pub struct TriggerMessage {
@@ -168,6 +241,27 @@ pub struct TriggerMessage {
     /// The name of a configured Databricks workspace (default: the default one).
     #[schemars(length(min = 1, max = 64))]
     workspace: Option<String>,
+    /// A parent trigger: the children to run, each an ordinary promise with
+    /// its own run (id `<parent id>/<n>`, n from 0, unless given). At most
+    /// `worker.max_children` (default 1,000).
+    #[schemars(with = "Option<Vec<fanout::ChildMessage>>", length(min = 1))]
+    children: Option<Vec<Value>>,
+    /// A parent trigger running `job_id` once per parameter set, each set
+    /// laid over job_parameters (or notebook_params) when given. At most
+    /// `worker.max_children` (default 1,000).
+    #[schemars(with = "Option<Vec<BTreeMap<String, ParamValue>>>", length(min = 1))]
+    for_each: Option<Vec<Value>>,
+    /// How a parent's outcome follows from its children's (default all).
+    join: Option<fanout::Join>,
+    /// Settle the parent at the first outcome that decides it and cancel
+    /// the children still running (default true for all and any; all_settled
+    /// always waits for every child). When false the parent waits for every
+    /// child to settle, then decides.
+    fail_fast: Option<bool>,
+    /// At most this many of the parent's children pending at once; the next
+    /// is launched as one settles (default: all at once).
+    #[schemars(range(min = 1))]
+    max_concurrency: Option<u32>,
 }
 
 /// A run parameter's value as the schema states it (the parser turns each
@@ -175,13 +269,16 @@ pub struct TriggerMessage {
 #[derive(JsonSchema)]
 #[serde(untagged)]
 #[allow(dead_code)] // only describes; parsing goes through `param_map`
-enum ParamValue {
+pub(super) enum ParamValue {
     String(String),
     Number(f64),
     Boolean(bool),
 }
 
-fn param_map(name: &str, m: Map<String, Value>) -> Result<BTreeMap<String, String>, TriggerError> {
+pub(super) fn param_map(
+    name: &str,
+    m: Map<String, Value>,
+) -> Result<BTreeMap<String, String>, TriggerError> {
     m.into_iter()
         .map(|(k, v)| {
             let v = match v {
@@ -200,7 +297,7 @@ fn param_map(name: &str, m: Map<String, Value>) -> Result<BTreeMap<String, Strin
         .collect()
 }
 
-fn kind(v: &Value) -> &'static str {
+pub(super) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -208,6 +305,80 @@ fn kind(v: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
+    }
+}
+
+/// The launch of one run: `job_id` with its parameters, or a `submit`
+/// body (a trigger's, or a child's).
+pub(super) fn parse_launch(
+    job_id: Option<Value>,
+    job_parameters: Option<Map<String, Value>>,
+    notebook_params: Option<Map<String, Value>>,
+    submit: Option<Value>,
+) -> Result<Launch, TriggerError> {
+    match (job_id, submit) {
+        (Some(_), Some(_)) => Err(TriggerError::LaunchChoice("both were given")),
+        (None, None) => Err(TriggerError::LaunchChoice("neither was given")),
+        (Some(job_id), None) => {
+            let job_id = job_id
+                .as_u64()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| TriggerError::Invalid("job_id must be a positive integer".into()))?;
+            let params = match (job_parameters, notebook_params) {
+                (Some(_), Some(_)) => {
+                    return Err(TriggerError::Invalid(
+                        "give job_parameters or notebook_params, not both".into(),
+                    ));
+                }
+                (Some(p), None) => Parameters::Job(param_map("job_parameters", p)?),
+                (None, Some(p)) => Parameters::Notebook(param_map("notebook_params", p)?),
+                (None, None) => Parameters::Job(BTreeMap::new()),
+            };
+            Ok(Launch::RunNow { job_id, params })
+        }
+        (None, Some(submit)) => {
+            if job_parameters.is_some() || notebook_params.is_some() {
+                return Err(TriggerError::Invalid(
+                    "job_parameters/notebook_params go with job_id; put a submit run's parameters in its tasks".into(),
+                ));
+            }
+            match submit {
+                Value::Object(body) => Ok(Launch::Submit { body }),
+                other => Err(TriggerError::Invalid(format!(
+                    "submit must be a runs/submit body (an object), got {}",
+                    kind(&other)
+                ))),
+            }
+        }
+    }
+}
+
+/// Tags as the contract limits them (a trigger's, or a child's).
+pub(super) fn check_tags(tags: &BTreeMap<String, String>) -> Result<(), TriggerError> {
+    if tags.len() > MAX_TAGS {
+        return Err(TriggerError::Invalid(format!(
+            "at most {MAX_TAGS} tags, got {}",
+            tags.len()
+        )));
+    }
+    if let Some((k, _)) = tags
+        .iter()
+        .find(|(k, v)| k.is_empty() || k.len() > MAX_TAG_KEY || v.len() > MAX_TAG_VALUE)
+    {
+        return Err(TriggerError::Invalid(format!(
+            "tag {k:?}: keys are 1-{MAX_TAG_KEY} bytes, values at most {MAX_TAG_VALUE}"
+        )));
+    }
+    Ok(())
+}
+
+/// A workspace name as the contract limits it.
+pub(super) fn check_workspace(ws: Option<&str>) -> Result<(), TriggerError> {
+    match ws {
+        Some(ws) if ws.is_empty() || ws.len() > 64 => Err(TriggerError::Invalid(
+            "workspace must be 1-64 characters".into(),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -239,41 +410,57 @@ impl Trigger {
             _ => return Err(TriggerError::MissingId),
         };
 
-        let launch = match (w.job_id, w.submit) {
-            (Some(_), Some(_)) => return Err(TriggerError::LaunchChoice("both were given")),
-            (None, None) => return Err(TriggerError::LaunchChoice("neither was given")),
-            (Some(job_id), None) => {
-                let job_id = job_id.as_u64().filter(|n| *n > 0).ok_or_else(|| {
-                    TriggerError::Invalid("job_id must be a positive integer".into())
-                })?;
-                let params = match (w.job_parameters, w.notebook_params) {
-                    (Some(_), Some(_)) => {
-                        return Err(TriggerError::Invalid(
-                            "give job_parameters or notebook_params, not both".into(),
-                        ));
-                    }
-                    (Some(p), None) => Parameters::Job(param_map("job_parameters", p)?),
-                    (None, Some(p)) => Parameters::Notebook(param_map("notebook_params", p)?),
-                    (None, None) => Parameters::Job(BTreeMap::new()),
-                };
-                Launch::RunNow { job_id, params }
+        let fan = w.children.is_some()
+            || w.for_each.is_some()
+            || w.join.is_some()
+            || w.fail_fast.is_some()
+            || w.max_concurrency.is_some();
+        let work = match (w.children, w.for_each) {
+            (Some(_), Some(_)) => {
+                return Err(TriggerError::Invalid(
+                    "give children or for_each, not both".into(),
+                ));
             }
-            (None, Some(submit)) => {
-                if w.job_parameters.is_some() || w.notebook_params.is_some() {
-                    return Err(TriggerError::Invalid(
-                        "job_parameters/notebook_params go with job_id; put a submit run's parameters in its tasks".into(),
+            (Some(children), None) => {
+                if w.job_id.is_some() || w.submit.is_some() {
+                    return Err(TriggerError::LaunchChoice(
+                        "children were given with job_id or submit",
                     ));
                 }
-                match submit {
-                    Value::Object(body) => Launch::Submit { body },
-                    other => {
-                        return Err(TriggerError::Invalid(format!(
-                            "submit must be a runs/submit body (an object), got {}",
-                            kind(&other)
-                        )));
-                    }
+                if w.job_parameters.is_some() || w.notebook_params.is_some() {
+                    return Err(TriggerError::Invalid(
+                        "job_parameters/notebook_params go with job_id; put each child's in the child".into(),
+                    ));
                 }
+                let children = fanout::children(&id, children, rules.max_children)?;
+                Work::FanOut(fanout::fan_out(
+                    children,
+                    w.join,
+                    w.fail_fast,
+                    w.max_concurrency,
+                )?)
             }
+            (None, Some(sets)) => {
+                let shared = parse_launch(w.job_id, w.job_parameters, w.notebook_params, w.submit)?;
+                let children = fanout::for_each(&id, shared, sets, rules.max_children)?;
+                Work::FanOut(fanout::fan_out(
+                    children,
+                    w.join,
+                    w.fail_fast,
+                    w.max_concurrency,
+                )?)
+            }
+            (None, None) if fan => {
+                return Err(TriggerError::Invalid(
+                    "join, fail_fast and max_concurrency go with children or for_each".into(),
+                ));
+            }
+            (None, None) => Work::Run(parse_launch(
+                w.job_id,
+                w.job_parameters,
+                w.notebook_params,
+                w.submit,
+            )?),
         };
 
         let timeout = match w.timeout_seconds {
@@ -301,32 +488,12 @@ impl Trigger {
             Some(s) => Some(Duration::from_secs(s)),
         };
 
-        if w.tags.len() > MAX_TAGS {
-            return Err(TriggerError::Invalid(format!(
-                "at most {MAX_TAGS} tags, got {}",
-                w.tags.len()
-            )));
-        }
-        if let Some((k, _)) = w
-            .tags
-            .iter()
-            .find(|(k, v)| k.is_empty() || k.len() > MAX_TAG_KEY || v.len() > MAX_TAG_VALUE)
-        {
-            return Err(TriggerError::Invalid(format!(
-                "tag {k:?}: keys are 1-{MAX_TAG_KEY} bytes, values at most {MAX_TAG_VALUE}"
-            )));
-        }
-        if let Some(ws) = &w.workspace
-            && (ws.is_empty() || ws.len() > 64)
-        {
-            return Err(TriggerError::Invalid(
-                "workspace must be 1-64 characters".into(),
-            ));
-        }
+        check_tags(&w.tags)?;
+        check_workspace(w.workspace.as_deref())?;
 
         Ok(Trigger {
             id,
-            launch,
+            work,
             timeout,
             heartbeat,
             cancel_on_timeout: w.cancel_on_timeout.unwrap_or(true),
@@ -460,11 +627,11 @@ mod tests {
         assert_eq!(t.timeout, Duration::from_secs(3600));
         assert_eq!(t.heartbeat, Some(Duration::from_secs(600)));
         assert_eq!(t.tags["team"], "growth");
-        match t.launch {
-            Launch::RunNow {
+        match t.work {
+            Work::Run(Launch::RunNow {
                 params: Parameters::Job(p),
                 ..
-            } => assert_eq!(p["date"], "2026-11-23"),
+            }) => assert_eq!(p["date"], "2026-11-23"),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -529,11 +696,11 @@ mod tests {
     #[test]
     fn scalar_parameters_become_strings() {
         let t = parse(r#"{"id":"a","job_id":1,"notebook_params":{"n":3,"b":true}}"#).unwrap();
-        match t.launch {
-            Launch::RunNow {
+        match t.work {
+            Work::Run(Launch::RunNow {
                 params: Parameters::Notebook(p),
                 ..
-            } => {
+            }) => {
                 assert_eq!(p["n"], "3");
                 assert_eq!(p["b"], "true");
             }

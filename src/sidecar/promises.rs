@@ -77,11 +77,27 @@ pub(super) async fn read_promise<S: Store>(
             .ok_or_else(|| ApiError::not_found(id.as_str()))?;
         let now = tokio::time::Instant::now();
         if p.state.is_settled() || now >= deadline {
-            return Ok((StatusCode::OK, Json(p.view())).into_response());
+            return Ok((StatusCode::OK, Json(view_with_children(st, &p).await?)).into_response());
         }
         tokio::time::sleep(interval.min(deadline - now)).await;
         interval = (interval * 2).min(Duration::from_millis(500));
     }
+}
+
+/// A promise's view; a parent's lists its children.
+pub(super) async fn view_with_children<S: Store>(
+    st: &AppState<S>,
+    p: &Promise,
+) -> Result<PromiseView, ApiError> {
+    let mut view = p.view();
+    if let Some(children) = view.children.as_mut() {
+        children.items = crate::join::children_now(&st.store, &p.id)
+            .await?
+            .iter()
+            .map(crate::store::ChildEntry::view)
+            .collect();
+    }
+    Ok(view)
 }
 
 /// The path of `/promises/{*id}` and `/cb/{token}/promises/{*id}`: one

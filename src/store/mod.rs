@@ -20,7 +20,9 @@ use std::time::Duration;
 
 pub use redis_store::{RedisStore, SentinelSettings, StoreSettings, Topology};
 
+use crate::domain::fanout::JoinState;
 use crate::domain::promise::CorruptRecord;
+use crate::domain::promise::{ChildOf, Family};
 use crate::domain::{Payload, Promise, PromiseId, RunId, SettledBy, State};
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +61,8 @@ pub struct NewPromise {
     pub traceparent: Option<String>,
     pub heartbeat: Option<Duration>,
     pub cancel_on_timeout: bool,
+    /// Set on a child of a parent trigger.
+    pub parent: Option<ChildOf>,
 }
 
 impl NewPromise {
@@ -79,6 +83,7 @@ impl NewPromise {
             traceparent: None,
             heartbeat: None,
             cancel_on_timeout: false,
+            parent: None,
         }
     }
 }
@@ -283,9 +288,90 @@ pub trait Lifecycle: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<PromiseId>, StoreError>> + Send;
 }
 
+/// One child as its parent's record lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildEntry {
+    pub index: u32,
+    pub id: PromiseId,
+    /// The outcome the parent has recorded (`None`: none yet, though the
+    /// child may have settled a moment ago).
+    pub state: Option<State>,
+}
+
+impl ChildEntry {
+    pub fn view(&self) -> crate::domain::promise::ChildView {
+        crate::domain::promise::ChildView {
+            index: self.index,
+            id: self.id.to_string(),
+            state: self.state,
+        }
+    }
+}
+
+/// What a child's outcome did at its parent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChildReport {
+    /// The parent is gone (expired after its retention).
+    Gone,
+    /// The parent does not list this promise as this child.
+    NotAChild,
+    /// Recorded; the parent was settled already.
+    ParentSettled,
+    /// Recorded; what the parent's children say now.
+    Join(JoinState),
+}
+
+/// Parents and children (docs/contracts.md, parent triggers). A parent and
+/// its children live in different partitions; each step touches one and is
+/// safe to repeat, so a crash between steps is mended by doing them again.
+pub trait Families: Clone + Send + Sync + 'static {
+    /// Creates a parent (as [`PromiseStore::create`]) with its children's
+    /// ids and its first fan-out step scheduled `first_step_in` from now.
+    fn create_parent(
+        &self,
+        new: &NewPromise,
+        family: &Family,
+        children: &[PromiseId],
+        first_step_in: Duration,
+    ) -> impl Future<Output = Result<CreateOutcome, StoreError>> + Send;
+    /// Records a settled child's outcome at its parent (once; a repeat
+    /// answers the same) and widens the parent's window.
+    fn child_settled(
+        &self,
+        child: &Promise,
+    ) -> impl Future<Output = Result<ChildReport, StoreError>> + Send;
+    /// Cancels a child of a settled parent with its run; one never created
+    /// is written cancelled, so it is never launched. True if this call
+    /// changed it.
+    fn cancel_child(
+        &self,
+        parent: &Promise,
+        child: &ChildEntry,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// A parent's children in order, with the outcomes it has recorded.
+    fn children(
+        &self,
+        parent: &PromiseId,
+    ) -> impl Future<Output = Result<Vec<ChildEntry>, StoreError>> + Send;
+    /// Parents whose fan-out step is due, leased for `lease`.
+    fn claim_fanouts(
+        &self,
+        partition: u32,
+        limit: usize,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Vec<PromiseId>, StoreError>> + Send;
+    /// A fan-out step over the window `launched` is done: the parent leaves
+    /// the schedule unless the window grew meanwhile.
+    fn fanout_done(
+        &self,
+        parent: &PromiseId,
+        launched: u32,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
 /// Everything the sidecar and reconciler need from a store.
-pub trait Store: PromiseStore + Lifecycle + Insights + Sessions {}
-impl<T: PromiseStore + Lifecycle + Insights + Sessions> Store for T {}
+pub trait Store: PromiseStore + Lifecycle + Insights + Sessions + Families {}
+impl<T: PromiseStore + Lifecycle + Insights + Sessions + Families> Store for T {}
 
 /// A logged-in operator console session, kept on the server: the browser
 /// holds only a random id, so logging out or expiring ends it for good.

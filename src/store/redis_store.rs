@@ -24,6 +24,7 @@ use crate::partitions::{Leases, Membership};
 use crate::redact::redact_url;
 
 mod budget;
+mod families;
 mod insights;
 mod leases;
 mod outbox;
@@ -54,6 +55,10 @@ struct Scripts {
     announce: Script,
     session_open: Script,
     session_touch: Script,
+    create_parent: Script,
+    child_settled: Script,
+    cancel_child: Script,
+    fanout_done: Script,
 }
 
 impl Scripts {
@@ -73,6 +78,10 @@ impl Scripts {
             announce: script(include_str!("lua/announce.lua")),
             session_open: script(include_str!("lua/session_open.lua")),
             session_touch: script(include_str!("lua/session_touch.lua")),
+            create_parent: script(include_str!("lua/create_parent.lua")),
+            child_settled: script(include_str!("lua/child_settled.lua")),
+            cancel_child: script(include_str!("lua/cancel_child.lua")),
+            fanout_done: script(include_str!("lua/fanout_done.lua")),
         }
     }
 }

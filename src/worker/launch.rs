@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::databricks::{DatabricksError, JobInfo, Jobs, LaunchRequest, ParameterStyle};
-use crate::domain::{Launch, Parameters, Trigger};
+use crate::domain::{Launch, Parameters};
 
 use super::ParamNames;
 
@@ -144,13 +144,13 @@ impl JobStyles {
 /// Builds the launch: the producer's parameters, plus `extra` (the three
 /// callback values, by their configured names) where the job takes them.
 pub fn launch_request(
-    t: &Trigger,
+    run: &Launch,
     extra: BTreeMap<String, String>,
     style: Option<&ParameterStyle>,
     styles: &JobStyles,
     workspace: &str,
 ) -> LaunchRequest {
-    match &t.launch {
+    match run {
         Launch::RunNow { job_id, params } => {
             let (job, notebook) = match (params, style) {
                 // Unknown style: where the producer put them (job
@@ -258,7 +258,7 @@ pub fn add_submit_params(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Envelope, TriggerRules};
+    use crate::domain::{Envelope, Trigger, TriggerRules};
 
     fn trigger(json: &str) -> Trigger {
         let env = Envelope {
@@ -284,7 +284,7 @@ mod tests {
     /// per-job configuration, workspace `w`).
     fn run_now_for(t: &Trigger, style: Option<&ParameterStyle>) -> (Params, Params) {
         run_now(launch_request(
-            t,
+            t.launch().unwrap(),
             extra(),
             style,
             &JobStyles::default(),

@@ -12,6 +12,7 @@
 //! `process` concurrently for each delivery on a `TaskTracker`, and applies
 //! the disposition (ack / requeue / dead-letter / reply-then-ack).
 
+pub mod fanout;
 pub mod launch;
 pub mod runner;
 
@@ -23,10 +24,10 @@ use url::Url;
 use crate::databricks::{DatabricksError, Jobs, LaunchRequest};
 use crate::domain::{
     CallbackSigner, CompletionEvent, Envelope, Launch, Payload, Promise, SettledBy, State, Trigger,
-    TriggerError, TriggerRules,
+    TriggerError, TriggerRules, Work,
 };
 use crate::store::{
-    CreateOutcome, NewPromise, PromiseStore, RecordOutcome, Settle, StoreError, Timeout,
+    CreateOutcome, Families, NewPromise, PromiseStore, RecordOutcome, Settle, StoreError, Timeout,
 };
 pub use launch::JobStyles;
 
@@ -107,6 +108,10 @@ pub struct WorkerContext<S, J> {
     pub workspaces: Vec<String>,
     /// Each job's parameter style, learnt from `jobs/get`.
     pub job_styles: JobStyles,
+    /// How long a fan-out step is leased (and how long after a parent's
+    /// creation the schedule takes its first step, should the worker that
+    /// created it not finish it).
+    pub fanout_lease: std::time::Duration,
 }
 
 fn store_failure(e: StoreError) -> Disposition {
@@ -117,7 +122,7 @@ fn store_failure(e: StoreError) -> Disposition {
     }
 }
 
-impl<S: PromiseStore, J: Jobs> WorkerContext<S, J> {
+impl<S: PromiseStore + Families, J: Jobs> WorkerContext<S, J> {
     /// `{public_url}/cb/{token}`: the capability URL handed to the run.
     pub fn callback_url(&self, token: &str) -> String {
         format!(
@@ -130,6 +135,7 @@ impl<S: PromiseStore, J: Jobs> WorkerContext<S, J> {
     async fn launch_request(
         &self,
         t: &Trigger,
+        run: &Launch,
         workspace: &str,
     ) -> Result<LaunchRequest, DatabricksError> {
         let token = self.signer.sign(&t.id);
@@ -139,7 +145,7 @@ impl<S: PromiseStore, J: Jobs> WorkerContext<S, J> {
             self.callback_url(token.expose()),
             token.expose(),
         );
-        let style = match &t.launch {
+        let style = match run {
             Launch::RunNow { job_id, .. } => {
                 self.job_styles
                     .style(&self.jobs, workspace, *job_id)
@@ -148,7 +154,7 @@ impl<S: PromiseStore, J: Jobs> WorkerContext<S, J> {
             Launch::Submit { .. } => None,
         };
         Ok(launch::launch_request(
-            t,
+            run,
             extra,
             style.as_ref(),
             &self.job_styles,
@@ -157,7 +163,7 @@ impl<S: PromiseStore, J: Jobs> WorkerContext<S, J> {
     }
 }
 
-fn new_promise(t: &Trigger, workspace: &str) -> NewPromise {
+pub(crate) fn new_promise(t: &Trigger, workspace: &str) -> NewPromise {
     NewPromise {
         id: t.id.clone(),
         param: Payload::data(t.raw.clone()),
@@ -171,6 +177,7 @@ fn new_promise(t: &Trigger, workspace: &str) -> NewPromise {
         traceparent: t.traceparent.clone(),
         heartbeat: t.heartbeat,
         cancel_on_timeout: t.cancel_on_timeout,
+        parent: None,
     }
 }
 
@@ -195,7 +202,7 @@ fn reply_for(p: &Promise, t: &Trigger) -> Disposition {
 /// Its span (`process`, with `promise.id` and `databricks.run_id`) is a child
 /// of the trigger's `traceparent` when there is one, so an exported trace
 /// goes from the producer through this worker.
-pub async fn process<S: PromiseStore, J: Jobs>(
+pub async fn process<S: PromiseStore + Families, J: Jobs>(
     ctx: &WorkerContext<S, J>,
     env: &Envelope,
 ) -> Disposition {
@@ -206,7 +213,7 @@ pub async fn process<S: PromiseStore, J: Jobs>(
     process_in_span(ctx, env).instrument(span).await
 }
 
-async fn process_in_span<S: PromiseStore, J: Jobs>(
+async fn process_in_span<S: PromiseStore + Families, J: Jobs>(
     ctx: &WorkerContext<S, J>,
     env: &Envelope,
 ) -> Disposition {
@@ -237,6 +244,11 @@ async fn process_in_span<S: PromiseStore, J: Jobs>(
         );
     }
 
+    let run = match &t.work {
+        Work::Run(run) => run,
+        Work::FanOut(f) => return fanout::parent(ctx, &t, f, &workspace).await,
+    };
+
     // 2. Create the promise (or find it).
     let promise = match ctx.store.create(&new_promise(&t, &workspace)).await {
         Ok(CreateOutcome::Created(p)) => p,
@@ -250,6 +262,19 @@ async fn process_in_span<S: PromiseStore, J: Jobs>(
         launched("already_settled");
         return reply_for(&promise, &t);
     }
+    launch_created(ctx, &t, run, &workspace, &promise).await
+}
+
+/// Steps 3 to 5 for a created promise (a trigger's, or a parent's child):
+/// launch unless a run is recorded, then record the run.
+pub(crate) async fn launch_created<S: PromiseStore + Families, J: Jobs>(
+    ctx: &WorkerContext<S, J>,
+    t: &Trigger,
+    run: &Launch,
+    workspace: &str,
+    promise: &Promise,
+) -> Disposition {
+    let span = tracing::Span::current();
     if let Some(run) = promise.run_id {
         span.record("databricks.run_id", run.get());
         launched("already_launched");
@@ -258,7 +283,7 @@ async fn process_in_span<S: PromiseStore, J: Jobs>(
 
     // 3. Launch with the derived token: a repeat gets the same run back.
     let token = promise.idempotency_token();
-    let result = launch(ctx, &t, &workspace, &token).await;
+    let result = launch(ctx, t, run, workspace, &token).await;
     match result {
         Ok(run) => {
             span.record("databricks.run_id", run.get());
@@ -326,24 +351,25 @@ async fn process_in_span<S: PromiseStore, J: Jobs>(
 /// Launches the run. A launch whose parameters Databricks refuses may have
 /// been built from a stale idea of the job: its style is learnt again, and
 /// if that changes the request, it is sent once more (same token).
-async fn launch<S: PromiseStore, J: Jobs>(
+async fn launch<S: PromiseStore + Families, J: Jobs>(
     ctx: &WorkerContext<S, J>,
     t: &Trigger,
+    run: &Launch,
     workspace: &str,
     token: &crate::domain::IdempotencyToken,
 ) -> Result<crate::domain::RunId, DatabricksError> {
-    let req = ctx.launch_request(t, workspace).await?;
+    let req = ctx.launch_request(t, run, workspace).await?;
     let result = ctx
         .jobs
         .launch(workspace, &req, token, t.traceparent.as_deref())
         .await;
     let (Err(DatabricksError::Permanent { status: 400, .. }), Launch::RunNow { job_id, .. }) =
-        (&result, &t.launch)
+        (&result, run)
     else {
         return result;
     };
     ctx.job_styles.forget(workspace, *job_id);
-    match ctx.launch_request(t, workspace).await {
+    match ctx.launch_request(t, run, workspace).await {
         Ok(again) if again != req => {
             ctx.jobs
                 .launch(workspace, &again, token, t.traceparent.as_deref())

@@ -15,7 +15,7 @@ use crate::databricks::Jobs;
 use crate::domain::SettledBy;
 use crate::reconciler::{cancel_matching, parse_control};
 use crate::shutdown::{pause, reconnect_backoff};
-use crate::store::PromiseStore;
+use crate::store::{Families, PromiseStore};
 
 #[derive(Debug, Clone)]
 pub struct RunnerSettings {
@@ -83,7 +83,7 @@ fn count(queue: Queue, d: &Disposition) {
     }
 }
 
-async fn handle<S: PromiseStore, J: Jobs>(
+async fn handle<S: PromiseStore + Families, J: Jobs>(
     ctx: Arc<WorkerContext<S, J>>,
     queue: Queue,
     inc: Incoming,
@@ -162,7 +162,7 @@ async fn handle<S: PromiseStore, J: Jobs>(
 }
 
 /// Consumes triggers until `shutdown`, reconnecting on any broker failure.
-pub async fn run<S: PromiseStore, J: Jobs>(
+pub async fn run<S: PromiseStore + Families, J: Jobs>(
     ctx: Arc<WorkerContext<S, J>>,
     broker_settings: BrokerSettings,
     settings: RunnerSettings,

@@ -9,6 +9,7 @@ mod callbacks;
 mod check;
 mod core_loop;
 mod documents;
+mod fanout;
 mod faults;
 mod fidelity;
 mod helpers;

@@ -17,6 +17,18 @@ const ACTIVE: &[&str] = &["PENDING", "RUNNING", "TERMINATING", "WAITING_FOR_RETR
 /// How often a queued run looks whether its turn came.
 const QUEUE_POLL: Duration = Duration::from_millis(20);
 
+/// A notebook's value computed from its parameters: `{{name}}` in the
+/// job's value (tag `emulator.value`) becomes the run's parameter `name`,
+/// so each run of one job can answer differently (a fan-out's children).
+fn with_params(value: &str, params: &std::collections::BTreeMap<String, String>) -> String {
+    if !value.contains("{{") {
+        return value.to_owned();
+    }
+    params.iter().fold(value.to_owned(), |v, (k, p)| {
+        v.replace(&format!("{{{{{k}}}}}"), p)
+    })
+}
+
 impl Emulator {
     /// Runs of `job_id` holding a concurrent slot, `except` aside.
     pub fn active_runs(inner: &super::model::Inner, job_id: u64, except: u64) -> u64 {
@@ -82,7 +94,7 @@ impl Emulator {
             (
                 url,
                 id,
-                run.behaviour.value.clone(),
+                with_params(&run.behaviour.value, &run.params),
                 run.traceparent.clone(),
             )
         };
@@ -200,13 +212,14 @@ impl Emulator {
         let mut inner = self.lock();
         if let Some(r) = inner.runs.get_mut(&run_id) {
             let b = r.behaviour.clone();
-            r.exit_value = Some(b.value.clone());
+            let value = with_params(&b.value, &r.params);
+            r.exit_value = Some(value.clone());
             for t in &mut r.tasks {
                 t.exit_value = Some(
                     b.task_values
                         .get(&t.task_key)
                         .cloned()
-                        .unwrap_or_else(|| b.value.clone()),
+                        .unwrap_or_else(|| value.clone()),
                 );
             }
         }
@@ -314,5 +327,16 @@ impl Emulator {
                 "jobs.on_failure"
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn values_take_the_runs_parameters() {
+        let params = [("n".to_string(), "7".to_string())].into();
+        assert_eq!(super::with_params(r#"{"n":{{n}}}"#, &params), r#"{"n":7}"#);
+        assert_eq!(super::with_params("{{other}}", &params), "{{other}}");
+        assert_eq!(super::with_params("plain", &params), "plain");
     }
 }

@@ -24,10 +24,12 @@ end
 -- entry (the record minus its param); and, if asked and there is a run, a
 -- cancellation scheduled; the pending count of its creation second less one.
 -- k = {promise, deadlines, outbox, runs, polls, cancels, pending_by_second,
--- pending_seconds, settled_in_minute}. Only ever called on a PENDING promise.
-local function settle_record(k, id, state, value, iku, by, retention, now, cancel_run)
+-- pending_seconds, settled_in_minute}. Only ever called on a PENDING promise,
+-- or with `uncounted` on a record written settled (a child cancelled before
+-- it was ever created), which no pending count includes.
+local function settle_record(k, id, state, value, iku, by, retention, now, cancel_run, uncounted)
   local created = tonumber(redis.call('HGET', k[1], 'created'))
-  if created then count_pending(k[7], k[8], created, -1) end
+  if created and not uncounted then count_pending(k[7], k[8], created, -1) end
   redis.call('HSET', k[1], 'state', state, 'value', value, 'completed', now, 'by', by)
   if iku ~= '' then redis.call('HSET', k[1], 'iku', iku) end
   redis.call('ZREM', k[2], id)
@@ -52,4 +54,49 @@ local function settle_record(k, id, state, value, iku, by, retention, now, cance
   end
   redis.call('XADD', k[3], '*', unpack(entry))
   return all
+end
+
+-- Create a PENDING promise if absent (docs/contracts.md, handling a trigger
+-- step 2): k = {promise, deadlines, pending_by_second, pending_seconds};
+-- a[1] id, a[2] timeout relative ms (used when a[3] is 0), a[3] timeout
+-- absolute ms or 0, a[4] retention ms, a[5] heartbeat seconds or '', and
+-- field/value pairs from a[first] on ('' values skipped).
+-- Returns the reply ({'CREATED' | 'EXISTS', record}) and, when created, the
+-- record's backstop expiry (ms).
+local function create_record(k, a, first)
+  if redis.call('EXISTS', k[1]) == 1 then
+    return {'EXISTS', redis.call('HGETALL', k[1])}, nil
+  end
+  local now = now_ms()
+  local timeout = tonumber(a[3])
+  if timeout == 0 then timeout = now + tonumber(a[2]) end
+  -- tv: the run's idempotency token is version 2, bound to 'created'.
+  -- Integers are written with %d: Lua prints a number of 15 digits or more as
+  -- 1e+17, which no reader parses back.
+  local fields = {'id', a[1], 'state', 'PENDING', 'created', now, 'timeout', string.format('%d', timeout), 'tv', '2'}
+  for i = first, #a, 2 do
+    if a[i + 1] ~= '' then
+      fields[#fields + 1] = a[i]
+      fields[#fields + 1] = a[i + 1]
+    end
+  end
+  local deadline = timeout
+  local hb = tonumber(a[5])
+  if hb then
+    deadline = math.min(timeout, now + hb * 1000)
+    fields[#fields + 1] = 'hb'
+    fields[#fields + 1] = a[5]
+    fields[#fields + 1] = 'hbd'
+    fields[#fields + 1] = string.format('%d', deadline)
+  end
+  redis.call('HSET', k[1], unpack(fields))
+  redis.call('ZADD', k[2], deadline, a[1])
+  count_pending(k[3], k[4], now, 1)
+  -- Backstop against leaks if no reconciler ever sweeps: gone a retention
+  -- period after its deadline at the latest. Counted from now for a deadline
+  -- already past (a timeout given in seconds instead of milliseconds, say):
+  -- from the deadline, the key would be gone before this script returned.
+  local backstop = math.max(timeout, now) + tonumber(a[4])
+  redis.call('PEXPIREAT', k[1], backstop)
+  return {'CREATED', redis.call('HGETALL', k[1])}, backstop
 end

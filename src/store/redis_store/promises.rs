@@ -2,64 +2,71 @@
 
 use super::*;
 
-impl PromiseStore for RedisStore {
-    async fn create(&self, new: &NewPromise) -> Result<CreateOutcome, StoreError> {
-        let p = self.keys.partition(&new.id);
-        let (rel, abs) = match new.timeout {
-            Timeout::After(d) => (d.as_millis() as i64, 0),
-            Timeout::At(ms) => (0, ms.max(1)),
-        };
-        let mut inv = Call::new(&self.scripts.create);
-        inv.key(self.keys.promise(&new.id))
-            .key(self.keys.deadlines(p))
-            .key(self.keys.pending_by_second(p))
-            .key(self.keys.pending_seconds(p))
-            .arg(new.id.as_str())
-            .arg(rel)
-            .arg(abs)
-            .arg(self.retention_ms)
-            .arg(
-                new.heartbeat
-                    .map(|d| d.as_secs().to_string())
-                    .unwrap_or_default(),
-            );
-        let pairs: [(&str, String); 9] = [
-            (field::PARAM, json(&new.param)),
-            (
-                field::TAGS,
-                if new.tags.is_empty() {
-                    String::new()
-                } else {
-                    json(&new.tags)
-                },
-            ),
-            (
-                field::IKEY_CREATE,
-                new.ikey_create.clone().unwrap_or_default(),
-            ),
-            (
-                field::JOB_ID,
-                new.job_id.map(|j| j.to_string()).unwrap_or_default(),
-            ),
-            (field::WORKSPACE, new.workspace.clone()),
-            (field::REPLY_TO, new.reply_to.clone().unwrap_or_default()),
-            (
-                field::CORRELATION_ID,
-                new.correlation_id.clone().unwrap_or_default(),
-            ),
-            (
-                field::TRACEPARENT,
-                new.traceparent.clone().unwrap_or_default(),
-            ),
-            (
-                field::CANCEL_ON_TIMEOUT,
-                if new.cancel_on_timeout { "1" } else { "0" }.into(),
-            ),
-        ];
-        for (k, v) in pairs {
-            inv.arg(k).arg(v);
-        }
-        let v = self.transition(&inv).await?;
+/// `create_record`'s first five arguments (common.lua).
+pub(super) fn creation_args(inv: &mut Call<'_>, new: &NewPromise, retention_ms: i64) {
+    let (rel, abs) = match new.timeout {
+        Timeout::After(d) => (d.as_millis() as i64, 0),
+        Timeout::At(ms) => (0, ms.max(1)),
+    };
+    inv.arg(new.id.as_str())
+        .arg(rel)
+        .arg(abs)
+        .arg(retention_ms)
+        .arg(
+            new.heartbeat
+                .map(|d| d.as_secs().to_string())
+                .unwrap_or_default(),
+        );
+}
+
+/// The record's fields as `create_record` takes them (empty values are
+/// not written).
+pub(super) fn field_pairs(new: &NewPromise) -> Vec<(&'static str, String)> {
+    let opt = |v: &Option<String>| v.clone().unwrap_or_default();
+    vec![
+        (field::PARAM, json(&new.param)),
+        (
+            field::TAGS,
+            if new.tags.is_empty() {
+                String::new()
+            } else {
+                json(&new.tags)
+            },
+        ),
+        (field::IKEY_CREATE, opt(&new.ikey_create)),
+        (
+            field::JOB_ID,
+            new.job_id.map(|j| j.to_string()).unwrap_or_default(),
+        ),
+        (field::WORKSPACE, new.workspace.clone()),
+        (field::REPLY_TO, opt(&new.reply_to)),
+        (field::CORRELATION_ID, opt(&new.correlation_id)),
+        (field::TRACEPARENT, opt(&new.traceparent)),
+        (
+            field::CANCEL_ON_TIMEOUT,
+            if new.cancel_on_timeout { "1" } else { "0" }.into(),
+        ),
+        (
+            field::PARENT,
+            new.parent
+                .as_ref()
+                .map(|c| c.parent.to_string())
+                .unwrap_or_default(),
+        ),
+        (
+            field::PARENT_INDEX,
+            new.parent
+                .as_ref()
+                .map(|c| c.index.to_string())
+                .unwrap_or_default(),
+        ),
+    ]
+}
+
+impl RedisStore {
+    /// Runs a creation script and reads its answer.
+    pub(super) async fn created(&self, inv: &Call<'_>) -> Result<CreateOutcome, StoreError> {
+        let v = self.transition(inv).await?;
         let (status, rest) = split_reply(v)?;
         let promise = record(rest)?;
         match status.as_str() {
@@ -70,6 +77,22 @@ impl PromiseStore for RedisStore {
             "EXISTS" => Ok(CreateOutcome::Existing(promise)),
             other => Err(StoreError::Protocol(format!("create: {other}"))),
         }
+    }
+}
+
+impl PromiseStore for RedisStore {
+    async fn create(&self, new: &NewPromise) -> Result<CreateOutcome, StoreError> {
+        let p = self.keys.partition(&new.id);
+        let mut inv = Call::new(&self.scripts.create);
+        inv.key(self.keys.promise(&new.id))
+            .key(self.keys.deadlines(p))
+            .key(self.keys.pending_by_second(p))
+            .key(self.keys.pending_seconds(p));
+        creation_args(&mut inv, new, self.retention_ms);
+        for (k, v) in field_pairs(new) {
+            inv.arg(k).arg(v);
+        }
+        self.created(&inv).await
     }
 
     async fn record_run(

@@ -1,0 +1,254 @@
+//! Fan-out: launching a parent trigger's children (docs/contracts.md,
+//! parent triggers).
+//!
+//! A parent trigger is handled like any trigger up to its promise: the
+//! worker creates the parent (its children's ids listed beside it, its
+//! first fan-out step scheduled a lease away), takes that step itself, and
+//! acks. A **fan-out step** makes sure every child inside the parent's
+//! window (all of them, or `max_concurrency` more than have settled) has a
+//! promise and a run, exactly as a trigger's would: `create` finds a child
+//! already made, `run-now` with the child's derived token finds its run. So
+//! a step can be repeated, interrupted or taken twice at once; none of that
+//! makes a second run.
+//!
+//! What brings the next step: a child settling widens the window
+//! (`child_settled.lua`) and schedules the parent; [`run`] takes due
+//! parents of this worker's partitions from the fanout schedule, leased so
+//! that a step whose worker died comes due again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream;
+use tokio_util::sync::CancellationToken;
+
+use super::{Disposition, WorkerContext, launch_created, new_promise, reply_for, store_failure};
+use crate::databricks::Jobs;
+use crate::domain::fanout::FanOut;
+use crate::domain::promise::{ChildOf, Family};
+use crate::domain::{Envelope, Payload, Promise, PromiseId, State, Trigger, TriggerRules};
+use crate::partitions::Assignment;
+use crate::shutdown::pause;
+use crate::store::{CreateOutcome, Families, PromiseStore, StoreError, Timeout};
+
+/// How many children one step launches at once.
+const LAUNCHES_AT_ONCE: usize = 16;
+
+/// Why a fan-out step did not finish; the schedule brings it back.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A child could not be launched for now (Databricks or Redis away).
+    #[error("child {child}: {reason}")]
+    Child { child: String, reason: String },
+}
+
+/// Handles a parent trigger: the parent's promise, then its first step.
+pub(super) async fn parent<S: PromiseStore + Families, J: Jobs>(
+    ctx: &WorkerContext<S, J>,
+    t: &Trigger,
+    f: &FanOut,
+    workspace: &str,
+) -> Disposition {
+    if let Some(ws) = f
+        .children
+        .iter()
+        .filter_map(|c| c.workspace.as_ref())
+        .find(|ws| !ctx.workspaces.contains(ws))
+    {
+        return Disposition::DeadLetter(
+            super::Refusal::UnknownWorkspace,
+            format!(
+                "a child names unknown workspace {ws:?}: configured are {:?}",
+                ctx.workspaces
+            ),
+        );
+    }
+    let family = Family {
+        children: u32::try_from(f.children.len()).unwrap_or(u32::MAX),
+        join: f.join,
+        fail_fast: f.fail_fast,
+        max_concurrency: f.max_concurrency,
+        launched: f.first_window(),
+    };
+    // The parent runs nothing: its children heartbeat, not it.
+    let new = crate::store::NewPromise {
+        heartbeat: None,
+        ..new_promise(t, workspace)
+    };
+    let ids: Vec<PromiseId> = f.children.iter().map(|c| c.id.clone()).collect();
+    let created = ctx
+        .store
+        .create_parent(&new, &family, &ids, ctx.fanout_lease)
+        .await;
+    let promise = match created {
+        Ok(CreateOutcome::Created(p) | CreateOutcome::Existing(p)) => p,
+        Err(e) => return store_failure(e),
+    };
+    if promise.state.is_settled() {
+        return reply_for(&promise, t);
+    }
+    if promise.family.is_none() {
+        tracing::warn!("a promise with this id exists and is not a parent; nothing fanned out");
+        return Disposition::Ack;
+    }
+    // The schedule takes the step again if this one does not finish.
+    match step(ctx, &promise.id).await {
+        Ok(n) => tracing::debug!(children = n, "fanned out"),
+        Err(e) => tracing::warn!(error = %e, "fan-out step unfinished; the schedule retries it"),
+    }
+    Disposition::Ack
+}
+
+/// One fan-out step for a parent: every child in its window has a promise
+/// and a run. Returns how many children it looked at.
+pub async fn step<S: PromiseStore + Families, J: Jobs>(
+    ctx: &WorkerContext<S, J>,
+    parent: &PromiseId,
+) -> Result<usize, StepError> {
+    let Some(p) = ctx.store.get(parent).await? else {
+        ctx.store.fanout_done(parent, 0).await?;
+        return Ok(0);
+    };
+    let Some(family) = p.family.clone().filter(|_| !p.state.is_settled()) else {
+        ctx.store.fanout_done(parent, 0).await?;
+        return Ok(0);
+    };
+    let t = stored_trigger(&p)?;
+    let recorded = ctx.store.children(parent).await?;
+    let todo: Vec<u32> = (0..family.launched)
+        .filter(|n| {
+            recorded
+                .get(*n as usize)
+                .is_none_or(|c| c.index != *n || c.state.is_none())
+        })
+        .collect();
+    let n = todo.len();
+    let (p, t) = (&p, &t);
+    let results: Vec<Result<(), StepError>> = stream::iter(todo)
+        .map(|i| async move { ensure_child(ctx, p, t, i).await })
+        .buffer_unordered(LAUNCHES_AT_ONCE)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+    ctx.store.fanout_done(parent, family.launched).await?;
+    Ok(n)
+}
+
+/// The parent's trigger as it arrived (its promise's `param.data`), read
+/// with the limits it was accepted under.
+fn stored_trigger(p: &Promise) -> Result<Trigger, StepError> {
+    let env = Envelope {
+        body: p.param.data.clone().unwrap_or_default().into_bytes(),
+        message_id: Some(p.id.to_string()),
+        ..Default::default()
+    };
+    let mut t = Trigger::parse(&env, &TriggerRules::accepted()).map_err(|e| StepError::Child {
+        child: format!("{}/*", p.id),
+        reason: format!("the parent's stored trigger does not parse: {e}"),
+    })?;
+    t.traceparent = p.traceparent.clone();
+    Ok(t)
+}
+
+/// Child `n` has a promise (deadline: the parent's) and a run.
+async fn ensure_child<S: PromiseStore + Families, J: Jobs>(
+    ctx: &WorkerContext<S, J>,
+    parent: &Promise,
+    t: &Trigger,
+    n: u32,
+) -> Result<(), StepError> {
+    let Some(child) = t.child(n as usize) else {
+        return Ok(());
+    };
+    let run = child.launch().cloned();
+    let workspace = child
+        .workspace
+        .clone()
+        .unwrap_or_else(|| ctx.default_workspace.clone());
+    let of = ChildOf {
+        parent: parent.id.clone(),
+        index: n,
+    };
+    let new = crate::store::NewPromise {
+        timeout: Timeout::At(parent.timeout),
+        parent: Some(of.clone()),
+        ..new_promise(&child, &workspace)
+    };
+    let promise = match ctx.store.create(&new).await? {
+        CreateOutcome::Created(p) => p,
+        CreateOutcome::Existing(p) if p.parent.as_ref() == Some(&of) => p,
+        CreateOutcome::Existing(other) => {
+            // The id belongs to a promise that is not this child: the
+            // parent hears of a child that could not start.
+            let refused = Promise {
+                state: State::Rejected,
+                value: Payload::data(
+                    serde_json::json!({
+                        "reason": "child_id_taken",
+                        "message": format!("promise {} already exists and is not child {n} of {}", other.id, parent.id),
+                    })
+                    .to_string(),
+                ),
+                parent: Some(of),
+                ..other
+            };
+            crate::join::report(&ctx.store, &refused).await?;
+            return Ok(());
+        }
+    };
+    if promise.state.is_settled() {
+        return Ok(());
+    }
+    let Some(run) = run else { return Ok(()) };
+    match launch_created(ctx, &child, &run, &workspace, &promise).await {
+        Disposition::Ack | Disposition::ReplyThenAck(_) => Ok(()),
+        Disposition::Requeue(reason) | Disposition::Hold(reason) => Err(StepError::Child {
+            child: child.id.to_string(),
+            reason,
+        }),
+        Disposition::DeadLetter(_, reason) => Err(StepError::Child {
+            child: child.id.to_string(),
+            reason,
+        }),
+    }
+}
+
+/// Takes due fan-out steps of this worker's partitions every `tick`, until
+/// `shutdown`.
+pub async fn run<S: PromiseStore + Families, J: Jobs>(
+    ctx: Arc<WorkerContext<S, J>>,
+    assignment: Assignment,
+    tick: Duration,
+    batch: usize,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        for partition in assignment.current() {
+            let due = match ctx
+                .store
+                .claim_fanouts(partition, batch, ctx.fanout_lease)
+                .await
+            {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "fan-out schedule unreadable; retrying");
+                    break;
+                }
+            };
+            let ctx = &ctx;
+            let _: Vec<()> = stream::iter(due)
+                .map(|id| async move {
+                    if let Err(e) = step(ctx, &id).await {
+                        tracing::warn!(promise.id = %id, error = %e, "fan-out step unfinished; retried after its lease");
+                    }
+                })
+                .buffer_unordered(4)
+                .collect()
+                .await;
+        }
+        pause(tick, &shutdown).await;
+    }
+}

@@ -1,0 +1,268 @@
+//! Parent triggers: fan-out to children, fan-in by join policy, and no child
+//! outliving its parent.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+/// A job whose notebook takes `n` and answers it after `delay_ms`, with the
+/// callback values as job parameters (as a job defined today declares them).
+async fn echo_job(app: &TestApp, outcome: &str, delay_ms: u64) -> u64 {
+    let param = |name: &str| json!({"name": name, "default": ""});
+    app.create_job(json!({
+        "name": unique("echo"),
+        "tasks": [{"task_key": "nb", "notebook_task": {"notebook_path": "/echo"}}],
+        "parameters": [param("n"), param("promise_id"), param("url"), param("callback_token")],
+        "tags": {
+            "emulator.outcome": outcome,
+            "emulator.delay_ms": delay_ms.to_string(),
+            "emulator.value": "{{n}}",
+        },
+    }))
+    .await
+}
+
+fn child_ids(parent: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{parent}/{i}")).collect()
+}
+
+/// Each child's events, waiting for all of them and the parent's.
+async fn family_events(
+    app: &mut TestApp,
+    parent: &str,
+    children: &[String],
+    limit: Duration,
+) -> BTreeMap<String, Vec<Value>> {
+    let mut ids = children.to_vec();
+    ids.push(parent.to_owned());
+    app.events_for_all(&ids, limit).await
+}
+
+/// The emulator's run of a child (by its promise_id parameter), if any.
+async fn run_of(app: &TestApp, id: &str) -> Option<Value> {
+    app.runs_for(id).await.into_iter().next()
+}
+
+/// A parent of 50 children under `all`: 50 runs, one per token; the parent
+/// resolves with the 50 values in order; one parent event and 50 child
+/// events, each naming the parent.
+#[tokio::test]
+async fn fifty_children_resolve_the_parent_with_their_values_in_order() {
+    let mut app = TestApp::spawn().await;
+    let job = echo_job(&app, "callback", 100).await;
+    let parent = unique("backfill");
+    let sets: Vec<Value> = (0..50).map(|n| json!({"n": n})).collect();
+    app.publish(&json!({"id": parent, "job_id": job, "for_each": sets, "tags": {"team": "data"}}))
+        .await;
+    let children = child_ids(&parent, 50);
+    let events = family_events(&mut app, &parent, &children, Duration::from_secs(60)).await;
+
+    let p = &events[&parent];
+    assert_eq!(p.len(), 1, "one parent event: {p:?}");
+    assert_eq!(p[0]["data"]["state"], "RESOLVED");
+    assert_eq!(p[0]["data"]["settled_by"], "join");
+    assert_eq!(p[0]["data"]["children"], 50);
+    assert_eq!(p[0]["data"]["value"], json!((0..50).collect::<Vec<_>>()));
+    let mut tokens = BTreeSet::new();
+    for (n, id) in children.iter().enumerate() {
+        let e = &events[id];
+        assert_eq!(e.len(), 1, "one event for {id}");
+        assert_eq!(e[0]["data"]["state"], "RESOLVED");
+        assert_eq!(e[0]["data"]["parent"], json!(parent));
+        assert_eq!(
+            e[0]["data"]["tags"]["team"], "data",
+            "children carry the parent's tags"
+        );
+        let runs = app.runs_for(id).await;
+        assert_eq!(runs.len(), 1, "one run for {id}");
+        assert_eq!(runs[0]["job_parameters"]["n"], n.to_string());
+        tokens.insert(runs[0]["idempotency_token"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(tokens.len(), 50, "a token per child");
+    app.assert_no_event(
+        &parent,
+        Duration::from_millis(1000),
+        "one parent event only",
+    )
+    .await;
+
+    // The API shows the parent with its children.
+    let r: Value = app
+        .operator(
+            app.http
+                .get(format!("{}/promises/{parent}", app.sidecar_url)),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["children"]["count"], 50);
+    assert_eq!(r["children"]["join"], "all");
+    assert_eq!(
+        r["children"]["items"][7]["id"],
+        json!(format!("{parent}/7"))
+    );
+    assert_eq!(r["children"]["items"][7]["state"], "RESOLVED");
+    let c: Value = app
+        .operator(
+            app.http
+                .get(format!("{}/promises/{parent}/7", app.sidecar_url)),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(c["parent"], json!(parent));
+    app.stop().await;
+}
+
+/// `all` with one failing child under fail_fast: the parent is REJECTED
+/// naming the child; every other child is cancelled with its run, and none
+/// settles after its cancel.
+#[tokio::test]
+async fn a_failing_child_rejects_the_parent_and_cancels_the_rest() {
+    let mut app = TestApp::spawn().await;
+    let failing = echo_job(&app, "reject_callback", 300).await;
+    let parent = unique("regions");
+    let mut kids = vec![json!({"job_id": failing, "job_parameters": {"n": "eu"}})];
+    kids.extend((1..10).map(|_| json!({"job_id": JOB_NEVER})));
+    app.publish(&json!({"id": parent, "children": kids})).await;
+    let children = child_ids(&parent, 10);
+    let events = family_events(&mut app, &parent, &children, Duration::from_secs(30)).await;
+
+    let p = &events[&parent][0]["data"];
+    assert_eq!(p["state"], "REJECTED");
+    assert_eq!(p["error"]["reason"], "child_rejected");
+    assert_eq!(p["error"]["child"]["id"], json!(children[0]));
+    assert_eq!(p["error"]["child"]["state"], "REJECTED");
+    assert_eq!(events[&children[0]][0]["data"]["state"], "REJECTED");
+    for id in &children[1..] {
+        let e = &events[id];
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0]["data"]["state"], "REJECTED_CANCELED");
+        assert_eq!(e[0]["data"]["settled_by"], "parent");
+        assert_eq!(e[0]["data"]["error"]["reason"], "parent_settled");
+    }
+    for id in &children[1..] {
+        eventually(Duration::from_secs(10), "child run cancelled", || async {
+            run_of(&app, id)
+                .await
+                .filter(|r| r["result_state"] == "CANCELED")
+        })
+        .await;
+    }
+    // No child settles again after its cancel.
+    let later = app
+        .events_for(&children[3], Duration::from_millis(1500))
+        .await;
+    assert!(later.is_empty(), "{later:?}");
+    for id in &children[1..] {
+        assert_eq!(
+            app.promise(id).await.unwrap().state.as_str(),
+            "REJECTED_CANCELED"
+        );
+    }
+    app.stop().await;
+}
+
+/// `max_concurrency = 5` over 40 children: the emulator never has more than
+/// 5 of their runs active at once, and every child runs.
+#[tokio::test]
+async fn max_concurrency_bounds_the_runs_in_flight() {
+    let mut app = TestApp::spawn().await;
+    let job = echo_job(&app, "callback", 300).await;
+    let parent = unique("bounded");
+    let sets: Vec<Value> = (0..40).map(|n| json!({"n": n})).collect();
+    app.publish(&json!({"id": parent, "job_id": job, "for_each": sets, "max_concurrency": 5}))
+        .await;
+    let children = child_ids(&parent, 40);
+    let events = family_events(&mut app, &parent, &children, Duration::from_secs(90)).await;
+    assert_eq!(events[&parent][0]["data"]["state"], "RESOLVED");
+    let stats = app.emulator_stats().await;
+    let peak = stats["max_active_runs"][job.to_string()].as_u64().unwrap();
+    assert!(peak <= 5, "at most 5 runs at once, saw {peak}");
+    assert!(peak >= 2, "children ran side by side (peak {peak})");
+    let runs: usize = futures_util::future::join_all(children.iter().map(|id| app.runs_for(id)))
+        .await
+        .iter()
+        .map(Vec::len)
+        .sum();
+    assert_eq!(runs, 40);
+    app.stop().await;
+}
+
+/// An operator's cancel of the parent cancels its pending children with
+/// their runs, and the children not launched yet never are.
+#[tokio::test]
+async fn cancelling_the_parent_cancels_the_tree() {
+    let mut app = TestApp::spawn().await;
+    let parent = unique("tree");
+    let kids: Vec<Value> = (0..10).map(|_| json!({"job_id": JOB_NEVER})).collect();
+    app.publish(&json!({"id": parent, "children": kids, "max_concurrency": 4}))
+        .await;
+    let children = child_ids(&parent, 10);
+    for id in &children[..4] {
+        eventually(Duration::from_secs(10), "child launched", || async {
+            app.promise(id).await.filter(|p| p.run_id.is_some())
+        })
+        .await;
+    }
+    let r = app
+        .operator(
+            app.http
+                .patch(format!("{}/promises/{parent}", app.sidecar_url)),
+        )
+        .json(&json!({"state": "REJECTED_CANCELED"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let events = family_events(&mut app, &parent, &children, Duration::from_secs(20)).await;
+    assert_eq!(events[&parent][0]["data"]["settled_by"], "operator");
+    for id in &children {
+        assert_eq!(events[id].len(), 1, "{id}");
+        assert_eq!(events[id][0]["data"]["state"], "REJECTED_CANCELED");
+    }
+    for id in &children[..4] {
+        eventually(Duration::from_secs(10), "child run cancelled", || async {
+            run_of(&app, id)
+                .await
+                .filter(|r| r["result_state"] == "CANCELED")
+        })
+        .await;
+    }
+    // Give a late fan-out step every chance: the rest never run.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for id in &children[4..] {
+        assert!(
+            run_of(&app, id).await.is_none(),
+            "{id} was launched after its parent was cancelled"
+        );
+    }
+    app.stop().await;
+}
+
+/// A parent trigger that cannot be valid is dead-lettered whole, creating
+/// nothing.
+#[tokio::test]
+async fn an_invalid_parent_is_dead_lettered_and_creates_nothing() {
+    let app = TestApp::spawn().await;
+    let parent = unique("bad-parent");
+    app.publish(
+        &json!({"id": parent, "children": [{"job_id": 1}, {"job_id": 1, "workspace": "nowhere"}]}),
+    )
+    .await;
+    let dead = app.dead_letters(Duration::from_secs(10), 1).await;
+    assert_eq!(dead.len(), 1);
+    assert!(app.promise(&parent).await.is_none());
+    assert!(app.promise(&format!("{parent}/0")).await.is_none());
+    app.stop().await;
+}
