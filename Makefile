@@ -10,10 +10,13 @@ HARNESS = -p runbridge -p runbridge-harness --bins
 
 .PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke notebook-test sdk-test docs docs-test ui-test-deps ui-screenshot cluster-test fuzz clean
 
-# Fault-injection run (see crates/harness/src/bin/chaos): N triggers, every fault on, a
-# seed to replay it. `make chaos SEED=42 N=10000`.
+# Fault-injection run (see crates/harness/src/bin/chaos): N triggers and
+# PARENTS parent triggers of CHILDREN children each among them, every fault
+# on, a seed to replay it. `make chaos SEED=42 N=10000`.
 N ?= 10000
 RATE ?= 100
+PARENTS ?= 100
+CHILDREN ?= 20
 SEED ?=
 
 all: build
@@ -62,12 +65,12 @@ compose-config:
 
 chaos: services
 	$(CARGO) build $(HARNESS) --features runbridge-harness/failpoints
-	target/debug/chaos --triggers $(N) --rate $(RATE) $(if $(SEED),--seed $(SEED),)
+	target/debug/chaos --triggers $(N) --rate $(RATE) --parents $(PARENTS) --children $(CHILDREN) $(if $(SEED),--seed $(SEED),)
 
-# The profile `make test` runs: 1,000 triggers, every fault kind.
+# The profile `make test` runs: 1,000 triggers and 10 parents of 10 children, every fault kind.
 chaos-small: services
 	$(CARGO) build $(HARNESS) --features runbridge-harness/failpoints
-	target/debug/chaos --triggers 1000 --rate 50 --fault-every 1.5 $(if $(SEED),--seed $(SEED),)
+	target/debug/chaos --triggers 1000 --parents 10 --children 10 --rate 50 --fault-every 1.5 $(if $(SEED),--seed $(SEED),)
 
 # Benchmarks against baselines measured in the same run (crates/harness/src/bin/bench):
 # writes bench/results.json, bench/results.md and bench/latency.svg.

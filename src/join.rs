@@ -13,7 +13,10 @@
 //! - A **parent**, however it settled (its join, an operator, its timeout),
 //!   cancels every child whose outcome it has not recorded, with its run
 //!   (`cancel_child.lua`; a child never created is written cancelled, so it
-//!   is never launched): no child outlives its parent.
+//!   is never launched; a child created but without a recorded run is left
+//!   to the parent's fan-out step, which learns its run before cancelling
+//!   it, since a worker may have launched it and died before recording
+//!   it): no child outlives its parent.
 
 use futures_util::StreamExt;
 use futures_util::stream;
@@ -21,7 +24,7 @@ use futures_util::stream;
 use crate::domain::fanout::decide;
 use crate::domain::{Payload, Promise, SettledBy};
 use crate::store::{
-    ChildEntry, ChildReport, Families, PromiseStore, Settle, SettleOutcome, StoreError,
+    ChildCancel, ChildEntry, ChildReport, Families, PromiseStore, Settle, SettleOutcome, StoreError,
 };
 
 /// How many children are cancelled (or read) at once.
@@ -35,8 +38,10 @@ pub async fn after_settlement<S: PromiseStore + Families>(
     if p.parent.is_some() {
         report(store, p).await?;
     }
-    if p.family.is_some() {
-        cancel_children(store, p).await?;
+    if p.family.is_some() && cancel_children(store, p).await? > 0 {
+        // Their runs are learnt, then they are cancelled, by the parent's
+        // fan-out step (crate::worker::fanout).
+        store.schedule_fanout(&p.id).await?;
     }
     Ok(())
 }
@@ -62,6 +67,7 @@ pub async fn report<S: PromiseStore + Families>(
         }
         ChildReport::ParentSettled => return Ok(()),
     };
+    crate::failpoint!("join.after_child_recorded");
     let Some(parent) = store.get(&of.parent).await? else {
         return Ok(());
     };
@@ -92,30 +98,34 @@ pub async fn report<S: PromiseStore + Families>(
 }
 
 /// Cancels every child of a settled parent that has not settled, with its
-/// run.
+/// run. Returns how many were left because they have no recorded run.
 pub async fn cancel_children<S: PromiseStore + Families>(
     store: &S,
     parent: &Promise,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
     let open: Vec<_> = store
         .children(&parent.id)
         .await?
         .into_iter()
         .filter(|c| c.state.is_none())
         .collect();
-    let results: Vec<Result<bool, StoreError>> = stream::iter(open)
+    let results: Vec<Result<ChildCancel, StoreError>> = stream::iter(open)
         .map(|c| async move { store.cancel_child(parent, &c).await })
         .buffer_unordered(CANCELS_AT_ONCE)
         .collect()
         .await;
-    let mut cancelled = 0u64;
+    let (mut cancelled, mut unlaunched) = (0u64, 0u64);
     for r in results {
-        cancelled += u64::from(r?);
+        match r? {
+            ChildCancel::Cancelled => cancelled += 1,
+            ChildCancel::Unlaunched => unlaunched += 1,
+            ChildCancel::Already => {}
+        }
     }
-    if cancelled > 0 {
-        tracing::info!(promise.id = %parent.id, state = %parent.state, cancelled, "children cancelled with their parent");
+    if cancelled + unlaunched > 0 {
+        tracing::info!(promise.id = %parent.id, state = %parent.state, cancelled, unlaunched, "children cancelled with their parent");
     }
-    Ok(())
+    Ok(unlaunched)
 }
 
 /// A parent's children in order with their states now: the outcome the

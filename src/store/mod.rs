@@ -308,6 +308,19 @@ impl ChildEntry {
     }
 }
 
+/// What cancelling a child did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildCancel {
+    /// Cancelled now (with its run), or written cancelled before it ever
+    /// started.
+    Cancelled,
+    /// Settled already; nothing changed.
+    Already,
+    /// Pending without a recorded run: left for the parent's fan-out step,
+    /// which learns its run first.
+    Unlaunched,
+}
+
 /// What a child's outcome did at its parent.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChildReport {
@@ -341,13 +354,17 @@ pub trait Families: Clone + Send + Sync + 'static {
         child: &Promise,
     ) -> impl Future<Output = Result<ChildReport, StoreError>> + Send;
     /// Cancels a child of a settled parent with its run; one never created
-    /// is written cancelled, so it is never launched. True if this call
-    /// changed it.
+    /// is written cancelled, so it is never launched.
     fn cancel_child(
         &self,
         parent: &Promise,
         child: &ChildEntry,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    ) -> impl Future<Output = Result<ChildCancel, StoreError>> + Send;
+    /// Makes the parent's fan-out step due now.
+    fn schedule_fanout(
+        &self,
+        parent: &PromiseId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// A parent's children in order, with the outcomes it has recorded.
     fn children(
         &self,

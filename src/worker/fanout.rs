@@ -94,6 +94,7 @@ pub(super) async fn parent<S: PromiseStore + Families, J: Jobs>(
         tracing::warn!("a promise with this id exists and is not a parent; nothing fanned out");
         return Disposition::Ack;
     }
+    crate::failpoint!("fanout.after_parent");
     // The schedule takes the step again if this one does not finish.
     match step(ctx, &promise.id).await {
         Ok(n) => tracing::debug!(children = n, "fanned out"),
@@ -112,10 +113,13 @@ pub async fn step<S: PromiseStore + Families, J: Jobs>(
         ctx.store.fanout_done(parent, 0).await?;
         return Ok(0);
     };
-    let Some(family) = p.family.clone().filter(|_| !p.state.is_settled()) else {
+    let Some(family) = p.family.clone() else {
         ctx.store.fanout_done(parent, 0).await?;
         return Ok(0);
     };
+    if p.state.is_settled() {
+        return cancel_unlaunched(ctx, &p, family.launched).await;
+    }
     let t = stored_trigger(&p)?;
     let recorded = ctx.store.children(parent).await?;
     let todo: Vec<u32> = (0..family.launched)
@@ -135,6 +139,81 @@ pub async fn step<S: PromiseStore + Families, J: Jobs>(
     results.into_iter().collect::<Result<Vec<()>, _>>()?;
     ctx.store.fanout_done(parent, family.launched).await?;
     Ok(n)
+}
+
+/// A settled parent's children that were created but have no recorded run
+/// (launched by a worker that died before recording it, or launching right
+/// now): each is launched again with its token, which answers with its run
+/// if it has one (or starts it, to be cancelled at once), so that it is
+/// cancelled with its run and none is left running.
+async fn cancel_unlaunched<S: PromiseStore + Families, J: Jobs>(
+    ctx: &WorkerContext<S, J>,
+    p: &Promise,
+    launched: u32,
+) -> Result<usize, StepError> {
+    let t = stored_trigger(p)?;
+    let open: Vec<u32> = ctx
+        .store
+        .children(&p.id)
+        .await?
+        .into_iter()
+        .filter(|c| c.state.is_none() && c.index < launched)
+        .map(|c| c.index)
+        .collect();
+    let t = &t;
+    let results: Vec<Result<(), StepError>> = stream::iter(open)
+        .map(|n| async move {
+            let Some(child) = t.child(n as usize) else {
+                return Ok(());
+            };
+            let Some(c) = ctx.store.get(&child.id).await? else {
+                return Ok(());
+            };
+            let ours = c
+                .parent
+                .as_ref()
+                .is_some_and(|o| o.parent == p.id && o.index == n);
+            if !ours || c.state.is_settled() || c.run_id.is_some() {
+                return Ok(());
+            }
+            let Some(run) = child.launch().cloned() else {
+                return Ok(());
+            };
+            let workspace = child
+                .workspace
+                .clone()
+                .unwrap_or_else(|| ctx.default_workspace.clone());
+            disposed(
+                &child,
+                launch_created(ctx, &child, &run, &workspace, &c).await,
+            )
+        })
+        .buffer_unordered(LAUNCHES_AT_ONCE)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+    let left = crate::join::cancel_children(&ctx.store, p).await?;
+    if left > 0 {
+        return Err(StepError::Child {
+            child: format!("{}/*", p.id),
+            reason: format!("{left} children still without a recorded run"),
+        });
+    }
+    ctx.store.fanout_done(&p.id, launched).await?;
+    Ok(0)
+}
+
+/// A child's launch as a step's result.
+fn disposed(child: &Trigger, d: Disposition) -> Result<(), StepError> {
+    match d {
+        Disposition::Ack | Disposition::ReplyThenAck(_) => Ok(()),
+        Disposition::Requeue(reason)
+        | Disposition::Hold(reason)
+        | Disposition::DeadLetter(_, reason) => Err(StepError::Child {
+            child: child.id.to_string(),
+            reason,
+        }),
+    }
 }
 
 /// The parent's trigger as it arrived (its promise's `param.data`), read
@@ -203,17 +282,10 @@ async fn ensure_child<S: PromiseStore + Families, J: Jobs>(
         return Ok(());
     }
     let Some(run) = run else { return Ok(()) };
-    match launch_created(ctx, &child, &run, &workspace, &promise).await {
-        Disposition::Ack | Disposition::ReplyThenAck(_) => Ok(()),
-        Disposition::Requeue(reason) | Disposition::Hold(reason) => Err(StepError::Child {
-            child: child.id.to_string(),
-            reason,
-        }),
-        Disposition::DeadLetter(_, reason) => Err(StepError::Child {
-            child: child.id.to_string(),
-            reason,
-        }),
-    }
+    disposed(
+        &child,
+        launch_created(ctx, &child, &run, &workspace, &promise).await,
+    )
 }
 
 /// Takes due fan-out steps of this worker's partitions every `tick`, until

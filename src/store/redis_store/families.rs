@@ -132,7 +132,11 @@ impl Families for RedisStore {
         })
     }
 
-    async fn cancel_child(&self, parent: &Promise, child: &ChildEntry) -> Result<bool, StoreError> {
+    async fn cancel_child(
+        &self,
+        parent: &Promise,
+        child: &ChildEntry,
+    ) -> Result<ChildCancel, StoreError> {
         let value = Payload::data(
             serde_json::json!({
                 "reason": "parent_settled",
@@ -161,11 +165,24 @@ impl Families for RedisStore {
                     "settled_by" => SettledBy::Parent.as_str(),
                 )
                 .increment(1);
-                Ok(true)
+                Ok(ChildCancel::Cancelled)
             }
-            "ALREADY" => Ok(false),
+            "ALREADY" => Ok(ChildCancel::Already),
+            "UNLAUNCHED" => Ok(ChildCancel::Unlaunched),
             other => Err(protocol(format!("cancel_child: {other}"))),
         }
+    }
+
+    async fn schedule_fanout(&self, parent: &PromiseId) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let _: () = redis::cmd("ZADD")
+            .arg(self.keys.fanout(self.keys.partition(parent)))
+            .arg(chrono::Utc::now().timestamp_millis())
+            .arg(parent.as_str())
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn children(&self, parent: &PromiseId) -> Result<Vec<ChildEntry>, StoreError> {

@@ -24,11 +24,13 @@ pub const KINDS: [&str; 7] = [
 ];
 
 /// The crash points (src/failpoint.rs) and the process kind that has each.
-pub const CRASH_POINTS: [(&str, &str); 4] = [
+pub const CRASH_POINTS: [(&str, &str); 6] = [
     ("worker.after_launch", "worker"),
     ("sidecar.after_settle", "sidecar"),
     ("relay.after_confirm", "worker"),
     ("worker.after_ack", "worker"),
+    ("fanout.after_parent", "worker"),
+    ("join.after_child_recorded", "worker"),
 ];
 
 /// `--faults`: comma-separated kinds, all of them when not given.

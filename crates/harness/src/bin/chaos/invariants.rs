@@ -2,8 +2,10 @@
 //! launched exactly one Databricks run (one per idempotency token) and
 //! settled its promise; every settlement reached the independent consumer as
 //! an event (duplicates only with the same event id and body); exactly the
-//! malformed triggers were dead-lettered; no process panicked or ended other
-//! than by our hand, a crash point, or a clean exit.
+//! malformed triggers were dead-lettered; every parent settled once and
+//! consistently with its children ([`crate::families`]); no run of a settled
+//! promise is still going; no process panicked or ended other than by our
+//! hand, a crash point, or a clean exit.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -14,8 +16,10 @@ use runbridge::store::{PromiseStore, RedisStore, SearchQuery};
 use runbridge_testkit::rabbitmqctl;
 use serde_json::Value;
 
+use crate::families;
 use crate::lab::Lab;
 use crate::supervisor::Proc;
+use crate::workload::ParentPlan;
 
 /// What the run did, as the check needs it.
 #[derive(Clone, Copy)]
@@ -26,15 +30,26 @@ pub struct Run<'a> {
     pub published: usize,
     pub valid_ids: &'a HashSet<String>,
     pub malformed_ids: &'a HashSet<String>,
+    pub parents: &'a [ParentPlan],
     pub emu_port: u16,
     pub procs: &'a [Proc],
     pub faults: &'a BTreeMap<String, usize>,
     pub rss: &'a str,
 }
 
-/// The quiet period: waits, up to `limit`, until every valid trigger's
-/// promise is settled and the trigger queue drained, then up to 30 s for
-/// the relays to publish the last settlements.
+/// The emulator's record of every run.
+async fn emulator_runs(emu_port: u16) -> Result<Vec<Value>> {
+    let runs: Value = reqwest::get(format!("http://127.0.0.1:{emu_port}/emulator/runs"))
+        .await?
+        .json()
+        .await?;
+    Ok(runs["runs"].as_array().cloned().unwrap_or_default())
+}
+
+/// The quiet period: waits, up to `limit`, until every expected promise
+/// (`valid`) is settled, the trigger queue drained and no run is still
+/// going (a cancelled child's run ends when its cancel lands), then up to
+/// 30 s for the relays to publish the last settlements.
 pub async fn wait_quiet(lab: &Lab, store: &RedisStore, valid: usize, limit: Duration) {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
@@ -47,6 +62,10 @@ pub async fn wait_quiet(lab: &Lab, store: &RedisStore, valid: usize, limit: Dura
         if promises.len() == valid
             && settled == promises.len()
             && queue_depth(lab.ctl_node(), &lab.vhost, &lab.bs.triggers_queue).unwrap_or(1) == 0
+            && emulator_runs(lab.emu_port)
+                .await
+                .map(|r| families::active_runs(&r).is_empty())
+                .unwrap_or(false)
         {
             break;
         }
@@ -167,6 +186,7 @@ pub async fn check(run: &Run<'_>, lab: &Lab, store: &RedisStore) -> Result<usize
         published,
         valid_ids,
         malformed_ids,
+        parents,
         emu_port,
         procs,
         faults,
@@ -176,11 +196,7 @@ pub async fn check(run: &Run<'_>, lab: &Lab, store: &RedisStore) -> Result<usize
     let mut violations: Vec<String> = Vec::new();
 
     // Runs and idempotency tokens, from the emulator's record.
-    let runs: Value = reqwest::get(format!("http://127.0.0.1:{emu_port}/emulator/runs"))
-        .await?
-        .json()
-        .await?;
-    let runs = runs["runs"].as_array().cloned().unwrap_or_default();
+    let runs = emulator_runs(emu_port).await?;
     let mut per_token: HashMap<String, usize> = HashMap::new();
     let mut per_promise: HashMap<String, usize> = HashMap::new();
     for r in &runs {
@@ -221,6 +237,38 @@ pub async fn check(run: &Run<'_>, lab: &Lab, store: &RedisStore) -> Result<usize
     let missing = valid_ids.difference(&ids).count();
     if missing > 0 {
         violations.push(format!("{missing} valid triggers have no promise"));
+    }
+    let by_id: HashMap<String, &runbridge::domain::Promise> =
+        promises.iter().map(|p| (p.id.to_string(), p)).collect();
+    let family_violations = families::check(parents, &by_id, &per_promise);
+    let inconsistent_parents = family_violations.len();
+    violations.extend(family_violations.into_iter().take(20));
+    if inconsistent_parents > 20 {
+        violations.push(format!(
+            "{} more inconsistent parents",
+            inconsistent_parents - 20
+        ));
+    }
+    let mut parents_by_state: BTreeMap<String, usize> = BTreeMap::new();
+    for plan in parents {
+        if let Some(p) = by_id.get(&plan.id) {
+            *parents_by_state.entry(p.state.to_string()).or_default() += 1;
+        }
+    }
+    let cancelled_children = promises
+        .iter()
+        .filter(|p| p.parent.is_some() && p.settled_by.as_deref() == Some("parent"))
+        .count();
+    let still_running: Vec<String> = families::active_runs(&runs)
+        .into_iter()
+        .filter(|id| by_id.get(id).is_some_and(|p| p.state.is_settled()))
+        .collect();
+    if !still_running.is_empty() {
+        violations.push(format!(
+            "{} runs still going after their promise settled: {:?}",
+            still_running.len(),
+            still_running.iter().take(5).collect::<Vec<_>>()
+        ));
     }
 
     // Every event the independent consumer received.
@@ -356,6 +404,22 @@ pub async fn check(run: &Run<'_>, lab: &Lab, store: &RedisStore) -> Result<usize
         ),
         ("duplicate runs".into(), duplicate_runs.to_string()),
         ("promises settled by state".into(), format!("{by_state:?}")),
+        (
+            "parents (children each) by state".into(),
+            format!(
+                "{} ({}) {parents_by_state:?}",
+                parents.len(),
+                parents.first().map_or(0, |p| p.children)
+            ),
+        ),
+        (
+            "children cancelled by their parent".into(),
+            cancelled_children.to_string(),
+        ),
+        (
+            "inconsistent parents".into(),
+            inconsistent_parents.to_string(),
+        ),
         ("promises left pending".into(), pending.to_string()),
         ("events received".into(), received.to_string()),
         ("distinct event ids".into(), events.len().to_string()),

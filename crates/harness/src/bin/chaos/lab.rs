@@ -224,8 +224,7 @@ impl Lab {
 /// The crash points armed in every sidecar and worker with `crash`, each
 /// firing at a low rate (besides the `crash` fault, which arms one at a time).
 const SIDECAR_CRASHES: &str = "sidecar.after_settle=abort@0.003";
-const WORKER_CRASHES: &str =
-    "worker.after_launch=abort@0.003,worker.after_ack=abort@0.002,relay.after_confirm=abort@0.003";
+const WORKER_CRASHES: &str = "worker.after_launch=abort@0.003,worker.after_ack=abort@0.002,relay.after_confirm=abort@0.003,fanout.after_parent=abort@0.02,join.after_child_recorded=abort@0.002";
 
 /// The private RabbitMQ node the `node` fault kills, started; none when the
 /// fault is off (or dropped because it cannot run here).

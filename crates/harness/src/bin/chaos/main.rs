@@ -19,6 +19,7 @@
 //! schedule, [`proxy`] carries the links, and [`invariants`] checks what
 //! happened.
 
+mod families;
 mod faults;
 mod invariants;
 mod lab;
@@ -51,6 +52,12 @@ pub struct Args {
     pub seed: Option<u64>,
     #[arg(long, default_value_t = 1000)]
     pub triggers: usize,
+    /// Parent triggers published among the triggers.
+    #[arg(long, default_value_t = 0)]
+    pub parents: usize,
+    /// Children per parent.
+    #[arg(long, default_value_t = 20)]
+    pub children: usize,
     /// Triggers published per second.
     #[arg(long, default_value_t = 100.0)]
     pub rate: f64,
@@ -102,11 +109,14 @@ async fn main() -> Result<()> {
     ));
 
     // The workload, the faults and the memory samples, until publishing ends.
+    let plan = Plan::draw(seed, args.triggers, args.parents, args.children);
+    let expected_promises = plan.promises();
     let Plan {
         bodies,
         valid_ids,
         malformed_ids,
-    } = Plan::draw(seed, args.triggers);
+        parents,
+    } = plan;
     let published = Arc::new(AtomicUsize::new(0));
     let publishing = workload::publish(lab.bs.clone(), bodies, args.rate, published.clone());
     let fault_counts = FaultCounts::default();
@@ -155,7 +165,7 @@ async fn main() -> Result<()> {
     invariants::wait_quiet(
         &lab,
         &store,
-        valid_ids.len(),
+        expected_promises,
         Duration::from_secs(args.quiet_seconds),
     )
     .await;
@@ -166,10 +176,11 @@ async fn main() -> Result<()> {
     let counts = fault_counts.lock().await.clone();
     let run = Run {
         seed,
-        wanted: args.triggers,
+        wanted: args.triggers + args.parents,
         published: published.load(Ordering::Relaxed),
         valid_ids: &valid_ids,
         malformed_ids: &malformed_ids,
+        parents: &parents,
         emu_port: lab.emu_port,
         procs: &ps,
         faults: &counts,

@@ -1,5 +1,7 @@
 //! The workload: triggers drawn from the seed (1 % malformed, jobs by
-//! weight), published at a steady rate through every outage.
+//! weight) and parent triggers among them (every join policy, with and
+//! without fail_fast and max_concurrency), published at a steady rate
+//! through every outage.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,27 +15,81 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 /// The emulator's jobs, by id: outcome, notebook time (ms) and result.
-pub const JOBS: [&str; 4] = [
+/// Job 5 never finishes: only children whose parent another child decides
+/// run it, so only a parent's cancel ends it.
+pub const JOBS: [&str; 5] = [
     "1:callback:300:ok",
     "2:duplicate_callback:300:twice",
     "3:fail:300",
     "4:early_callback:100:early",
+    "5:never_finish:0",
 ];
+
+/// Job 3's runs fail; 1, 2 and 4 resolve.
+const FAILING: u64 = 3;
+const NEVER: u64 = 5;
+
+/// A parent trigger of the plan.
+#[derive(Debug, Clone)]
+pub struct ParentPlan {
+    pub id: String,
+    pub join: &'static str,
+    pub fail_fast: bool,
+    pub children: usize,
+}
+
+impl ParentPlan {
+    pub fn child_id(&self, n: usize) -> String {
+        format!("{}/{n}", self.id)
+    }
+}
 
 /// The trigger bodies, in publishing order, and their ids by kind.
 pub struct Plan {
     pub bodies: Vec<Value>,
+    /// Triggers of one run each.
     pub valid_ids: HashSet<String>,
     pub malformed_ids: HashSet<String>,
+    pub parents: Vec<ParentPlan>,
+}
+
+/// The jobs of a parent's children. A never-finishing child comes only
+/// after the child that decides its parent under fail_fast (the first
+/// failing one under `all`, the first resolving one under `any`): children
+/// start in order, so that child always gets a slot and the parent always
+/// settles, and the never-finishing ones must be cancelled by it.
+fn children_jobs(rng: &mut StdRng, join: &str, fail_fast: bool, n: usize) -> Vec<u64> {
+    let mut jobs: Vec<u64> = (0..n)
+        .map(|_| match rng.random::<f64>() {
+            r if r < 0.70 => 1,
+            r if r < 0.80 => 2,
+            r if r < 0.90 => FAILING,
+            _ => 4,
+        })
+        .collect();
+    let decisive = match (join, fail_fast) {
+        ("all", true) => jobs.iter().position(|j| *j == FAILING),
+        ("any", true) => jobs.iter().position(|j| *j != FAILING),
+        _ => None,
+    };
+    if let Some(k) = decisive {
+        for j in jobs.iter_mut().skip(k + 1) {
+            if rng.random::<f64>() < 0.3 {
+                *j = NEVER;
+            }
+        }
+    }
+    jobs
 }
 
 impl Plan {
-    pub fn draw(seed: u64, triggers: usize) -> Plan {
+    pub fn draw(seed: u64, triggers: usize, parents: usize, children: usize) -> Plan {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut plan = Plan {
-            bodies: Vec::with_capacity(triggers),
+            bodies: Vec::with_capacity(triggers + parents),
             valid_ids: HashSet::new(),
             malformed_ids: HashSet::new(),
+            parents: Vec::with_capacity(parents),
         };
         for i in 0..triggers {
             let id = format!("c{seed}-{i:06}");
@@ -59,7 +115,40 @@ impl Plan {
                 plan.valid_ids.insert(id);
             }
         }
+        for j in 0..parents {
+            let id = format!("c{seed}-p{j:04}");
+            let join = ["all", "all_settled", "any"][rng.random_range(0..3)];
+            let fail_fast = join != "all_settled" && rng.random::<f64>() < 0.7;
+            let max_concurrency = (rng.random::<f64>() < 0.5).then(|| rng.random_range(2..=6u32));
+            let n = children.max(1);
+            let kids: Vec<Value> = children_jobs(&mut rng, join, fail_fast, n)
+                .into_iter()
+                .map(|job| json!({"job_id": job}))
+                .collect();
+            let mut body = json!({
+                "id": id, "children": kids, "join": join, "fail_fast": fail_fast,
+                "timeout_seconds": 3600, "tags": {"chaos": seed.to_string()},
+            });
+            if let Some(m) = max_concurrency {
+                body["max_concurrency"] = json!(m);
+            }
+            // Among the triggers, at a place drawn from the seed.
+            let at = rng.random_range(0..=plan.bodies.len());
+            plan.bodies.insert(at, body);
+            plan.parents.push(ParentPlan {
+                id,
+                join,
+                fail_fast,
+                children: n,
+            });
+        }
         plan
+    }
+
+    /// How many promises the run makes: one per valid trigger, per parent
+    /// and per child (a child cancelled before it started is one too).
+    pub fn promises(&self) -> usize {
+        self.valid_ids.len() + self.parents.iter().map(|p| 1 + p.children).sum::<usize>()
     }
 }
 
