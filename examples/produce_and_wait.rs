@@ -4,6 +4,13 @@
 //! ```text
 //! cargo run --example produce_and_wait -- 101 '{"date": "2026-11-23"}'
 //! ```
+//! With a third argument, a list of parameter sets, it publishes a parent
+//! trigger instead: the job runs once per set (laid over the parameters),
+//! at most 5 at a time, and the one answer carries every value in order
+//! (or names the child that failed; the others are then cancelled):
+//! ```text
+//! cargo run --example produce_and_wait -- 101 '{"env": "prod"}' '[{"date": "2026-11-01"}, {"date": "2026-11-02"}]'
+//! ```
 //! (`make demo` starts a worker, a sidecar and the emulator with job 101.)
 //! Environment: `AMQP_URL` (default the local broker), `TRIGGERS_QUEUE`
 //! (default `runbridge.triggers`).
@@ -21,6 +28,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let job_id: u64 = args.next().unwrap_or_else(|| "101".into()).parse()?;
     let params: serde_json::Value =
         serde_json::from_str(&args.next().unwrap_or_else(|| "{}".into()))?;
+    let for_each: Option<serde_json::Value> =
+        args.next().map(|a| serde_json::from_str(&a)).transpose()?;
     let url = std::env::var("AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let queue = std::env::var("TRIGGERS_QUEUE").unwrap_or_else(|_| "runbridge.triggers".into());
@@ -54,13 +63,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The id makes the trigger idempotent: publish it again (after a lost
     // confirm, a crash) and runbridge starts nothing new.
     let id = format!("example-{}", std::process::id());
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "id": id,
         "job_id": job_id,
         "job_parameters": params,
         "timeout_seconds": 3600,
         "tags": {"source": "produce_and_wait"},
     });
+    if let Some(sets) = for_each {
+        // A parent trigger: children <id>/0, <id>/1, ... joined by "all".
+        body["for_each"] = sets;
+        body["max_concurrency"] = 5.into();
+    }
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let confirm = ch
         .basic_publish(

@@ -317,11 +317,13 @@ async fn promise(s: &Settings, cmd: PromiseCmd) -> Result<()> {
             let mut view = p.view();
             // A parent is printed with its children and their states.
             if let Some(children) = view.children.as_mut() {
-                children.items = runbridge::join::children_now(&store, &id)
-                    .await?
-                    .iter()
-                    .map(runbridge::store::ChildEntry::view)
-                    .collect();
+                children.items = Some(
+                    runbridge::join::children_now(&store, &id)
+                        .await?
+                        .iter()
+                        .map(runbridge::store::ChildEntry::view)
+                        .collect(),
+                );
             }
             serde_json::to_value(view)?
         }

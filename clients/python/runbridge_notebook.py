@@ -21,6 +21,19 @@ and talks to the sidecar::
 or step by step: ``rb.resolve(value)``, ``rb.reject(error)``,
 ``rb.heartbeat()``.
 
+A child of a parent trigger (one run of a fan-out, promise id
+``<parent>/<n>``) is an ordinary run and uses the helper the same way::
+
+    # the job, run once per date by {"job_id": ..., "for_each": [{"date": ...}, ...]}
+    with rb.promise(dbutils=dbutils) as p:
+        p.value = {"date": dbutils.widgets.get("date"), "rows": load_one_day()}
+    # the parent resolves with every child's value, in order
+
+Its value becomes its place in the parent's answer. If the parent settles
+first (another child failed under fail_fast, an operator cancelled the
+tree), the child's promise is cancelled with its run: a callback still
+made then raises ``AlreadySettled`` with ``REJECTED_CANCELED``.
+
 Answers: a 200 with ``"deduplicated": true`` (a retried or repeated call
 that was already applied) is success; a 403 means the promise was already
 settled otherwise (timed out, cancelled, settled by someone else) and raises

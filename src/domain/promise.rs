@@ -373,7 +373,7 @@ impl Promise {
                 join: f.join,
                 fail_fast: f.fail_fast,
                 max_concurrency: f.max_concurrency,
-                items: Vec::new(),
+                items: None,
             }),
         }
     }
@@ -387,8 +387,10 @@ pub struct ChildrenView {
     pub join: Join,
     pub fail_fast: bool,
     pub max_concurrency: Option<u32>,
-    /// Each child in order with its state (null: not created yet).
-    pub items: Vec<ChildView>,
+    /// Each child in order with its state (null: not created yet). Given
+    /// when one promise is read (`GET /promises/{id}`), not in searches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub items: Option<Vec<ChildView>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]

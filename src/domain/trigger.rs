@@ -401,7 +401,7 @@ impl Trigger {
                 kind(&value)
             )));
         }
-        let w: TriggerMessage =
+        let mut w: TriggerMessage =
             serde_json::from_value(value).map_err(|e| TriggerError::Schema(e.to_string()))?;
 
         let id = match (w.id, &env.message_id) {
@@ -415,7 +415,7 @@ impl Trigger {
             || w.join.is_some()
             || w.fail_fast.is_some()
             || w.max_concurrency.is_some();
-        let work = match (w.children, w.for_each) {
+        let children = match (w.children.take(), w.for_each.take()) {
             (Some(_), Some(_)) => {
                 return Err(TriggerError::Invalid(
                     "give children or for_each, not both".into(),
@@ -432,30 +432,32 @@ impl Trigger {
                         "job_parameters/notebook_params go with job_id; put each child's in the child".into(),
                     ));
                 }
-                let children = fanout::children(&id, children, rules.max_children)?;
-                Work::FanOut(fanout::fan_out(
-                    children,
-                    w.join,
-                    w.fail_fast,
-                    w.max_concurrency,
-                )?)
+                Some(fanout::children(&id, children, rules.max_children)?)
             }
             (None, Some(sets)) => {
-                let shared = parse_launch(w.job_id, w.job_parameters, w.notebook_params, w.submit)?;
-                let children = fanout::for_each(&id, shared, sets, rules.max_children)?;
-                Work::FanOut(fanout::fan_out(
-                    children,
-                    w.join,
-                    w.fail_fast,
-                    w.max_concurrency,
-                )?)
+                let shared = parse_launch(
+                    w.job_id.take(),
+                    w.job_parameters.take(),
+                    w.notebook_params.take(),
+                    w.submit.take(),
+                )?;
+                Some(fanout::for_each(&id, shared, sets, rules.max_children)?)
             }
             (None, None) if fan => {
                 return Err(TriggerError::Invalid(
                     "join, fail_fast and max_concurrency go with children or for_each".into(),
                 ));
             }
-            (None, None) => Work::Run(parse_launch(
+            (None, None) => None,
+        };
+        let work = match children {
+            Some(children) => Work::FanOut(fanout::fan_out(
+                children,
+                w.join,
+                w.fail_fast,
+                w.max_concurrency,
+            )?),
+            None => Work::Run(parse_launch(
                 w.job_id,
                 w.job_parameters,
                 w.notebook_params,

@@ -91,11 +91,13 @@ pub(super) async fn view_with_children<S: Store>(
 ) -> Result<PromiseView, ApiError> {
     let mut view = p.view();
     if let Some(children) = view.children.as_mut() {
-        children.items = crate::join::children_now(&st.store, &p.id)
-            .await?
-            .iter()
-            .map(crate::store::ChildEntry::view)
-            .collect();
+        children.items = Some(
+            crate::join::children_now(&st.store, &p.id)
+                .await?
+                .iter()
+                .map(crate::store::ChildEntry::view)
+                .collect(),
+        );
     }
     Ok(view)
 }

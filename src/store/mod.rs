@@ -377,12 +377,15 @@ pub trait Families: Clone + Send + Sync + 'static {
         limit: usize,
         lease: Duration,
     ) -> impl Future<Output = Result<Vec<PromiseId>, StoreError>> + Send;
-    /// A fan-out step over the window `launched` is done: the parent leaves
-    /// the schedule unless the window grew meanwhile.
+    /// A fan-out step over the window `launched` is done: a pending parent
+    /// leaves the schedule unless the window grew meanwhile; a settled one
+    /// only when `settled_step` (its own step found no child left to
+    /// cancel), else it is scheduled again at once.
     fn fanout_done(
         &self,
         parent: &PromiseId,
         launched: u32,
+        settled_step: bool,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 

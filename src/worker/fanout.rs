@@ -110,11 +110,11 @@ pub async fn step<S: PromiseStore + Families, J: Jobs>(
     parent: &PromiseId,
 ) -> Result<usize, StepError> {
     let Some(p) = ctx.store.get(parent).await? else {
-        ctx.store.fanout_done(parent, 0).await?;
+        ctx.store.fanout_done(parent, 0, true).await?;
         return Ok(0);
     };
     let Some(family) = p.family.clone() else {
-        ctx.store.fanout_done(parent, 0).await?;
+        ctx.store.fanout_done(parent, 0, true).await?;
         return Ok(0);
     };
     if p.state.is_settled() {
@@ -137,7 +137,9 @@ pub async fn step<S: PromiseStore + Families, J: Jobs>(
         .collect()
         .await;
     results.into_iter().collect::<Result<Vec<()>, _>>()?;
-    ctx.store.fanout_done(parent, family.launched).await?;
+    ctx.store
+        .fanout_done(parent, family.launched, false)
+        .await?;
     Ok(n)
 }
 
@@ -199,7 +201,7 @@ async fn cancel_unlaunched<S: PromiseStore + Families, J: Jobs>(
             reason: format!("{left} children still without a recorded run"),
         });
     }
-    ctx.store.fanout_done(&p.id, launched).await?;
+    ctx.store.fanout_done(&p.id, launched, true).await?;
     Ok(0)
 }
 
@@ -288,6 +290,36 @@ async fn ensure_child<S: PromiseStore + Families, J: Jobs>(
     )
 }
 
+/// The due steps of this worker's partitions, a few at a time.
+async fn steps<S: PromiseStore + Families, J: Jobs>(
+    ctx: &WorkerContext<S, J>,
+    assignment: &Assignment,
+    batch: usize,
+) {
+    for partition in assignment.current() {
+        let due = match ctx
+            .store
+            .claim_fanouts(partition, batch, ctx.fanout_lease)
+            .await
+        {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(partition, error = %e, "fan-out schedule unreadable; retrying");
+                return;
+            }
+        };
+        let _: Vec<()> = stream::iter(due)
+            .map(|id| async move {
+                if let Err(e) = step(ctx, &id).await {
+                    tracing::warn!(promise.id = %id, error = %e, "fan-out step unfinished; retried after its lease");
+                }
+            })
+            .buffer_unordered(4)
+            .collect()
+            .await;
+    }
+}
+
 /// Takes due fan-out steps of this worker's partitions every `tick`, until
 /// `shutdown`.
 pub async fn run<S: PromiseStore + Families, J: Jobs>(
@@ -298,28 +330,11 @@ pub async fn run<S: PromiseStore + Families, J: Jobs>(
     shutdown: CancellationToken,
 ) {
     while !shutdown.is_cancelled() {
-        for partition in assignment.current() {
-            let due = match ctx
-                .store
-                .claim_fanouts(partition, batch, ctx.fanout_lease)
-                .await
-            {
-                Ok(due) => due,
-                Err(e) => {
-                    tracing::warn!(partition, error = %e, "fan-out schedule unreadable; retrying");
-                    break;
-                }
-            };
-            let ctx = &ctx;
-            let _: Vec<()> = stream::iter(due)
-                .map(|id| async move {
-                    if let Err(e) = step(ctx, &id).await {
-                        tracing::warn!(promise.id = %id, error = %e, "fan-out step unfinished; retried after its lease");
-                    }
-                })
-                .buffer_unordered(4)
-                .collect()
-                .await;
+        // A step cut short by shutdown is taken again by whoever leases its
+        // partition next: every step is safe to repeat.
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = steps(&ctx, &assignment, batch) => {}
         }
         pause(tick, &shutdown).await;
     }

@@ -42,6 +42,16 @@ async fn family_events(
     app.events_for_all(&ids, limit).await
 }
 
+/// `GET /promises/{id}` as an operator.
+async fn api_get(app: &TestApp, id: &str) -> Value {
+    let r = app
+        .operator(app.http.get(format!("{}/promises/{id}", app.sidecar_url)))
+        .send()
+        .await
+        .unwrap();
+    r.json().await.unwrap()
+}
+
 /// The emulator's run of a child (by its promise_id parameter), if any.
 async fn run_of(app: &TestApp, id: &str) -> Option<Value> {
     app.runs_for(id).await.into_iter().next()
@@ -91,17 +101,7 @@ async fn fifty_children_resolve_the_parent_with_their_values_in_order() {
     .await;
 
     // The API shows the parent with its children.
-    let r: Value = app
-        .operator(
-            app.http
-                .get(format!("{}/promises/{parent}", app.sidecar_url)),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = api_get(&app, &parent).await;
     assert_eq!(r["children"]["count"], 50);
     assert_eq!(r["children"]["join"], "all");
     assert_eq!(
@@ -109,17 +109,7 @@ async fn fifty_children_resolve_the_parent_with_their_values_in_order() {
         json!(format!("{parent}/7"))
     );
     assert_eq!(r["children"]["items"][7]["state"], "RESOLVED");
-    let c: Value = app
-        .operator(
-            app.http
-                .get(format!("{}/promises/{parent}/7", app.sidecar_url)),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let c = api_get(&app, &format!("{parent}/7")).await;
     assert_eq!(c["parent"], json!(parent));
     app.stop().await;
 }
@@ -264,5 +254,235 @@ async fn an_invalid_parent_is_dead_lettered_and_creates_nothing() {
     assert_eq!(dead.len(), 1);
     assert!(app.promise(&parent).await.is_none());
     assert!(app.promise(&format!("{parent}/0")).await.is_none());
+    app.stop().await;
+}
+
+/// The console shows a parent with its children's states, a child links
+/// its parent, and one cancel of the parent (the form) cancels the tree.
+#[tokio::test]
+async fn the_console_shows_the_tree_and_cancels_it() {
+    use crate::ui::{csrf_of, get, log_in, post_form};
+    let mut app = TestApp::spawn().await;
+    let parent = unique("console-tree");
+    let kids = json!([{"job_id": JOB_CALLBACK}, {"job_id": JOB_NEVER}, {"job_id": JOB_NEVER}]);
+    app.publish(&json!({"id": parent, "children": kids, "join": "all_settled"}))
+        .await;
+    let children = child_ids(&parent, 3);
+    app.first_event(&children[0], Duration::from_secs(15)).await;
+    for id in &children[1..] {
+        eventually(Duration::from_secs(10), "child launched", || async {
+            app.promise(id).await.filter(|p| p.run_id.is_some())
+        })
+        .await;
+    }
+    let cookie = log_in(&app).await;
+    let (status, page) = get(&app, &format!("/ui/promises/{parent}"), Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("3 children, joined by all_settled"), "{page}");
+    assert!(page.contains(&format!(r#"href="/ui/promises/{}""#, children[0])));
+    assert!(
+        page.contains(">RESOLVED</td>") && page.contains(">PENDING</td>"),
+        "{page}"
+    );
+    assert!(page.contains("Cancel the whole tree"));
+    let (_, child_page) = get(
+        &app,
+        &format!("/ui/promises/{}", children[1]),
+        Some(&cookie),
+    )
+    .await;
+    assert!(child_page.contains(&format!(r#"href="/ui/promises/{parent}""#)));
+    let csrf = csrf_of(&page);
+    let fields = [
+        ("csrf", csrf.as_str()),
+        ("id", parent.as_str()),
+        ("action", "cancel"),
+        ("confirm", "yes"),
+    ];
+    let r = post_form(&app, "/ui/act", Some(&cookie), &fields).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let events = family_events(&mut app, &parent, &children[1..], Duration::from_secs(15)).await;
+    assert_eq!(events[&parent][0]["data"]["state"], "REJECTED_CANCELED");
+    for id in &children[1..] {
+        assert_eq!(events[id][0]["data"]["settled_by"], "parent");
+    }
+    let (_, page) = get(&app, &format!("/ui/promises/{parent}"), Some(&cookie)).await;
+    // The two children's cells (the parent's own state cell has an id).
+    let cancelled = r#"state-REJECTED_CANCELED">REJECTED_CANCELED</td>"#;
+    assert_eq!(page.matches(cancelled).count(), 2, "{page}");
+    app.stop().await;
+}
+
+/// `runbridge promise get` prints a parent with its children and their
+/// states.
+#[tokio::test]
+async fn the_cli_prints_the_tree() {
+    let mut app = TestApp::spawn().await;
+    let parent = unique("cli-tree");
+    app.publish(&json!({"id": parent, "job_id": JOB_CALLBACK, "for_each": [{"n": 1}, {"n": 2}]}))
+        .await;
+    app.first_event(&parent, Duration::from_secs(15)).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_runbridge"))
+        .args(["promise", "get", &parent])
+        .envs(app.env_vars())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "RESOLVED");
+    assert_eq!(v["children"]["count"], 2);
+    assert_eq!(
+        v["children"]["items"][1]["id"],
+        json!(format!("{parent}/1"))
+    );
+    assert_eq!(v["children"]["items"][1]["state"], "RESOLVED");
+    app.stop().await;
+}
+
+/// The store's family steps are safe to repeat: a child's outcome is
+/// recorded once however often it is reported (the relay retries after a
+/// crash), the answer is read from what is recorded, the window widens once
+/// per settled child, and cancelling a child twice changes it once.
+#[tokio::test]
+async fn family_steps_in_the_store_are_idempotent() {
+    use runbridge::domain::fanout::JoinState;
+    use runbridge::domain::promise::{ChildOf, Family};
+    use runbridge::domain::{Join, Payload, PromiseId, SettledBy, State};
+    use runbridge::store::{
+        ChildCancel, ChildReport, CreateOutcome, Families, PromiseStore, Settle, Timeout,
+    };
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let store = &app.store;
+    let parent = PromiseId::parse(&unique("store-parent")).unwrap();
+    let ids: Vec<PromiseId> = (0..3)
+        .map(|n| PromiseId::parse(&format!("{parent}/{n}")).unwrap())
+        .collect();
+    let family = Family {
+        children: 3,
+        join: Join::All,
+        fail_fast: true,
+        max_concurrency: Some(1),
+        launched: 1,
+    };
+    let new = new_promise(&parent, Timeout::After(Duration::from_secs(600)));
+    let CreateOutcome::Created(p) = store
+        .create_parent(&new, &family, &ids, Duration::from_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!("created");
+    };
+    assert_eq!(p.family, Some(family.clone()));
+    // A second create finds it and changes nothing.
+    assert!(matches!(
+        store
+            .create_parent(&new, &family, &ids, Duration::ZERO)
+            .await
+            .unwrap(),
+        CreateOutcome::Existing(_)
+    ));
+    let child = |n: u32| runbridge::store::NewPromise {
+        parent: Some(ChildOf {
+            parent: parent.clone(),
+            index: n,
+        }),
+        ..new_promise(&ids[n as usize], Timeout::After(Duration::from_secs(600)))
+    };
+    let settle = |n: usize, state: State, data: &str| Settle {
+        id: ids[n].clone(),
+        target: state,
+        value: Payload::data(data),
+        ikey: None,
+        strict: false,
+        settled_by: SettledBy::Operator,
+        cancel_run: false,
+    };
+    store.create(&child(0)).await.unwrap();
+    let runbridge::store::SettleOutcome::Settled(c0) = store
+        .settle(&settle(0, State::Resolved, "7"))
+        .await
+        .unwrap()
+    else {
+        panic!("settled");
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            store.child_settled(&c0).await.unwrap(),
+            ChildReport::Join(JoinState::Open)
+        );
+    }
+    // Widened once (1 settled + max_concurrency 1), not once per report.
+    assert_eq!(
+        store
+            .get(&parent)
+            .await
+            .unwrap()
+            .unwrap()
+            .family
+            .unwrap()
+            .launched,
+        2
+    );
+    let recorded = store.children(&parent).await.unwrap();
+    assert_eq!(recorded[0].state, Some(State::Resolved));
+    assert_eq!(recorded[1].state, None);
+    // A promise the parent does not list as that child is not one.
+    let stranger = runbridge::domain::Promise {
+        id: PromiseId::parse("someone-else").unwrap(),
+        ..c0.clone()
+    };
+    assert_eq!(
+        store.child_settled(&stranger).await.unwrap(),
+        ChildReport::NotAChild
+    );
+
+    // The first rejection decides under all; its repeat answers the same.
+    store.create(&child(1)).await.unwrap();
+    let runbridge::store::SettleOutcome::Settled(c1) = store
+        .settle(&settle(1, State::Rejected, "boom"))
+        .await
+        .unwrap()
+    else {
+        panic!("settled");
+    };
+    let first = store.child_settled(&c1).await.unwrap();
+    assert!(
+        matches!(&first, ChildReport::Join(JoinState::Decisive(o)) if o.index == 1 && o.data.as_deref() == Some("boom")),
+        "{first:?}"
+    );
+    assert_eq!(store.child_settled(&c1).await.unwrap(), first);
+
+    // Cancelling: child 2 was never created: written cancelled, once.
+    let p = store.get(&parent).await.unwrap().unwrap();
+    let entry = |n: usize| runbridge::store::ChildEntry {
+        index: n as u32,
+        id: ids[n].clone(),
+        state: None,
+    };
+    assert_eq!(
+        store.cancel_child(&p, &entry(2)).await.unwrap(),
+        ChildCancel::Cancelled
+    );
+    assert_eq!(
+        store.cancel_child(&p, &entry(2)).await.unwrap(),
+        ChildCancel::Already
+    );
+    let c2 = store.get(&ids[2]).await.unwrap().unwrap();
+    assert_eq!(c2.state, State::RejectedCanceled);
+    assert_eq!(c2.settled_by.as_deref(), Some("parent"));
+    // A later create of it (a late fan-out step) finds it settled.
+    assert!(matches!(
+        store.create(&child(2)).await.unwrap(),
+        CreateOutcome::Existing(p) if p.state == State::RejectedCanceled
+    ));
     app.stop().await;
 }

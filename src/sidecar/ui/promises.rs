@@ -17,7 +17,7 @@ use super::{
 use crate::domain::{Completion, Payload, Promise, PromiseId, SettledBy, State};
 use crate::reconciler::valid_id_filter;
 use crate::sidecar::St;
-use crate::store::{SearchQuery, Settle, SettleOutcome, Store, StoreError};
+use crate::store::{ChildEntry, SearchQuery, Settle, SettleOutcome, Store, StoreError};
 
 /// The search form, filled with what was asked.
 fn search_form(
@@ -203,7 +203,34 @@ fn data_block(p: &Payload) -> Markup {
     }
 }
 
-fn promise_page(p: &Promise, csrf: &str, done: Option<&str>) -> Markup {
+/// A parent's children: each with its state and a link to its page.
+fn children_table(children: &[ChildEntry]) -> Markup {
+    html! {
+        table id="children" {
+            caption.sr-only { "The parent's children" }
+            thead { tr { th scope="col" { "#" } th scope="col" { "Child" } th scope="col" { "State" } } }
+            tbody {
+                @for c in children {
+                    tr {
+                        td { (c.index) }
+                        td { a href=(format!("/ui/promises/{}", c.id.as_str())) { (c.id.as_str()) } }
+                        @match c.state {
+                            Some(st) => td class=(state_class(st)) { (st.as_str()) },
+                            None => td { "not launched yet" },
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn promise_page(
+    p: &Promise,
+    children: Option<&[ChildEntry]>,
+    csrf: &str,
+    done: Option<&str>,
+) -> Markup {
     let id = p.id.as_str();
     let run = match (p.run_id, &p.run_page_url) {
         (Some(r), Some(u)) if u.starts_with("https://") || u.starts_with("http://") => {
@@ -214,7 +241,7 @@ fn promise_page(p: &Promise, csrf: &str, done: Option<&str>) -> Markup {
     };
     let a = &p.activity;
     let dash = || "–".to_string();
-    let rows: [(&str, Markup); 8] = [
+    let rows: [(&str, Markup); 9] = [
         ("Databricks run", run.clone()),
         (
             "Job",
@@ -229,7 +256,29 @@ fn promise_page(p: &Promise, csrf: &str, done: Option<&str>) -> Markup {
         ("Tags", html! { (tag_list(&p.tags)) }),
         ("Reply to", html! { (p.reply_to.as_deref().unwrap_or("–")) }),
         ("Trace", html! { (p.traceparent.as_deref().unwrap_or("–")) }),
+        (
+            "Parent",
+            match &p.parent {
+                Some(of) => html! {
+                    a href=(format!("/ui/promises/{}", of.parent.as_str())) { (of.parent.as_str()) }
+                    " (child " (of.index) ")"
+                },
+                None => html! { "–" },
+            },
+        ),
     ];
+    let family = p.family.as_ref().map(|f| {
+        let mc = f
+            .max_concurrency
+            .map(|m| format!(", at most {m} at once"))
+            .unwrap_or_default();
+        format!(
+            "{} children, joined by {}{}{mc}",
+            f.children,
+            f.join.as_str(),
+            if f.fail_fast { " (fail fast)" } else { "" }
+        )
+    });
     html! {
         h1 { "Promise " code { (id) } }
         @if let Some(n) = done { (notice(n)) }
@@ -272,6 +321,11 @@ fn promise_page(p: &Promise, csrf: &str, done: Option<&str>) -> Markup {
                 li { "pending" }
             }
         }
+        @if let Some(f) = &family {
+            h2 { "Children" }
+            p { (f) }
+            @if let Some(c) = children { (children_table(c)) }
+        }
         h2 { "Parameters" }
         (data_block(&p.param))
         h2 { @if p.state.is_rejection() { "Error" } @else { "Value" } }
@@ -281,7 +335,11 @@ fn promise_page(p: &Promise, csrf: &str, done: Option<&str>) -> Markup {
             div.actions {
                 form method="post" action="/ui/act" {
                     (act_fields(csrf, id, "cancel"))
-                    p { "Cancel: the promise becomes REJECTED_CANCELED and its run is cancelled." }
+                    @if p.family.is_some() {
+                        p { "Cancel the whole tree: the parent becomes REJECTED_CANCELED and every pending child is cancelled with its run." }
+                    } @else {
+                        p { "Cancel: the promise becomes REJECTED_CANCELED and its run is cancelled." }
+                    }
                     label for="cancel-reason" { "Reason" input id="cancel-reason" name="value" value="canceled by an operator"; }
                     (confirm_box())
                     p { button.danger type="submit" id="cancel-button" { "Cancel promise" } }
@@ -330,15 +388,24 @@ pub async fn promise<S: Store>(
     };
     let done = done_notice(&q);
     match st.store.get(&pid).await {
-        Ok(Some(p)) => respond(
-            StatusCode::OK,
-            page(
-                &format!("Promise {id}"),
-                Nav::Promises,
-                Some(&s),
-                promise_page(&p, &s, done.as_deref()),
-            ),
-        ),
+        Ok(Some(p)) => {
+            let children = match &p.family {
+                Some(_) => match crate::join::children_now(&st.store, &pid).await {
+                    Ok(c) => Some(c),
+                    Err(e) => return unavailable_page(&s, "store", &e, ""),
+                },
+                None => None,
+            };
+            respond(
+                StatusCode::OK,
+                page(
+                    &format!("Promise {id}"),
+                    Nav::Promises,
+                    Some(&s),
+                    promise_page(&p, children.as_deref(), &s, done.as_deref()),
+                ),
+            )
+        }
         Ok(None) => error_page(
             &s,
             StatusCode::NOT_FOUND,

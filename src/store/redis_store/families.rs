@@ -222,12 +222,18 @@ impl Families for RedisStore {
             .collect())
     }
 
-    async fn fanout_done(&self, parent: &PromiseId, launched: u32) -> Result<(), StoreError> {
+    async fn fanout_done(
+        &self,
+        parent: &PromiseId,
+        launched: u32,
+        settled_step: bool,
+    ) -> Result<(), StoreError> {
         let mut inv = Call::new(&self.scripts.fanout_done);
         inv.key(self.keys.promise(parent))
             .key(self.keys.fanout(self.keys.partition(parent)))
             .arg(parent.as_str())
-            .arg(launched);
+            .arg(launched)
+            .arg(if settled_step { "1" } else { "0" });
         self.transition(&inv).await?;
         Ok(())
     }

@@ -46,15 +46,25 @@ async fn emulator_runs(emu_port: u16) -> Result<Vec<Value>> {
     Ok(runs["runs"].as_array().cloned().unwrap_or_default())
 }
 
-/// The quiet period: waits, up to `limit`, until every expected promise
-/// (`valid`) is settled, the trigger queue drained and no run is still
-/// going (a cancelled child's run ends when its cancel lands), then up to
-/// 30 s for the relays to publish the last settlements.
+/// The quiet period: waits until every expected promise (`valid`) is
+/// settled, the trigger queue drained and no run is still going (a
+/// cancelled child's run ends when its cancel lands), for as long as
+/// promises keep settling: it gives up after `limit` without one more
+/// settled (a stuck run), or five times `limit` in all. A parent with a
+/// small `max_concurrency` created late settles its children a few at a
+/// time, slowly under the crash points that keep firing. Then up to 30 s
+/// for the relays to publish the last settlements.
 pub async fn wait_quiet(lab: &Lab, store: &RedisStore, valid: usize, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
+    let start = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut best = 0usize;
+    while last_progress.elapsed() < limit && start.elapsed() < limit * 5 {
         let promises = all_promises(store).await.unwrap_or_default();
         let settled = promises.iter().filter(|p| p.state.is_settled()).count();
+        if settled > best {
+            best = settled;
+            last_progress = Instant::now();
+        }
         // Quiet means settled *and* the trigger queue drained: a re-published
         // copy or a redelivery after a crash may still be on its way to a
         // worker (which acks it as a duplicate). A copy that never drains is
@@ -71,6 +81,7 @@ pub async fn wait_quiet(lab: &Lab, store: &RedisStore, valid: usize, limit: Dura
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    println!("[chaos] quiet after {:.0}s", start.elapsed().as_secs_f64());
     let outbox_deadline = Instant::now() + Duration::from_secs(30);
     while store.outbox_len().await.unwrap_or(1) > 0 && Instant::now() < outbox_deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -291,7 +291,11 @@ fn runbridge_env(
         ("RUNBRIDGE__RECONCILER__GRACE_MS", "1500".into()),
         ("RUNBRIDGE__RECONCILER__LEASE_MS", "5000".into()),
         ("RUNBRIDGE__LOG__FORMAT", "json".into()),
-        ("RUST_LOG", "warn".into()),
+        // CHAOS_RUST_LOG raises it to look into a failed run.
+        (
+            "RUST_LOG",
+            std::env::var("CHAOS_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        ),
         (
             "RUNBRIDGE__SIDECAR__PUBLIC_URL",
             format!("http://127.0.0.1:{first_sidecar}"),

@@ -74,7 +74,8 @@ pub struct Args {
     /// Seconds between faults (drawn between 1x and 2x this).
     #[arg(long, default_value_t = 2.0)]
     pub fault_every: f64,
-    /// How long to wait for everything to settle once publishing is done.
+    /// Once publishing is done, how long to wait for the next promise to
+    /// settle before giving up on the rest (five times this in all).
     #[arg(long, default_value_t = 120)]
     pub quiet_seconds: u64,
     /// Port of the private Redis (default: a free one).
@@ -135,7 +136,7 @@ async fn main() -> Result<()> {
     let sampling = tokio::spawn(supervisor::sample_rss(procs.clone(), stop_faults.clone()));
     publishing.await?;
     println!(
-        "[chaos] published {} triggers; faults stop now, quiet period up to {}s",
+        "[chaos] published {} triggers; faults stop now, quiet period while promises settle (up to {}s without one)",
         published.load(Ordering::Relaxed),
         args.quiet_seconds
     );
