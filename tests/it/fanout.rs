@@ -486,3 +486,60 @@ async fn family_steps_in_the_store_are_idempotent() {
     ));
     app.stop().await;
 }
+
+/// A parent that times out, and one an operator resolves, leave no child
+/// pending or running.
+#[tokio::test]
+async fn a_parent_timed_out_or_resolved_by_hand_leaves_no_child_running() {
+    let mut app = TestApp::spawn().await;
+    let timed = unique("timed-parent");
+    let resolved = unique("resolved-parent");
+    let kids: Vec<Value> = (0..3).map(|_| json!({"job_id": JOB_NEVER})).collect();
+    app.publish(&json!({"id": timed, "children": kids, "timeout_seconds": 3}))
+        .await;
+    app.publish(&json!({"id": resolved, "children": kids}))
+        .await;
+    let (timed_kids, resolved_kids) = (child_ids(&timed, 3), child_ids(&resolved, 3));
+    for id in &resolved_kids {
+        eventually(Duration::from_secs(10), "child launched", || async {
+            app.promise(id).await.filter(|p| p.run_id.is_some())
+        })
+        .await;
+    }
+    let r = app
+        .operator(
+            app.http
+                .patch(format!("{}/promises/{resolved}", app.sidecar_url)),
+        )
+        .json(&json!({"state": "RESOLVED", "value": {"data": "done by hand"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut all = timed_kids.clone();
+    all.extend(resolved_kids.iter().cloned());
+    all.extend([timed.clone(), resolved.clone()]);
+    let events = app.events_for_all(&all, Duration::from_secs(20)).await;
+    assert_eq!(events[&timed][0]["data"]["state"], "REJECTED_TIMEDOUT");
+    assert_eq!(events[&resolved][0]["data"]["settled_by"], "operator");
+    for id in &resolved_kids {
+        assert_eq!(events[id][0]["data"]["state"], "REJECTED_CANCELED");
+    }
+    for id in timed_kids.iter().chain(&resolved_kids) {
+        // A child shares its parent's deadline: it times out with it, or is
+        // cancelled by it; either way its run is cancelled.
+        assert!(
+            events[id][0]["data"]["state"]
+                .as_str()
+                .unwrap()
+                .starts_with("REJECTED_")
+        );
+        eventually(Duration::from_secs(10), "child run cancelled", || async {
+            run_of(&app, id)
+                .await
+                .filter(|r| r["result_state"] == "CANCELED")
+        })
+        .await;
+    }
+    app.stop().await;
+}
