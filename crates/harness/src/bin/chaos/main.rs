@@ -161,8 +161,21 @@ async fn main() -> Result<()> {
         n.start().await?;
     }
 
-    // Quiet period, then stop everything and check.
-    let store = runbridge::startup::store(&lab.settings).await?;
+    // Quiet period, then stop everything and check. A Redis the last fault
+    // restarted may still be loading its AOF (LOADING) for a moment.
+    let store = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match runbridge::startup::store(&lab.settings).await {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    println!("[chaos] store not ready yet ({e}); retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
     invariants::wait_quiet(
         &lab,
         &store,
