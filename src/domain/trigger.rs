@@ -547,6 +547,11 @@ mod hostile {
             Just("heartbeat_seconds".to_string()),
             Just("workspace".to_string()),
             Just("cancel_on_timeout".to_string()),
+            Just("children".to_string()),
+            Just("for_each".to_string()),
+            Just("join".to_string()),
+            Just("fail_fast".to_string()),
+            Just("max_concurrency".to_string()),
             "\\PC{0,12}",
         ];
         leaf.prop_recursive(4, 48, 8, move |inner| {
@@ -574,6 +579,14 @@ mod hostile {
                 prop_assert!(PromiseId::parse(t.id.as_str()).is_ok());
                 prop_assert!(t.tags.len() <= MAX_TAGS);
                 prop_assert!(t.timeout <= TriggerRules::default().max_timeout);
+                if let Work::FanOut(f) = &t.work {
+                    prop_assert!(!f.children.is_empty());
+                    prop_assert!(f.children.len() <= TriggerRules::default().max_children);
+                    for n in 0..f.children.len() {
+                        let c = t.child(n).unwrap();
+                        prop_assert!(c.launch().is_some() && c.id != t.id);
+                    }
+                }
             }
         }
     }
