@@ -11,9 +11,6 @@ use serde_json::json;
 
 use super::model::{Emulator, Outcome, now_ms};
 
-/// Lifecycle states of a run that holds one of its job's concurrent slots.
-const ACTIVE: &[&str] = &["PENDING", "RUNNING", "TERMINATING", "WAITING_FOR_RETRY"];
-
 /// How often a queued run looks whether its turn came.
 const QUEUE_POLL: Duration = Duration::from_millis(20);
 
@@ -30,16 +27,6 @@ fn with_params(value: &str, params: &std::collections::BTreeMap<String, String>)
 }
 
 impl Emulator {
-    /// Runs of `job_id` holding a concurrent slot, `except` aside.
-    pub fn active_runs(inner: &super::model::Inner, job_id: u64, except: u64) -> u64 {
-        inner
-            .runs
-            .values()
-            .filter(|r| r.job_id == Some(job_id) && r.run_id != except)
-            .filter(|r| ACTIVE.contains(&r.life_cycle_state))
-            .count() as u64
-    }
-
     /// A queued run starts when a slot is free and it is the job's oldest
     /// queued run. `None`: it is no longer queued (cancelled).
     fn try_start(&self, run_id: u64) -> Option<bool> {
@@ -59,18 +46,13 @@ impl Emulator {
             .get(&job_id)
             .and_then(|j| j.max_concurrent_runs())
             .unwrap_or(u64::MAX);
-        let oldest = inner
-            .runs
-            .values()
-            .filter(|r| r.job_id == Some(job_id) && r.life_cycle_state == "QUEUED")
-            .map(|r| r.run_id)
-            .min();
-        if oldest != Some(run_id) || Self::active_runs(&inner, job_id, run_id) >= max {
+        if inner.oldest_queued(job_id) != Some(run_id) || inner.active_runs(job_id) >= max {
             return Some(false);
         }
         let run = inner.runs.get_mut(&run_id)?;
         run.life_cycle_state = "PENDING";
         run.queue_reason = None;
+        inner.moved(Some(job_id), run_id, Some("QUEUED"), "PENDING");
         Some(true)
     }
 
@@ -177,6 +159,7 @@ impl Emulator {
         if matches!(run.life_cycle_state, "TERMINATED" | "SKIPPED") {
             return;
         }
+        let was = run.life_cycle_state;
         run.life_cycle_state = life;
         run.result_state = result;
         run.state_message = message.to_owned();
@@ -190,13 +173,7 @@ impl Emulator {
             }
         }
         let job = run.job_id;
-        if life == "RUNNING"
-            && let Some(job) = job
-        {
-            let active = Self::active_runs(&inner, job, 0);
-            let m = inner.max_active.entry(job).or_default();
-            *m = (*m).max(active);
-        }
+        inner.moved(job, run_id, Some(was), life);
     }
 
     fn is_terminated(&self, run_id: u64) -> bool {

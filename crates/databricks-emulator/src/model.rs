@@ -1,6 +1,6 @@
 //! The emulator's state: jobs, runs, idempotency tokens, faults.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -265,6 +265,12 @@ pub struct Inner {
     pub refused_tokens: HashMap<String, bool>,
     /// Per job, the most runs it ever had active at once.
     pub max_active: BTreeMap<u64, u64>,
+    /// Per job, its runs holding a concurrent slot now, and its queued runs
+    /// in order, kept in step with every state change ([`Inner::moved`]):
+    /// admitting, starting and counting then cost no walk over every run
+    /// (which made each state change cost the number of runs so far).
+    pub active: HashMap<u64, u64>,
+    pub queued: HashMap<u64, BTreeSet<u64>>,
     pub calls: BTreeMap<String, u64>,
     pub inject: HashMap<String, VecDeque<Injected>>,
     /// Launch requests being handled right now, and the most ever at once:
@@ -277,6 +283,47 @@ pub struct Inner {
     pub oauth_tokens: HashMap<String, i64>,
     /// API requests refused for an expired OAuth token.
     pub oauth_expired_refused: u64,
+}
+
+/// Lifecycle states of a run that holds one of its job's concurrent slots.
+pub const ACTIVE: &[&str] = &["PENDING", "RUNNING", "TERMINATING", "WAITING_FOR_RETRY"];
+
+impl Inner {
+    /// A run of `job` went from `from` (`None`: it is new) to `to`.
+    pub fn moved(&mut self, job: Option<u64>, run_id: u64, from: Option<&str>, to: &str) {
+        let Some(job) = job else { return };
+        let was = from.is_some_and(|f| ACTIVE.contains(&f));
+        let is = ACTIVE.contains(&to);
+        let active = self.active.entry(job).or_default();
+        match (was, is) {
+            (false, true) => *active += 1,
+            (true, false) => *active = active.saturating_sub(1),
+            _ => {}
+        }
+        if from == Some("QUEUED") && to != "QUEUED" {
+            if let Some(q) = self.queued.get_mut(&job) {
+                q.remove(&run_id);
+            }
+        }
+        if to == "QUEUED" && from != Some("QUEUED") {
+            self.queued.entry(job).or_default().insert(run_id);
+        }
+        if to == "RUNNING" {
+            let now = self.active.get(&job).copied().unwrap_or(0);
+            let m = self.max_active.entry(job).or_default();
+            *m = (*m).max(now);
+        }
+    }
+
+    /// Runs of `job` holding a concurrent slot.
+    pub fn active_runs(&self, job: u64) -> u64 {
+        self.active.get(&job).copied().unwrap_or(0)
+    }
+
+    /// The job's oldest queued run.
+    pub fn oldest_queued(&self, job: u64) -> Option<u64> {
+        self.queued.get(&job).and_then(|q| q.first().copied())
+    }
 }
 
 /// Where finished and started runs are announced, like a Databricks job's

@@ -85,11 +85,8 @@ fn admit(inner: &super::model::Inner, job: Option<&Job>, run: &mut Run) {
     let Some(max) = job.max_concurrent_runs() else {
         return;
     };
-    let queued_ahead = inner
-        .runs
-        .values()
-        .any(|r| r.job_id == Some(job.job_id) && r.life_cycle_state == "QUEUED");
-    if Emulator::active_runs(inner, job.job_id, run.run_id) < max && !queued_ahead {
+    let queued_ahead = inner.oldest_queued(job.job_id).is_some();
+    if inner.active_runs(job.job_id) < max && !queued_ahead {
         return;
     }
     if job.queue_enabled() {
@@ -143,7 +140,9 @@ fn launch(
         inner.task_parent.insert(t.run_id, id);
     }
     admit(&inner, job, &mut run);
+    let (job_id, state) = (run.job_id, run.life_cycle_state);
     inner.runs.insert(id, run);
+    inner.moved(job_id, id, None, state);
     if let Some(t) = token {
         inner.tokens.insert(t, id);
     }
