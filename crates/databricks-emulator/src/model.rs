@@ -300,10 +300,11 @@ impl Inner {
             (true, false) => *active = active.saturating_sub(1),
             _ => {}
         }
-        if from == Some("QUEUED") && to != "QUEUED" {
-            if let Some(q) = self.queued.get_mut(&job) {
-                q.remove(&run_id);
-            }
+        if from == Some("QUEUED")
+            && to != "QUEUED"
+            && let Some(q) = self.queued.get_mut(&job)
+        {
+            q.remove(&run_id);
         }
         if to == "QUEUED" && from != Some("QUEUED") {
             self.queued.entry(job).or_default().insert(run_id);
