@@ -178,17 +178,7 @@ async fn cancel_unlaunched<S: PromiseStore + Families, J: Jobs>(
             if !ours || c.state.is_settled() || c.run_id.is_some() {
                 return Ok(());
             }
-            let Some(run) = child.launch().cloned() else {
-                return Ok(());
-            };
-            let workspace = child
-                .workspace
-                .clone()
-                .unwrap_or_else(|| ctx.default_workspace.clone());
-            disposed(
-                &child,
-                launch_created(ctx, &child, &run, &workspace, &c).await,
-            )
+            launch_child(ctx, &child, &c).await
         })
         .buffer_unordered(LAUNCHES_AT_ONCE)
         .collect()
@@ -205,9 +195,26 @@ async fn cancel_unlaunched<S: PromiseStore + Families, J: Jobs>(
     Ok(0)
 }
 
-/// A child's launch as a step's result.
-fn disposed(child: &Trigger, d: Disposition) -> Result<(), StepError> {
-    match d {
+/// A child's workspace: its own, else the parent's, else the default.
+fn workspace_of<S, J>(ctx: &WorkerContext<S, J>, child: &Trigger) -> String {
+    child
+        .workspace
+        .clone()
+        .unwrap_or_else(|| ctx.default_workspace.clone())
+}
+
+/// Launches a child's created promise as a trigger's would be (steps 3 to
+/// 5), as a step's result.
+async fn launch_child<S: PromiseStore + Families, J: Jobs>(
+    ctx: &WorkerContext<S, J>,
+    child: &Trigger,
+    promise: &Promise,
+) -> Result<(), StepError> {
+    let Some(run) = child.launch() else {
+        return Ok(());
+    };
+    let workspace = workspace_of(ctx, child);
+    match launch_created(ctx, child, run, &workspace, promise).await {
         Disposition::Ack | Disposition::ReplyThenAck(_) => Ok(()),
         Disposition::Requeue(reason)
         | Disposition::Hold(reason)
@@ -244,11 +251,7 @@ async fn ensure_child<S: PromiseStore + Families, J: Jobs>(
     let Some(child) = t.child(n as usize) else {
         return Ok(());
     };
-    let run = child.launch().cloned();
-    let workspace = child
-        .workspace
-        .clone()
-        .unwrap_or_else(|| ctx.default_workspace.clone());
+    let workspace = workspace_of(ctx, &child);
     let of = ChildOf {
         parent: parent.id.clone(),
         index: n,
@@ -283,11 +286,7 @@ async fn ensure_child<S: PromiseStore + Families, J: Jobs>(
     if promise.state.is_settled() {
         return Ok(());
     }
-    let Some(run) = run else { return Ok(()) };
-    disposed(
-        &child,
-        launch_created(ctx, &child, &run, &workspace, &promise).await,
-    )
+    launch_child(ctx, &child, &promise).await
 }
 
 /// The due steps of this worker's partitions, a few at a time.

@@ -52,7 +52,8 @@ async fn api_get(app: &TestApp, id: &str) -> Value {
     r.json().await.unwrap()
 }
 
-/// The emulator's run of a child (by its promise_id parameter), if any.
+/// The emulator's run of a child (by its promise_id parameter), if any
+/// (a child cancelled before it was launched has none).
 async fn run_of(app: &TestApp, id: &str) -> Option<Value> {
     app.runs_for(id).await.into_iter().next()
 }
@@ -142,12 +143,7 @@ async fn a_failing_child_rejects_the_parent_and_cancels_the_rest() {
         assert_eq!(e[0]["data"]["error"]["reason"], "parent_settled");
     }
     for id in &children[1..] {
-        eventually(Duration::from_secs(10), "child run cancelled", || async {
-            run_of(&app, id)
-                .await
-                .filter(|r| r["result_state"] == "CANCELED")
-        })
-        .await;
+        wait_run_cancelled(&app, id).await;
     }
     // No child settles again after its cancel.
     let later = app
@@ -200,10 +196,7 @@ async fn cancelling_the_parent_cancels_the_tree() {
         .await;
     let children = child_ids(&parent, 10);
     for id in &children[..4] {
-        eventually(Duration::from_secs(10), "child launched", || async {
-            app.promise(id).await.filter(|p| p.run_id.is_some())
-        })
-        .await;
+        wait_run_recorded(&app, id).await;
     }
     let r = app
         .operator(
@@ -222,12 +215,7 @@ async fn cancelling_the_parent_cancels_the_tree() {
         assert_eq!(events[id][0]["data"]["state"], "REJECTED_CANCELED");
     }
     for id in &children[..4] {
-        eventually(Duration::from_secs(10), "child run cancelled", || async {
-            run_of(&app, id)
-                .await
-                .filter(|r| r["result_state"] == "CANCELED")
-        })
-        .await;
+        wait_run_cancelled(&app, id).await;
     }
     // Give a late fan-out step every chance: the rest never run.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -270,10 +258,7 @@ async fn the_console_shows_the_tree_and_cancels_it() {
     let children = child_ids(&parent, 3);
     app.first_event(&children[0], Duration::from_secs(15)).await;
     for id in &children[1..] {
-        eventually(Duration::from_secs(10), "child launched", || async {
-            app.promise(id).await.filter(|p| p.run_id.is_some())
-        })
-        .await;
+        wait_run_recorded(&app, id).await;
     }
     let cookie = log_in(&app).await;
     let (status, page) = get(&app, &format!("/ui/promises/{parent}"), Some(&cookie)).await;
@@ -501,10 +486,7 @@ async fn a_parent_timed_out_or_resolved_by_hand_leaves_no_child_running() {
         .await;
     let (timed_kids, resolved_kids) = (child_ids(&timed, 3), child_ids(&resolved, 3));
     for id in &resolved_kids {
-        eventually(Duration::from_secs(10), "child launched", || async {
-            app.promise(id).await.filter(|p| p.run_id.is_some())
-        })
-        .await;
+        wait_run_recorded(&app, id).await;
     }
     let r = app
         .operator(
@@ -534,12 +516,7 @@ async fn a_parent_timed_out_or_resolved_by_hand_leaves_no_child_running() {
                 .unwrap()
                 .starts_with("REJECTED_")
         );
-        eventually(Duration::from_secs(10), "child run cancelled", || async {
-            run_of(&app, id)
-                .await
-                .filter(|r| r["result_state"] == "CANCELED")
-        })
-        .await;
+        wait_run_cancelled(&app, id).await;
     }
     app.stop().await;
 }

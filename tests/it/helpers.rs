@@ -669,6 +669,27 @@ pub fn trigger(id: &str, job_id: u64) -> Value {
     json!({ "id": id, "job_id": job_id, "tags": {"team": "growth"} })
 }
 
+/// Waits until the promise `id` has its run id recorded.
+pub async fn wait_run_recorded(app: &TestApp, id: &str) {
+    eventually(Duration::from_secs(10), "run id recorded", || async {
+        app.promise(id).await.filter(|p| p.run_id.is_some())
+    })
+    .await;
+}
+
+/// Waits until the emulator shows the run of promise `id` cancelled; the run.
+pub async fn wait_run_cancelled(app: &TestApp, id: &str) -> Value {
+    eventually(
+        Duration::from_secs(10),
+        "run cancelled in the emulator",
+        || async {
+            let r = app.runs_for(id).await.into_iter().next().expect("a run");
+            (r["result_state"] == "CANCELED" && r["life_cycle_state"] == "TERMINATED").then_some(r)
+        },
+    )
+    .await
+}
+
 /// A promise to create with nothing but an id and a timeout (workspace
 /// "default").
 pub fn new_promise(

@@ -133,25 +133,6 @@ async fn run_of(app: &TestApp, id: &str) -> Value {
     app.runs_for(id).await.into_iter().next().expect("a run")
 }
 
-async fn wait_run_cancelled(app: &TestApp, id: &str) -> Value {
-    eventually(
-        Duration::from_secs(10),
-        "run cancelled in the emulator",
-        || async {
-            let r = run_of(app, id).await;
-            (r["result_state"] == "CANCELED" && r["life_cycle_state"] == "TERMINATED").then_some(r)
-        },
-    )
-    .await
-}
-
-async fn wait_run_recorded(app: &TestApp, id: &str) {
-    eventually(Duration::from_secs(10), "run id recorded", || async {
-        app.promise(id).await.filter(|p| p.run_id.is_some())
-    })
-    .await;
-}
-
 /// A notebook that stops heartbeating: REJECTED_TIMEDOUT before the overall
 /// timeout, its run cancelled, and a late callback gets 403 and changes nothing.
 #[tokio::test]
