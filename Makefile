@@ -107,6 +107,7 @@ docs: build
 	target/debug/runbridge schema trigger > docs/schemas/trigger.schema.json
 	target/debug/runbridge schema event > docs/schemas/event.schema.json
 	target/debug/runbridge schema control > docs/schemas/control.schema.json
+	target/debug/runbridge schema progress-event > docs/schemas/progress-event.schema.json
 	target/debug/runbridge schema openapi > docs/openapi.json
 	target/debug/runbridge schema asyncapi --defaults > docs/asyncapi.yaml
 

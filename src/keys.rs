@@ -105,6 +105,16 @@ impl Keys {
         format!("{}:{{p{partition}}}:cancels", self.prefix)
     }
 
+    /// Promises waiting for their next attempt, scored by when it is due.
+    pub fn retries(&self, partition: u32) -> String {
+        format!("{}:{{p{partition}}}:retries", self.prefix)
+    }
+
+    /// Promises with a progress event scheduled, scored by when it is due.
+    pub fn progress(&self, partition: u32) -> String {
+        format!("{}:{{p{partition}}}:progress", self.prefix)
+    }
+
     /// A parent's children (hash, in the parent's partition): `i<n>` each
     /// child's id, and as their outcomes arrive `s<n>` state, `v<n>` value
     /// data, `done` how many, `first` the decisive one.

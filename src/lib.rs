@@ -19,6 +19,7 @@ pub mod partitions;
 pub mod reconciler;
 pub mod redact;
 pub mod relay;
+pub mod retry;
 pub mod schemas;
 pub mod shutdown;
 pub mod sidecar;

@@ -80,6 +80,8 @@ enum SchemaDoc {
     Event,
     /// JSON Schema of a control-queue message.
     Control,
+    /// JSON Schema of a progress event.
+    ProgressEvent,
     /// OpenAPI 3.1 of the sidecar (as served at /openapi.json).
     Openapi,
     /// AsyncAPI 3.0 (YAML) of the queues and exchanges.
@@ -93,6 +95,7 @@ fn schema(settings: &Settings, a: SchemaArgs) -> Result<()> {
         SchemaDoc::Trigger => pretty(schemas::trigger())?,
         SchemaDoc::Event => pretty(schemas::event())?,
         SchemaDoc::Control => pretty(schemas::control())?,
+        SchemaDoc::ProgressEvent => pretty(schemas::progress_event())?,
         SchemaDoc::Openapi => runbridge::sidecar::openapi::document(),
         SchemaDoc::Asyncapi => {
             let defaults;

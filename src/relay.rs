@@ -59,13 +59,25 @@ pub async fn publish_entry(publisher: &Publisher, entry: &OutboxEntry) -> Publis
     };
     let event = match CompletionEvent::from_promise(promise) {
         Ok(e) => e,
-        Err(e) => {
-            tracing::error!(entry = %entry.entry_id, error = %e, "outbox entry of a pending promise dropped");
-            return Published::Dropped;
-        }
+        // A pending promise's entry is a progress event (progress.lua).
+        Err(_) => match CompletionEvent::progress(promise) {
+            Some(e) => e,
+            None => {
+                tracing::error!(entry = %entry.entry_id, "outbox entry of a pending promise without progress dropped");
+                return Published::Dropped;
+            }
+        },
     };
     match publisher.publish_event(&event).await {
         Ok(()) => {}
+        // Nobody listens to progress (no queue bound to promise.progress):
+        // an update nobody hears is superseded by the next, not kept.
+        Err(BrokerError::Returned { .. })
+            if event.routing_key == crate::domain::event::PROGRESS_ROUTING_KEY =>
+        {
+            metrics::counter!("runbridge_events_returned_total").increment(1);
+            return Published::Dropped;
+        }
         Err(e @ (BrokerError::Returned { .. } | BrokerError::Nacked)) => {
             let what = if matches!(e, BrokerError::Nacked) {
                 "runbridge_events_nacked_total"
@@ -117,7 +129,7 @@ enum Round {
 /// stays, and comes back (event and follow-up again) once reclaimed.
 async fn follow_up<S: PromiseStore + Families>(store: &S, entry: &OutboxEntry) -> bool {
     let Ok(p) = &entry.promise else { return true };
-    if p.parent.is_none() && p.family.is_none() {
+    if !p.state.is_settled() || (p.parent.is_none() && p.family.is_none()) {
         return true;
     }
     match crate::join::after_settlement(store, p).await {
@@ -129,6 +141,18 @@ async fn follow_up<S: PromiseStore + Families>(store: &S, entry: &OutboxEntry) -
     }
 }
 
+/// A progress entry whose promise's completion event has been confirmed
+/// since (this entry failed and came back): published now it would follow
+/// the completion event, so it is dropped. Read errors publish it (a
+/// progress event is harmless).
+async fn is_stale_progress<S: PromiseStore>(store: &S, entry: &OutboxEntry) -> bool {
+    let Ok(p) = &entry.promise else { return false };
+    if p.state.is_settled() {
+        return false;
+    }
+    matches!(store.get(&p.id).await, Ok(Some(now)) if now.activity.published_on.is_some())
+}
+
 /// Publishes a batch concurrently (confirms awaited together), follows up
 /// families, and acks what was confirmed.
 async fn publish_batch<O: Outbox, S: PromiseStore + Families>(
@@ -137,7 +161,16 @@ async fn publish_batch<O: Outbox, S: PromiseStore + Families>(
     store: &S,
     entries: Vec<OutboxEntry>,
 ) -> Result<Round, crate::store::StoreError> {
-    let results = join_all(entries.iter().map(|e| publish_entry(publisher, e))).await;
+    // Checked first, so that the publishes below start in stream order (a
+    // progress event before its promise's completion event).
+    let stale = join_all(entries.iter().map(|e| is_stale_progress(store, e))).await;
+    let results = join_all(entries.iter().zip(stale).map(|(e, stale)| async move {
+        if stale {
+            return Published::Dropped;
+        }
+        publish_entry(publisher, e).await
+    }))
+    .await;
     let confirmed: Vec<&OutboxEntry> = entries
         .iter()
         .zip(&results)

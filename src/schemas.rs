@@ -33,6 +33,11 @@ pub fn event() -> Value {
     schemars::schema_for!(CloudEvent).to_value()
 }
 
+/// JSON Schema of a progress event (docs/contracts.md, progress).
+pub fn progress_event() -> Value {
+    schemars::schema_for!(crate::domain::event::ProgressCloudEvent).to_value()
+}
+
 /// JSON Schema of an operator's control-queue message.
 pub fn control() -> Value {
     schemars::schema_for!(ControlMessage).to_value()
@@ -80,6 +85,8 @@ pub fn asyncapi(amqp: &AmqpSection) -> Value {
     let trigger = into_components(trigger(), &mut schemas);
     let event = into_components(event(), &mut schemas);
     let control = into_components(control(), &mut schemas);
+    let progress = into_components(progress_event(), &mut schemas);
+    schemas.insert("ProgressEvent".into(), progress);
     schemas.insert("Trigger".into(), trigger);
     schemas.insert("CompletionEvent".into(), event);
     schemas.insert("ControlMessage".into(), control);
@@ -138,6 +145,14 @@ pub fn asyncapi(amqp: &AmqpSection) -> Value {
                 "bindings": {"amqp": {"is": "routingKey", "exchange": {"name": amqp.events_exchange,
                     "type": "topic", "durable": true, "autoDelete": false, "vhost": "/"}, "bindingVersion": "0.3.0"}}
             },
+            "progress": {
+                "address": "promise.progress",
+                "title": "Progress events",
+                "description": format!("A running notebook's progress (POST {{url}}/progress), on the topic exchange {}: at most one per promise per sidecar.progress_interval_ms, the latest update winning, never after the promise's completion event. Not sent to reply_to. Dropped, not kept, when no queue is bound.", amqp.events_exchange),
+                "messages": {"progressEvent": {"$ref": "#/components/messages/ProgressEvent"}},
+                "bindings": {"amqp": {"is": "routingKey", "exchange": {"name": amqp.events_exchange,
+                    "type": "topic", "durable": true, "autoDelete": false, "vhost": "/"}, "bindingVersion": "0.3.0"}}
+            },
             "replies": {
                 "address": null,
                 "title": "reply_to queues",
@@ -173,6 +188,13 @@ pub fn asyncapi(amqp: &AmqpSection) -> Value {
                 "messages": [{"$ref": "#/channels/events/messages/completionEvent"}],
                 "bindings": {"amqp": {"deliveryMode": 2, "mandatory": true, "bindingVersion": "0.3.0"}}
             },
+            "publishProgress": {
+                "action": "send",
+                "channel": {"$ref": "#/channels/progress"},
+                "summary": "A pending promise's latest progress, through the same outbox as completion events.",
+                "messages": [{"$ref": "#/channels/progress/messages/progressEvent"}],
+                "bindings": {"amqp": {"deliveryMode": 2, "mandatory": true, "bindingVersion": "0.3.0"}}
+            },
             "deadLetter": {
                 "action": "send",
                 "channel": {"$ref": "#/channels/deadLetters"},
@@ -203,6 +225,14 @@ pub fn asyncapi(amqp: &AmqpSection) -> Value {
                     "contentType": "application/cloudevents+json",
                     "headers": {"type": "object", "properties": {"traceparent": traceparent}},
                     "payload": {"$ref": "#/components/schemas/CompletionEvent"}
+                },
+                "ProgressEvent": {
+                    "name": "progressEvent",
+                    "title": "Progress event",
+                    "summary": "A CloudEvents 1.0 structured event, type io.runbridge.promise.progress, id <promise id>/progress/<seq>. AMQP message_id = the event id.",
+                    "contentType": "application/cloudevents+json",
+                    "headers": {"type": "object", "properties": {"traceparent": traceparent}},
+                    "payload": {"$ref": "#/components/schemas/ProgressEvent"}
                 },
                 "DeadLetter": {
                     "name": "deadLetter",
@@ -430,6 +460,8 @@ mod tests {
                     index: 3,
                 }),
                 family: None,
+                retry: Default::default(),
+                progress: None,
             };
             let e = CompletionEvent::from_promise(&p).unwrap();
             let body: Value = serde_json::from_slice(&e.body).unwrap();

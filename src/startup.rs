@@ -192,6 +192,8 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
         job_styles: Default::default(),
         workspaces: s.databricks.workspaces.keys().cloned().collect(),
         fanout_lease: Duration::from_millis(s.reconciler.lease_ms),
+        // Checked by `validate`.
+        retry_defaults: s.retry.policies().unwrap_or_default(),
     });
     let name = worker_name();
     // This worker's share of the partitions, for its reconciler and relay,
@@ -213,6 +215,13 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
         )
     });
     let fanouts = crate::worker::fanout::run(
+        ctx.clone(),
+        assignment.clone(),
+        Duration::from_millis(s.reconciler.tick_ms),
+        s.reconciler.batch,
+        shutdown.clone(),
+    );
+    let retries = crate::worker::retry::run(
         ctx.clone(),
         assignment.clone(),
         Duration::from_millis(s.reconciler.tick_ms),
@@ -256,7 +265,7 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
         }
     };
     let work = async {
-        tokio::join!(consumer, relay, reconcile, gauges, fanouts);
+        tokio::join!(consumer, relay, reconcile, gauges, fanouts, retries);
         leases_done.cancel();
     };
     tokio::join!(work, leases);
@@ -380,6 +389,8 @@ pub async fn run_sidecar(
                 || s.sidecar.public_url.starts_with("https://"),
             session_idle: Duration::from_secs(s.sidecar.session_idle_seconds),
             session_max: Duration::from_secs(s.sidecar.session_max_seconds),
+            progress_interval: Duration::from_millis(s.sidecar.progress_interval_ms),
+            progress_history: s.sidecar.progress_history,
         },
         broker_ready: ready,
         notification_auth: s

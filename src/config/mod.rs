@@ -60,6 +60,8 @@ pub struct Settings {
     pub databricks: DatabricksSection,
     pub emulator: EmulatorSection,
     pub reconciler: ReconcilerSection,
+    #[serde(default)]
+    pub retry: RetrySection,
     /// `[workspaces.<name>]`: the same as `[databricks.workspaces.<name>]`
     /// (merged into it at load; a name in both is an error).
     #[serde(default)]

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::ConfigError;
 use crate::databricks::Credentials;
+use crate::domain::retry::{RetryDefaults, RetryMessage};
 
 /// `[telemetry]`: trace export.
 #[derive(Debug, Clone, Deserialize)]
@@ -245,6 +246,41 @@ pub struct SidecarSection {
     pub tls_cert_file: String,
     #[serde(default)]
     pub tls_key_file: String,
+    /// At most one `promise.progress` event per promise per this many ms
+    /// (the latest update wins).
+    #[serde(default = "default_progress_interval_ms")]
+    pub progress_interval_ms: u64,
+    /// Progress updates kept on a promise for the console's timeline.
+    #[serde(default = "default_progress_history")]
+    pub progress_history: u32,
+}
+
+fn default_progress_interval_ms() -> u64 {
+    1000
+}
+
+fn default_progress_history() -> u32 {
+    20
+}
+
+/// `[retry]`: retry policies for triggers that give none of their own.
+/// A job's beats its workspace's, which beats the default.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RetrySection {
+    #[serde(default)]
+    pub default: Option<RetryMessage>,
+    /// `[retry.workspaces.<name>]`
+    #[serde(default)]
+    pub workspaces: BTreeMap<String, RetryMessage>,
+    /// `[retry.jobs.<job id>]`
+    #[serde(default)]
+    pub jobs: BTreeMap<String, RetryMessage>,
+}
+
+impl RetrySection {
+    pub fn policies(&self) -> Result<RetryDefaults, String> {
+        RetryDefaults::parse(self.default.as_ref(), &self.workspaces, &self.jobs)
+    }
 }
 
 /// PEM files read at start-up, so a missing or unreadable file is a

@@ -170,6 +170,9 @@ impl Settings {
                 {
                     return bad("worker.default_timeout_seconds must be between 1 and worker.max_timeout_seconds".into());
                 }
+                if let Err(e) = self.retry.policies() {
+                    return bad(e);
+                }
                 if !(1..=100_000).contains(&self.worker.max_children) {
                     return bad(format!(
                         "worker.max_children must be between 1 and 100000, got {}",
@@ -179,6 +182,9 @@ impl Settings {
             }
             Role::Sidecar => {
                 Self::listen_addr(&self.sidecar.listen, "sidecar.listen")?;
+                if self.sidecar.progress_history == 0 || self.sidecar.progress_history > 1000 {
+                    return bad("sidecar.progress_history must be between 1 and 1000".into());
+                }
                 if self.sidecar.body_limit_bytes == 0 {
                     return bad("sidecar.body_limit_bytes must be positive".into());
                 }

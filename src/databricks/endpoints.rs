@@ -1,6 +1,6 @@
 //! The Jobs API endpoints the bridge uses, on [`Client::call`]: `run-now`,
 //! `runs/submit`, `runs/get` and `jobs/get` (every page), `runs/get-output`,
-//! `runs/cancel`, and SCIM `Me` for `runbridge check`.
+//! `runs/cancel`, `runs/repair`, and SCIM `Me` for `runbridge check`.
 
 use serde_json::{Value, json};
 
@@ -172,6 +172,48 @@ impl Jobs for Client {
             workspace,
             "api/2.2/jobs/runs/get",
             json!({ "run_id": run.get() }),
+        )
+        .await
+    }
+
+    async fn repair_run(
+        &self,
+        workspace: &str,
+        run: RunId,
+        latest_repair_id: Option<u64>,
+    ) -> Result<u64, DatabricksError> {
+        const ENDPOINT: &str = "api/2.2/jobs/runs/repair";
+        let mut body = json!({ "run_id": run.get(), "rerun_all_failed_tasks": true });
+        if let Some(id) = latest_repair_id {
+            body["latest_repair_id"] = json!(id);
+        }
+        let v = self
+            .call(
+                workspace,
+                reqwest::Method::POST,
+                ENDPOINT,
+                CallClass::Launch,
+                body,
+                None,
+            )
+            .await?;
+        v.get("repair_id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| DatabricksError::Protocol {
+                endpoint: ENDPOINT,
+                reason: format!("no repair_id in {v}"),
+            })
+    }
+
+    async fn get_run_history(
+        &self,
+        workspace: &str,
+        run: RunId,
+    ) -> Result<RunInfo, DatabricksError> {
+        self.get_page(
+            workspace,
+            "api/2.2/jobs/runs/get",
+            json!({ "run_id": run.get(), "include_history": true }),
         )
         .await
     }

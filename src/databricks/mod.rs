@@ -113,6 +113,33 @@ pub struct RunInfo {
     /// pages, so a `RunInfo` it returns has every task and no token.
     #[serde(default)]
     pub next_page_token: Option<String>,
+    /// Only with `include_history=true` ([`Jobs::get_run_history`]).
+    #[serde(default)]
+    pub repair_history: Vec<RepairHistoryItem>,
+}
+
+/// One play of a run: the original (`type` ORIGINAL, no id) or a repair
+/// (`REPAIR`, its id), as `repair_history` lists them
+/// (`RepairHistoryItem` in Databricks' Python SDK).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RepairHistoryItem {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub id: Option<u64>,
+    #[serde(default)]
+    pub start_time: i64,
+}
+
+impl RunInfo {
+    /// The id of the run's latest repair, if it was ever repaired.
+    pub fn latest_repair_id(&self) -> Option<u64> {
+        self.repair_history
+            .iter()
+            .filter(|r| r.kind.as_deref() == Some("REPAIR"))
+            .filter_map(|r| r.id)
+            .next_back()
+    }
 }
 
 /// Jobs API 2.2 `status` (newer than `state`).
@@ -294,6 +321,23 @@ pub trait Jobs: Clone + Send + Sync + 'static {
         workspace: &str,
         run: RunId,
     ) -> impl Future<Output = Result<(), DatabricksError>> + Send;
+    /// `runs/repair` of a finished run, rerunning every failed task
+    /// (`rerun_all_failed_tasks`). `latest_repair_id` is the run's latest
+    /// repair (none for the first): Databricks refuses a stale one, which
+    /// is what keeps two repairs from answering one failure. The repair id.
+    fn repair_run(
+        &self,
+        workspace: &str,
+        run: RunId,
+        latest_repair_id: Option<u64>,
+    ) -> impl Future<Output = Result<u64, DatabricksError>> + Send;
+    /// `runs/get` with `include_history=true` (first page): the run with
+    /// its `repair_history`.
+    fn get_run_history(
+        &self,
+        workspace: &str,
+        run: RunId,
+    ) -> impl Future<Output = Result<RunInfo, DatabricksError>> + Send;
     /// `jobs/get`, every page of tasks.
     fn get_job(
         &self,

@@ -104,7 +104,65 @@ pub struct EventData {
     /// How many children a parent has (only on a parent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub children: Option<u32>,
+    /// The attempt that settled it (only with a retry policy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Every attempt, oldest first: `attempt`, `run_id`, `repair_id`,
+    /// `started_on`, and for one that failed `ended_on` and `failure` (only
+    /// with a retry policy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<Vec<Value>>,
 }
+
+/// A `promise.progress` event: what a running notebook last said of its
+/// progress. Never a settlement; at most one per promise per
+/// `sidecar.progress_interval_ms`, none after the promise settled.
+#[derive(Serialize, JsonSchema)]
+#[schemars(
+    title = "runbridge progress event",
+    description = "Published to the events exchange with routing key promise.progress, as application/cloudevents+json, while the promise is PENDING. The AMQP message_id equals `id`."
+)]
+pub struct ProgressCloudEvent {
+    #[schemars(extend("const" = "1.0"))]
+    pub specversion: String,
+    /// `<promise id>/progress/<seq>`: one per update number.
+    pub id: String,
+    #[schemars(extend("const" = "io.runbridge.promise.progress"))]
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `runbridge/<workspace>`.
+    pub source: String,
+    pub subject: String,
+    /// When the update arrived.
+    #[schemars(extend("format" = "date-time"))]
+    pub time: String,
+    #[schemars(extend("const" = "application/json"))]
+    pub datacontenttype: String,
+    pub data: ProgressData,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct ProgressData {
+    pub promise_id: String,
+    /// Always PENDING.
+    #[schemars(extend("const" = "PENDING"))]
+    pub state: State,
+    /// The update: `seq` (its number, from 1), `at` (ms), and what the
+    /// notebook sent: `percent`, `stage`, `message`, `metrics`.
+    pub progress: Value,
+    pub run_id: Option<u64>,
+    pub job_id: Option<u64>,
+    pub run_page_url: Option<String>,
+    /// The attempt running (1 without retries).
+    pub attempt: u32,
+    pub tags: BTreeMap<String, String>,
+    /// A child's parent (only on a child of a parent trigger).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+}
+
+/// The routing key of progress events.
+pub const PROGRESS_ROUTING_KEY: &str = "promise.progress";
 
 impl CompletionEvent {
     pub fn from_promise(p: &Promise) -> Result<Self, NotSettled> {
@@ -144,6 +202,8 @@ impl CompletionEvent {
                 settled_by: p.settled_by.clone(),
                 parent: p.parent.as_ref().map(|c| c.parent.to_string()),
                 children: p.family.as_ref().map(|f| f.children),
+                attempt: p.retry.policy.as_ref().map(|_| p.retry.attempt),
+                attempts: p.retry.policy.as_ref().map(|_| p.attempts()),
             },
         };
         let mut body = serde_json::to_vec(&event).unwrap_or_default();
@@ -154,6 +214,50 @@ impl CompletionEvent {
             routing_key: p.state.routing_key(),
             body,
             reply_to: p.reply_to.clone(),
+            correlation_id: p.correlation_id.clone(),
+            traceparent: p.traceparent.clone(),
+        })
+    }
+}
+
+impl CompletionEvent {
+    /// The `promise.progress` event of a PENDING promise's latest update
+    /// (`None`: settled, or no update). Not sent to `reply_to`: that
+    /// address waits for the one answer.
+    pub fn progress(p: &Promise) -> Option<Self> {
+        let progress = p.progress.as_ref().filter(|_| !p.state.is_settled())?;
+        let id = format!("{}/progress/{}", p.id, progress.seq);
+        let at = progress
+            .latest
+            .get("at")
+            .and_then(Value::as_i64)
+            .unwrap_or(p.created_on);
+        let event = ProgressCloudEvent {
+            specversion: "1.0".into(),
+            id: id.clone(),
+            kind: "io.runbridge.promise.progress".into(),
+            source: format!("runbridge/{}", p.workspace),
+            subject: p.id.to_string(),
+            time: rfc3339(at),
+            datacontenttype: "application/json".into(),
+            data: ProgressData {
+                promise_id: p.id.to_string(),
+                state: p.state,
+                progress: progress.latest.clone(),
+                run_id: p.run_id.map(RunId::get),
+                job_id: p.job_id,
+                run_page_url: p.run_page_url.clone(),
+                attempt: p.retry.attempt,
+                tags: p.tags.clone(),
+                parent: p.parent.as_ref().map(|c| c.parent.to_string()),
+            },
+        };
+        Some(Self {
+            id,
+            state: p.state,
+            routing_key: PROGRESS_ROUTING_KEY.into(),
+            body: serde_json::to_vec(&event).unwrap_or_default(),
+            reply_to: None,
             correlation_id: p.correlation_id.clone(),
             traceparent: p.traceparent.clone(),
         })
@@ -192,6 +296,8 @@ mod tests {
             activity: Default::default(),
             parent: None,
             family: None,
+            retry: Default::default(),
+            progress: None,
         }
     }
 

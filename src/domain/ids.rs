@@ -134,6 +134,19 @@ impl IdempotencyToken {
         Self(format!("rb2-{}", hex::encode(&digest[..30])))
     }
 
+    /// A later attempt's token: the first attempt's, the promise id and the
+    /// attempt number, hashed (`rb3-`, 64 characters, Databricks' limit).
+    pub(crate) fn derive_attempt(base: &IdempotencyToken, promise_id: &PromiseId, n: u32) -> Self {
+        let mut h = Sha256::new();
+        h.update(base.0.as_bytes());
+        h.update([0u8]);
+        h.update(promise_id.as_str().as_bytes());
+        h.update([0u8]);
+        h.update(n.to_string().as_bytes());
+        let digest = h.finalize();
+        Self(format!("rb3-{}", hex::encode(&digest[..30])))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

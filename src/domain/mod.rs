@@ -5,13 +5,16 @@
 pub mod event;
 pub mod fanout;
 pub mod ids;
+pub mod progress;
 pub mod promise;
+pub mod retry;
 pub mod trigger;
 
 pub use event::CompletionEvent;
 pub use fanout::{FanOut, Join};
 pub use ids::{CallbackSigner, CallbackToken, IdempotencyToken, PromiseId, RunId};
 pub use promise::{Completion, Payload, Promise, SettledBy, State};
+pub use retry::{RetryMode, RetryPolicy};
 pub use trigger::{Envelope, Launch, Parameters, Trigger, TriggerError, TriggerRules, Work};
 
 /// Cases per hostile-input property test: `PROPTEST_CASES`, else 2,000

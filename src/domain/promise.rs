@@ -16,6 +16,7 @@ use utoipa::ToSchema;
 
 use super::fanout::Join;
 use super::ids::{IdempotencyToken, PromiseId, RunId};
+use super::retry::RetryPolicy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -175,6 +176,34 @@ pub struct Promise {
     pub parent: Option<ChildOf>,
     /// The children, for a parent.
     pub family: Option<Family>,
+    /// The retry policy, and where the promise stands in it.
+    pub retry: Retrying,
+    /// What the notebook last said of its progress, and the recent updates.
+    pub progress: Option<ProgressState>,
+}
+
+/// A promise's attempts (docs/contracts.md, retries).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Retrying {
+    pub policy: Option<RetryPolicy>,
+    /// The attempt running or waiting to start (1 for the first).
+    pub attempt: u32,
+    /// Each attempt that failed, oldest first, as recorded: `attempt`,
+    /// `run_id`, `repair_id`, `started_on`, `ended_on`, `failure`.
+    pub failed: Vec<Value>,
+    /// The run's latest repair (mode `repair`).
+    pub repair_id: Option<u64>,
+    /// While waiting for the next attempt: when it is due (ms).
+    pub next_at: Option<i64>,
+}
+
+/// The notebook's progress: the latest update, its number, and the last
+/// few (for the console's timeline).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProgressState {
+    pub latest: Value,
+    pub seq: u64,
+    pub history: Vec<Value>,
 }
 
 /// Where a child sits: its parent and its place among the parent's children.
@@ -239,6 +268,14 @@ pub mod field {
     pub const FAIL_FAST: &str = "ff";
     pub const MAX_CONCURRENCY: &str = "mc";
     pub const WINDOW: &str = "kl";
+    pub const RETRY: &str = "rt";
+    pub const ATTEMPT: &str = "an";
+    pub const ATTEMPTS_FAILED: &str = "ah";
+    pub const REPAIR_ID: &str = "rp";
+    pub const RETRY_AT: &str = "rw";
+    pub const PROGRESS: &str = "pg";
+    pub const PROGRESS_SEQ: &str = "pgn";
+    pub const PROGRESS_HISTORY: &str = "pgh";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -333,7 +370,44 @@ impl Promise {
             },
             parent,
             family,
+            retry: Retrying {
+                policy: match opt(fields, field::RETRY) {
+                    None => None,
+                    Some(s) => Some(
+                        RetryPolicy::from_stored(&s)
+                            .ok_or_else(|| CorruptRecord("rt: not a retry policy".into()))?,
+                    ),
+                },
+                attempt: int_field(fields, field::ATTEMPT)?.unwrap_or(1),
+                failed: json_field(fields, field::ATTEMPTS_FAILED)?,
+                repair_id: int_field(fields, field::REPAIR_ID)?,
+                next_at: int_field(fields, field::RETRY_AT)?,
+            },
+            progress: match opt(fields, field::PROGRESS) {
+                None => None,
+                Some(latest) => Some(ProgressState {
+                    latest: serde_json::from_str(&latest)
+                        .map_err(|e| CorruptRecord(format!("pg: {e}")))?,
+                    seq: int_field(fields, field::PROGRESS_SEQ)?.unwrap_or(0),
+                    history: json_field(fields, field::PROGRESS_HISTORY)?,
+                }),
+            },
         })
+    }
+
+    /// Every attempt so far, oldest first: those that failed as recorded,
+    /// then the current one (none while a parent, which runs nothing).
+    pub fn attempts(&self) -> Vec<Value> {
+        let mut all = self.retry.failed.clone();
+        if self.run_id.is_some() && self.retry.next_at.is_none() {
+            all.push(serde_json::json!({
+                "attempt": self.retry.attempt,
+                "run_id": self.run_id.map(RunId::get),
+                "repair_id": self.retry.repair_id,
+                "started_on": self.activity.launched_on,
+            }));
+        }
+        all
     }
 
     /// The `idempotency_token` of this promise's run (see
@@ -375,6 +449,12 @@ impl Promise {
                 max_concurrency: f.max_concurrency,
                 items: None,
             }),
+            attempt: self.retry.policy.as_ref().map(|_| self.retry.attempt),
+            attempts: self.retry.policy.as_ref().map(|_| self.attempts()),
+            retry: self.retry.policy.as_ref().map(RetryPolicy::to_json),
+            next_attempt_at: self.retry.next_at,
+            progress: self.progress.as_ref().map(|p| p.latest.clone()),
+            progress_history: self.progress.as_ref().map(|p| p.history.clone()),
         }
     }
 }
@@ -432,6 +512,31 @@ pub struct PromiseView {
     /// A parent's children (only on parents).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub children: Option<ChildrenView>,
+    /// The attempt running or waiting (only with a retry policy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Every attempt so far, oldest first: `attempt`, `run_id`,
+    /// `repair_id`, `started_on`, and for one that failed `ended_on` and
+    /// `failure` (only with a retry policy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub attempts: Option<Vec<Value>>,
+    /// The retry policy (only with one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub retry: Option<Value>,
+    /// While waiting to retry: when the next attempt is due (ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<i64>,
+    /// The notebook's latest progress update (`percent`, `stage`,
+    /// `message`, `metrics`, `at`, `seq`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub progress: Option<Value>,
+    /// The last few progress updates, oldest first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub progress_history: Option<Vec<Value>>,
 }
 
 /// What a client asks a pending promise to become.

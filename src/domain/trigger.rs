@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 
 use super::fanout::{self, FanOut};
 use super::ids::{IdError, PromiseId};
+use super::retry::{RetryMessage, RetryPolicy};
 
 /// What the broker module hands over from one AMQP delivery: the body plus
 /// the properties the contract gives meaning to.
@@ -94,6 +95,8 @@ pub struct Trigger {
     pub traceparent: Option<String>,
     /// The body as received, kept as the promise's `param.data`.
     pub raw: String,
+    /// The trigger's own retry policy (for a parent: each child's).
+    pub retry: Option<RetryPolicy>,
 }
 
 impl Launch {
@@ -145,6 +148,7 @@ impl Trigger {
             correlation_id: None,
             traceparent: self.traceparent.clone(),
             raw: c.raw.clone(),
+            retry: self.retry.clone(),
         })
     }
 }
@@ -262,6 +266,10 @@ pub struct TriggerMessage {
     /// is launched as one settles (default: all at once).
     #[schemars(range(min = 1))]
     max_concurrency: Option<u32>,
+    /// Another attempt when the run fails in a retryable way (for a parent:
+    /// each child's policy). Without it, the configuration's `[retry]`
+    /// default for the job or workspace applies, if any.
+    retry: Option<RetryMessage>,
 }
 
 /// A run parameter's value as the schema states it (the parser turns each
@@ -492,6 +500,16 @@ impl Trigger {
 
         check_tags(&w.tags)?;
         check_workspace(w.workspace.as_deref())?;
+        let retry = match &w.retry {
+            None => None,
+            Some(m) => {
+                let job_runs = match &work {
+                    Work::Run(l) => l.job_id().is_some(),
+                    Work::FanOut(f) => f.children.iter().all(|c| c.launch.job_id().is_some()),
+                };
+                Some(RetryPolicy::parse(m, job_runs).map_err(TriggerError::Invalid)?)
+            }
+        };
 
         Ok(Trigger {
             id,
@@ -505,6 +523,7 @@ impl Trigger {
             correlation_id: env.correlation_id.clone(),
             traceparent: env.traceparent.clone(),
             raw,
+            retry,
         })
     }
 }

@@ -8,7 +8,9 @@
 //!    `runs/get` on a backing-off schedule; a run that ended without a
 //!    callback settles its promise (`settled_by: reconciler`), after a grace
 //!    period that lets a late callback win;
-//! 3. **cancels runs**: `runs/cancel`, retried until Databricks accepts it.
+//! 3. **cancels runs**: `runs/cancel`, retried until Databricks accepts it;
+//! 4. **publishes held-back progress**: a `promise.progress` event whose
+//!    interval is over (`progress_emit.lua`).
 //!
 //! All three read only what is due (sorted sets scored by due time), so a
 //! tick costs what is due, not what is pending. Claims lease their items, so
@@ -29,8 +31,8 @@ use crate::domain::{Payload, PromiseId, RunId, SettledBy, State};
 use crate::partitions::Assignment;
 use crate::shutdown::pause;
 use crate::store::{
-    ExpireOutcome, Lifecycle, PendingCancel, PromiseStore, SearchQuery, Settle, SettleOutcome,
-    StoreError,
+    Attempts, ExpireOutcome, Lifecycle, PendingCancel, PromiseStore, SearchQuery, Settle,
+    SettleOutcome, StoreError,
 };
 
 mod verdict;
@@ -69,6 +71,7 @@ pub struct TickReport {
     pub polled: usize,
     pub settled: usize,
     pub cancels_sent: usize,
+    pub progress_events: usize,
 }
 
 /// Why a run check did not finish; it comes back when its claim's lease
@@ -100,7 +103,7 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-impl<S: PromiseStore + Lifecycle, J: Jobs> Reconciler<S, J> {
+impl<S: PromiseStore + Lifecycle + Attempts, J: Jobs> Reconciler<S, J> {
     pub fn new(store: S, jobs: J, settings: ReconcilerSettings) -> Self {
         let assignment = Assignment::all(store.partitions());
         Self {
@@ -152,6 +155,8 @@ impl<S: PromiseStore + Lifecycle, J: Jobs> Reconciler<S, J> {
                 .collect()
                 .await;
             r.cancels_sent += sent.into_iter().filter(|s| *s).count();
+            // Progress events held back by their interval, now due.
+            r.progress_events += self.store.emit_due_progress(p, self.settings.batch).await?;
         }
         Ok(r)
     }
@@ -264,11 +269,18 @@ impl<S: PromiseStore + Lifecycle, J: Jobs> Reconciler<S, J> {
                 } else {
                     None
                 };
-                self.settle(
-                    id,
-                    verdict(&self.settings, &result, &message, &details, output),
-                )
-                .await
+                let v = verdict(&self.settings, &result, &message, &details, output);
+                if let Verdict::Reject(failure) = &v {
+                    // The policy may give the promise another attempt.
+                    let code = details.get("code").and_then(Value::as_str).unwrap_or("");
+                    if crate::retry::fail_or_retry(&self.store, &p, &[&result, code], failure)
+                        .await
+                        .map_err(other)?
+                    {
+                        return Ok(false);
+                    }
+                }
+                self.settle(id, v).await
             }
         }
     }

@@ -4,6 +4,7 @@
 //! the token arriving as `Option<Path>`.
 
 use super::*;
+use crate::domain::retry::NOTEBOOK_REJECTED;
 
 /// A notebook's callback as JSON (the same fields as the query string).
 #[derive(Deserialize, Default, ToSchema)]
@@ -14,6 +15,23 @@ pub(super) struct CallbackBody {
     value: Option<Value>,
     /// The error (`/reject`): any JSON.
     error: Option<Value>,
+    /// `/reject` only: `true` when no retry may follow (or `?final=true`).
+    /// Without it, a promise whose retry policy names NOTEBOOK_REJECTED
+    /// gets another attempt.
+    #[serde(rename = "final")]
+    is_final: Option<bool>,
+}
+
+/// Does a `/reject` say it is final (`?final=true` or `{"final": true}`)?
+fn says_final(raw_query: &Option<String>, headers: &HeaderMap, bytes: &Bytes) -> bool {
+    if let Some(f) = query_map(raw_query).get("final") {
+        return matches!(f.as_str(), "true" | "1" | "yes");
+    }
+    json_body::<CallbackBody>(headers, bytes)
+        .ok()
+        .flatten()
+        .and_then(|b| b.is_final)
+        .unwrap_or(false)
 }
 
 /// Resolve or reject from a notebook: `?id=..&value=..` (or `error=`) or a JSON body.
@@ -107,6 +125,22 @@ pub(super) async fn callback_settle_in_span<S: Store>(
         &bytes,
     )?;
     tracing::Span::current().record("promise.id", id.as_str());
+    if completion == Completion::Reject
+        && !says_final(raw_query, headers, &bytes)
+        && let Some(p) = st.store.get(&id).await?
+        && !p.state.is_settled()
+        && p.retry.policy.is_some()
+    {
+        let failure =
+            serde_json::json!({"reason": "notebook_rejected", "error": value.data_as_json()});
+        if crate::retry::fail_or_retry(&st.store, &p, &[NOTEBOOK_REJECTED], &failure).await? {
+            // The promise stays pending: its next attempt is scheduled.
+            return match st.store.get(&id).await? {
+                Some(p) => Ok(promise_response(StatusCode::ACCEPTED, &p, false)),
+                None => Err(ApiError::not_found(id.as_str())),
+            };
+        }
+    }
     let req = Settle {
         target: completion.target(),
         value,

@@ -13,6 +13,7 @@ mod error;
 mod health;
 mod notifications;
 pub mod openapi;
+pub mod progress;
 mod promises;
 mod serve;
 pub mod ui;
@@ -76,6 +77,10 @@ pub struct SidecarSettings {
     pub session_idle: Duration,
     /// ...and after this long in all.
     pub session_max: Duration,
+    /// At most one progress event per promise per this long.
+    pub progress_interval: Duration,
+    /// Progress updates kept per promise.
+    pub progress_history: u32,
 }
 
 /// Shared by every handler.
@@ -108,6 +113,7 @@ pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
         .route("/cb/{token}/resolve", post(resolve::<S>))
         .route("/cb/{token}/reject", post(reject::<S>))
         .route("/cb/{token}/heartbeat", post(heartbeat::<S>))
+        .route("/cb/{token}/progress", post(progress::progress::<S>))
         .route(
             "/cb/{token}/promises/{*id}",
             get(get_promise::<S>).patch(patch::<S>),
@@ -115,6 +121,8 @@ pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
         .route("/resolve", post(resolve::<S>))
         .route("/reject", post(reject::<S>))
         .route("/heartbeat", post(heartbeat::<S>))
+        .route("/progress", post(progress::progress::<S>))
+        .route("/promises/retry", post(progress::retry_now::<S>))
         .route("/promises", get(search::<S>).post(create::<S>))
         // A static route wins over the wildcard below, so GET of a promise
         // whose id is "cancel" is served here too.

@@ -15,6 +15,7 @@ use crate::domain::{Payload, SettledBy, State};
 use crate::reconciler::CancelReport;
 
 use super::error::{ErrorBody, ErrorDetail};
+use super::progress;
 use super::{__path_bulk_cancel, __path_create, PromiseAnswer};
 use super::{__path_get_promise, __path_healthz, __path_heartbeat, __path_metrics};
 use super::{__path_notification, __path_openapi_json, __path_patch, __path_readyz};
@@ -90,14 +91,15 @@ pub struct Readiness {
         license(name = "Apache-2.0")
     ),
     paths(
-        resolve, reject, heartbeat,
-        get_promise, patch, create, search, bulk_cancel,
+        resolve, reject, heartbeat, progress::progress,
+        get_promise, patch, create, search, bulk_cancel, progress::retry_now,
         notification, healthz, readyz, metrics, openapi_json
     ),
     components(schemas(
         PromiseView, PromiseAnswer, Payload, State, SettledBy, ErrorBody, ErrorDetail,
         CallbackBody, PatchBody, CreateBody, CancelBody, CancelReport, SearchPage,
-        Notification, NotificationRun, NotificationAnswer, Health, Readiness
+        Notification, NotificationRun, NotificationAnswer, Health, Readiness,
+        crate::domain::progress::ProgressMessage, progress::RetryBody
     )),
     modifiers(&Security, &CapabilityRoutes),
     tags(
@@ -131,7 +133,13 @@ impl Modify for Security {
 /// handlers as these token-less paths, so each is documented once (on the
 /// handler) and its capability form derived here: a `token` path parameter
 /// first, no credential header, and its own operation id.
-const CAPABILITY_ROUTES: [&str; 4] = ["/resolve", "/reject", "/heartbeat", "/promises/{id}"];
+const CAPABILITY_ROUTES: [&str; 5] = [
+    "/resolve",
+    "/reject",
+    "/heartbeat",
+    "/progress",
+    "/promises/{id}",
+];
 
 struct CapabilityRoutes;
 

@@ -14,6 +14,7 @@
 mod pool;
 pub mod redis_store;
 
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
@@ -63,6 +64,8 @@ pub struct NewPromise {
     pub cancel_on_timeout: bool,
     /// Set on a child of a parent trigger.
     pub parent: Option<ChildOf>,
+    /// The retry policy the promise keeps for its life.
+    pub retry: Option<crate::domain::RetryPolicy>,
 }
 
 impl NewPromise {
@@ -84,6 +87,7 @@ impl NewPromise {
             heartbeat: None,
             cancel_on_timeout: false,
             parent: None,
+            retry: None,
         }
     }
 }
@@ -390,8 +394,86 @@ pub trait Families: Clone + Send + Sync + 'static {
 }
 
 /// Everything the sidecar and reconciler need from a store.
-pub trait Store: PromiseStore + Lifecycle + Insights + Sessions + Families {}
-impl<T: PromiseStore + Lifecycle + Insights + Sessions + Families> Store for T {}
+/// What became of an attempt's transition (`attempt_failed.lua`,
+/// `attempt_started.lua`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptOutcome {
+    /// Done (or done before: the same step repeated).
+    Done,
+    /// The promise settled meanwhile (its state).
+    Settled(State),
+    /// The promise is at another attempt than the caller saw.
+    Stale,
+    NotFound,
+}
+
+/// What became of a progress update.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProgressOutcome {
+    /// Stored, with this number.
+    Recorded(u64),
+    Settled(State),
+    NotFound,
+}
+
+/// Retries and progress (docs/contracts.md, retries and progress), each
+/// step one script on the promise's partition.
+pub trait Attempts: Clone + Send + Sync + 'static {
+    /// The current attempt failed in a way the policy retries: record it
+    /// (`failed`, a JSON object) and schedule the next after `delay`.
+    fn attempt_failed(
+        &self,
+        id: &PromiseId,
+        attempt: u32,
+        failed: &Value,
+        delay: Duration,
+    ) -> impl Future<Output = Result<AttemptOutcome, StoreError>> + Send;
+    /// Attempt `attempt` runs as `run` (a repair of it with `repair`).
+    fn attempt_started(
+        &self,
+        id: &PromiseId,
+        attempt: u32,
+        run: RunId,
+        repair: Option<u64>,
+    ) -> impl Future<Output = Result<AttemptOutcome, StoreError>> + Send;
+    /// Due retries of a partition, leased for `lease`.
+    fn claim_retries(
+        &self,
+        partition: u32,
+        limit: usize,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Vec<PromiseId>, StoreError>> + Send;
+    /// Takes a due retry again after `delay` (its run is still ending).
+    fn retry_later(
+        &self,
+        id: &PromiseId,
+        delay: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Forgets a scheduled retry (its promise settled or is gone).
+    fn drop_retry(&self, id: &PromiseId) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// An operator's "retry now": `Done`, or `Settled`/`Stale` (not waiting).
+    fn retry_now(
+        &self,
+        id: &PromiseId,
+    ) -> impl Future<Output = Result<AttemptOutcome, StoreError>> + Send;
+    /// A progress update: its fields as JSON object members.
+    fn progress(
+        &self,
+        id: &PromiseId,
+        members: &str,
+        interval: Duration,
+        history: u32,
+    ) -> impl Future<Output = Result<ProgressOutcome, StoreError>> + Send;
+    /// Publishes the progress events of a partition that are due; how many.
+    fn emit_due_progress(
+        &self,
+        partition: u32,
+        limit: usize,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+}
+
+pub trait Store: PromiseStore + Lifecycle + Insights + Sessions + Families + Attempts {}
+impl<T: PromiseStore + Lifecycle + Insights + Sessions + Families + Attempts> Store for T {}
 
 /// A logged-in operator console session, kept on the server: the browser
 /// holds only a random id, so logging out or expiring ends it for good.

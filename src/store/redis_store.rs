@@ -23,6 +23,7 @@ use crate::keys::Keys;
 use crate::partitions::{Leases, Membership};
 use crate::redact::redact_url;
 
+mod attempts;
 mod budget;
 mod families;
 mod insights;
@@ -59,6 +60,11 @@ struct Scripts {
     child_settled: Script,
     cancel_child: Script,
     fanout_done: Script,
+    attempt_failed: Script,
+    attempt_started: Script,
+    retry_now: Script,
+    progress: Script,
+    progress_emit: Script,
 }
 
 impl Scripts {
@@ -82,6 +88,11 @@ impl Scripts {
             child_settled: script(include_str!("lua/child_settled.lua")),
             cancel_child: script(include_str!("lua/cancel_child.lua")),
             fanout_done: script(include_str!("lua/fanout_done.lua")),
+            attempt_failed: script(include_str!("lua/attempt_failed.lua")),
+            attempt_started: script(include_str!("lua/attempt_started.lua")),
+            retry_now: script(include_str!("lua/retry_now.lua")),
+            progress: script(include_str!("lua/progress.lua")),
+            progress_emit: script(include_str!("lua/progress_emit.lua")),
         }
     }
 }

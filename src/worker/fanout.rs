@@ -76,7 +76,7 @@ pub(super) async fn parent<S: PromiseStore + Families, J: Jobs>(
     // The parent runs nothing: its children heartbeat, not it.
     let new = crate::store::NewPromise {
         heartbeat: None,
-        ..new_promise(t, workspace)
+        ..new_promise(t, workspace, &ctx.retry_defaults)
     };
     let ids: Vec<PromiseId> = f.children.iter().map(|c| c.id.clone()).collect();
     let created = ctx
@@ -259,7 +259,7 @@ async fn ensure_child<S: PromiseStore + Families, J: Jobs>(
     let new = crate::store::NewPromise {
         timeout: Timeout::At(parent.timeout),
         parent: Some(of.clone()),
-        ..new_promise(&child, &workspace)
+        ..new_promise(&child, &workspace, &ctx.retry_defaults)
     };
     let promise = match ctx.store.create(&new).await? {
         CreateOutcome::Created(p) => p,

@@ -14,6 +14,7 @@
 
 pub mod fanout;
 pub mod launch;
+pub mod retry;
 pub mod runner;
 
 use serde_json::json;
@@ -30,6 +31,8 @@ use crate::store::{
     CreateOutcome, Families, NewPromise, PromiseStore, RecordOutcome, Settle, StoreError, Timeout,
 };
 pub use launch::JobStyles;
+
+use crate::domain::retry::RetryDefaults;
 
 /// What to do with a delivery once [`process`] is done with it.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,6 +115,8 @@ pub struct WorkerContext<S, J> {
     /// creation the schedule takes its first step, should the worker that
     /// created it not finish it).
     pub fanout_lease: std::time::Duration,
+    /// Retry policies from the configuration (`[retry]`).
+    pub retry_defaults: RetryDefaults,
 }
 
 fn store_failure(e: StoreError) -> Disposition {
@@ -163,7 +168,16 @@ impl<S: PromiseStore + Families, J: Jobs> WorkerContext<S, J> {
     }
 }
 
-pub(crate) fn new_promise(t: &Trigger, workspace: &str) -> NewPromise {
+pub(crate) fn new_promise(t: &Trigger, workspace: &str, defaults: &RetryDefaults) -> NewPromise {
+    // A policy from the configuration applies where the trigger gives none
+    // (a parent's own promise runs nothing and keeps none).
+    let retry = match &t.work {
+        Work::FanOut(_) => None,
+        Work::Run(l) => t
+            .retry
+            .clone()
+            .or_else(|| defaults.lookup(workspace, l.job_id())),
+    };
     NewPromise {
         id: t.id.clone(),
         param: Payload::data(t.raw.clone()),
@@ -178,6 +192,7 @@ pub(crate) fn new_promise(t: &Trigger, workspace: &str) -> NewPromise {
         heartbeat: t.heartbeat,
         cancel_on_timeout: t.cancel_on_timeout,
         parent: None,
+        retry,
     }
 }
 
@@ -250,7 +265,11 @@ async fn process_in_span<S: PromiseStore + Families, J: Jobs>(
     };
 
     // 2. Create the promise (or find it).
-    let promise = match ctx.store.create(&new_promise(&t, &workspace)).await {
+    let promise = match ctx
+        .store
+        .create(&new_promise(&t, &workspace, &ctx.retry_defaults))
+        .await
+    {
         Ok(CreateOutcome::Created(p)) => p,
         Ok(CreateOutcome::Existing(p)) => {
             tracing::debug!(state = %p.state, "promise exists (redelivery or duplicate trigger)");
@@ -351,7 +370,7 @@ pub(crate) async fn launch_created<S: PromiseStore + Families, J: Jobs>(
 /// Launches the run. A launch whose parameters Databricks refuses may have
 /// been built from a stale idea of the job: its style is learnt again, and
 /// if that changes the request, it is sent once more (same token).
-async fn launch<S: PromiseStore + Families, J: Jobs>(
+pub(crate) async fn launch<S: PromiseStore + Families, J: Jobs>(
     ctx: &WorkerContext<S, J>,
     t: &Trigger,
     run: &Launch,

@@ -38,6 +38,10 @@ fn docs_hold_the_generated_documents() {
         ("schemas/event.schema.json", pretty(schemas::event())),
         ("schemas/control.schema.json", pretty(schemas::control())),
         (
+            "schemas/progress-event.schema.json",
+            pretty(schemas::progress_event()),
+        ),
+        (
             "openapi.json",
             printed(runbridge::sidecar::openapi::document()),
         ),

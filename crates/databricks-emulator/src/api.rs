@@ -46,6 +46,10 @@ pub fn router(emu: Arc<Emulator>) -> Router {
         .route("/api/{version}/jobs/runs/get", get(runs::get_run))
         .route("/api/{version}/jobs/runs/get-output", get(runs::get_output))
         .route("/api/{version}/jobs/runs/cancel", post(runs::cancel))
+        .route(
+            "/api/{version}/jobs/runs/repair",
+            post(super::repair::repair),
+        )
         .route("/api/{version}/jobs/runs/list", get(runs::list_runs))
         .route("/api/2.0/preview/scim/v2/Me", get(me))
         .route("/oidc/v1/token", post(oauth_token))

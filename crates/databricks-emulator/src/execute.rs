@@ -112,6 +112,37 @@ impl Emulator {
         }
     }
 
+    /// One progress update: `POST {url}/progress?id=..` with update `i` of
+    /// `n` (percent, stage, a `rows` metric). Not retried: a lost update is
+    /// superseded by the next.
+    async fn send_progress(&self, run_id: u64, i: u32, n: u32) {
+        let target = {
+            let inner = self.lock();
+            inner.runs.get(&run_id).and_then(|run| {
+                Some((
+                    run.params.get(&self.settings.url_param)?.clone(),
+                    run.params.get(&self.settings.promise_param)?.clone(),
+                ))
+            })
+        };
+        let Some((url, id)) = target else { return };
+        let body = json!({
+            "percent": f64::from(i) * 100.0 / f64::from(n),
+            "stage": format!("step {i} of {n}"),
+            "metrics": {"rows": i},
+        });
+        if let Err(e) = self
+            .http
+            .post(format!("{url}/progress"))
+            .query(&[("id", id.as_str())])
+            .json(&body)
+            .send()
+            .await
+        {
+            tracing::debug!(run_id, error = %e, "progress update failed");
+        }
+    }
+
     /// Sends a job notification (`jobs.on_start`, `jobs.on_success`,
     /// `jobs.on_failure`) in the background, if a destination is set.
     pub fn notify(&self, run_id: u64, event_type: &'static str) {
@@ -165,12 +196,30 @@ impl Emulator {
         run.state_message = message.to_owned();
         if life == "TERMINATED" {
             run.end_time = now_ms();
-            for (i, t) in run.tasks.iter_mut().enumerate() {
-                t.result_state = match result {
-                    Some("FAILED") if i > 0 => Some("UPSTREAM_FAILED"),
-                    other => other,
+            // Tasks a repair did not rerun keep their result.
+            let fail_task = run
+                .behaviour
+                .fail_task
+                .clone()
+                .filter(|k| run.tasks.iter().any(|t| &t.task_key == k));
+            for (i, t) in run
+                .tasks
+                .iter_mut()
+                .filter(|t| t.result_state.is_none())
+                .enumerate()
+            {
+                t.result_state = match (result, &fail_task) {
+                    (Some("FAILED"), Some(k)) if &t.task_key != k => Some("SUCCESS"),
+                    (Some("FAILED"), None) if i > 0 => Some("UPSTREAM_FAILED"),
+                    (other, _) => other,
                 };
             }
+        }
+        let end_time = run.end_time;
+        if let Some(r) = run.repairs.last_mut() {
+            r.life_cycle_state = life;
+            r.result_state = result;
+            r.end_time = end_time;
         }
         let job = run.job_id;
         inner.moved(job, run_id, Some(was), life);
@@ -235,10 +284,28 @@ impl Emulator {
         }
         self.set_state(run_id, "RUNNING", None, "");
         self.notify(run_id, "jobs.on_start");
-        if !sleep(ms(b.delay_ms)).await || self.is_terminated(run_id) {
+        let failing = self.lock().runs.get(&run_id).is_some_and(|r| r.failing());
+        if b.progress_updates > 0 {
+            // A chatty notebook: its updates spread over its run time.
+            let n = b.progress_updates;
+            let step = ms(b.delay_ms / u64::from(n));
+            for i in 1..=n {
+                if self.is_terminated(run_id) {
+                    return;
+                }
+                self.send_progress(run_id, i, n).await;
+                if !sleep(step).await {
+                    return;
+                }
+            }
+        } else if !sleep(ms(b.delay_ms)).await {
             return;
         }
-        let (result, message) = match b.outcome {
+        if self.is_terminated(run_id) {
+            return;
+        }
+        let outcome = if failing { Outcome::Fail } else { b.outcome };
+        let (result, message) = match outcome {
             Outcome::Callback => {
                 self.call_back(run_id, "resolve").await;
                 ("SUCCESS", "")

@@ -26,6 +26,7 @@ pub mod cli;
 mod execute;
 mod jobs;
 mod model;
+mod repair;
 mod runs;
 
 use std::net::SocketAddr;

@@ -54,6 +54,20 @@ pub struct Behaviour {
     /// `emulator.value.<task_key>`); other tasks exit with `value`.
     #[serde(default)]
     pub task_values: BTreeMap<String, String>,
+    /// The first this many attempts for one promise fail without calling
+    /// back (tag `emulator.fail_attempts`): an attempt is a run (runs with
+    /// the same promise id count in order) or a repair of one.
+    #[serde(default)]
+    pub fail_attempts: u32,
+    /// On a failing attempt, only this task fails and the others succeed
+    /// (tag `emulator.fail_task`); else the first task fails and the rest
+    /// are `UPSTREAM_FAILED`.
+    #[serde(default)]
+    pub fail_task: Option<String>,
+    /// Progress updates the notebook sends while it runs, spread over its
+    /// delay (tag `emulator.progress`): `POST {url}/progress?id=..`.
+    #[serde(default)]
+    pub progress_updates: u32,
 }
 
 impl Default for Behaviour {
@@ -63,6 +77,9 @@ impl Default for Behaviour {
             delay_ms: 200,
             value: "hello world".into(),
             task_values: BTreeMap::new(),
+            fail_attempts: 0,
+            fail_task: None,
+            progress_updates: 0,
         }
     }
 }
@@ -247,8 +264,39 @@ pub struct Run {
     /// The W3C `traceparent` header of the request that created the run
     /// (the emulator's record only; not part of the Jobs API's run object).
     pub traceparent: Option<String>,
+    /// How many runs for the same promise id came before this one (for
+    /// `Behaviour::fail_attempts`).
+    pub earlier_runs: u32,
+    /// The run as first played, once it has been repaired (`repair_history`
+    /// item `ORIGINAL`), and each repair since, oldest first.
+    pub original: Option<RepairRecord>,
+    pub repairs: Vec<RepairRecord>,
     #[serde(skip)]
     pub behaviour: Behaviour,
+}
+
+/// One item of a run's `repair_history`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepairRecord {
+    /// `None` for the original run.
+    pub id: Option<u64>,
+    pub start_time: i64,
+    pub end_time: i64,
+    pub life_cycle_state: &'static str,
+    pub result_state: Option<&'static str>,
+    pub task_run_ids: Vec<u64>,
+}
+
+impl Run {
+    /// This play of the run counted among its promise's attempts (0 first).
+    pub fn attempt_index(&self) -> u32 {
+        self.earlier_runs + self.repairs.len() as u32
+    }
+
+    /// Does this play fail, per `Behaviour::fail_attempts`?
+    pub fn failing(&self) -> bool {
+        self.attempt_index() < self.behaviour.fail_attempts
+    }
 }
 
 #[derive(Default)]
@@ -258,6 +306,9 @@ pub struct Inner {
     pub tokens: HashMap<String, u64>,
     pub next_job_id: u64,
     pub next_run_id: u64,
+    pub next_repair_id: u64,
+    /// Runs created per promise id (the run's promise parameter).
+    pub runs_per_promise: HashMap<String, u32>,
     /// Task run id → its parent run.
     pub task_parent: HashMap<u64, u64>,
     /// Tokens Databricks no longer accepts (revoked or expired PATs), and
@@ -370,6 +421,7 @@ impl Emulator {
         let mut inner = Inner {
             next_job_id: 1000,
             next_run_id: 100_000,
+            next_repair_id: 500_000,
             ..Default::default()
         };
         // Preconfigured jobs are set up as runbridge's docs say: job
@@ -476,6 +528,20 @@ impl Emulator {
             }
             if let Some(v) = tags.get("emulator.value").and_then(Value::as_str) {
                 b.value = v.to_owned();
+            }
+            let number = |k: &str| {
+                tags.get(k)
+                    .and_then(Value::as_str)
+                    .and_then(|s| s.parse::<u32>().ok())
+            };
+            if let Some(n) = number("emulator.fail_attempts") {
+                b.fail_attempts = n;
+            }
+            if let Some(n) = number("emulator.progress") {
+                b.progress_updates = n;
+            }
+            if let Some(t) = tags.get("emulator.fail_task").and_then(Value::as_str) {
+                b.fail_task = Some(t.to_owned());
             }
             for (k, v) in tags {
                 if let (Some(task), Some(v)) = (k.strip_prefix("emulator.value."), v.as_str()) {

@@ -1,5 +1,6 @@
 //! The run routes: `jobs/run-now`, `jobs/runs/submit`, `jobs/runs/get`,
-//! `jobs/runs/get-output`, `jobs/runs/cancel`, `jobs/runs/list`. Each
+//! `jobs/runs/get-output`, `jobs/runs/cancel`, `jobs/runs/list`
+//! (`jobs/runs/repair` is in `repair`). Each
 //! behaviour modelled here, and its source, is listed in
 //! `docs/databricks-fidelity.md`.
 
@@ -121,6 +122,15 @@ fn launch(
     let id = inner.next_run_id + 1;
     inner.next_run_id += 1 + tasks.len() as u64;
     let mut run = make(id);
+    if let Some(promise) = run
+        .params
+        .get(&emu.settings.promise_param)
+        .filter(|p| !p.is_empty())
+    {
+        let n = inner.runs_per_promise.entry(promise.clone()).or_default();
+        run.earlier_runs = *n;
+        *n += 1;
+    }
     run.tasks = tasks
         .iter()
         .enumerate()
@@ -232,6 +242,9 @@ fn new_run(
         tasks: Vec::new(),
         queue_reason: None,
         traceparent: None,
+        earlier_runs: 0,
+        original: None,
+        repairs: Vec::new(),
         behaviour: Default::default(),
     }
 }
@@ -425,7 +438,7 @@ fn termination(result: &str) -> (&'static str, &'static str) {
     }
 }
 
-fn state_json(life: &str, result: Option<&str>, message: &str) -> (Value, Value) {
+pub fn state_json(life: &str, result: Option<&str>, message: &str) -> (Value, Value) {
     let mut state = json!({
         "life_cycle_state": life,
         "state_message": message,
@@ -521,6 +534,7 @@ pub fn run_json(emu: &Emulator, r: &Run, page: Option<usize>) -> Value {
 pub struct RunQuery {
     run_id: Option<u64>,
     page_token: Option<String>,
+    include_history: Option<bool>,
 }
 
 /// A run id Databricks does not know: 400 `INVALID_PARAMETER_VALUE` "Run N
@@ -530,7 +544,7 @@ fn unknown_run(id: u64) -> Response {
     invalid(format!("Run {id} does not exist."))
 }
 
-fn find_run(emu: &Emulator, id: Option<u64>) -> Result<Run, Response> {
+pub fn find_run(emu: &Emulator, id: Option<u64>) -> Result<Run, Response> {
     let Some(id) = id else {
         return Err(invalid("Missing required field: run_id"));
     };
@@ -555,7 +569,13 @@ pub async fn get_run(
         Err(r) => return r,
     };
     match find_run(&emu, q.run_id) {
-        Ok(run) => Json(run_json(&emu, &run, Some(page))).into_response(),
+        Ok(run) => {
+            let mut v = run_json(&emu, &run, Some(page));
+            if q.include_history == Some(true) {
+                v["repair_history"] = super::repair::history_json(&run);
+            }
+            Json(v).into_response()
+        }
         Err(r) => r,
     }
 }

@@ -19,6 +19,22 @@ local function count_pending(counts, seconds, created_ms, delta)
   end
 end
 
+-- A promise.progress outbox entry: the record as it is now, minus its
+-- param and progress history (the relay builds the event from the latest
+-- update, pg); pge remembers when, for the interval.
+local function emit_progress(promise, outbox, now)
+  redis.call('HSET', promise, 'pge', now)
+  local all = redis.call('HGETALL', promise)
+  local entry = {}
+  for i = 1, #all, 2 do
+    if all[i] ~= 'param' and all[i] ~= 'pgh' and all[i] ~= 'ah' then
+      entry[#entry + 1] = all[i]
+      entry[#entry + 1] = all[i + 1]
+    end
+  end
+  redis.call('XADD', outbox, '*', unpack(entry))
+end
+
 -- The one way a promise becomes settled: state, value and who did it; out of
 -- the deadline, poll and run indexes; expiry set to the retention; one outbox
 -- entry (the record minus its param); and, if asked and there is a run, a
@@ -28,6 +44,12 @@ end
 -- or with `uncounted` on a record written settled (a child cancelled before
 -- it was ever created), which no pending count includes.
 local function settle_record(k, id, state, value, iku, by, retention, now, cancel_run, uncounted)
+  -- A progress event held back by its interval goes out now, before the
+  -- settlement's: the last one carries the latest update, none follows.
+  if redis.call('HEXISTS', k[1], 'pgq') == 1 then
+    redis.call('HDEL', k[1], 'pgq')
+    emit_progress(k[1], k[3], now)
+  end
   local created = tonumber(redis.call('HGET', k[1], 'created'))
   if created and not uncounted then count_pending(k[7], k[8], created, -1) end
   redis.call('HSET', k[1], 'state', state, 'value', value, 'completed', now, 'by', by)
@@ -47,7 +69,7 @@ local function settle_record(k, id, state, value, iku, by, retention, now, cance
   local all = redis.call('HGETALL', k[1])
   local entry = {}
   for i = 1, #all, 2 do
-    if all[i] ~= 'param' then
+    if all[i] ~= 'param' and all[i] ~= 'pgh' then
       entry[#entry + 1] = all[i]
       entry[#entry + 1] = all[i + 1]
     end
@@ -100,3 +122,4 @@ local function create_record(k, a, first)
   redis.call('PEXPIREAT', k[1], backstop)
   return {'CREATED', redis.call('HGETALL', k[1])}, backstop
 end
+

@@ -211,9 +211,10 @@ impl Outbox for RedisOutbox {
     async fn ack(&mut self, entry: &OutboxEntry, published: bool) -> Result<(), StoreError> {
         let mut inv = self.store.scripts.outbox_ack.prepare_invoke();
         inv.key(self.store.keys.outbox(entry.partition));
-        // The promise notes when its event went out (if it is still there).
+        // The promise notes when its completion event went out (if it is
+        // still there; a progress entry's promise is pending).
         match (&entry.promise, published) {
-            (Ok(p), true) => inv.key(self.store.keys.promise(&p.id)),
+            (Ok(p), true) if p.state.is_settled() => inv.key(self.store.keys.promise(&p.id)),
             _ => &mut inv,
         };
         let _: i64 = inv

@@ -54,6 +54,13 @@ pub(super) fn field_pairs(new: &NewPromise) -> Vec<(&'static str, String)> {
                 .unwrap_or_default(),
         ),
         (
+            field::RETRY,
+            new.retry
+                .as_ref()
+                .map(|r| r.to_stored())
+                .unwrap_or_default(),
+        ),
+        (
             field::PARENT_INDEX,
             new.parent
                 .as_ref()

@@ -1,0 +1,226 @@
+//! `jobs/runs/repair` and a run's `repair_history` (`runs/get` with
+//! `include_history=true`).
+//!
+//! What is modelled, and from where (`docs/databricks-fidelity.md` lists
+//! it too):
+//! - a repair re-runs tasks "as part of the original job run": the run id
+//!   stays, the rerun tasks get new task run ids, and the answer is
+//!   `{"repair_id": N}` (`RepairRunResponse` in Databricks' Python SDK);
+//! - "the run must not be in progress" (the SDK's `run_id` doc);
+//! - `latest_repair_id` "is not required when repairing a run for the first
+//!   time, but must be provided on subsequent requests": a missing or stale
+//!   one is refused, so two clients (or one retrying after a crash) cannot
+//!   both repair the same failure;
+//! - `rerun_all_failed_tasks` and `rerun_tasks`: "only one of" them;
+//! - `repair_history`: an `ORIGINAL` item, then one `REPAIR` item (with its
+//!   `id`) per repair, each with start and end time, state, status and the
+//!   task run ids that ran in it (`RepairHistoryItem`).
+//!
+//! The error codes of the refusals are not documented; the emulator answers
+//! 400 `INVALID_PARAMETER_VALUE` (stale id, bad request) and 400
+//! `INVALID_STATE` (run in progress), and runbridge does not rely on which.
+
+#![allow(clippy::result_large_err)]
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::api::{Emu, err, gate, invalid, parse_body};
+use super::model::{Emulator, RepairRecord, Run, now_ms};
+use super::runs::{find_run, state_json};
+
+fn item_json(kind: &str, r: &RepairRecord) -> Value {
+    let (state, status) = state_json(r.life_cycle_state, r.result_state, "");
+    let mut v = json!({
+        "type": kind,
+        "start_time": r.start_time,
+        "end_time": r.end_time,
+        "state": state,
+        "status": status,
+        "task_run_ids": r.task_run_ids,
+    });
+    if let Some(id) = r.id {
+        v["id"] = json!(id);
+    }
+    v
+}
+
+/// The run's `repair_history`: the original play and each repair. A run
+/// never repaired has its one `ORIGINAL` item.
+pub fn history_json(run: &Run) -> Value {
+    let original = run.original.clone().unwrap_or_else(|| RepairRecord {
+        id: None,
+        start_time: run.start_time,
+        end_time: run.end_time,
+        life_cycle_state: run.life_cycle_state,
+        result_state: run.result_state,
+        task_run_ids: run.tasks.iter().map(|t| t.run_id).collect(),
+    });
+    let mut items = vec![item_json("ORIGINAL", &original)];
+    items.extend(run.repairs.iter().map(|r| item_json("REPAIR", r)));
+    Value::Array(items)
+}
+
+/// Why a repair is refused, as the API answers it.
+fn refuse(code: &str, message: String) -> Response {
+    err(StatusCode::BAD_REQUEST, code, message)
+}
+
+impl Emulator {
+    /// Starts a repair of `run_id` re-running `rerun` (task keys; `None`:
+    /// every task that did not succeed). Returns the repair id.
+    fn start_repair(
+        self: &Arc<Self>,
+        run_id: u64,
+        latest: Option<u64>,
+        rerun: Option<Vec<String>>,
+    ) -> Result<u64, Response> {
+        let mut inner = self.lock();
+        let next_repair = inner.next_repair_id + 1;
+        let mut next_task_run = inner.next_run_id;
+        let Some(run) = inner.runs.get_mut(&run_id) else {
+            return Err(invalid(format!("Run {run_id} does not exist.")));
+        };
+        if !matches!(run.life_cycle_state, "TERMINATED" | "SKIPPED") {
+            return Err(refuse(
+                "INVALID_STATE",
+                format!(
+                    "Run {run_id} is in progress: a run can be repaired only once it has ended."
+                ),
+            ));
+        }
+        let last = run.repairs.last().and_then(|r| r.id);
+        if last != latest {
+            return Err(refuse(
+                "INVALID_PARAMETER_VALUE",
+                match last {
+                    Some(l) => format!(
+                        "latest_repair_id must be the ID of the latest repair of run {run_id} ({l})"
+                    ),
+                    None => format!("Run {run_id} has no repair; omit latest_repair_id"),
+                },
+            ));
+        }
+        let keys: Vec<String> = match rerun {
+            Some(keys) => {
+                if let Some(k) = keys
+                    .iter()
+                    .find(|k| !run.tasks.iter().any(|t| &t.task_key == *k))
+                {
+                    return Err(invalid(format!("Task {k} does not exist in run {run_id}")));
+                }
+                keys
+            }
+            None => run
+                .tasks
+                .iter()
+                .filter(|t| t.result_state != Some("SUCCESS"))
+                .map(|t| t.task_key.clone())
+                .collect(),
+        };
+        if keys.is_empty() {
+            return Err(invalid(format!(
+                "Run {run_id} has no failed tasks to repair"
+            )));
+        }
+        if run.original.is_none() {
+            run.original = Some(RepairRecord {
+                id: None,
+                start_time: run.start_time,
+                end_time: run.end_time,
+                life_cycle_state: run.life_cycle_state,
+                result_state: run.result_state,
+                task_run_ids: run.tasks.iter().map(|t| t.run_id).collect(),
+            });
+        }
+        let mut task_run_ids = Vec::new();
+        let mut new_tasks = Vec::new();
+        for t in run.tasks.iter_mut().filter(|t| keys.contains(&t.task_key)) {
+            next_task_run += 1;
+            t.run_id = next_task_run;
+            t.result_state = None;
+            t.exit_value = None;
+            task_run_ids.push(t.run_id);
+            new_tasks.push(t.run_id);
+        }
+        run.repairs.push(RepairRecord {
+            id: Some(next_repair),
+            start_time: now_ms(),
+            end_time: 0,
+            life_cycle_state: "PENDING",
+            result_state: None,
+            task_run_ids,
+        });
+        let was = run.life_cycle_state;
+        run.life_cycle_state = "PENDING";
+        run.result_state = None;
+        run.state_message = String::new();
+        run.end_time = 0;
+        run.exit_value = None;
+        let job = run.job_id;
+        for t in new_tasks {
+            inner.task_parent.insert(t, run_id);
+        }
+        inner.next_run_id = next_task_run;
+        inner.next_repair_id = next_repair;
+        inner.moved(job, run_id, Some(was), "PENDING");
+        Ok(next_repair)
+    }
+}
+
+pub async fn repair(
+    State(emu): Emu,
+    Path(version): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = gate(&emu, &version, &headers, "jobs/runs/repair").await {
+        return r;
+    }
+    let m = match parse_body(&body) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let run_id = match find_run(&emu, m.get("run_id").and_then(Value::as_u64)) {
+        Ok(r) => r.run_id,
+        Err(r) => return r,
+    };
+    let latest = match m.get("latest_repair_id") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(id) => Some(id),
+            None => return invalid("latest_repair_id must be an integer"),
+        },
+    };
+    let all_failed = m
+        .get("rerun_all_failed_tasks")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let tasks: Option<Vec<String>> = m.get("rerun_tasks").and_then(Value::as_array).map(|a| {
+        a.iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    });
+    let rerun = match (all_failed, tasks) {
+        (true, Some(t)) if !t.is_empty() => {
+            return invalid("Only one of rerun_tasks or rerun_all_failed_tasks can be used");
+        }
+        (true, _) => None,
+        (false, Some(t)) if !t.is_empty() => Some(t),
+        (false, _) => return invalid("Either rerun_tasks or rerun_all_failed_tasks must be set"),
+    };
+    match emu.start_repair(run_id, latest, rerun) {
+        Ok(repair_id) => {
+            let emu2 = emu.clone();
+            tokio::spawn(async move { emu2.execute(run_id, false).await });
+            Json(json!({"repair_id": repair_id})).into_response()
+        }
+        Err(r) => r,
+    }
+}

@@ -1,0 +1,252 @@
+//! The next attempt of a promise waiting for one (docs/contracts.md,
+//! retries): a loop over this worker's partitions takes each due retry
+//! (leased, so a worker that dies mid-step leaves it to come back) and
+//! starts the attempt the promise's policy asks for.
+//!
+//! Every step is safe to repeat:
+//! - `rerun` launches with the token of the promise and the attempt
+//!   number, so a repeat gets the same run back from Databricks;
+//! - `repair` sends the run's latest repair id as this worker knows it.
+//!   Databricks refuses a stale one, so a repeat after a repair that was
+//!   made but not recorded is refused; the run's `repair_history` then
+//!   names that repair, and it is recorded as the attempt.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{StreamExt, stream};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::{WorkerContext, launch};
+use crate::databricks::{DatabricksError, Jobs};
+use crate::domain::{
+    Envelope, IdempotencyToken, Payload, Promise, PromiseId, RetryMode, SettledBy, State, Trigger,
+    TriggerRules,
+};
+use crate::partitions::Assignment;
+use crate::reconciler::{RunOutcome, classify};
+use crate::shutdown::pause;
+use crate::store::{Attempts, Families, PromiseStore, Settle, StoreError};
+
+/// How soon a repair refused because its run is still ending is tried again.
+const RUN_ENDING: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RetryError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Databricks(#[from] DatabricksError),
+}
+
+/// The trigger a promise was created from, with the trace it ran in: its
+/// own, or for a child, child n of its parent's.
+async fn trigger_of<S: PromiseStore>(
+    store: &S,
+    p: &Promise,
+) -> Result<Option<Trigger>, StoreError> {
+    let from = match &p.parent {
+        None => p.clone(),
+        Some(of) => match store.get(&of.parent).await? {
+            Some(parent) => parent,
+            None => return Ok(None),
+        },
+    };
+    let env = Envelope {
+        body: from.param.data.clone().unwrap_or_default().into_bytes(),
+        message_id: Some(from.id.to_string()),
+        ..Default::default()
+    };
+    let Ok(t) = Trigger::parse(&env, &TriggerRules::accepted()) else {
+        return Ok(None);
+    };
+    let mut t = match &p.parent {
+        None => t,
+        Some(of) => match t.child(of.index as usize) {
+            Some(c) => c,
+            None => return Ok(None),
+        },
+    };
+    t.traceparent = p.traceparent.clone();
+    Ok(Some(t))
+}
+
+/// Settles a promise whose next attempt cannot start.
+async fn refuse<S: PromiseStore>(
+    store: &S,
+    p: &Promise,
+    n: u32,
+    value: serde_json::Value,
+) -> Result<(), StoreError> {
+    tracing::warn!(promise.id = %p.id, attempt = n, reason = %value, "the next attempt cannot start; rejecting the promise");
+    store
+        .settle(&Settle {
+            id: p.id.clone(),
+            target: State::Rejected,
+            value: Payload::data(value.to_string()),
+            ikey: Some(format!("retry:{}:{n}", p.id)),
+            strict: false,
+            settled_by: SettledBy::Worker,
+            cancel_run: false,
+        })
+        .await?;
+    Ok(())
+}
+
+fn refusal(e: &DatabricksError) -> serde_json::Value {
+    match e {
+        DatabricksError::Permanent {
+            endpoint,
+            status,
+            body,
+        } => json!({
+            "reason": "databricks_error",
+            "endpoint": endpoint,
+            "status": status,
+            "error_code": body.error_code,
+            "message": body.message,
+        }),
+        other => json!({"reason": "databricks_error", "message": other.to_string()}),
+    }
+}
+
+/// Starts attempt `n` as a new run.
+async fn rerun<S: PromiseStore + Families + Attempts, J: Jobs>(
+    ctx: &WorkerContext<S, J>,
+    p: &Promise,
+    n: u32,
+) -> Result<(), RetryError> {
+    let Some(t) = trigger_of(&ctx.store, p).await? else {
+        let why = json!({"reason": "retry_impossible", "message": "the promise's trigger can no longer be read"});
+        return Ok(refuse(&ctx.store, p, n, why).await?);
+    };
+    let Some(run) = t.launch() else {
+        return Ok(());
+    };
+    let token = IdempotencyToken::for_attempt(&p.idempotency_token(), &p.id, n);
+    match launch(ctx, &t, run, &p.workspace, &token).await {
+        Ok(run) => {
+            crate::failpoint!("retry.after_relaunch");
+            ctx.store.attempt_started(&p.id, n, run, None).await?;
+            tracing::info!(promise.id = %p.id, attempt = n, run_id = run.get(), "attempt started (rerun)");
+            Ok(())
+        }
+        Err(e @ DatabricksError::Permanent { .. }) => {
+            Ok(refuse(&ctx.store, p, n, refusal(&e)).await?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Starts attempt `n` as a repair of the promise's run.
+async fn repair<S: PromiseStore + Attempts, J: Jobs>(
+    ctx: &WorkerContext<S, J>,
+    p: &Promise,
+    n: u32,
+) -> Result<(), RetryError> {
+    let Some(run) = p.run_id else {
+        let why = json!({"reason": "retry_impossible", "message": "no run to repair"});
+        return Ok(refuse(&ctx.store, p, n, why).await?);
+    };
+    let refused = match ctx
+        .jobs
+        .repair_run(&p.workspace, run, p.retry.repair_id)
+        .await
+    {
+        Ok(repair) => {
+            crate::failpoint!("retry.after_repair");
+            ctx.store
+                .attempt_started(&p.id, n, run, Some(repair))
+                .await?;
+            tracing::info!(promise.id = %p.id, attempt = n, run_id = run.get(), repair_id = repair, "attempt started (repair)");
+            return Ok(());
+        }
+        Err(e @ DatabricksError::Permanent { .. }) => e,
+        Err(e) => return Err(e.into()),
+    };
+    // Refused: the repair this step asks for may exist already (made, then
+    // the worker died or the answer was lost), or the run is still ending.
+    let info = ctx.jobs.get_run_history(&p.workspace, run).await?;
+    match info.latest_repair_id() {
+        Some(latest) if Some(latest) != p.retry.repair_id => {
+            ctx.store
+                .attempt_started(&p.id, n, run, Some(latest))
+                .await?;
+            tracing::info!(promise.id = %p.id, attempt = n, repair_id = latest, "attempt found already started (repair)");
+            Ok(())
+        }
+        _ if !matches!(classify(&info), RunOutcome::Ended { .. }) => {
+            ctx.store.retry_later(&p.id, RUN_ENDING).await?;
+            Ok(())
+        }
+        _ => Ok(refuse(&ctx.store, p, n, refusal(&refused)).await?),
+    }
+}
+
+/// One due retry: the promise's next attempt, if it still waits for one.
+pub async fn step<S: PromiseStore + Families + Attempts, J: Jobs>(
+    ctx: &WorkerContext<S, J>,
+    id: &PromiseId,
+) -> Result<(), RetryError> {
+    let p = match ctx.store.get(id).await? {
+        Some(p) if !p.state.is_settled() && p.retry.next_at.is_some() => p,
+        // Settled while waiting (or never waiting): nothing to start.
+        _ => return Ok(ctx.store.drop_retry(id).await?),
+    };
+    let Some(policy) = p.retry.policy.clone() else {
+        return Ok(ctx.store.drop_retry(id).await?);
+    };
+    let n = p.retry.attempt + 1;
+    match policy.mode() {
+        RetryMode::Rerun => rerun(ctx, &p, n).await,
+        RetryMode::Repair => repair(ctx, &p, n).await,
+    }
+}
+
+async fn steps<S: PromiseStore + Families + Attempts, J: Jobs>(
+    ctx: &WorkerContext<S, J>,
+    assignment: &Assignment,
+    batch: usize,
+) {
+    for partition in assignment.current() {
+        let due = match ctx
+            .store
+            .claim_retries(partition, batch, ctx.fanout_lease)
+            .await
+        {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(partition, error = %e, "retry schedule unreadable; retrying");
+                return;
+            }
+        };
+        let _: Vec<()> = stream::iter(due)
+            .map(|id| async move {
+                if let Err(e) = step(ctx, &id).await {
+                    tracing::warn!(promise.id = %id, error = %e, "next attempt not started; tried again after its lease");
+                }
+            })
+            .buffer_unordered(4)
+            .collect()
+            .await;
+    }
+}
+
+/// Starts due attempts of this worker's partitions every `tick`, until
+/// `shutdown`.
+pub async fn run<S: PromiseStore + Families + Attempts, J: Jobs>(
+    ctx: Arc<WorkerContext<S, J>>,
+    assignment: Assignment,
+    tick: Duration,
+    batch: usize,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = steps(&ctx, &assignment, batch) => {}
+        }
+        pause(tick, &shutdown).await;
+    }
+}
