@@ -3,7 +3,8 @@
 //!
 //! `RUNBRIDGE_FAILPOINTS="name=action,name2=action"` arms them, where action is
 //! `pause` (block this task forever, so a test can SIGKILL the process at that
-//! exact point), `abort` (die at once, no cleanup), `abort@P` (die with
+//! exact point), `pause#N` (the same, at the point's Nth pass only: the
+//! earlier ones go on), `abort` (die at once, no cleanup), `abort@P` (die with
 //! probability P each time the point is passed: the chaos harness) or `off`. When a point is
 //! hit, its name is appended to the file named by `RUNBRIDGE_FAILPOINT_MARKER`,
 //! if set, so the test knows the process got there.
@@ -49,6 +50,21 @@ pub async fn hit(name: &str) {
         }
         return;
     }
+    if let Some(n) = action.strip_prefix("pause#") {
+        static PASSES: std::sync::Mutex<Option<HashMap<String, u64>>> = std::sync::Mutex::new(None);
+        let pass = {
+            let mut g = PASSES.lock().unwrap_or_else(|p| p.into_inner());
+            let c = g
+                .get_or_insert_with(HashMap::new)
+                .entry(name.to_owned())
+                .or_default();
+            *c += 1;
+            *c
+        };
+        if n.parse::<u64>().ok() != Some(pass) {
+            return;
+        }
+    }
     if let Ok(path) = std::env::var("RUNBRIDGE_FAILPOINT_MARKER") {
         use std::io::Write;
         if let Ok(mut f) = std::fs::OpenOptions::new()
@@ -60,7 +76,7 @@ pub async fn hit(name: &str) {
         }
     }
     match action.as_str() {
-        "pause" => std::future::pending::<()>().await,
+        a if a == "pause" || a.starts_with("pause#") => std::future::pending::<()>().await,
         "abort" => std::process::abort(),
         _ => {}
     }

@@ -179,6 +179,8 @@ enum PromiseCmd {
         #[arg(long, default_value = "canceled by an operator")]
         reason: String,
     },
+    /// Start the next attempt of a promise waiting to retry, now.
+    Retry { id: String },
 }
 
 fn kv(items: &[String], what: &str) -> Result<BTreeMap<String, String>> {
@@ -376,6 +378,15 @@ async fn promise(s: &Settings, cmd: PromiseCmd) -> Result<()> {
             }
             let report = cancel_matching(&store, &filter, &reason, SettledBy::Operator).await?;
             json!(report)
+        }
+        PromiseCmd::Retry { id } => {
+            use runbridge::sidecar::progress::{RetryNow, retry_promise};
+            let id = PromiseId::parse(&id).map_err(anyhow::Error::msg)?;
+            match retry_promise(&store, &id).await? {
+                RetryNow::Scheduled(p) => p.to_json(),
+                RetryNow::NotFound => bail!("no promise {id}"),
+                RetryNow::NotWaiting(why) => bail!("{why}"),
+            }
         }
     };
     println!("{}", serde_json::to_string_pretty(&out)?);

@@ -492,6 +492,11 @@ mod tests {
             r#"{"action":"cancel"}"#,
             r#"{"action":"cancel","id":"a b"}"#,
             r#"{"action":"cancel","id":"a","x":1}"#,
+            r#"{"action":"retry","id":"nightly-1"}"#,
+            r#"{"action":"retry","id":"nightly-*"}"#,
+            r#"{"action":"retry"}"#,
+            r#"{"action":"retry","id":"a","reason":"r"}"#,
+            r#"{"action":"retry","tags":{"team":"growth"}}"#,
         ] {
             let instance: Value = serde_json::from_str(body).unwrap();
             let parsed = crate::reconciler::parse_control(body.as_bytes());

@@ -19,7 +19,31 @@ and talks to the sidecar::
     # message and traceback (and re-raised, so the run fails too)
 
 or step by step: ``rb.resolve(value)``, ``rb.reject(error)``,
-``rb.heartbeat()``.
+``rb.heartbeat()``, ``rb.progress(...)``.
+
+Progress: a long run can say how far it is. Each update counts as a
+heartbeat, is kept on the promise (the console shows it) and reaches
+consumers as a ``promise.progress`` event (at most one per second or so per
+promise, the latest update winning)::
+
+    with rb.promise(dbutils=dbutils) as p:
+        for i, part in enumerate(parts):
+            load(part)
+            p.progress(percent=100 * (i + 1) / len(parts), stage="load", rows=i + 1)
+
+Updates closer together than ``min_interval`` seconds (default 1) are
+skipped here, before they cost a request; ``force=True`` sends one anyway.
+
+Retries: a trigger (or runbridge's configuration) may give the promise a
+retry policy, so that a failed run gets another attempt. A rejection then
+counts as retryable unless it says it is final: raise ``rb.FinalError`` in
+the ``with`` block (or call ``rb.reject(error, final=True)``) when another
+attempt cannot help (bad input, say)::
+
+    with rb.promise(dbutils=dbutils) as p:
+        if not source_exists():
+            raise rb.FinalError("no source data for this date")
+        p.value = run_the_job()
 
 A child of a parent trigger (one run of a fan-out, promise id
 ``<parent>/<n>``) is an ordinary run and uses the helper the same way::
@@ -62,7 +86,9 @@ __all__ = [
     "resolve",
     "reject",
     "heartbeat",
+    "progress",
     "promise",
+    "FinalError",
     "CallbackError",
     "AlreadySettled",
 ]
@@ -77,6 +103,10 @@ class CallbackError(Exception):
         super().__init__(message)
         self.status = status
         self.body = body
+
+
+class FinalError(Exception):
+    """Raised in a ``rb.promise`` block: the rejection is final, no retry."""
 
 
 class AlreadySettled(CallbackError):
@@ -162,10 +192,11 @@ def _post(
     retries: int = 6,
     timeout: float = 30.0,
     backoff: float = 0.5,
+    with_id: bool = True,
 ) -> dict:
     """POST {url}/{action}?id=... with retries on connection errors and 5xx."""
     url = f"{p.url}/{action}?" + urllib.parse.urlencode({"id": p.promise_id})
-    data = json.dumps(dict(body, id=p.promise_id)).encode()
+    data = json.dumps(dict(body, id=p.promise_id) if with_id else body).encode()
     headers = {"Content-Type": "application/json"}
     # The run's trace, when the job passed one on (runbridge logs it with the callback).
     tp = os.environ.get("TRACEPARENT")
@@ -216,10 +247,48 @@ def resolve(value: Any = None, p: Optional[Params] = None, **kw: Any) -> dict:
     return _post(p, "resolve", {"value": _value(value)})
 
 
-def reject(error: Any = None, p: Optional[Params] = None, **kw: Any) -> dict:
-    """Reject the promise with ``error`` (a string, or anything JSON)."""
+def reject(error: Any = None, p: Optional[Params] = None, final: bool = False, **kw: Any) -> dict:
+    """Reject the promise with ``error`` (a string, or anything JSON). With a
+    retry policy, the promise gets another attempt unless ``final``; the
+    answer is then the still pending promise."""
     p = p or params(**kw)
-    return _post(p, "reject", {"error": _value(error)})
+    body = {"error": _value(error)}
+    if final:
+        body["final"] = True
+    return _post(p, "reject", body)
+
+
+_last_progress: dict = {}
+
+
+def progress(
+    percent: Optional[float] = None,
+    stage: Optional[str] = None,
+    message: Optional[str] = None,
+    p: Optional[Params] = None,
+    min_interval: float = 1.0,
+    force: bool = False,
+    **metrics: float,
+) -> Optional[dict]:
+    """Report progress: ``percent`` (0-100), ``stage``, ``message`` and named
+    numbers as keyword arguments. Skipped (``None``) when the last update of
+    this promise was sent less than ``min_interval`` seconds ago, unless
+    ``force``. Not retried: a lost update is superseded by the next."""
+    p = p or params()
+    now = time.monotonic()
+    if not force and now - _last_progress.get(p.promise_id, -1e9) < min_interval:
+        return None
+    _last_progress[p.promise_id] = now
+    body: dict = {}
+    if percent is not None:
+        body["percent"] = float(percent)
+    if stage is not None:
+        body["stage"] = str(stage)
+    if message is not None:
+        body["message"] = str(message)
+    if metrics:
+        body["metrics"] = {k: float(v) for k, v in metrics.items()}
+    return _post(p, "progress", body, retries=1, timeout=10.0, with_id=False)
 
 
 def heartbeat(p: Optional[Params] = None, **kw: Any) -> dict:
@@ -236,6 +305,10 @@ class _Promise:
         self._interval = heartbeat_seconds
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+
+    def progress(self, percent: Optional[float] = None, stage: Optional[str] = None, **kw: Any) -> Optional[dict]:
+        """``rb.progress`` for this promise (rate-limited the same way)."""
+        return progress(percent, stage, p=self.params, **kw)
 
     def _beat(self) -> None:
         while not self._stop.wait(self._interval):
@@ -266,6 +339,7 @@ class _Promise:
                     "traceback": "".join(traceback.format_exception(exc_type, exc, tb)),
                 },
                 self.params,
+                final=isinstance(exc, FinalError),
             )
         return False  # an exception goes on: the run fails as it should
 

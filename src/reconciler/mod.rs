@@ -462,30 +462,44 @@ impl CancelFilter {
 #[serde(deny_unknown_fields)]
 #[schemars(
     title = "runbridge control message",
-    description = "Cancel every pending promise that matches: an id (with * wildcards), tags, a job id, or several (all must match). Needs at least one of them.",
+    description = "cancel: every pending promise that matches an id (with * wildcards), tags, a job id, or several (all must match); needs at least one of them. retry: start the next attempt of the promise `id` (no wildcards) now, if it waits for one.",
     extend("anyOf" = [
-        {"required": ["id"], "properties": {"id": {"type": "string"}}},
-        {"required": ["tags"], "properties": {"tags": {"minProperties": 1}}},
-        {"required": ["job_id"], "properties": {"job_id": {"type": "integer"}}}
+        {"properties": {"action": {"const": "cancel"}}, "anyOf": [
+            {"required": ["id"], "properties": {"id": {"type": "string"}}},
+            {"required": ["tags"], "properties": {"tags": {"minProperties": 1}}},
+            {"required": ["job_id"], "properties": {"job_id": {"type": "integer"}}}
+        ]},
+        {"properties": {"action": {"const": "retry"}, "id": {"type": "string", "pattern": "^[A-Za-z0-9._:/-]+$"}},
+         "required": ["id"],
+         "not": {"anyOf": [{"required": ["tags"]}, {"required": ["job_id"]}, {"required": ["reason"]}]}}
     ])
 )]
 pub struct ControlMessage {
-    /// The only action is "cancel".
-    #[schemars(extend("const" = "cancel"))]
+    /// "cancel" or "retry".
+    #[schemars(extend("enum" = ["cancel", "retry"]))]
     action: String,
-    /// A promise id or a pattern with * wildcards.
+    /// A promise id or (cancel only) a pattern with * wildcards.
     #[serde(default)]
     #[schemars(length(min = 1, max = 200), regex(pattern = r"^[A-Za-z0-9._:/*-]+$"))]
     id: Option<String>,
-    /// Tags every matching promise has.
+    /// Tags every matching promise has (cancel).
     #[serde(default)]
     tags: std::collections::BTreeMap<String, String>,
-    /// The Databricks job the promises run.
+    /// The Databricks job the promises run (cancel).
     #[serde(default)]
     job_id: Option<u64>,
-    /// Recorded as the promises' rejection.
+    /// Recorded as the promises' rejection (cancel).
     #[serde(default)]
     reason: Option<String>,
+}
+
+/// What a control message asks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ControlCommand {
+    /// Cancel what matches, with this reason.
+    Cancel(CancelFilter, String),
+    /// Start this promise's next attempt now.
+    Retry(PromiseId),
 }
 
 /// Is this a valid id filter: an id, or an id pattern with `*` wildcards?
@@ -498,14 +512,28 @@ pub fn valid_id_filter(id: &str) -> bool {
 }
 
 /// Parses a control-queue message; the error says why it was refused.
-pub fn parse_control(body: &[u8]) -> Result<(CancelFilter, String), String> {
+pub fn parse_control(body: &[u8]) -> Result<ControlCommand, String> {
     let m: ControlMessage =
         serde_json::from_slice(body).map_err(|e| format!("not a control message: {e}"))?;
-    if m.action != "cancel" {
-        return Err(format!(
-            "unknown action {:?}: the only action is \"cancel\"",
-            m.action
-        ));
+    match m.action.as_str() {
+        "cancel" => {}
+        "retry" => {
+            if !m.tags.is_empty() || m.job_id.is_some() || m.reason.is_some() {
+                return Err("retry takes only an id".into());
+            }
+            let id = m.id.ok_or("retry needs the promise's id")?;
+            if id.contains('*') {
+                return Err("retry takes one promise id, not a pattern".into());
+            }
+            return PromiseId::parse(&id)
+                .map(ControlCommand::Retry)
+                .map_err(|e| e.to_string());
+        }
+        other => {
+            return Err(format!(
+                "unknown action {other:?}: the actions are \"cancel\" and \"retry\""
+            ));
+        }
     }
     if m.id.as_deref().is_some_and(|id| !valid_id_filter(id)) {
         return Err("id may use [A-Za-z0-9._:/-] and * wildcards".into());
@@ -518,7 +546,7 @@ pub fn parse_control(body: &[u8]) -> Result<(CancelFilter, String), String> {
     if f.is_empty() {
         return Err("cancel needs id, tags or job_id".into());
     }
-    Ok((
+    Ok(ControlCommand::Cancel(
         f,
         m.reason
             .unwrap_or_else(|| "canceled through the control queue".into()),
@@ -616,7 +644,7 @@ mod hostile {
             if let Some(id) = id { v["id"] = id.into(); }
             if let Some(j) = job_id { v["job_id"] = j.into(); }
             if let Some((k, val)) = tag { v["tags"] = serde_json::json!({ k: val }); }
-            if let Ok((filter, _)) = parse_control(&serde_json::to_vec(&v).unwrap()) {
+            if let Ok(ControlCommand::Cancel(filter, _)) = parse_control(&serde_json::to_vec(&v).unwrap()) {
                 // Accepted filters always name something: never "cancel all".
                 prop_assert!(!filter.is_empty());
             }

@@ -32,6 +32,11 @@ pub(super) enum SettleAnswers {
         description = "Settled, or a repeat of the same settlement (`deduplicated`)"
     )]
     Settled(PromiseAnswer),
+    #[response(
+        status = 202,
+        description = "A notebook's reject without `final`, retried by the promise's policy: still PENDING, its next attempt scheduled"
+    )]
+    Retrying(PromiseAnswer),
     #[response(status = 400, description = "Malformed request")]
     BadRequest(ErrorBody),
     #[response(status = 401, description = "Missing or invalid token")]
@@ -99,7 +104,7 @@ pub struct Readiness {
         PromiseView, PromiseAnswer, Payload, State, SettledBy, ErrorBody, ErrorDetail,
         CallbackBody, PatchBody, CreateBody, CancelBody, CancelReport, SearchPage,
         Notification, NotificationRun, NotificationAnswer, Health, Readiness,
-        crate::domain::progress::ProgressMessage, progress::RetryBody
+        crate::domain::progress::ProgressMessage, progress::RetryBody, progress::ProgressAnswer
     )),
     modifiers(&Security, &CapabilityRoutes),
     tags(

@@ -19,7 +19,7 @@ use crate::store::{AttemptOutcome, ProgressOutcome, StoreError};
     request_body(content = Option<crate::domain::progress::ProgressMessage>, content_type = "application/json"),
     security(("bearer" = []), ("basic" = [])),
     responses(
-        (status = 202, description = "Recorded (a heartbeat too); published as a promise.progress event within the interval"),
+        (status = 202, description = "Recorded (a heartbeat too); published as a promise.progress event within the interval", body = ProgressAnswer),
         (status = 400, description = "Malformed update", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Already settled", body = ErrorBody),
@@ -71,6 +71,15 @@ pub(super) async fn progress<S: Store>(
         )),
         ProgressOutcome::NotFound => Err(ApiError::not_found(id.as_str())),
     }
+}
+
+/// A recorded progress update.
+#[derive(Serialize, ToSchema)]
+pub(super) struct ProgressAnswer {
+    /// The promise.
+    id: String,
+    /// The update's number, from 1 (the event id's last segment).
+    seq: u64,
 }
 
 /// `POST /promises/retry`'s body.

@@ -13,9 +13,9 @@ use super::{Disposition, Refusal, WorkerContext, process};
 use crate::broker::{Broker, BrokerError, BrokerSettings, Incoming, Publisher};
 use crate::databricks::Jobs;
 use crate::domain::SettledBy;
-use crate::reconciler::{cancel_matching, parse_control};
+use crate::reconciler::{ControlCommand, cancel_matching, parse_control};
 use crate::shutdown::{pause, reconnect_backoff};
-use crate::store::{Families, PromiseStore};
+use crate::store::{Attempts, Families, PromiseStore};
 
 #[derive(Debug, Clone)]
 pub struct RunnerSettings {
@@ -40,10 +40,24 @@ enum Queue {
     Control,
 }
 
-/// One control-queue command (cancel by id, tags, job id or id wildcard).
-async fn control<S: PromiseStore, J: Jobs>(ctx: &WorkerContext<S, J>, body: &[u8]) -> Disposition {
+/// One control-queue command: cancel by id, tags, job id or id wildcard;
+/// or retry one waiting promise now.
+async fn control<S: PromiseStore + Attempts, J: Jobs>(
+    ctx: &WorkerContext<S, J>,
+    body: &[u8],
+) -> Disposition {
     let (filter, reason) = match parse_control(body) {
-        Ok(x) => x,
+        Ok(ControlCommand::Cancel(filter, reason)) => (filter, reason),
+        Ok(ControlCommand::Retry(id)) => {
+            return match ctx.store.retry_now(&id).await {
+                Ok(outcome) => {
+                    tracing::info!(promise.id = %id, ?outcome, "control: retry");
+                    Disposition::Ack
+                }
+                Err(e) if e.is_retryable() => Disposition::Requeue(e.to_string()),
+                Err(e) => Disposition::DeadLetter(Refusal::StoreError, e.to_string()),
+            };
+        }
         Err(reason) => return Disposition::DeadLetter(Refusal::InvalidControl, reason),
     };
     match cancel_matching(&ctx.store, &filter, &reason, SettledBy::Operator).await {
@@ -83,7 +97,7 @@ fn count(queue: Queue, d: &Disposition) {
     }
 }
 
-async fn handle<S: PromiseStore + Families, J: Jobs>(
+async fn handle<S: PromiseStore + Families + Attempts, J: Jobs>(
     ctx: Arc<WorkerContext<S, J>>,
     queue: Queue,
     inc: Incoming,
@@ -162,7 +176,7 @@ async fn handle<S: PromiseStore + Families, J: Jobs>(
 }
 
 /// Consumes triggers until `shutdown`, reconnecting on any broker failure.
-pub async fn run<S: PromiseStore + Families, J: Jobs>(
+pub async fn run<S: PromiseStore + Families + Attempts, J: Jobs>(
     ctx: Arc<WorkerContext<S, J>>,
     broker_settings: BrokerSettings,
     settings: RunnerSettings,

@@ -260,3 +260,47 @@ def test_an_invalid_or_revoked_token(emulator):
     finally:
         set_token(emulator, "valid")
     next(iter(client(emulator).jobs.list_runs(limit=1)), None)
+
+
+def test_repair_and_its_history(w):
+    """`runs/repair` reruns the failed task of the same run; a stale or
+    missing `latest_repair_id` is refused; `repair_history` parses."""
+    job = w.jobs.create(
+        name=f"repair-{time.time_ns()}",
+        tasks=[
+            jobs.Task(task_key="a", notebook_task=jobs.NotebookTask(notebook_path="/a")),
+            jobs.Task(task_key="b", notebook_task=jobs.NotebookTask(notebook_path="/b")),
+        ],
+        parameters=[jobs.JobParameterDefinition(name="promise_id", default="")],
+        tags={
+            "emulator.outcome": "success_no_callback",
+            "emulator.delay_ms": "50",
+            "emulator.fail_attempts": "1",
+            "emulator.fail_task": "b",
+        },
+    ).job_id
+    run_id = w.jobs.run_now(job_id=job, job_parameters={"promise_id": f"p-{time.time_ns()}"}).response.run_id
+    run = terminated(w, run_id)
+    assert run.state.result_state == jobs.RunResultState.FAILED
+    by_key = {t.task_key: t for t in run.tasks}
+    assert by_key["a"].state.result_state == jobs.RunResultState.SUCCESS
+    assert by_key["b"].state.result_state == jobs.RunResultState.FAILED
+    first_b = by_key["b"].run_id
+
+    repair_id = w.jobs.repair_run(run_id, rerun_all_failed_tasks=True).response.repair_id
+    assert repair_id
+    run = terminated(w, run_id)
+    assert run.state.result_state == jobs.RunResultState.SUCCESS
+    by_key = {t.task_key: t for t in run.tasks}
+    assert by_key["b"].run_id != first_b, "the failed task ran again"
+
+    history = w.jobs.get_run(run_id, include_history=True).repair_history
+    assert [h.type for h in history] == [jobs.RepairHistoryItemType.ORIGINAL, jobs.RepairHistoryItemType.REPAIR]
+    assert history[1].id == repair_id
+    assert history[1].task_run_ids == [by_key["b"].run_id]
+    assert history[0].state.result_state == jobs.RunResultState.FAILED
+
+    for stale in (None, repair_id + 1):
+        with pytest.raises(errors.InvalidParameterValue):
+            w.jobs.repair_run(run_id, rerun_tasks=["a"], latest_repair_id=stale)
+    assert w.jobs.repair_run(run_id, rerun_tasks=["a"], latest_repair_id=repair_id).response.repair_id > repair_id

@@ -206,6 +206,27 @@ async fn real_messages_and_answers_match_the_documents() {
         .unwrap();
     api.check("get", "/cb/{token}/promises/{id}", r).await;
     let r = http
+        .post(token_path("/progress"))
+        .query(&[("id", &never)])
+        .json(&json!({"percent": 40, "stage": "load", "metrics": {"rows": 3}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    api.check("post", "/cb/{token}/progress", r).await;
+    let r = app
+        .operator(http.post(format!("{base}/promises/retry")))
+        .json(&json!({"id": never}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::CONFLICT,
+        "no retry policy, not waiting"
+    );
+    api.check("post", "/promises/retry", r).await;
+    let r = http
         .post(token_path("/resolve"))
         .query(&[("id", never.as_str()), ("value", "{\"rows\": 3}")])
         .send()
@@ -228,6 +249,11 @@ async fn real_messages_and_answers_match_the_documents() {
         .await
         .unwrap();
     api.check("patch", "/cb/{token}/promises/{id}", r).await;
+    // The progress event comes first, then the completion event.
+    let progress_schema = validator(&docs_json("schemas/progress-event.schema.json"));
+    let (_, progress) = app.first_event(&never, Duration::from_secs(15)).await;
+    assert_eq!(progress["type"], "io.runbridge.promise.progress");
+    assert_valid(&progress_schema, &progress, "progress event");
     let (_, ev) = app.first_event(&never, Duration::from_secs(15)).await;
     assert_valid(&event_schema, &ev, "callback event");
 
@@ -242,6 +268,20 @@ async fn real_messages_and_answers_match_the_documents() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     api.check("post", "/heartbeat", r).await;
+    let r = http
+        .post(format!("{base}/progress"))
+        .bearer_auth(&token)
+        .query(&[("id", &never)])
+        .json(&json!({"percent": 100}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::FORBIDDEN,
+        "no progress after settlement"
+    );
+    api.check("post", "/progress", r).await;
     let r = http
         .post(format!("{base}/resolve"))
         .bearer_auth(&token)

@@ -377,3 +377,70 @@ async fn bad_progress_is_refused() {
     assert_eq!(r.status(), 401, "no token, no progress");
     app.stop().await;
 }
+
+/// Under `rerun`, a worker SIGKILLed after the second relaunch's `run-now`
+/// returned and before the run was recorded: the next worker launches that
+/// attempt again with the same token and gets the same run. Three attempts,
+/// exactly three runs, one settlement.
+#[cfg(feature = "failpoints")]
+#[tokio::test]
+async fn a_worker_killed_during_the_second_relaunch_still_makes_three_runs() {
+    let mut app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let job = flaky_job(&app, 2, 1500, json!({})).await;
+    let marker = std::env::temp_dir().join(format!("{}.failpoints", app.name));
+    let spawn_worker = |failpoints: &str| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_runbridge"))
+            .arg("worker")
+            .envs(app.env_vars())
+            .env("RUNBRIDGE_FAILPOINTS", failpoints)
+            .env("RUNBRIDGE_FAILPOINT_MARKER", &marker)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn worker")
+    };
+    // The first relaunch goes on; the second pauses after run-now answered.
+    let mut first = spawn_worker("retry.after_relaunch=pause#2");
+    let id = unique("killed-relaunch");
+    app.publish(&retrying(&id, job, 3, "rerun")).await;
+    eventually(
+        Duration::from_secs(30),
+        "the worker to reach the second relaunch",
+        || async {
+            std::fs::read_to_string(&marker)
+                .ok()
+                .filter(|s| s.contains("retry.after_relaunch"))
+        },
+    )
+    .await;
+    assert_eq!(app.runs_for(&id).await.len(), 3, "the third run exists");
+    first.start_kill().expect("SIGKILL");
+    assert!(!first.wait().await.unwrap().success());
+    let p = app.promise(&id).await.unwrap();
+    assert_eq!(p.retry.attempt, 2, "the third attempt was never recorded");
+
+    let mut second = spawn_worker("");
+    let (ev, v) = app.first_event(&id, Duration::from_secs(60)).await;
+    assert_eq!(v["data"]["state"], "RESOLVED", "{v}");
+    let runs = app.runs_for(&id).await;
+    assert_eq!(runs.len(), 3, "still exactly three runs: {runs:?}");
+    let tokens: std::collections::BTreeSet<&str> = runs
+        .iter()
+        .map(|r| r["idempotency_token"].as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.len(), 3);
+    let more = app.events_for(&id, Duration::from_secs(2)).await;
+    assert!(
+        more.iter().all(|(e, _)| e.message_id == ev.message_id),
+        "duplicates only with the same event id"
+    );
+    second.start_kill().ok();
+    let _ = std::fs::remove_file(&marker);
+    app.stop().await;
+}

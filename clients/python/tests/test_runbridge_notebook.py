@@ -183,6 +183,37 @@ def test_context_manager_heartbeats_in_the_background(sidecar):
     assert state(sidecar, p)["state"] == "RESOLVED"
 
 
+def test_progress_is_stored_rate_limited_and_refused_when_bad(sidecar):
+    p = new_promise(sidecar)
+    with rb.promise(p=p) as run:
+        first = run.progress(25, "extract", rows=10)
+        assert first is not None and first["seq"] == 1
+        assert run.progress(50, "extract") is None, "within min_interval: skipped"
+        forced = rb.progress(75, "load", message="almost", p=p, force=True, rows=30)
+        assert forced["seq"] == 2
+        with pytest.raises(rb.CallbackError) as e:
+            rb.progress(140, p=p, force=True)
+        assert e.value.status == 400
+        got = state(sidecar, p)
+        assert got["progress"]["percent"] == 75.0
+        assert got["progress"]["stage"] == "load"
+        assert got["progress"]["metrics"] == {"rows": 30.0}
+        assert [u["seq"] for u in got["progressHistory"]] == [1, 2]
+        run.value = "ok"
+    with pytest.raises(rb.AlreadySettled):
+        rb.progress(100, p=p, force=True)
+
+
+def test_final_error_rejects_and_reraises(sidecar):
+    p = new_promise(sidecar)
+    with pytest.raises(rb.FinalError):
+        with rb.promise(p=p):
+            raise rb.FinalError("no source data")
+    got = state(sidecar, p)
+    assert got["state"] == "REJECTED"
+    assert json.loads(got["value"]["data"])["type"] == "FinalError"
+
+
 def test_wrong_token_is_refused_and_changes_nothing(sidecar):
     p = new_promise(sidecar)
     bad = rb.Params(p.promise_id, p.url.rsplit("/", 1)[0] + "/" + token("another-id"))

@@ -267,6 +267,63 @@ fn promise_page(
             },
         ),
     ];
+    let attempts = p.retry.policy.as_ref().map(|r| {
+        format!(
+            "{} of {} ({}){}",
+            p.retry.attempt,
+            r.max_attempts(),
+            r.mode().as_str(),
+            p.retry
+                .next_at
+                .map(|t| format!("; the next is due {}", when(t)))
+                .unwrap_or_default()
+        )
+    });
+    let failed: Vec<(i64, String)> = p
+        .retry
+        .failed
+        .iter()
+        .map(|a| {
+            let why = a["failure"]["result_state"]
+                .as_str()
+                .or_else(|| a["failure"]["reason"].as_str())
+                .unwrap_or("failed")
+                .to_owned();
+            (
+                a["ended_on"].as_i64().unwrap_or(0),
+                format!(
+                    "attempt {} (run {}) failed: {why}",
+                    a["attempt"],
+                    a["run_id"]
+                        .as_u64()
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| "–".into())
+                ),
+            )
+        })
+        .collect();
+    let updates: Vec<(i64, String)> = p
+        .progress
+        .as_ref()
+        .map(|pr| {
+            pr.history
+                .iter()
+                .map(|u| {
+                    let mut said = format!("progress #{}", u["seq"]);
+                    if let Some(pc) = u["percent"].as_f64() {
+                        said.push_str(&format!(", {pc:.0} %"));
+                    }
+                    if let Some(st) = u["stage"].as_str() {
+                        said.push_str(&format!(", {st}"));
+                    }
+                    if let Some(m) = u["message"].as_str() {
+                        said.push_str(&format!(": {m}"));
+                    }
+                    (u["at"].as_i64().unwrap_or(0), said)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let family = p.family.as_ref().map(|f| {
         let mc = f
             .max_concurrency
@@ -292,6 +349,9 @@ fn promise_page(
                 @for (label, value) in rows {
                     tr { th scope="row" { (label) } td { (value) } }
                 }
+                @if let Some(at) = &attempts {
+                    tr { th scope="row" { "Attempt" } td id="attempt" { (at) } }
+                }
             }
         }
         // The timeline: what the record knows, in order.
@@ -303,6 +363,12 @@ fn promise_page(
                     @if let Some(t) = a.launched_on { (when(t)) ": " }
                     "launched as Databricks run " (run)
                 }
+            }
+            @for (t, what) in &failed {
+                li { (when(*t)) ": " (what) }
+            }
+            @for (t, what) in &updates {
+                li.progress { (when(*t)) ": " (what) }
             }
             @if a.heartbeats > 0 {
                 li { (a.last_heartbeat_on.map(when).unwrap_or_default()) ": the last of " (a.heartbeats) " heartbeats" }
@@ -333,6 +399,14 @@ fn promise_page(
         @if p.state == State::Pending {
             h2 { "Act on it" }
             div.actions {
+                @if p.retry.next_at.is_some() {
+                    form method="post" action="/ui/act" {
+                        (act_fields(csrf, id, "retry"))
+                        p { "Retry now: the next attempt starts at once instead of after its backoff." }
+                        (confirm_box())
+                        p { button type="submit" id="retry-button" { "Retry now" } }
+                    }
+                }
                 form method="post" action="/ui/act" {
                     (act_fields(csrf, id, "cancel"))
                     @if p.family.is_some() {
@@ -423,7 +497,7 @@ pub async fn promise<S: Store>(
     }
 }
 
-/// `POST /ui/act`: cancel, resolve or reject one promise by hand. The
+/// `POST /ui/act`: cancel, resolve, reject or retry one promise by hand. The
 /// CSRF token and the confirmation box are checked before anything else.
 pub async fn act<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
     let (s, f) = match checked_form(&st, &h, body).await {
@@ -441,6 +515,23 @@ pub async fn act<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
         return refused;
     }
     let value = f.get("value").cloned().unwrap_or_default();
+    let back = format!("/ui/promises/{}", id.as_str());
+    if f.get("action").map(String::as_str) == Some("retry") {
+        use crate::sidecar::progress::{RetryNow, retry_promise};
+        let said = match retry_promise(&st.store, &id).await {
+            Ok(RetryNow::Scheduled(_)) => "The next attempt starts now.".to_string(),
+            Ok(RetryNow::NotWaiting(why)) => format!("Nothing changed: {why}."),
+            Ok(RetryNow::NotFound) => {
+                return error_page(
+                    &s,
+                    StatusCode::NOT_FOUND,
+                    "No such promise; nothing was changed.",
+                );
+            }
+            Err(e) => return unavailable_page(&s, "store", &e, "; nothing was changed"),
+        };
+        return see_other(&format!("{back}?done={}", url_enc(&said)));
+    }
     let (completion, word) = match f.get("action").map(String::as_str) {
         Some("cancel") => (Completion::Cancel, "cancelled"),
         Some("resolve") => (Completion::Resolve, "resolved"),
@@ -467,7 +558,6 @@ pub async fn act<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
         settled_by: SettledBy::Operator,
         cancel_run: target == State::RejectedCanceled,
     };
-    let back = format!("/ui/promises/{}", id.as_str());
     match st.store.settle(&req).await {
         Ok(SettleOutcome::Settled(_)) => see_other(&format!(
             "{back}?done={}",
