@@ -195,6 +195,8 @@ pub struct Retrying {
     pub repair_id: Option<u64>,
     /// While waiting for the next attempt: when it is due (ms).
     pub next_at: Option<i64>,
+    /// The current attempt has begun and its run is not recorded yet.
+    pub launching: bool,
 }
 
 /// The notebook's progress: the latest update, its number, and the last
@@ -273,6 +275,7 @@ pub mod field {
     pub const ATTEMPTS_FAILED: &str = "ah";
     pub const REPAIR_ID: &str = "rp";
     pub const RETRY_AT: &str = "rw";
+    pub const ATTEMPT_LAUNCHING: &str = "rl";
     pub const PROGRESS: &str = "pg";
     pub const PROGRESS_SEQ: &str = "pgn";
     pub const PROGRESS_HISTORY: &str = "pgh";
@@ -382,6 +385,7 @@ impl Promise {
                 failed: json_field(fields, field::ATTEMPTS_FAILED)?,
                 repair_id: int_field(fields, field::REPAIR_ID)?,
                 next_at: int_field(fields, field::RETRY_AT)?,
+                launching: opt(fields, field::ATTEMPT_LAUNCHING).is_some(),
             },
             progress: match opt(fields, field::PROGRESS) {
                 None => None,
@@ -396,15 +400,20 @@ impl Promise {
     }
 
     /// Every attempt so far, oldest first: those that failed as recorded,
-    /// then the current one (none while a parent, which runs nothing).
+    /// then the current one (none while a parent, which runs nothing). An
+    /// attempt begun whose run is not recorded yet (the promise may have
+    /// settled by its run's callback first) has no run id (rerun) or repair
+    /// id (repair) yet.
     pub fn attempts(&self) -> Vec<Value> {
         let mut all = self.retry.failed.clone();
-        if self.run_id.is_some() && self.retry.next_at.is_none() {
+        let r = &self.retry;
+        if (self.run_id.is_some() || r.launching) && r.next_at.is_none() {
+            let repair = if r.launching { None } else { r.repair_id };
             all.push(serde_json::json!({
-                "attempt": self.retry.attempt,
+                "attempt": r.attempt,
                 "run_id": self.run_id.map(RunId::get),
-                "repair_id": self.retry.repair_id,
-                "started_on": self.activity.launched_on,
+                "repair_id": repair,
+                "started_on": if r.launching { None } else { self.activity.launched_on },
             }));
         }
         all

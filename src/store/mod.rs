@@ -428,6 +428,14 @@ pub trait Attempts: Clone + Send + Sync + 'static {
         failed: &Value,
         delay: Duration,
     ) -> impl Future<Output = Result<AttemptOutcome, StoreError>> + Send;
+    /// Attempt `attempt` begins, before its run is launched (a rerun
+    /// forgets the old run): `Done` (or done before), `Settled`, `Stale`.
+    fn attempt_begin(
+        &self,
+        id: &PromiseId,
+        attempt: u32,
+        rerun: bool,
+    ) -> impl Future<Output = Result<AttemptOutcome, StoreError>> + Send;
     /// Attempt `attempt` runs as `run` (a repair of it with `repair`).
     fn attempt_started(
         &self,

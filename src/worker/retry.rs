@@ -27,7 +27,7 @@ use crate::domain::{
 use crate::partitions::Assignment;
 use crate::reconciler::{RunOutcome, classify};
 use crate::shutdown::pause;
-use crate::store::{Attempts, Families, PromiseStore, Settle, StoreError};
+use crate::store::{AttemptOutcome, Attempts, Families, PromiseStore, Settle, StoreError};
 
 /// How soon a repair refused because its run is still ending is tried again.
 const RUN_ENDING: Duration = Duration::from_secs(2);
@@ -190,14 +190,27 @@ pub async fn step<S: PromiseStore + Families + Attempts, J: Jobs>(
     id: &PromiseId,
 ) -> Result<(), RetryError> {
     let p = match ctx.store.get(id).await? {
-        Some(p) if !p.state.is_settled() && p.retry.next_at.is_some() => p,
+        Some(p) if !p.state.is_settled() && (p.retry.next_at.is_some() || p.retry.launching) => p,
         // Settled while waiting (or never waiting): nothing to start.
         _ => return Ok(ctx.store.drop_retry(id).await?),
     };
     let Some(policy) = p.retry.policy.clone() else {
         return Ok(ctx.store.drop_retry(id).await?);
     };
-    let n = p.retry.attempt + 1;
+    // An attempt begun before a crash is finished, not begun again.
+    let n = if p.retry.launching {
+        p.retry.attempt
+    } else {
+        p.retry.attempt + 1
+    };
+    let is_rerun = policy.mode() == RetryMode::Rerun;
+    match ctx.store.attempt_begin(&p.id, n, is_rerun).await? {
+        AttemptOutcome::Done => {}
+        AttemptOutcome::Stale => return Ok(()),
+        AttemptOutcome::Settled(_) | AttemptOutcome::NotFound => {
+            return Ok(ctx.store.drop_retry(id).await?);
+        }
+    }
     match policy.mode() {
         RetryMode::Rerun => rerun(ctx, &p, n).await,
         RetryMode::Repair => repair(ctx, &p, n).await,

@@ -20,6 +20,14 @@ pub struct Args {
     /// Pre-created job: ID:OUTCOME[:DELAY_MS[:VALUE]], e.g. 1:callback:300:ok (repeatable).
     #[arg(long = "job", value_name = "SPEC")]
     pub jobs: Vec<String>,
+    /// A job whose first N attempts per promise fail (a run, or a repair
+    /// of one): ID=N (the tag `emulator.fail_attempts` of a created job).
+    #[arg(long = "job-fail-attempts", value_name = "ID=N")]
+    pub job_fail_attempts: Vec<String>,
+    /// A job whose notebook sends N progress updates while it runs: ID=N
+    /// (the tag `emulator.progress`).
+    #[arg(long = "job-progress", value_name = "ID=N")]
+    pub job_progress: Vec<String>,
     /// Required bearer token (default: any).
     #[arg(long)]
     pub token: Option<String>,
@@ -121,6 +129,25 @@ pub async fn run(
     for spec in &a.jobs {
         let (id, b) = parse_job(spec)?;
         jobs.insert(id, b);
+    }
+    for (flag, specs) in [
+        ("--job-fail-attempts", &a.job_fail_attempts),
+        ("--job-progress", &a.job_progress),
+    ] {
+        for spec in specs {
+            let (id, n) = spec
+                .split_once('=')
+                .and_then(|(i, n)| Some((i.parse::<u64>().ok()?, n.parse::<u32>().ok()?)))
+                .ok_or_else(|| format!("{flag} {spec:?}: expected ID=N"))?;
+            let b = jobs
+                .get_mut(&id)
+                .ok_or_else(|| format!("{flag} {spec:?}: no --job {id}"))?;
+            if flag == "--job-fail-attempts" {
+                b.fail_attempts = n;
+            } else {
+                b.progress_updates = n;
+            }
+        }
     }
     let settings = EmulatorSettings {
         token: a.token,

@@ -286,15 +286,18 @@ impl Emulator {
         self.notify(run_id, "jobs.on_start");
         let failing = self.lock().runs.get(&run_id).is_some_and(|r| r.failing());
         if b.progress_updates > 0 {
-            // A chatty notebook: its updates spread over its run time.
+            // A chatty notebook: update i at i/n of its run time (paced
+            // by the clock, so slow answers do not stretch the run).
             let n = b.progress_updates;
-            let step = ms(b.delay_ms / u64::from(n));
+            let start = tokio::time::Instant::now();
             for i in 1..=n {
                 if self.is_terminated(run_id) {
                     return;
                 }
                 self.send_progress(run_id, i, n).await;
-                if !sleep(step).await {
+                let next = start + ms(b.delay_ms * u64::from(i) / u64::from(n));
+                let left = next.saturating_duration_since(tokio::time::Instant::now());
+                if !sleep(left).await {
                     return;
                 }
             }

@@ -10,7 +10,8 @@ local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return {'NOT_FOUND'} end
 if st ~= 'PENDING' then return {'SETTLED', redis.call('HGETALL', KEYS[1])} end
 local an = tonumber(redis.call('HGET', KEYS[1], 'an') or '1')
-if an ~= tonumber(ARGV[2]) or redis.call('HEXISTS', KEYS[1], 'rw') == 1 then
+if an ~= tonumber(ARGV[2]) or redis.call('HEXISTS', KEYS[1], 'rw') == 1
+    or redis.call('HEXISTS', KEYS[1], 'rl') == 1 then
   return {'STALE', redis.call('HGETALL', KEYS[1])}
 end
 local now = now_ms()

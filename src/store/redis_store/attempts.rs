@@ -1,5 +1,5 @@
 //! [`Attempts`] on Redis: retries (`attempt_failed.lua`,
-//! `attempt_started.lua`, `retry_now.lua`, the `retries` schedule) and
+//! `attempt_begin.lua`, `attempt_started.lua`, `retry_now.lua`, the `retries` schedule) and
 //! progress (`progress.lua`, `progress_emit.lua`, the `progress` schedule).
 //! Each step is one script on the promise's partition.
 
@@ -55,6 +55,25 @@ impl Attempts for RedisStore {
                     .arg(attempt)
                     .arg(failed.to_string())
                     .arg(millis(delay)),
+            )
+            .await?;
+        let (status, rest) = split_reply(v)?;
+        outcome(&status, rest)
+    }
+
+    async fn attempt_begin(
+        &self,
+        id: &PromiseId,
+        attempt: u32,
+        rerun: bool,
+    ) -> Result<AttemptOutcome, StoreError> {
+        let v = self
+            .transition(
+                Call::new(&self.scripts.attempt_begin)
+                    .key(self.keys.promise(id))
+                    .arg(id.as_str())
+                    .arg(attempt)
+                    .arg(if rerun { "1" } else { "0" }),
             )
             .await?;
         let (status, rest) = split_reply(v)?;

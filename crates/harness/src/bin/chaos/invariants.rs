@@ -18,8 +18,9 @@ use serde_json::Value;
 
 use crate::families;
 use crate::lab::Lab;
+use crate::retries;
 use crate::supervisor::Proc;
-use crate::workload::ParentPlan;
+use crate::workload::{ParentPlan, RetryPlan};
 
 /// What the run did, as the check needs it.
 #[derive(Clone, Copy)]
@@ -31,6 +32,8 @@ pub struct Run<'a> {
     pub valid_ids: &'a HashSet<String>,
     pub malformed_ids: &'a HashSet<String>,
     pub parents: &'a [ParentPlan],
+    pub retrying: &'a HashMap<String, RetryPlan>,
+    pub chatty: &'a HashSet<String>,
     pub emu_port: u16,
     pub procs: &'a [Proc],
     pub faults: &'a BTreeMap<String, usize>,
@@ -198,6 +201,8 @@ pub async fn check(run: &Run<'_>, lab: &Lab, store: &RedisStore) -> Result<usize
         valid_ids,
         malformed_ids,
         parents,
+        retrying,
+        chatty,
         emu_port,
         procs,
         faults,
@@ -219,7 +224,11 @@ pub async fn check(run: &Run<'_>, lab: &Lab, store: &RedisStore) -> Result<usize
             .or_default() += 1;
     }
     let max_per_token = per_token.values().copied().max().unwrap_or(0);
-    let duplicate_runs = per_promise.values().filter(|n| **n > 1).count();
+    // A rerun policy makes one run per attempt (checked in `retries`).
+    let duplicate_runs = per_promise
+        .iter()
+        .filter(|(id, n)| **n > 1 && retrying.get(*id).is_none_or(|r| r.mode != "rerun"))
+        .count();
     if max_per_token > 1 {
         violations.push(format!("{max_per_token} runs for one idempotency token"));
     }
@@ -266,6 +275,15 @@ pub async fn check(run: &Run<'_>, lab: &Lab, store: &RedisStore) -> Result<usize
             *parents_by_state.entry(p.state.to_string()).or_default() += 1;
         }
     }
+    let retry_violations = retries::check_retries(retrying, &by_id, &runs);
+    let wrong_retries = retry_violations.len();
+    violations.extend(retry_violations.into_iter().take(20));
+    let mut retries_by_state: BTreeMap<String, usize> = BTreeMap::new();
+    for id in retrying.keys() {
+        if let Some(p) = by_id.get(id) {
+            *retries_by_state.entry(p.state.to_string()).or_default() += 1;
+        }
+    }
     let cancelled_children = promises
         .iter()
         .filter(|p| p.parent.is_some() && p.settled_by.as_deref() == Some("parent"))
@@ -286,14 +304,19 @@ pub async fn check(run: &Run<'_>, lab: &Lab, store: &RedisStore) -> Result<usize
     let b = Broker::connect(bs).await?;
     let mut l = b.consume_queue("chaos.events").await?;
     let mut events: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+    let mut order: Vec<String> = Vec::new();
     let mut received = 0usize;
     while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(5), l.next()).await {
         received += 1;
-        events
-            .entry(ev.message_id.unwrap_or_default())
-            .or_default()
-            .push(ev.body);
+        let id = ev.message_id.unwrap_or_default();
+        order.push(id.clone());
+        events.entry(id).or_default().push(ev.body);
     }
+    let (progress_violations, most_progress) = retries::check_progress(chatty, &order, &events);
+    violations.extend(progress_violations);
+    let progress_events = events.keys().filter(|k| k.contains("/progress/")).count();
+    // The settlement checks below count completion events only.
+    events.retain(|k, _| !k.contains("/progress/"));
     let triggers_left = queue_depth(node, vhost, &bs.triggers_queue)?;
     // Dead letters, by trigger id: exactly the malformed ones (a copy of one
     // re-published after a lost confirm counts once).
@@ -428,12 +451,23 @@ pub async fn check(run: &Run<'_>, lab: &Lab, store: &RedisStore) -> Result<usize
             cancelled_children.to_string(),
         ),
         (
+            "retrying triggers by state / wrong".into(),
+            format!("{} {retries_by_state:?} / {wrong_retries}", retrying.len()),
+        ),
+        (
+            "chatty runs / progress events (most for one run)".into(),
+            format!("{} / {progress_events} ({most_progress})", chatty.len()),
+        ),
+        (
             "inconsistent parents".into(),
             inconsistent_parents.to_string(),
         ),
         ("promises left pending".into(), pending.to_string()),
         ("events received".into(), received.to_string()),
-        ("distinct event ids".into(), events.len().to_string()),
+        (
+            "distinct completion event ids".into(),
+            events.len().to_string(),
+        ),
         ("events lost".into(), lost.to_string()),
         (
             "dead-lettered (messages / distinct triggers)".into(),

@@ -146,6 +146,7 @@ impl Lab {
         for job in JOBS {
             args.extend(["--job".to_string(), job.to_string()]);
         }
+        args.extend(crate::workload::job_flags());
         if api_faults {
             args.extend(
                 [
@@ -224,7 +225,7 @@ impl Lab {
 /// The crash points armed in every sidecar and worker with `crash`, each
 /// firing at a low rate (besides the `crash` fault, which arms one at a time).
 const SIDECAR_CRASHES: &str = "sidecar.after_settle=abort@0.003";
-const WORKER_CRASHES: &str = "worker.after_launch=abort@0.003,worker.after_ack=abort@0.002,relay.after_confirm=abort@0.003,fanout.after_parent=abort@0.02,join.after_child_recorded=abort@0.002";
+const WORKER_CRASHES: &str = "worker.after_launch=abort@0.003,worker.after_ack=abort@0.002,relay.after_confirm=abort@0.003,fanout.after_parent=abort@0.02,join.after_child_recorded=abort@0.002,retry.after_relaunch=abort@0.03,retry.after_repair=abort@0.03";
 
 /// The private RabbitMQ node the `node` fault kills, started; none when the
 /// fault is off (or dropped because it cannot run here).

@@ -24,6 +24,7 @@ mod faults;
 mod invariants;
 mod lab;
 mod proxy;
+mod retries;
 mod supervisor;
 mod workload;
 
@@ -117,6 +118,8 @@ async fn main() -> Result<()> {
         valid_ids,
         malformed_ids,
         parents,
+        retrying,
+        chatty,
     } = plan;
     let published = Arc::new(AtomicUsize::new(0));
     let publishing = workload::publish(lab.bs.clone(), bodies, args.rate, published.clone());
@@ -195,6 +198,8 @@ async fn main() -> Result<()> {
         valid_ids: &valid_ids,
         malformed_ids: &malformed_ids,
         parents: &parents,
+        retrying: &retrying,
+        chatty: &chatty,
         emu_port: lab.emu_port,
         procs: &ps,
         faults: &counts,

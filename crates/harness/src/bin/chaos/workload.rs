@@ -1,9 +1,10 @@
 //! The workload: triggers drawn from the seed (1 % malformed, jobs by
-//! weight) and parent triggers among them (every join policy, with and
-//! without fail_fast and max_concurrency), published at a steady rate
-//! through every outage.
+//! weight, some with a retry policy, some with a chatty notebook) and
+//! parent triggers among them (every join policy, with and without
+//! fail_fast and max_concurrency), published at a steady rate through every
+//! outage.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -16,14 +17,39 @@ use tokio::task::JoinHandle;
 
 /// The emulator's jobs, by id: outcome, notebook time (ms) and result.
 /// Job 5 never finishes: only children whose parent another child decides
-/// run it, so only a parent's cancel ends it.
-pub const JOBS: [&str; 5] = [
+/// run it, so only a parent's cancel ends it. Job 6 fails the first
+/// [`FLAKY_FAILS`] attempts of each promise ([`JOB_FLAGS`]); job 7's
+/// notebook sends [`CHATTY_UPDATES`] progress updates over its 2 s.
+pub const JOBS: [&str; 7] = [
     "1:callback:300:ok",
     "2:duplicate_callback:300:twice",
     "3:fail:300",
     "4:early_callback:100:early",
     "5:never_finish:0",
+    "6:callback:300:ok",
+    "7:callback:2000:chatty",
 ];
+pub const FLAKY: u64 = 6;
+pub const FLAKY_FAILS: u32 = 2;
+pub const CHATTY: u64 = 7;
+pub const CHATTY_UPDATES: u32 = 200;
+/// The emulator flags that make jobs 6 and 7 what they are.
+pub fn job_flags() -> Vec<String> {
+    vec![
+        "--job-fail-attempts".into(),
+        format!("{FLAKY}={FLAKY_FAILS}"),
+        "--job-progress".into(),
+        format!("{CHATTY}={CHATTY_UPDATES}"),
+    ]
+}
+
+/// A trigger of the flaky job with a retry policy: with 3 attempts it
+/// resolves on the third, with 2 it is rejected when they are exhausted.
+#[derive(Debug, Clone)]
+pub struct RetryPlan {
+    pub mode: &'static str,
+    pub max_attempts: u32,
+}
 
 /// Job 3's runs fail; 1, 2 and 4 resolve.
 const FAILING: u64 = 3;
@@ -51,6 +77,10 @@ pub struct Plan {
     pub valid_ids: HashSet<String>,
     pub malformed_ids: HashSet<String>,
     pub parents: Vec<ParentPlan>,
+    /// Triggers with a retry policy (of the flaky job), by id.
+    pub retrying: HashMap<String, RetryPlan>,
+    /// Triggers of the chatty job.
+    pub chatty: HashSet<String>,
 }
 
 /// The jobs of a parent's children. A never-finishing child comes only
@@ -90,6 +120,8 @@ impl Plan {
             valid_ids: HashSet::new(),
             malformed_ids: HashSet::new(),
             parents: Vec::with_capacity(parents),
+            retrying: HashMap::new(),
+            chatty: HashSet::new(),
         };
         for i in 0..triggers {
             let id = format!("c{seed}-{i:06}");
@@ -103,15 +135,34 @@ impl Plan {
                 plan.malformed_ids.insert(id);
             } else {
                 let job = match rng.random::<f64>() {
-                    r if r < 0.80 => 1,
-                    r if r < 0.90 => 2,
-                    r if r < 0.95 => 3,
-                    _ => 4,
+                    r if r < 0.74 => 1,
+                    r if r < 0.84 => 2,
+                    r if r < 0.89 => 3,
+                    r if r < 0.94 => 4,
+                    r if r < 0.97 => FLAKY,
+                    _ => CHATTY,
                 };
-                plan.bodies.push(json!({
+                let mut body = json!({
                     "id": id, "job_id": job, "timeout_seconds": 3600,
                     "tags": {"chaos": seed.to_string()},
-                }));
+                });
+                if job == FLAKY {
+                    let r = RetryPlan {
+                        mode: if rng.random::<bool>() {
+                            "repair"
+                        } else {
+                            "rerun"
+                        },
+                        max_attempts: rng.random_range(2..=3),
+                    };
+                    body["retry"] = json!({"max_attempts": r.max_attempts, "mode": r.mode,
+                        "backoff": {"initial_seconds": 0.5, "multiplier": 2}});
+                    plan.retrying.insert(id.clone(), r);
+                }
+                if job == CHATTY {
+                    plan.chatty.insert(id.clone());
+                }
+                plan.bodies.push(body);
                 plan.valid_ids.insert(id);
             }
         }
