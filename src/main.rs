@@ -36,7 +36,7 @@ enum Command {
     /// Worker and sidecar in one process (local use).
     All,
     /// A Databricks Jobs API 2.2 emulator.
-    Emulate(emulator::cli::Args),
+    Emulate(Box<emulator::cli::Args>),
     /// Publish a trigger; with --wait, print its completion event.
     Trigger(TriggerArgs),
     /// Operate on promises.
@@ -456,7 +456,7 @@ async fn run(cli: Cli, settings: Settings) -> Result<bool> {
             w?;
             sc?;
         }
-        Command::Emulate(a) => emulate(&settings, a).await?,
+        Command::Emulate(a) => emulate(&settings, *a).await?,
         Command::Trigger(a) => {
             settings.validate(Role::Client)?;
             trigger(&settings, a).await?;
