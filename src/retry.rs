@@ -53,7 +53,9 @@ pub async fn fail_or_retry<S: Attempts>(
     failure: &Value,
 ) -> Result<bool, StoreError> {
     let now = chrono::Utc::now().timestamp_millis();
-    if p.retry.next_at.is_some() {
+    // Waiting for the next attempt, or starting it: this report is of an
+    // attempt already handled.
+    if p.retry.next_at.is_some() || p.retry.launching {
         return Ok(true);
     }
     let Some(delay) = retry_delay(p, endings, now) else {

@@ -387,6 +387,35 @@ mod tests {
     }
 
     #[test]
+    fn retry_policies_from_the_configuration() {
+        let s = load(&[
+            ("retry.default.max_attempts", "2".into()),
+            ("retry.jobs.7.max_attempts", "4".into()),
+            ("retry.jobs.7.mode", "repair".into()),
+            ("retry.workspaces.default.max_attempts", "3".into()),
+        ])
+        .unwrap();
+        s.validate(Role::Worker).unwrap();
+        let p = s.retry.policies().unwrap();
+        let job = p.lookup("default", Some(7)).unwrap();
+        assert_eq!((job.max_attempts(), job.mode().as_str()), (4, "repair"));
+        assert_eq!(p.lookup("default", Some(8)).unwrap().max_attempts(), 3);
+        assert_eq!(p.lookup("other", Some(8)).unwrap().max_attempts(), 2);
+        // A one-time run skips the job's repair policy (there is none for it).
+        assert_eq!(p.lookup("other", None).unwrap().max_attempts(), 2);
+        for (k, v, why) in [
+            ("retry.jobs.seven.max_attempts", "2", "retry.jobs.seven"),
+            ("retry.default.max_attempts", "0", "retry.default"),
+        ] {
+            let e = load(&[(k, v.into())])
+                .unwrap()
+                .validate(Role::Worker)
+                .unwrap_err();
+            assert!(e.to_string().contains(why), "{k}: {e}");
+        }
+    }
+
+    #[test]
     fn top_level_workspaces_are_merged() {
         let s = load(&[
             (

@@ -104,7 +104,8 @@ pub struct EventData {
     /// How many children a parent has (only on a parent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub children: Option<u32>,
-    /// The attempt that settled it (only with a retry policy).
+    /// The attempt that settled it (1 without retries; none on a parent,
+    /// which runs nothing itself).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
     /// Every attempt, oldest first: `attempt`, `run_id`, `repair_id`,
@@ -202,7 +203,7 @@ impl CompletionEvent {
                 settled_by: p.settled_by.clone(),
                 parent: p.parent.as_ref().map(|c| c.parent.to_string()),
                 children: p.family.as_ref().map(|f| f.children),
-                attempt: p.retry.policy.as_ref().map(|_| p.retry.attempt),
+                attempt: p.family.is_none().then_some(p.retry.attempt),
                 attempts: p.retry.policy.as_ref().map(|_| p.attempts()),
             },
         };

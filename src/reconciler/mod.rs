@@ -256,6 +256,17 @@ impl<S: PromiseStore + Lifecycle + Attempts, J: Jobs> Reconciler<S, J> {
                 details,
                 end_time,
             } => {
+                // A repaired run shows its previous ending until the repair
+                // is under way: decide only once the repair this attempt
+                // recorded is in its history.
+                if let Some(repair) = p.retry.repair_id {
+                    let h = self.jobs.get_run_history(&p.workspace, run).await?;
+                    if !h.repair_history.iter().any(|r| r.id == Some(repair)) {
+                        self.reschedule(id, self.settings.first_poll.min(Duration::from_secs(5)))
+                            .await?;
+                        return Ok(false);
+                    }
+                }
                 let settle_at = end_time.max(1) + ms(self.settings.grace);
                 let now = now_ms();
                 if now < settle_at {

@@ -448,3 +448,79 @@ async fn a_worker_killed_during_the_second_relaunch_still_makes_three_runs() {
     let _ = std::fs::remove_file(&marker);
     app.stop().await;
 }
+
+/// The control queue's `retry` and `runbridge promise retry` start a
+/// waiting promise's next attempt now; the CLI says why when it is not
+/// waiting, and changes nothing.
+#[tokio::test]
+async fn retry_now_by_control_queue_and_cli() {
+    let app = TestApp::spawn().await;
+    let job = flaky_job(&app, 0, 60_000, json!({})).await;
+    let id = unique("hurry");
+    let mut t = retrying(&id, job, 3, "rerun");
+    t["retry"]["backoff"] = json!({"initial_seconds": 3600});
+    t["timeout_seconds"] = json!(7200);
+    app.publish(&t).await;
+    let reject = |n: usize| {
+        let (app, id) = (&app, id.clone());
+        async move {
+            eventually(Duration::from_secs(15), "the attempt's run", || async {
+                (app.runs_for(&id).await.len() == n).then_some(())
+            })
+            .await;
+            wait_run_recorded(app, &id).await;
+            let url = app.callback_url(&id).await;
+            let r = app
+                .http
+                .post(format!("{url}/reject"))
+                .query(&[("id", id.as_str()), ("error", "transient")])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202, "attempt {n} retried");
+        }
+    };
+    reject(1).await;
+    app.publisher
+        .publish_control(
+            &app.settings.amqp.control_queue,
+            json!({"action": "retry", "id": id}).to_string().as_bytes(),
+        )
+        .await
+        .unwrap();
+    reject(2).await;
+    let cli = |args: Vec<String>| {
+        let app = &app;
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_runbridge"))
+                .args(args)
+                .envs(app.env_vars())
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let out = cli(vec!["promise".into(), "retry".into(), id.clone()]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(Duration::from_secs(15), "the third run", || async {
+        (app.runs_for(&id).await.len() == 3).then_some(())
+    })
+    .await;
+    let p = api_get(&app, &id).await;
+    assert_eq!(p["attempt"], 3, "{p}");
+    // Running, not waiting: refused with the reason, nothing changes.
+    wait_run_recorded(&app, &id).await;
+    let out = cli(vec!["promise".into(), "retry".into(), id.clone()]).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not waiting for a retry"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(app.runs_for(&id).await.len(), 3);
+    app.stop().await;
+}

@@ -24,13 +24,15 @@ pub const KINDS: [&str; 7] = [
 ];
 
 /// The crash points (src/failpoint.rs) and the process kind that has each.
-pub const CRASH_POINTS: [(&str, &str); 6] = [
+pub const CRASH_POINTS: [(&str, &str); 8] = [
     ("worker.after_launch", "worker"),
     ("sidecar.after_settle", "sidecar"),
     ("relay.after_confirm", "worker"),
     ("worker.after_ack", "worker"),
     ("fanout.after_parent", "worker"),
     ("join.after_child_recorded", "worker"),
+    ("retry.after_relaunch", "worker"),
+    ("retry.after_repair", "worker"),
 ];
 
 /// `--faults`: comma-separated kinds, all of them when not given.
