@@ -29,7 +29,6 @@ use crate::domain::fanout::FanOut;
 use crate::domain::promise::{ChildOf, Family};
 use crate::domain::{Envelope, Payload, Promise, PromiseId, State, Trigger, TriggerRules};
 use crate::partitions::Assignment;
-use crate::shutdown::pause;
 use crate::store::{CreateOutcome, Families, PromiseStore, StoreError, Timeout};
 
 /// How many children one step launches at once.
@@ -289,36 +288,6 @@ async fn ensure_child<S: PromiseStore + Families, J: Jobs>(
     launch_child(ctx, &child, &promise).await
 }
 
-/// The due steps of this worker's partitions, a few at a time.
-async fn steps<S: PromiseStore + Families, J: Jobs>(
-    ctx: &WorkerContext<S, J>,
-    assignment: &Assignment,
-    batch: usize,
-) {
-    for partition in assignment.current() {
-        let due = match ctx
-            .store
-            .claim_fanouts(partition, batch, ctx.fanout_lease)
-            .await
-        {
-            Ok(due) => due,
-            Err(e) => {
-                tracing::warn!(partition, error = %e, "fan-out schedule unreadable; retrying");
-                return;
-            }
-        };
-        let _: Vec<()> = stream::iter(due)
-            .map(|id| async move {
-                if let Err(e) = step(ctx, &id).await {
-                    tracing::warn!(promise.id = %id, error = %e, "fan-out step unfinished; retried after its lease");
-                }
-            })
-            .buffer_unordered(4)
-            .collect()
-            .await;
-    }
-}
-
 /// Takes due fan-out steps of this worker's partitions every `tick`, until
 /// `shutdown`.
 pub async fn run<S: PromiseStore + Families, J: Jobs>(
@@ -328,13 +297,20 @@ pub async fn run<S: PromiseStore + Families, J: Jobs>(
     batch: usize,
     shutdown: CancellationToken,
 ) {
-    while !shutdown.is_cancelled() {
-        // A step cut short by shutdown is taken again by whoever leases its
-        // partition next: every step is safe to repeat.
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = steps(&ctx, &assignment, batch) => {}
-        }
-        pause(tick, &shutdown).await;
-    }
+    let lease = ctx.fanout_lease;
+    super::schedule::run(
+        "fanout",
+        assignment,
+        tick,
+        shutdown,
+        |p| {
+            let ctx = ctx.clone();
+            async move { ctx.store.claim_fanouts(p, batch, lease).await }
+        },
+        |id| {
+            let ctx = ctx.clone();
+            async move { step(&ctx, &id).await }
+        },
+    )
+    .await
 }

@@ -16,6 +16,7 @@ pub mod fanout;
 pub mod launch;
 pub mod retry;
 pub mod runner;
+mod schedule;
 
 use serde_json::json;
 use tracing::Instrument;

@@ -14,7 +14,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{StreamExt, stream};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +25,6 @@ use crate::domain::{
 };
 use crate::partitions::Assignment;
 use crate::reconciler::{RunOutcome, classify};
-use crate::shutdown::pause;
 use crate::store::{AttemptOutcome, Attempts, Families, PromiseStore, Settle, StoreError};
 
 /// How soon a repair refused because its run is still ending is tried again.
@@ -217,35 +215,6 @@ pub async fn step<S: PromiseStore + Families + Attempts, J: Jobs>(
     }
 }
 
-async fn steps<S: PromiseStore + Families + Attempts, J: Jobs>(
-    ctx: &WorkerContext<S, J>,
-    assignment: &Assignment,
-    batch: usize,
-) {
-    for partition in assignment.current() {
-        let due = match ctx
-            .store
-            .claim_retries(partition, batch, ctx.fanout_lease)
-            .await
-        {
-            Ok(due) => due,
-            Err(e) => {
-                tracing::warn!(partition, error = %e, "retry schedule unreadable; retrying");
-                return;
-            }
-        };
-        let _: Vec<()> = stream::iter(due)
-            .map(|id| async move {
-                if let Err(e) = step(ctx, &id).await {
-                    tracing::warn!(promise.id = %id, error = %e, "next attempt not started; tried again after its lease");
-                }
-            })
-            .buffer_unordered(4)
-            .collect()
-            .await;
-    }
-}
-
 /// Starts due attempts of this worker's partitions every `tick`, until
 /// `shutdown`.
 pub async fn run<S: PromiseStore + Families + Attempts, J: Jobs>(
@@ -255,11 +224,20 @@ pub async fn run<S: PromiseStore + Families + Attempts, J: Jobs>(
     batch: usize,
     shutdown: CancellationToken,
 ) {
-    while !shutdown.is_cancelled() {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = steps(&ctx, &assignment, batch) => {}
-        }
-        pause(tick, &shutdown).await;
-    }
+    let lease = ctx.fanout_lease;
+    super::schedule::run(
+        "retries",
+        assignment,
+        tick,
+        shutdown,
+        |p| {
+            let ctx = ctx.clone();
+            async move { ctx.store.claim_retries(p, batch, lease).await }
+        },
+        |id| {
+            let ctx = ctx.clone();
+            async move { step(&ctx, &id).await }
+        },
+    )
+    .await
 }
