@@ -58,11 +58,11 @@ pub(super) async fn progress<S: Store>(
     match outcome {
         ProgressOutcome::Recorded(seq) => {
             metrics::counter!("runbridge_progress_updates_total").increment(1);
-            Ok((
-                StatusCode::ACCEPTED,
-                Json(serde_json::json!({"id": id.as_str(), "seq": seq})),
-            )
-                .into_response())
+            let answer = ProgressAnswer {
+                id: id.to_string(),
+                seq,
+            };
+            Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
         }
         ProgressOutcome::Settled(state) => Err(ApiError::new(
             StatusCode::FORBIDDEN,
