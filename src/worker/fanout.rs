@@ -27,7 +27,7 @@ use super::{Disposition, WorkerContext, launch_created, new_promise, reply_for, 
 use crate::databricks::Jobs;
 use crate::domain::fanout::FanOut;
 use crate::domain::promise::{ChildOf, Family};
-use crate::domain::{Envelope, Payload, Promise, PromiseId, State, Trigger, TriggerRules};
+use crate::domain::{Payload, Promise, PromiseId, State, Trigger};
 use crate::partitions::Assignment;
 use crate::store::{CreateOutcome, Families, PromiseStore, StoreError, Timeout};
 
@@ -224,20 +224,13 @@ async fn launch_child<S: PromiseStore + Families, J: Jobs>(
     }
 }
 
-/// The parent's trigger as it arrived (its promise's `param.data`), read
-/// with the limits it was accepted under.
+/// The parent's trigger as it arrived (`super::stored_trigger`), or the
+/// step's error.
 fn stored_trigger(p: &Promise) -> Result<Trigger, StepError> {
-    let env = Envelope {
-        body: p.param.data.clone().unwrap_or_default().into_bytes(),
-        message_id: Some(p.id.to_string()),
-        ..Default::default()
-    };
-    let mut t = Trigger::parse(&env, &TriggerRules::accepted()).map_err(|e| StepError::Child {
+    super::stored_trigger(p).map_err(|e| StepError::Child {
         child: format!("{}/*", p.id),
         reason: format!("the parent's stored trigger does not parse: {e}"),
-    })?;
-    t.traceparent = p.traceparent.clone();
-    Ok(t)
+    })
 }
 
 /// Child `n` has a promise (deadline: the parent's) and a run.

@@ -197,6 +197,36 @@ pub(crate) fn new_promise(t: &Trigger, workspace: &str, defaults: &RetryDefaults
     }
 }
 
+/// A promise's trigger as it arrived (its `param.data`), read with the
+/// limits it was accepted under (limits lowered since must not strand a
+/// promise already running), in the trace the promise runs in.
+pub(crate) fn stored_trigger(p: &Promise) -> Result<Trigger, TriggerError> {
+    let env = Envelope {
+        body: p.param.data.clone().unwrap_or_default().into_bytes(),
+        message_id: Some(p.id.to_string()),
+        ..Default::default()
+    };
+    let mut t = Trigger::parse(&env, &TriggerRules::accepted())?;
+    t.traceparent = p.traceparent.clone();
+    Ok(t)
+}
+
+/// What a promise records when Databricks refuses its launch (or the
+/// launch of a later attempt) for good: its answer.
+pub(crate) fn refusal(
+    endpoint: &str,
+    status: u16,
+    body: &crate::databricks::ApiErrorBody,
+) -> serde_json::Value {
+    json!({
+        "reason": "databricks_error",
+        "endpoint": endpoint,
+        "status": status,
+        "error_code": body.error_code,
+        "message": body.message,
+    })
+}
+
 /// The stored outcome, addressed to this delivery's `reply_to`.
 fn reply_for(p: &Promise, t: &Trigger) -> Disposition {
     let Some(reply_to) = &t.reply_to else {
@@ -331,13 +361,7 @@ pub(crate) async fn launch_created<S: PromiseStore + Families, J: Jobs>(
             status,
             body,
         }) => {
-            let value = json!({
-                "reason": "databricks_error",
-                "endpoint": endpoint,
-                "status": status,
-                "error_code": body.error_code,
-                "message": body.message,
-            });
+            let value = refusal(endpoint, status, &body);
             let settle = Settle {
                 id: t.id.clone(),
                 target: State::Rejected,

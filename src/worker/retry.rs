@@ -17,11 +17,10 @@ use std::time::Duration;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::{WorkerContext, launch};
+use super::{WorkerContext, launch, refusal, stored_trigger};
 use crate::databricks::{DatabricksError, Jobs};
 use crate::domain::{
-    Envelope, IdempotencyToken, Payload, Promise, PromiseId, RetryMode, SettledBy, State, Trigger,
-    TriggerRules,
+    IdempotencyToken, Payload, Promise, PromiseId, RetryMode, SettledBy, State, Trigger,
 };
 use crate::partitions::Assignment;
 use crate::reconciler::{RunOutcome, classify};
@@ -51,12 +50,7 @@ async fn trigger_of<S: PromiseStore>(
             None => return Ok(None),
         },
     };
-    let env = Envelope {
-        body: from.param.data.clone().unwrap_or_default().into_bytes(),
-        message_id: Some(from.id.to_string()),
-        ..Default::default()
-    };
-    let Ok(t) = Trigger::parse(&env, &TriggerRules::accepted()) else {
+    let Ok(t) = stored_trigger(&from) else {
         return Ok(None);
     };
     let mut t = match &p.parent {
@@ -92,23 +86,6 @@ async fn refuse<S: PromiseStore>(
     Ok(())
 }
 
-fn refusal(e: &DatabricksError) -> serde_json::Value {
-    match e {
-        DatabricksError::Permanent {
-            endpoint,
-            status,
-            body,
-        } => json!({
-            "reason": "databricks_error",
-            "endpoint": endpoint,
-            "status": status,
-            "error_code": body.error_code,
-            "message": body.message,
-        }),
-        other => json!({"reason": "databricks_error", "message": other.to_string()}),
-    }
-}
-
 /// Starts attempt `n` as a new run.
 async fn rerun<S: PromiseStore + Families + Attempts, J: Jobs>(
     ctx: &WorkerContext<S, J>,
@@ -130,9 +107,11 @@ async fn rerun<S: PromiseStore + Families + Attempts, J: Jobs>(
             tracing::info!(promise.id = %p.id, attempt = n, run_id = run.get(), "attempt started (rerun)");
             Ok(())
         }
-        Err(e @ DatabricksError::Permanent { .. }) => {
-            Ok(refuse(&ctx.store, p, n, refusal(&e)).await?)
-        }
+        Err(DatabricksError::Permanent {
+            endpoint,
+            status,
+            body,
+        }) => Ok(refuse(&ctx.store, p, n, refusal(endpoint, status, &body)).await?),
         Err(e) => Err(e.into()),
     }
 }
@@ -160,7 +139,11 @@ async fn repair<S: PromiseStore + Attempts, J: Jobs>(
             tracing::info!(promise.id = %p.id, attempt = n, run_id = run.get(), repair_id = repair, "attempt started (repair)");
             return Ok(());
         }
-        Err(e @ DatabricksError::Permanent { .. }) => e,
+        Err(DatabricksError::Permanent {
+            endpoint,
+            status,
+            body,
+        }) => refusal(endpoint, status, &body),
         Err(e) => return Err(e.into()),
     };
     // Refused: the repair this step asks for may exist already (made, then
@@ -178,7 +161,7 @@ async fn repair<S: PromiseStore + Attempts, J: Jobs>(
             ctx.store.retry_later(&p.id, RUN_ENDING).await?;
             Ok(())
         }
-        _ => Ok(refuse(&ctx.store, p, n, refusal(&refused)).await?),
+        _ => Ok(refuse(&ctx.store, p, n, refused).await?),
     }
 }
 
