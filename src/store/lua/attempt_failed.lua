@@ -8,11 +8,11 @@
 -- ARGV[4] delay ms before the next attempt
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return {'NOT_FOUND'} end
-if st ~= 'PENDING' then return {'SETTLED', redis.call('HGETALL', KEYS[1])} end
+if st ~= 'PENDING' then return {'SETTLED', st} end
 local an = tonumber(redis.call('HGET', KEYS[1], 'an') or '1')
 if an ~= tonumber(ARGV[2]) or redis.call('HEXISTS', KEYS[1], 'rw') == 1
     or redis.call('HEXISTS', KEYS[1], 'rl') == 1 then
-  return {'STALE', redis.call('HGETALL', KEYS[1])}
+  return {'STALE', st}
 end
 local now = now_ms()
 local due = now + tonumber(ARGV[4])
@@ -38,4 +38,4 @@ if hb then
   redis.call('HSET', KEYS[1], 'hbd', string.format('%d', hbd))
   redis.call('ZADD', KEYS[2], hbd, ARGV[1])
 end
-return {'WAITING', redis.call('HGETALL', KEYS[1])}
+return {'WAITING', st}

@@ -10,26 +10,26 @@ use super::*;
 /// publish delays the event by little.
 const PROGRESS_LEASE: Duration = Duration::from_secs(5);
 
+/// The state a script answered with.
+fn state_of(rest: Value) -> Result<State, StoreError> {
+    let st: String =
+        redis::from_redis_value(rest).map_err(|e| StoreError::Protocol(e.to_string()))?;
+    st.parse()
+        .map_err(|e: crate::domain::promise::UnknownState| StoreError::Protocol(e.to_string()))
+}
+
+/// The answer of an attempt's script: a status and the promise's state.
 fn outcome(status: &str, rest: Value) -> Result<AttemptOutcome, StoreError> {
     Ok(match status {
         "WAITING" | "OK" => AttemptOutcome::Done,
         "STALE" => AttemptOutcome::Stale,
         "NOT_FOUND" => AttemptOutcome::NotFound,
-        "SETTLED" | "NOT_WAITING" => {
-            // The state, or the whole record.
-            let st = match redis::from_redis_value::<String>(rest.clone()) {
-                Ok(st) => st,
-                Err(_) => record(rest)?.state.to_string(),
-            };
-            let st = st
-                .parse::<State>()
-                .map_err(|e| StoreError::Protocol(e.to_string()))?;
-            if status == "NOT_WAITING" && st == State::Pending {
-                AttemptOutcome::Stale
-            } else {
-                AttemptOutcome::Settled(st)
-            }
-        }
+        // `retry_now.lua`: not waiting, whether pending or settled.
+        "NOT_WAITING" => match state_of(rest)? {
+            State::Pending => AttemptOutcome::Stale,
+            st => AttemptOutcome::Settled(st),
+        },
+        "SETTLED" => AttemptOutcome::Settled(state_of(rest)?),
         other => return Err(StoreError::Protocol(format!("attempt: {other}"))),
     })
 }
@@ -180,13 +180,7 @@ impl Attempts for RedisStore {
                 redis::from_redis_value(rest).map_err(|e| StoreError::Protocol(e.to_string()))?,
             ),
             "NOT_FOUND" => ProgressOutcome::NotFound,
-            "SETTLED" => {
-                let st: String = redis::from_redis_value(rest)
-                    .map_err(|e| StoreError::Protocol(e.to_string()))?;
-                ProgressOutcome::Settled(st.parse().map_err(
-                    |e: crate::domain::promise::UnknownState| StoreError::Protocol(e.to_string()),
-                )?)
-            }
+            "SETTLED" => ProgressOutcome::Settled(state_of(rest)?),
             other => return Err(StoreError::Protocol(format!("progress: {other}"))),
         })
     }
