@@ -293,6 +293,18 @@ impl Run {
         self.earlier_runs + self.repairs.len() as u32
     }
 
+    /// The run as played so far, as its `repair_history` item `ORIGINAL`.
+    pub fn as_played(&self) -> RepairRecord {
+        RepairRecord {
+            id: None,
+            start_time: self.start_time,
+            end_time: self.end_time,
+            life_cycle_state: self.life_cycle_state,
+            result_state: self.result_state,
+            task_run_ids: self.tasks.iter().map(|t| t.run_id).collect(),
+        }
+    }
+
     /// Does this play fail, per `Behaviour::fail_attempts`?
     pub fn failing(&self) -> bool {
         self.attempt_index() < self.behaviour.fail_attempts

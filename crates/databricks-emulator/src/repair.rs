@@ -54,14 +54,7 @@ fn item_json(kind: &str, r: &RepairRecord) -> Value {
 /// The run's `repair_history`: the original play and each repair. A run
 /// never repaired has its one `ORIGINAL` item.
 pub fn history_json(run: &Run) -> Value {
-    let original = run.original.clone().unwrap_or_else(|| RepairRecord {
-        id: None,
-        start_time: run.start_time,
-        end_time: run.end_time,
-        life_cycle_state: run.life_cycle_state,
-        result_state: run.result_state,
-        task_run_ids: run.tasks.iter().map(|t| t.run_id).collect(),
-    });
+    let original = run.original.clone().unwrap_or_else(|| run.as_played());
     let mut items = vec![item_json("ORIGINAL", &original)];
     items.extend(run.repairs.iter().map(|r| item_json("REPAIR", r)));
     Value::Array(items)
@@ -130,14 +123,7 @@ impl Emulator {
             )));
         }
         if run.original.is_none() {
-            run.original = Some(RepairRecord {
-                id: None,
-                start_time: run.start_time,
-                end_time: run.end_time,
-                life_cycle_state: run.life_cycle_state,
-                result_state: run.result_state,
-                task_run_ids: run.tasks.iter().map(|t| t.run_id).collect(),
-            });
+            run.original = Some(run.as_played());
         }
         let mut task_run_ids = Vec::new();
         let mut new_tasks = Vec::new();
