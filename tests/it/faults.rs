@@ -20,21 +20,8 @@ async fn worker_killed_after_launch_converges_on_one_run() {
         ..Default::default()
     })
     .await;
-    let marker = std::env::temp_dir().join(format!("{}.failpoints", app.name));
-    let spawn_worker = |failpoints: &str| {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_runbridge"))
-            .arg("worker")
-            .envs(app.env_vars())
-            .env("RUNBRIDGE_FAILPOINTS", failpoints)
-            .env("RUNBRIDGE_FAILPOINT_MARKER", &marker)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn worker")
-    };
-    let mut first = spawn_worker("worker.after_launch=pause");
+    let marker = app.failpoint_marker();
+    let mut first = app.spawn_worker("worker.after_launch=pause");
     let id = unique("killed");
     app.publish(&trigger(&id, JOB_SLOW_CALLBACK)).await;
 
@@ -57,7 +44,7 @@ async fn worker_killed_after_launch_converges_on_one_run() {
         "the run id was never recorded"
     );
 
-    let mut second = spawn_worker("");
+    let mut second = app.spawn_worker("");
     let (ev, v) = app.first_event(&id, Duration::from_secs(30)).await;
     assert_eq!(
         ev.message_id.as_deref(),

@@ -322,6 +322,30 @@ impl TestApp {
         app
     }
 
+    /// Where this app's crash points note that they were reached.
+    #[cfg(feature = "failpoints")]
+    pub fn failpoint_marker(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("{}.failpoints", self.name))
+    }
+
+    /// A `runbridge worker` child process of this app with `failpoints`
+    /// armed (`RUNBRIDGE_FAILPOINTS`), noting them in
+    /// [`TestApp::failpoint_marker`]; killed when dropped.
+    #[cfg(feature = "failpoints")]
+    pub fn spawn_worker(&self, failpoints: &str) -> tokio::process::Child {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_runbridge"))
+            .arg("worker")
+            .envs(self.env_vars())
+            .env("RUNBRIDGE_FAILPOINTS", failpoints)
+            .env("RUNBRIDGE_FAILPOINT_MARKER", self.failpoint_marker())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn worker")
+    }
+
     /// The settings as RUNBRIDGE__* variables, for a child `runbridge` process.
     /// `runbridge all` as a child process with this app's settings, serving
     /// its own sidecar on `port` (so the callbacks of the runs it launches

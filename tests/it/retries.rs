@@ -392,22 +392,9 @@ async fn a_worker_killed_during_the_second_relaunch_still_makes_three_runs() {
     })
     .await;
     let job = flaky_job(&app, 2, 1500, json!({})).await;
-    let marker = std::env::temp_dir().join(format!("{}.failpoints", app.name));
-    let spawn_worker = |failpoints: &str| {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_runbridge"))
-            .arg("worker")
-            .envs(app.env_vars())
-            .env("RUNBRIDGE_FAILPOINTS", failpoints)
-            .env("RUNBRIDGE_FAILPOINT_MARKER", &marker)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn worker")
-    };
+    let marker = app.failpoint_marker();
     // The first relaunch goes on; the second pauses after run-now answered.
-    let mut first = spawn_worker("retry.after_relaunch=pause#2");
+    let mut first = app.spawn_worker("retry.after_relaunch=pause#2");
     let id = unique("killed-relaunch");
     app.publish(&retrying(&id, job, 3, "rerun")).await;
     eventually(
@@ -430,7 +417,7 @@ async fn a_worker_killed_during_the_second_relaunch_still_makes_three_runs() {
         "its run was never recorded"
     );
 
-    let mut second = spawn_worker("");
+    let mut second = app.spawn_worker("");
     let (ev, v) = app.first_event(&id, Duration::from_secs(60)).await;
     assert_eq!(v["data"]["state"], "RESOLVED", "{v}");
     let runs = app.runs_for(&id).await;
