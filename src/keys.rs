@@ -77,6 +77,12 @@ impl Keys {
         format!("{}:{{p{partition}}}:pending_by_second", self.prefix)
     }
 
+    /// The ids of the promises created in one second and still pending
+    /// (hash: id → ""): what searches walk, in creation order.
+    pub fn pending_in_second(&self, partition: u32, second: u64) -> String {
+        format!("{}:{second}", self.pending_by_second(partition))
+    }
+
     pub fn pending_seconds(&self, partition: u32) -> String {
         format!("{}:{{p{partition}}}:pending_seconds", self.prefix)
     }
@@ -85,6 +91,18 @@ impl Keys {
     /// state → count that expires after two hours: the console's settle rate.
     pub fn settled_in_minute(&self, partition: u32, minute: i64) -> String {
         format!("{}:{{p{partition}}}:settled:{minute}", self.prefix)
+    }
+
+    /// Settled promises by settlement time (sorted set, score = ms): what
+    /// searches walk for settled states. Entries older than the retention
+    /// leave at the next settlement of the partition, as their records expire.
+    pub fn settled_order(&self, partition: u32) -> String {
+        format!("{}:{{p{partition}}}:settled_order", self.prefix)
+    }
+
+    /// The beginning of every promise key of a partition (searches add the id).
+    pub fn promise_prefix(&self, partition: u32) -> String {
+        format!("{}:{{p{partition}}}:promise:", self.prefix)
     }
 
     pub fn outbox(&self, partition: u32) -> String {
@@ -165,6 +183,12 @@ impl Keys {
         format!("{}:{{sessions}}:{id_hash}", self.prefix)
     }
 
+    /// Set once every promise stored before searches had indexes is in
+    /// them (the version of that layout).
+    pub fn search_indexes(&self) -> String {
+        format!("{}:{{index}}:search_indexes", self.prefix)
+    }
+
     /// SCAN pattern for promise keys whose id matches `id_glob` (`*` only;
     /// ids cannot contain other glob characters).
     pub fn promise_pattern(&self, id_glob: &str) -> String {
@@ -187,6 +211,13 @@ mod tests {
             format!("rb:{{p{n}}}:promise:nightly-sales-2026-11-23")
         );
         assert_eq!(k.deadlines(n), format!("rb:{{p{n}}}:deadlines"));
+        assert_eq!(
+            k.promise_prefix(n) + id.as_str(),
+            k.promise(&id),
+            "searches build promise keys from the prefix"
+        );
+        assert_eq!(k.pending_in_second(3, 17), "rb:{p3}:pending_by_second:17");
+        assert_eq!(k.settled_order(3), "rb:{p3}:settled_order");
         assert_eq!(k.outbox(3), "rb:{p3}:outbox");
         assert_eq!(k.runs(3), "rb:{p3}:runs");
         assert_eq!(k.polls(3), "rb:{p3}:polls");

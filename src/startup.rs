@@ -172,6 +172,14 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
         });
     }
     let store = store(s).await?;
+    // Promises stored by an older version become searchable (once).
+    let indexed = store.index_existing().await?;
+    if indexed > 0 {
+        tracing::info!(
+            promises = indexed,
+            "indexed promises stored before search indexes"
+        );
+    }
     let store_for_gauges = store.clone();
     let ctx = Arc::new(WorkerContext {
         store: store.clone(),

@@ -31,6 +31,7 @@ mod leases;
 mod outbox;
 mod promises;
 mod schedules;
+mod search;
 mod sessions;
 
 pub use insights::PartitionStats;
@@ -66,6 +67,8 @@ struct Scripts {
     retry_now: Script,
     progress: Script,
     progress_emit: Script,
+    search: Script,
+    index_one: Script,
 }
 
 impl Scripts {
@@ -95,6 +98,8 @@ impl Scripts {
             retry_now: script(include_str!("lua/retry_now.lua")),
             progress: script(include_str!("lua/progress.lua")),
             progress_emit: script(include_str!("lua/progress_emit.lua")),
+            search: script(include_str!("lua/search.lua")),
+            index_one: script(include_str!("lua/index_one.lua")),
         }
     }
 }
@@ -427,6 +432,23 @@ impl RedisStore {
         Ok(value)
     }
 
+    /// Runs a script that only reads (no `WAIT`: it wrote nothing to wait
+    /// for). A Redis that lost its script cache gets the script again.
+    async fn read(&self, call: &Call<'_>) -> Result<Value, StoreError> {
+        let cmd = call.evalsha();
+        let mut conn = self.conn().await?;
+        match cmd.query_async(&mut conn).await {
+            Err(e) if is_noscript(&e) => {
+                call.script
+                    .load_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                cmd.query_async(&mut conn).await.map_err(unavailable)
+            }
+            r => r.map_err(unavailable),
+        }
+    }
+
     async fn conn(&self) -> Result<Conn, StoreError> {
         match &self.backend {
             Backend::Node { pool, .. } => {
@@ -633,31 +655,7 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Far above any SCAN batch of `COUNT 500` (Redis may return more than
-/// COUNT, never millions).
-const MAX_CURSOR_SKIP: usize = 1 << 24;
-
-fn encode_cursor(node: usize, scan: u64, skip: usize) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{scan}:{skip}:{node}"))
-}
-
-/// `scan:skip[:node]` (cursors of one Redis, from before clusters, have no node).
-fn decode_cursor(c: &str) -> Option<(usize, u64, usize)> {
-    let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(c).ok()?).ok()?;
-    let mut parts = raw.split(':');
-    let scan = parts.next()?.parse().ok()?;
-    let skip = parts.next()?.parse().ok()?;
-    let node = match parts.next() {
-        Some(n) => n.parse().ok()?,
-        None => 0,
-    };
-    // A page holds at most 1,000 promises, so no cursor this store hands
-    // out skips more than one SCAN batch could give; a bigger number is forged.
-    (parts.next().is_none() && skip <= MAX_CURSOR_SKIP).then_some((node, scan, skip))
-}
-
-/// The primaries that serve slots, from `CLUSTER NODES`, in address order
-/// (so a search cursor's node index means the same node on the next page).
+/// The primaries that serve slots, from `CLUSTER NODES`, in address order.
 fn cluster_primaries(nodes: &str) -> Vec<(String, u16)> {
     let mut out: Vec<(String, u16)> = nodes
         .lines()
@@ -696,19 +694,6 @@ pub struct RedisOutbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cursor_round_trip() {
-        assert_eq!(
-            decode_cursor(&encode_cursor(2, 1234, 7)),
-            Some((2, 1234, 7))
-        );
-        // A cursor of one Redis from before clusters: node 0.
-        let old = URL_SAFE_NO_PAD.encode("1234:7");
-        assert_eq!(decode_cursor(&old), Some((0, 1234, 7)));
-        assert_eq!(decode_cursor("!!"), None);
-        assert_eq!(decode_cursor(&URL_SAFE_NO_PAD.encode("1:2:3:4")), None);
-    }
 
     #[test]
     fn cluster_primaries_are_the_live_primaries_with_slots() {

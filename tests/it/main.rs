@@ -20,6 +20,7 @@ mod model;
 mod otlp;
 mod retries;
 mod scale;
+mod search;
 mod security;
 mod stops;
 mod tls;

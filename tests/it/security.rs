@@ -266,6 +266,22 @@ async fn a_corrupt_record_leaves_search_and_the_console_working() {
         .query_async(&mut conn)
         .await
         .unwrap();
+    // In the pending index too, as a record written by runbridge would be:
+    // searches walk the indexes, not the keyspace.
+    let keys = app.settings.keys().unwrap();
+    let p = keys.partition(&runbridge::domain::PromiseId::parse(&bad).unwrap());
+    let _: () = redis::pipe()
+        .cmd("HSET")
+        .arg(keys.pending_in_second(p, 1_764_400_000))
+        .arg(&bad)
+        .arg("")
+        .cmd("ZADD")
+        .arg(keys.pending_seconds(p))
+        .arg(1_764_400_000)
+        .arg(1_764_400_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
 
     let r = app
         .operator(

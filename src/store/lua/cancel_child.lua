@@ -8,7 +8,7 @@
 -- step learn the run (run-now again with the child's token) first.
 -- Idempotent.
 -- KEYS: the child's promise, deadlines, outbox, runs, polls, cancels,
--- pending_by_second, pending_seconds, settled_in_minute
+-- pending_by_second, pending_seconds, settled_in_minute, settled_order
 -- ARGV[1] child id, ARGV[2] value JSON, ARGV[3] retention ms,
 -- ARGV[4] parent id, ARGV[5] child index
 local st = redis.call('HGET', KEYS[1], 'state')

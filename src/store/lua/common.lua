@@ -6,14 +6,25 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Pending promises per creation second (for the oldest pending age): +1 at
--- create, -1 at settle; a second whose count reaches 0 is removed from both.
-local function count_pending(counts, seconds, created_ms, delta)
+-- Pending promises per creation second: their count (for the oldest
+-- pending age and the console's ages) and their ids (searches walk them in
+-- creation order), +1 at create, -1 at settle; a second whose count reaches
+-- 0 is removed from all three. The ids of second s are the hash
+-- `<counts>:<s>` (field id, empty value): a small hash is a listpack, a few
+-- bytes more than the id each, where a sorted-set entry costs over a hundred.
+local function count_pending(counts, seconds, created_ms, id, delta)
   local s = math.floor(created_ms / 1000)
+  local ids = counts .. ':' .. s
+  if delta > 0 then
+    redis.call('HSET', ids, id, '')
+  else
+    redis.call('HDEL', ids, id)
+  end
   local n = redis.call('HINCRBY', counts, s, delta)
   if n <= 0 then
     redis.call('HDEL', counts, s)
     redis.call('ZREM', seconds, s)
+    redis.call('DEL', ids)
   elseif delta > 0 and n == delta then
     redis.call('ZADD', seconds, s, s)
   end
@@ -36,11 +47,12 @@ local function emit_progress(promise, outbox, now)
 end
 
 -- The one way a promise becomes settled: state, value and who did it; out of
--- the deadline, poll and run indexes; expiry set to the retention; one outbox
+-- the deadline, poll and run indexes and into the settled order; expiry set
+-- to the retention; one outbox
 -- entry (the record minus its param); and, if asked and there is a run, a
 -- cancellation scheduled; the pending count of its creation second less one.
 -- k = {promise, deadlines, outbox, runs, polls, cancels, pending_by_second,
--- pending_seconds, settled_in_minute}. Only ever called on a PENDING promise,
+-- pending_seconds, settled_in_minute, settled_order}. Only ever called on a PENDING promise,
 -- or with `uncounted` on a record written settled (a child cancelled before
 -- it was ever created), which no pending count includes.
 local function settle_record(k, id, state, value, iku, by, retention, now, cancel_run, uncounted)
@@ -51,7 +63,7 @@ local function settle_record(k, id, state, value, iku, by, retention, now, cance
     emit_progress(k[1], k[3], now)
   end
   local created = tonumber(redis.call('HGET', k[1], 'created'))
-  if created and not uncounted then count_pending(k[7], k[8], created, -1) end
+  if created and not uncounted then count_pending(k[7], k[8], created, id, -1) end
   redis.call('HSET', k[1], 'state', state, 'value', value, 'completed', now, 'by', by)
   if iku ~= '' then redis.call('HSET', k[1], 'iku', iku) end
   redis.call('ZREM', k[2], id)
@@ -64,6 +76,10 @@ local function settle_record(k, id, state, value, iku, by, retention, now, cance
     end
   end
   redis.call('PEXPIRE', k[1], retention)
+  -- Searches find settled promises here, by settlement time; an entry
+  -- leaves when its record does (the same retention).
+  redis.call('ZADD', k[10], now, id)
+  redis.call('ZREMRANGEBYSCORE', k[10], '-inf', '(' .. string.format('%d', now - tonumber(retention)))
   redis.call('HINCRBY', k[9], state, 1)
   redis.call('EXPIRE', k[9], 7200)
   local all = redis.call('HGETALL', k[1])
@@ -113,7 +129,7 @@ local function create_record(k, a, first)
   end
   redis.call('HSET', k[1], unpack(fields))
   redis.call('ZADD', k[2], deadline, a[1])
-  count_pending(k[3], k[4], now, 1)
+  count_pending(k[3], k[4], now, a[1], 1)
   -- Backstop against leaks if no reconciler ever sweeps: gone a retention
   -- period after its deadline at the latest. Counted from now for a deadline
   -- already past (a timeout given in seconds instead of milliseconds, say):

@@ -3,7 +3,7 @@
 -- cancel_on_timeout, its run is scheduled for cancellation. A promise that is
 -- not due after all (a heartbeat moved it) gets its deadline score corrected.
 -- KEYS: promise, deadlines, outbox, runs, polls, cancels, pending_by_second,
--- pending_seconds, settled_in_minute
+-- pending_seconds, settled_in_minute, settled_order
 -- ARGV[1] id, ARGV[2] retention ms
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then

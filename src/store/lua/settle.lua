@@ -1,7 +1,7 @@
 -- Settle a promise and write its outbox entry in the same step (docs/contracts.md, the HTTP API),
 -- following the Durable Promise specification's idempotency table.
 -- KEYS: promise, deadlines, outbox, runs, polls, cancels, pending_by_second,
--- pending_seconds, settled_in_minute
+-- pending_seconds, settled_in_minute, settled_order
 -- ARGV[1] id, ARGV[2] target state, ARGV[3] value JSON, ARGV[4] idempotency key or '',
 -- ARGV[5] strict '1'/'0', ARGV[6] settled_by, ARGV[7] retention ms,
 -- ARGV[8] value JSON used if the promise turns out to be past its timeout,

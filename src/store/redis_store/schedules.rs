@@ -45,7 +45,7 @@ impl RedisStore {
     /// The keys of `settle_record` (common.lua), in its order. The last is
     /// this minute's settlement counts (by this process's clock: a skew
     /// between hosts moves a count to a neighbouring minute, nothing more).
-    pub(super) fn settle_keys(&self, id: &PromiseId) -> [String; 9] {
+    pub(super) fn settle_keys(&self, id: &PromiseId) -> [String; 10] {
         let p = self.keys.partition(id);
         let minute = chrono::Utc::now().timestamp().div_euclid(60);
         [
@@ -58,6 +58,7 @@ impl RedisStore {
             self.keys.pending_by_second(p),
             self.keys.pending_seconds(p),
             self.keys.settled_in_minute(p, minute),
+            self.keys.settled_order(p),
         ]
     }
 }
