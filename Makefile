@@ -8,7 +8,7 @@ TEST_FEATURES ?= --workspace --features runbridge-harness/failpoints
 # side by side in target/<profile>/.
 HARNESS = -p runbridge -p runbridge-harness --bins
 
-.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke notebook-test sdk-test docs docs-test ui-test-deps ui-screenshot cluster-test fuzz clean
+.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke bench-venv notebook-test sdk-test docs docs-test ui-test-deps ui-screenshot cluster-test fuzz clean
 
 # Fault-injection run (see crates/harness/src/bin/chaos): N triggers and
 # PARENTS parent triggers of CHILDREN children each among them, every fault
@@ -74,13 +74,19 @@ chaos-small: services
 
 # Benchmarks against baselines measured in the same run (crates/harness/src/bin/bench):
 # writes bench/results.json, bench/results.md and bench/latency.svg.
-bench: services
+# B8's hand-written Python bridge runs in a virtualenv of its own under
+# target/ (pika, redis-py, requests, Flask, gunicorn from PyPI, pinned).
+BENCH_VENV = target/benchvenv
+bench-venv:
+	@test -x $(BENCH_VENV)/bin/gunicorn || { echo "[bench] installing the Python bridge's requirements in $(BENCH_VENV)"; python3 -m venv $(BENCH_VENV) && $(BENCH_VENV)/bin/pip install -q -r bench/baselines/python_bridge/requirements.txt; }
+
+bench: services bench-venv
 	$(CARGO) build --release $(HARNESS)
 	target/release/bench --out bench
 
 # The profile `make test` runs: every scenario with a few hundred messages,
 # to keep the harness working. Its numbers mean nothing; nothing asserts them.
-bench-smoke: services
+bench-smoke: services bench-venv
 	$(CARGO) build $(HARNESS)
 	target/debug/bench --smoke --out target/bench-smoke
 

@@ -24,9 +24,12 @@
 //! [`store_cost`]: B5, B7), [`measure`] (load and statistics) and [`report`]
 //! (the table, the JSON, the chart).
 
+mod bridge;
+mod cpu;
 mod lab;
 mod measure;
 mod report;
+mod search_cost;
 mod settle;
 mod store_cost;
 mod triggers;
@@ -45,7 +48,7 @@ use crate::measure::median_round;
 use crate::report::{Curves, Row, machine, markdown, svg};
 use crate::settle::{b3, b4, baseline_server};
 use crate::store_cost::{b5, b7};
-use crate::triggers::{baseline_consumer, drain_with_worker};
+use crate::triggers::{Databricks, baseline_consumer, drain_with_worker, responder};
 
 #[derive(Parser, Debug)]
 #[command(about = "runbridge benchmarks, each against a baseline measured in the same run")]
@@ -62,6 +65,10 @@ struct Args {
     /// The runbridge binary (default: next to this one).
     #[arg(long)]
     pub(crate) bin: Option<PathBuf>,
+    /// B8's Python (default: target/benchvenv/bin/python, which `make
+    /// bench` makes with the hand-written bridge's requirements).
+    #[arg(long)]
+    pub(crate) python: Option<PathBuf>,
     #[command(subcommand)]
     pub(crate) cmd: Option<Cmd>,
 }
@@ -75,6 +82,11 @@ enum Cmd {
         #[arg(long)]
         redis_url: String,
     },
+    /// B1′'s minimal Databricks: `run-now` answers a run id at once.
+    Responder {
+        #[arg(long)]
+        listen: String,
+    },
 }
 
 /// Sizes of one profile.
@@ -86,6 +98,10 @@ pub(crate) struct Sizes {
     pub(crate) b4_seconds: u64,
     pub(crate) b5_promises: usize,
     pub(crate) b7_pending: usize,
+    pub(crate) b9_settled: usize,
+    pub(crate) b8_triggers: usize,
+    pub(crate) b8_rate: u64,
+    pub(crate) b8_seconds: u64,
     /// Rounds of B1 and B3 (runbridge, then its baseline); the round with
     /// the median ratio is reported. The machine's noise moves one round's
     /// ratio by ±0.07.
@@ -102,6 +118,10 @@ impl Sizes {
             b4_seconds: 30,
             b5_promises: 10_000,
             b7_pending: 1_000_000,
+            b9_settled: 1_000_000,
+            b8_triggers: 5_000,
+            b8_rate: 100,
+            b8_seconds: 10,
             rounds: 3,
         }
     }
@@ -114,6 +134,10 @@ impl Sizes {
             b4_seconds: 2,
             b5_promises: 300,
             b7_pending: 3_000,
+            b9_settled: 3_000,
+            b8_triggers: 200,
+            b8_rate: 50,
+            b8_seconds: 2,
             rounds: 1,
         }
     }
@@ -129,6 +153,7 @@ fn main() -> Result<()> {
             ref listen,
             ref redis_url,
         }) => rt.block_on(baseline_server(listen, redis_url)),
+        Some(Cmd::Responder { ref listen }) => rt.block_on(responder(listen)),
         None => rt.block_on(run(&args)),
     }
 }
@@ -169,7 +194,12 @@ async fn run(args: &Args) -> Result<()> {
         logs.display()
     );
     let started = Instant::now();
-    let result = scenarios(&env, &sizes, &want).await;
+    let python = if want("B8") {
+        Some(bridge::locate(&env.config_dir, args.python.clone())?)
+    } else {
+        None
+    };
+    let result = scenarios(&env, &sizes, &want, python.as_ref()).await;
     // Clean up whatever happened: the vhost and every key of this run.
     let _ = rabbitmqctl(None, &["delete_vhost", &vhost]);
     let _ = delete_keys(&env.redis_url, &format!("{run_id}*")).await;
@@ -201,54 +231,87 @@ async fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Triggers in flight (the worker's prefetch, the baselines' QoS).
+const PREFETCH: u16 = 256;
+
+/// B1 (`prime` false: the worker against the emulator, the baseline only
+/// acks) or B1′ (both make one HTTP call per trigger to the same minimal
+/// responder): the round with the median ratio, CPU per trigger beside it.
+async fn b1(env: &Env, sz: &Sizes, prime: bool) -> Result<Option<Row>> {
+    let (id, what) = if prime {
+        (
+            "B1′",
+            "both sides POST each trigger to the same minimal responder, then ack",
+        )
+    } else {
+        (
+            "B1",
+            "a lapin consumer that only acks; the worker's emulator shares the cores",
+        )
+    };
+    println!(
+        "[bench] {id}: {} triggers, one worker vs {what}",
+        sz.b1_triggers
+    );
+    let mut rounds = Vec::new();
+    for r in 0..sz.rounds {
+        let t = if prime { "b1p" } else { "b1" };
+        let (base, base_cpu) =
+            baseline_consumer(env, &format!("{t}base{r}"), sz.b1_triggers, PREFETCH, prime).await?;
+        // Default reconciler settings: its first checks come 30 s after launch.
+        let d = drain_with_worker(
+            env,
+            &format!("{t}r{r}"),
+            sz.b1_triggers,
+            u32::from(PREFETCH),
+            if prime {
+                Databricks::Responder
+            } else {
+                Databricks::Emulator {
+                    launch_latency_ms: 0,
+                }
+            },
+            Duration::ZERO,
+            &[],
+        )
+        .await?;
+        let ratio = d.rate / base;
+        let target = if prime { 0.6 } else { 0.5 };
+        rounds.push((
+            Row {
+                id,
+                cpu: vec![("runbridge", d.cpu), ("baseline", base_cpu)],
+                scenario: format!(
+                    "trigger throughput: {} pre-published triggers, one worker, prefetch {PREFETCH}; baseline: {what}",
+                    sz.b1_triggers
+                ),
+                runbridge: d.rate,
+                baseline: Some(base),
+                unit: "triggers/s",
+                ratio: Some(ratio),
+                target: format!("ratio ≥ {target}"),
+                met: ratio >= target,
+                notes: format!("drained in {:.1} s", d.seconds),
+            },
+            (),
+        ));
+    }
+    Ok(median_round(rounds).map(|r| r.0))
+}
+
 async fn scenarios(
     env: &Env,
     sz: &Sizes,
     want: &dyn Fn(&str) -> bool,
+    python: Option<&bridge::Python>,
 ) -> Result<(Vec<Row>, Curves)> {
     let mut rows = Vec::new();
     let mut curves = Curves::default();
-    const PREFETCH: u16 = 256;
     if want("B1") {
-        println!(
-            "[bench] B1: {} triggers, one worker vs a lapin consumer that only acks",
-            sz.b1_triggers
-        );
-        let mut rounds = Vec::new();
-        for r in 0..sz.rounds {
-            let base =
-                baseline_consumer(env, &format!("b1base{r}"), sz.b1_triggers, PREFETCH).await?;
-            // Default reconciler settings: its first checks come 30 s after launch.
-            let d = drain_with_worker(
-                env,
-                &format!("b1r{r}"),
-                sz.b1_triggers,
-                u32::from(PREFETCH),
-                0,
-                Duration::ZERO,
-                &[],
-            )
-            .await?;
-            let ratio = d.rate / base;
-            rounds.push((
-                Row {
-                    id: "B1",
-                    scenario: format!(
-                        "trigger throughput: {} pre-published triggers, one worker, prefetch {PREFETCH}",
-                        sz.b1_triggers
-                    ),
-                    runbridge: d.rate,
-                    baseline: Some(base),
-                    unit: "triggers/s",
-                    ratio: Some(ratio),
-                    target: "ratio ≥ 0.5".into(),
-                    met: ratio >= 0.5,
-                    notes: format!("drained in {:.1} s", d.seconds),
-                },
-                (),
-            ));
-        }
-        rows.extend(median_round(rounds).map(|r| r.0));
+        rows.extend(b1(env, sz, false).await?);
+    }
+    if want("B1'") || want("B1′") {
+        rows.extend(b1(env, sz, true).await?);
     }
     if want("B2") || want("B6") {
         println!(
@@ -265,7 +328,9 @@ async fn scenarios(
             "b2",
             sz.b2_triggers,
             u32::from(PREFETCH),
-            200,
+            Databricks::Emulator {
+                launch_latency_ms: 200,
+            },
             Duration::from_secs(5),
             &checks,
         )
@@ -275,6 +340,7 @@ async fn scenarios(
         if want("B2") {
             rows.push(Row {
                 id: "B2",
+                cpu: Vec::new(),
                 scenario: format!(
                     "latency hiding: run-now takes 200 ms, in-flight limit {PREFETCH}"
                 ),
@@ -291,6 +357,7 @@ async fn scenarios(
             let mib = d.peak_rss_kib as f64 / 1024.0;
             rows.push(Row {
                 id: "B6",
+                cpu: Vec::new(),
                 scenario: format!("worker peak RSS while launching {} promises and checking them", sz.b2_triggers),
                 runbridge: mib,
                 baseline: None,
@@ -338,6 +405,20 @@ async fn scenarios(
             sz.b7_pending
         );
         rows.push(b7(env, sz.b7_pending).await?);
+    }
+    if let Some(py) = python {
+        println!(
+            "[bench] B8: runbridge vs the hand-written Python bridge, {} triggers, then {}/s for {} s",
+            sz.b8_triggers, sz.b8_rate, sz.b8_seconds
+        );
+        rows.extend(bridge::b8(env, py, sz.b8_triggers, sz.b8_rate, sz.b8_seconds).await?);
+    }
+    if want("B9") {
+        println!(
+            "[bench] B9: search for 100 pending among {} settled (private Redis)",
+            sz.b9_settled
+        );
+        rows.push(search_cost::b9(env, sz.b9_settled).await?);
     }
     Ok((rows, curves))
 }

@@ -4,6 +4,7 @@
 use runbridge_testkit::rabbitmqctl;
 use serde_json::{Value, json};
 
+use crate::cpu::PerOp;
 use crate::measure::percentile;
 
 /// One row of the results table.
@@ -19,6 +20,10 @@ pub(crate) struct Row {
     pub(crate) target: String,
     pub(crate) met: bool,
     pub(crate) notes: String,
+    /// CPU per operation by process, for runbridge's side and the
+    /// baseline's (`cpu`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) cpu: Vec<(&'static str, PerOp)>,
 }
 
 /// Latency samples for the chart, in milliseconds.
@@ -98,6 +103,19 @@ pub(crate) fn markdown(rows: &[Row], m: &Value, date: &str) -> String {
     if !notes.is_empty() {
         s.push('\n');
         s.push_str(&notes.join("\n"));
+        s.push('\n');
+    }
+    let cpu: Vec<String> = rows
+        .iter()
+        .flat_map(|r| {
+            r.cpu
+                .iter()
+                .map(move |(side, per)| format!("| {} | {side} | {} |", r.id, per.describe()))
+        })
+        .collect();
+    if !cpu.is_empty() {
+        s.push_str("\nCPU per operation (user + system time from `/proc/<pid>/stat`, µs per trigger or settle):\n\n| id | side | CPU per operation, by process |\n|---|---|---|\n");
+        s.push_str(&cpu.join("\n"));
         s.push('\n');
     }
     s

@@ -11,6 +11,7 @@ use runbridge::store::Timeout;
 use runbridge_testkit::free_port;
 use tokio::process::Command;
 
+use crate::cpu::Watched;
 use crate::lab::{Env, pending_promises, stop, wait_port};
 use crate::measure::{closed_loop, percentile};
 use crate::report::{Curves, Row};
@@ -80,7 +81,10 @@ pub(crate) async fn b3(env: &Env, tag: &str, n: usize) -> Result<(Row, Vec<f64>,
             )
         })
         .collect();
+    let watched = Watched::with_services(&[("sidecar", sidecar.id())]);
+    let before = watched.snapshot();
     let (rb_rate, rb_lat) = closed_loop(Arc::new(urls), CONNS).await?;
+    let rb_cpu = before.per_op(&watched.snapshot(), n);
     stop(&mut sidecar).await;
 
     let bport = free_port();
@@ -103,11 +107,15 @@ pub(crate) async fn b3(env: &Env, tag: &str, n: usize) -> Result<(Row, Vec<f64>,
     let burls: Vec<String> = (0..n)
         .map(|i| format!("http://{blisten}/cb/{}-{tag}-{i}/resolve", env.run_id))
         .collect();
+    let watched = Watched::with_services(&[("baseline server", base.id())]);
+    let before = watched.snapshot();
     let (base_rate, base_lat) = closed_loop(Arc::new(burls), CONNS).await?;
+    let base_cpu = before.per_op(&watched.snapshot(), n);
     stop(&mut base).await;
     let ratio = rb_rate / base_rate;
     let row = Row {
         id: "B3",
+        cpu: vec![("runbridge", rb_cpu), ("baseline", base_cpu)],
         scenario: format!("settle throughput: {n} resolves over {CONNS} keep-alive connections"),
         runbridge: rb_rate,
         baseline: Some(base_rate),
@@ -253,6 +261,7 @@ pub(crate) async fn b4(
     Ok(vec![
         Row {
             id: "B4",
+            cpu: Vec::new(),
             scenario: format!("settle → event latency p50, {rate} resolves/s for {seconds} s"),
             runbridge: p50,
             baseline: None,
@@ -264,6 +273,7 @@ pub(crate) async fn b4(
         },
         Row {
             id: "B4",
+            cpu: Vec::new(),
             scenario: format!("settle → event latency p99, {rate} resolves/s for {seconds} s"),
             runbridge: p99,
             baseline: None,

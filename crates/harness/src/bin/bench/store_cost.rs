@@ -13,12 +13,29 @@ use runbridge_testkit::RedisServer;
 use crate::lab::{Env, new_promise, pending_promises};
 use crate::report::Row;
 
+/// B5 and B5+ for ids of 29 characters (the bench's own) and of 64.
 pub(crate) async fn b5(env: &Env, n: usize) -> Result<Vec<Row>> {
-    let s = env.settings("b5", &[])?;
+    let mut rows = Vec::new();
+    for id_len in [29, 64] {
+        rows.extend(b5_ids(env, n, id_len).await?);
+    }
+    Ok(rows)
+}
+
+/// `n` pending promises with run ids and ids of `id_len` characters: the
+/// record (`MEMORY USAGE` over a sample) and, for B5+, every per-partition
+/// key holding an entry for them, divided by `n`.
+async fn b5_ids(env: &Env, n: usize, id_len: usize) -> Result<Vec<Row>> {
+    // Short tags: with the run's name they make the 29-character ids.
+    let tag = if id_len <= 29 { "b5" } else { "b5w" };
+    let s = env.settings(tag, &[])?;
     let store = runbridge::startup::store(&s).await?;
     let client = redis::Client::open(env.redis_url.as_str())?;
     let c = client.get_multiplexed_async_connection().await?;
-    let prefix = format!("{}-b5", env.run_id);
+    // `<run>-b5-0000001`, padded with x to `id_len`.
+    let base = format!("{}-{tag}", env.run_id);
+    let pad = id_len.saturating_sub(base.len() + 8);
+    let prefix = format!("{base}{}", "x".repeat(pad));
     let ids = pending_promises(
         &store,
         &prefix,
@@ -26,6 +43,7 @@ pub(crate) async fn b5(env: &Env, n: usize) -> Result<Vec<Row>> {
         Timeout::After(Duration::from_secs(3600)),
     )
     .await?;
+    let shown = ids[0].as_str().len();
     let keys = store.keys().clone();
     let usage = |key: String| {
         let mut c = c.clone();
@@ -47,10 +65,30 @@ pub(crate) async fn b5(env: &Env, n: usize) -> Result<Vec<Row>> {
         sample += usage(keys.promise(id)).await?;
     }
     let hash = sample as f64 / k.max(1) as f64;
-    // Its entries in the partition indexes (deadline, poll schedule, run id).
+    // Its entries in the partition indexes: deadline and poll schedules,
+    // run ids, and the pending count and ids by creation second.
     let mut index = 0u64;
+    let mut conn = c.clone();
     for p in 0..keys.partitions() {
-        for key in [keys.deadlines(p), keys.polls(p), keys.runs(p)] {
+        let mut per_partition = vec![
+            keys.deadlines(p),
+            keys.polls(p),
+            keys.runs(p),
+            keys.pending_by_second(p),
+            keys.pending_seconds(p),
+        ];
+        let seconds: Vec<u64> = redis::cmd("ZRANGE")
+            .arg(keys.pending_seconds(p))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await?;
+        per_partition.extend(
+            seconds
+                .into_iter()
+                .map(|sec| keys.pending_in_second(p, sec)),
+        );
+        for key in per_partition {
             index += usage(key).await?;
         }
     }
@@ -59,8 +97,9 @@ pub(crate) async fn b5(env: &Env, n: usize) -> Result<Vec<Row>> {
     Ok(vec![
         Row {
             id: "B5",
+            cpu: Vec::new(),
             scenario: format!(
-                "Redis memory per pending promise: the record (MEMORY USAGE of {k} of {n}, empty payload)"
+                "Redis memory per pending promise, ids of {shown} characters: the record (MEMORY USAGE of {k} of {n}, empty payload)"
             ),
             runbridge: hash,
             baseline: None,
@@ -69,14 +108,14 @@ pub(crate) async fn b5(env: &Env, n: usize) -> Result<Vec<Row>> {
             target: "≤ 512 bytes".into(),
             met: hash <= 512.0,
             notes: format!(
-                "ids of {} characters, key prefix of {}; with its index entries (deadline and poll sets, run-id hash: {per_index:.0} bytes each promise) a pending promise costs {total:.0} bytes in all",
-                ids[0].as_str().len(),
-                prefix.len()
+                "key prefix of {}; its index entries (deadline and poll sets, run-id hash, pending count and ids by creation second) add {per_index:.0} bytes each promise",
+                env.run_id.len() + tag.len() + 1,
             ),
         },
         Row {
             id: "B5+",
-            scenario: "the same, record plus its index entries".into(),
+            cpu: Vec::new(),
+            scenario: format!("the same with its index entries, ids of {shown} characters"),
             runbridge: total,
             baseline: None,
             unit: "bytes",
@@ -178,6 +217,7 @@ pub(crate) async fn b7(env: &Env, pending: usize) -> Result<Row> {
     let ratio = large / small;
     Ok(Row {
         id: "B7",
+        cpu: Vec::new(),
         scenario: format!("deadline sweep, 100 due among {pending} pending (median of {reps})"),
         runbridge: large,
         baseline: Some(small),
