@@ -172,14 +172,22 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
         });
     }
     let store = store(s).await?;
-    // Promises stored by an older version become searchable (once).
-    let indexed = store.index_existing().await?;
-    if indexed > 0 {
-        tracing::info!(
-            promises = indexed,
-            "indexed promises stored before search indexes"
-        );
-    }
+    // Promises stored by an older version become searchable (once per
+    // deployment), in the background: the walk of the keyspace takes a
+    // while on a large one, and nothing else waits for it.
+    let indexing = store.clone();
+    tokio::spawn(async move {
+        match indexing.index_existing().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                promises = n,
+                "indexed promises stored before search indexes"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "indexing promises stored before search indexes failed; the next worker start tries again")
+            }
+        }
+    });
     let store_for_gauges = store.clone();
     let ctx = Arc::new(WorkerContext {
         store: store.clone(),

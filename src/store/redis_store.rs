@@ -367,6 +367,7 @@ impl RedisStore {
             .ping()
             .await
             .map_err(|e| StoreError::Unavailable(format!("cannot reach redis at {shown}: {e}")))?;
+        store.mark_indexed_if_new().await?;
         Ok(store)
     }
 

@@ -16,6 +16,9 @@ use super::*;
 /// found, and the next step goes on.
 const STEP_BUDGET: usize = 500;
 
+/// The layout of the search indexes, as the marker key records it.
+const INDEX_VERSION: &str = "1";
+
 /// Where a search stands: a partition, the walk it is in, and the position
 /// reached there.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +200,35 @@ impl RedisStore {
 }
 
 impl RedisStore {
+    /// A deployment holding nothing yet (no outbox, no pending promise in
+    /// any partition) starts with the indexes: marked as indexed, so no
+    /// worker walks the keyspace for it. Called at every connect: one
+    /// pipeline per partition.
+    pub(super) async fn mark_indexed_if_new(&self) -> Result<(), StoreError> {
+        let used = self
+            .per_partition(|p, pipe| {
+                pipe.cmd("EXISTS")
+                    .arg(self.keys.outbox(p))
+                    .arg(self.keys.pending_seconds(p))
+                    .arg(self.keys.deadlines(p));
+            })
+            .await?
+            .iter()
+            .flatten()
+            .any(|v| redis::from_redis_value::<u64>(v.clone()).unwrap_or(0) > 0);
+        if !used {
+            let mut conn = self.conn().await?;
+            let _: () = redis::cmd("SET")
+                .arg(self.keys.search_indexes())
+                .arg(INDEX_VERSION)
+                .arg("NX")
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
     /// Puts promises stored by a version without search indexes into them,
     /// once per deployment: a walk of the keyspace (every primary, `SCAN`),
     /// one small script per promise. Later runs see the marker and return at
@@ -204,7 +236,6 @@ impl RedisStore {
     /// and indexed in one step, and settling it removes it from the pending
     /// index as for any other. Returns how many promises it indexed.
     pub async fn index_existing(&self) -> Result<u64, StoreError> {
-        const VERSION: &str = "1";
         let mut conn = self.conn().await?;
         let marker = self.keys.search_indexes();
         let have: Option<String> = redis::cmd("GET")
@@ -212,29 +243,12 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        if have.as_deref() == Some(VERSION) {
+        if have.as_deref() == Some(INDEX_VERSION) {
             return Ok(0);
         }
-        // A deployment that never settled a promise nor has one pending (a
-        // new one) has nothing to index: no walk of the keyspace for it.
-        let used = self
-            .per_partition(|p, pipe| {
-                pipe.cmd("EXISTS")
-                    .arg(self.keys.outbox(p))
-                    .arg(self.keys.pending_seconds(p));
-            })
-            .await?
-            .iter()
-            .flatten()
-            .any(|v| redis::from_redis_value::<u64>(v.clone()).unwrap_or(0) > 0);
         let pattern = self.keys.promise_pattern("*");
         let mut indexed = 0;
-        let nodes = if used {
-            self.scan_nodes().await?
-        } else {
-            Vec::new()
-        };
-        for address in nodes {
+        for address in self.scan_nodes().await? {
             let mut cursor: u64 = 0;
             loop {
                 let mut cmd = redis::cmd("SCAN");
@@ -274,7 +288,7 @@ impl RedisStore {
         }
         let _: () = redis::cmd("SET")
             .arg(&marker)
-            .arg(VERSION)
+            .arg(INDEX_VERSION)
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;

@@ -12,17 +12,20 @@
 //! binary is the one place outside `broker`/`store`/`sidecar` that imports
 //! those crates (ARCHITECTURE.md).
 //!
-//! Scenarios (ids as in bench/results.md): B1 trigger throughput, B2 latency hiding,
+//! Scenarios (ids as in bench/results.md): B1 trigger throughput and B1′
+//! the same with one HTTP call per trigger on both sides, B2 latency hiding,
 //! B3 settle throughput, B4 settle → event latency, B5 Redis memory per
 //! pending promise, B6 worker RSS with 10,000 promises in flight, B7 deadline
-//! sweep cost with 1,000,000 pending. `--smoke` runs every scenario with a
-//! few hundred messages, to keep the harness working (`make test`); its
-//! numbers mean nothing and nothing asserts on timings.
+//! sweep cost with 1,000,000 pending, B8 against a hand-written Python
+//! bridge, B9 a search among 1,000,000 settled. `--smoke` runs every scenario
+//! with a few hundred messages, to keep the harness working (`make test`);
+//! its numbers mean nothing and nothing asserts on timings.
 //!
 //! The parts: [`lab`] (settings, child processes, publishing), the scenarios
-//! by what they load ([`triggers`]: B1, B2, B6; [`settle`]: B3, B4;
-//! [`store_cost`]: B5, B7), [`measure`] (load and statistics) and [`report`]
-//! (the table, the JSON, the chart).
+//! by what they load ([`triggers`]: B1, B1′, B2, B6; [`settle`]: B3, B4;
+//! [`store_cost`]: B5, B7; [`bridge`]: B8; [`search_cost`]: B9), [`cpu`]
+//! (CPU per operation by process), [`measure`] (load and statistics) and
+//! [`report`] (the table, the JSON, the chart).
 
 mod bridge;
 mod cpu;
