@@ -20,8 +20,7 @@ use runbridge_testkit::free_port;
 use tokio::process::{Child, Command};
 
 use crate::lab::{
-    Env, emulator, emulator_runs, publish_all, queue_state, raw_channel, stop, trigger_bodies,
-    wait_port,
+    Env, consuming, drained, emulator, publish_all, raw_channel, stop, trigger_bodies, wait_port,
 };
 use crate::measure::{closed_loop, percentile};
 use crate::report::Row;
@@ -146,22 +145,23 @@ async fn side(
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let callback_base = format!("http://{listen}");
+    let py_vars = python_env(
+        env,
+        tag,
+        &bs.triggers_queue,
+        &bs.events_exchange,
+        emu_port,
+        &callback_base,
+    );
     let (mut worker, mut server) = match py {
         Some(py) => {
-            let vars = python_env(
-                env,
-                tag,
-                &bs.triggers_queue,
-                &bs.events_exchange,
-                emu_port,
-                &callback_base,
-            );
+            let vars = &py_vars;
             let worker = python(
                 env,
                 py,
                 &format!("{tag}-worker"),
                 &[py.dir.join("worker.py").display().to_string()],
-                &vars,
+                vars,
             )?;
             (worker, None)
         }
@@ -182,42 +182,19 @@ async fn side(
     let (_conn, ch) = raw_channel(&env.amqp_url()).await?;
     let http = reqwest::Client::new();
     let limit = Instant::now() + Duration::from_secs(600);
-    let start = loop {
-        if Instant::now() > limit {
-            bail!("{tag}: the worker never started consuming");
-        }
-        if let Ok(Some(status)) = worker.try_wait() {
-            bail!("{tag}: the worker exited: {status}");
-        }
-        if matches!(queue_state(&ch, &bs.triggers_queue).await, Ok((_, c)) if c > 0) {
-            break Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
-    loop {
-        if Instant::now() > limit {
-            bail!("{tag}: {total} triggers not drained in 600 s");
-        }
-        let (ready, _) = queue_state(&ch, &bs.triggers_queue).await?;
-        if ready == 0 && emulator_runs(&http, emu_port).await? >= total as u64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let start = consuming(&mut worker, &ch, &bs.triggers_queue, limit)
+        .await
+        .with_context(|| tag.to_string())?;
+    drained(&ch, &bs.triggers_queue, &http, emu_port, total, limit)
+        .await
+        .with_context(|| tag.to_string())?;
     let trigger_rate = total as f64 / start.elapsed().as_secs_f64();
 
     // The callback side.
     let signer = runbridge::startup::signer(&s)?;
     let mut server = match (py, server.take()) {
         (Some(py), _) => {
-            let vars = python_env(
-                env,
-                tag,
-                &bs.triggers_queue,
-                &bs.events_exchange,
-                emu_port,
-                &callback_base,
-            );
+            let vars = &py_vars;
             python(
                 env,
                 py,
@@ -237,7 +214,7 @@ async fn side(
                     listen.clone(),
                     "app:app".into(),
                 ],
-                &vars,
+                vars,
             )?
         }
         (None, Some(vars)) => env.spawn(&format!("{tag}-sidecar"), &["sidecar"], &vars)?,

@@ -273,3 +273,47 @@ pub(crate) async fn delete_keys(url: &str, pattern: &str) -> Result<()> {
         cursor = next;
     }
 }
+
+/// Waits until `worker` consumes `queue` (its consumer appears), within
+/// `limit`: the moment a drain's clock starts.
+pub(crate) async fn consuming(
+    worker: &mut Child,
+    ch: &lapin::Channel,
+    queue: &str,
+    limit: std::time::Instant,
+) -> Result<std::time::Instant> {
+    loop {
+        if std::time::Instant::now() > limit {
+            bail!("the worker never started consuming {queue} (see its log)");
+        }
+        if let Ok(Some(status)) = worker.try_wait() {
+            bail!("the worker exited: {status}");
+        }
+        if matches!(queue_state(ch, queue).await, Ok((_, c)) if c > 0) {
+            return Ok(std::time::Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until `queue` is empty and the emulator (or responder) on
+/// `port` holds `n` runs, within `limit`.
+pub(crate) async fn drained(
+    ch: &lapin::Channel,
+    queue: &str,
+    http: &reqwest::Client,
+    port: u16,
+    n: usize,
+    limit: std::time::Instant,
+) -> Result<()> {
+    loop {
+        if std::time::Instant::now() > limit {
+            bail!("{n} triggers of {queue} were not drained in time");
+        }
+        let (ready, _) = queue_state(ch, queue).await?;
+        if ready == 0 && emulator_runs(http, port).await? >= n as u64 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -7,14 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use futures_util::StreamExt;
 use runbridge_harness::rss_kib;
 
 use crate::cpu::{PerOp, Watched};
 use crate::lab::{
-    Env, emulator, emulator_runs, publish_all, queue_state, raw_channel, stop, trigger_bodies,
-    wait_port,
+    Env, consuming, drained, emulator, publish_all, raw_channel, stop, trigger_bodies, wait_port,
 };
 
 pub(crate) struct Drain {
@@ -144,31 +143,13 @@ pub(crate) async fn drain_with_worker(
     };
     let watched = Watched::with_services(&[("worker", worker.id()), (peer_name, peer.id())]);
     let limit = Instant::now() + Duration::from_secs(300);
-    let start = loop {
-        if Instant::now() > limit {
-            bail!("{tag}: the worker never started consuming (see its log)");
-        }
-        if let Ok(Some(status)) = worker.try_wait() {
-            bail!("{tag}: the worker exited: {status}");
-        }
-        if let Ok((_, consumers)) = queue_state(&ch, &bs.triggers_queue).await
-            && consumers > 0
-        {
-            break (Instant::now(), watched.snapshot());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
-    loop {
-        if Instant::now() > limit {
-            bail!("{tag}: the worker did not drain {n} triggers in 300 s");
-        }
-        let (ready, _) = queue_state(&ch, &bs.triggers_queue).await?;
-        if ready == 0 && emulator_runs(&http, emu_port).await? >= n as u64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let (start, cpu_start) = start;
+    let start = consuming(&mut worker, &ch, &bs.triggers_queue, limit)
+        .await
+        .with_context(|| tag.to_string())?;
+    let cpu_start = watched.snapshot();
+    drained(&ch, &bs.triggers_queue, &http, emu_port, n, limit)
+        .await
+        .with_context(|| tag.to_string())?;
     let seconds = start.elapsed().as_secs_f64();
     let cpu = cpu_start.per_op(&watched.snapshot(), n);
     tokio::time::sleep(hold).await;
