@@ -62,7 +62,7 @@ impl Keys {
     }
 
     pub fn promise(&self, id: &PromiseId) -> String {
-        format!("{}:{{p{}}}:promise:{}", self.prefix, self.partition(id), id)
+        self.promise_prefix(self.partition(id)) + id.as_str()
     }
 
     pub fn deadlines(&self, partition: u32) -> String {

@@ -30,8 +30,8 @@ if ARGV[12] ~= '' then tags = cjson.decode(ARGV[12]) end
 local now_s = math.floor(now_ms() / 1000)
 local out = {}
 
-local function matches(id, rec)
-  if pattern ~= '' and not string.find(id, pattern) then return false end
+-- The record's other filters (the id pattern was checked before reading it).
+local function matches(rec)
   if #rec == 0 then return false end
   local f = {}
   for i = 1, #rec, 2 do f[rec[i]] = rec[i + 1] end
@@ -53,7 +53,7 @@ local function visit(id)
   budget = budget - 1
   if pattern ~= '' and not string.find(id, pattern) then return end
   local rec = redis.call('HGETALL', ARGV[1] .. id)
-  if matches(id, rec) then
+  if matches(rec) then
     out[#out + 1] = {id, rec}
     room = room - 1
   end

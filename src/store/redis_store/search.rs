@@ -178,7 +178,12 @@ impl RedisStore {
                 }
             }
             at = match next {
-                Some(n) => Position { partition: p, ..n },
+                Some((settled, at, last)) => Position {
+                    partition: p,
+                    settled,
+                    at,
+                    last,
+                },
                 None if p + 1 < partitions => Position::start(p + 1, !pending),
                 None => {
                     return Ok(SearchPage {
@@ -203,8 +208,17 @@ impl RedisStore {
     /// A deployment holding nothing yet (no outbox, no pending promise in
     /// any partition) starts with the indexes: marked as indexed, so no
     /// worker walks the keyspace for it. Called at every connect: one
-    /// pipeline per partition.
+    /// `EXISTS`, and for a deployment not marked yet one pipeline per
+    /// partition.
     pub(super) async fn mark_indexed_if_new(&self) -> Result<(), StoreError> {
+        let marked: bool = redis::cmd("EXISTS")
+            .arg(self.keys.search_indexes())
+            .query_async(&mut self.conn().await?)
+            .await
+            .map_err(unavailable)?;
+        if marked {
+            return Ok(());
+        }
         let used = self
             .per_partition(|p, pipe| {
                 pipe.cmd("EXISTS")
@@ -217,12 +231,11 @@ impl RedisStore {
             .flatten()
             .any(|v| redis::from_redis_value::<u64>(v.clone()).unwrap_or(0) > 0);
         if !used {
-            let mut conn = self.conn().await?;
             let _: () = redis::cmd("SET")
                 .arg(self.keys.search_indexes())
                 .arg(INDEX_VERSION)
                 .arg("NX")
-                .query_async(&mut conn)
+                .query_async(&mut self.conn().await?)
                 .await
                 .map_err(unavailable)?;
         }
@@ -297,8 +310,9 @@ impl RedisStore {
 }
 
 /// `{records, [phase, position, last id]}`: each record's id and its fields
-/// as a flat list, and where the partition's walk goes on (none: it is done).
-type StepReply = (Vec<(String, Vec<String>)>, Option<Position>);
+/// as a flat list, and where the partition's walk goes on (settled or
+/// pending, the position, the last id; none: it is done).
+type StepReply = (Vec<(String, Vec<String>)>, Option<(bool, u64, String)>);
 
 fn step_reply(v: Value) -> Result<StepReply, StoreError> {
     fn bad(e: impl std::fmt::Display) -> StoreError {
@@ -315,15 +329,7 @@ fn step_reply(v: Value) -> Result<StepReply, StoreError> {
     }
     let (phase, at, last): (String, u64, String) =
         redis::from_redis_value(Value::Array(items)).map_err(bad)?;
-    Ok((
-        records,
-        Some(Position {
-            partition: 0,
-            settled: phase == "s",
-            at,
-            last,
-        }),
-    ))
+    Ok((records, Some((phase == "s", at, last))))
 }
 
 #[cfg(test)]
