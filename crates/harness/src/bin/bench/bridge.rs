@@ -22,7 +22,7 @@ use tokio::process::{Child, Command};
 use crate::lab::{
     Env, consuming, drained, emulator, publish_all, raw_channel, stop, trigger_bodies, wait_port,
 };
-use crate::measure::{closed_loop, percentile};
+use crate::measure::{closed_loop, event_index, failures, percentile};
 use crate::report::Row;
 
 /// One side's figures.
@@ -97,25 +97,18 @@ pub(crate) async fn b8(
             "ratio ≥ 10",
             c >= 10.0,
         ),
-        row(
-            format!("callback → event latency p50, {rate} resolves/s for {seconds} s"),
-            rb.p50,
-            hand.p50,
-            "ms",
-            Some(rb.p50 / hand.p50),
-            "lower than the baseline's",
-            rb.p50 < hand.p50,
-        ),
-        row(
-            format!("callback → event latency p99, {rate} resolves/s for {seconds} s"),
-            rb.p99,
-            hand.p99,
-            "ms",
-            Some(rb.p99 / hand.p99),
-            "lower than the baseline's",
-            rb.p99 < hand.p99,
-        ),
     ];
+    for (name, a, b) in [("p50", rb.p50, hand.p50), ("p99", rb.p99, hand.p99)] {
+        rows.push(row(
+            format!("callback → event latency {name}, {rate} resolves/s for {seconds} s"),
+            a,
+            b,
+            "ms",
+            Some(a / b),
+            "lower than the baseline's",
+            a < b,
+        ));
+    }
     rows[0].notes = format!(
         "one process each side for each loop; latency lower at both percentiles: {}",
         if lower { "yes" } else { "no" }
@@ -145,37 +138,31 @@ async fn side(
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let callback_base = format!("http://{listen}");
-    let py_vars = python_env(
-        env,
-        tag,
-        &bs.triggers_queue,
-        &bs.events_exchange,
-        emu_port,
-        &callback_base,
-    );
-    let (mut worker, mut server) = match py {
-        Some(py) => {
-            let vars = &py_vars;
-            let worker = python(
-                env,
-                py,
-                &format!("{tag}-worker"),
-                &[py.dir.join("worker.py").display().to_string()],
-                vars,
-            )?;
-            (worker, None)
-        }
-        None => {
-            let vars = env.child_env(
-                tag,
-                Some(emu_port),
-                &[("RUNBRIDGE__SIDECAR__LISTEN", listen.as_str())],
-            );
-            (
-                env.spawn(&format!("{tag}-worker"), &["worker"], &vars)?,
-                Some(vars),
-            )
-        }
+    // Each side's settings, for its worker and its callback server alike.
+    let vars = match py {
+        Some(_) => python_env(
+            env,
+            tag,
+            &bs.triggers_queue,
+            &bs.events_exchange,
+            emu_port,
+            &callback_base,
+        ),
+        None => env.child_env(
+            tag,
+            Some(emu_port),
+            &[("RUNBRIDGE__SIDECAR__LISTEN", listen.as_str())],
+        ),
+    };
+    let mut worker = match py {
+        Some(py) => python(
+            env,
+            py,
+            &format!("{tag}-worker"),
+            &[py.dir.join("worker.py").display().to_string()],
+            &vars,
+        )?,
+        None => env.spawn(&format!("{tag}-worker"), &["worker"], &vars)?,
     };
 
     // The trigger loop: from the first consumer until every run exists.
@@ -192,33 +179,29 @@ async fn side(
 
     // The callback side.
     let signer = runbridge::startup::signer(&s)?;
-    let mut server = match (py, server.take()) {
-        (Some(py), _) => {
-            let vars = &py_vars;
-            python(
-                env,
-                py,
-                &format!("{tag}-app"),
-                &[
-                    "-m".into(),
-                    "gunicorn".into(),
-                    "--chdir".into(),
-                    py.dir.display().to_string(),
-                    "-w".into(),
-                    "1".into(),
-                    "-k".into(),
-                    "gthread".into(),
-                    "--threads".into(),
-                    "16".into(),
-                    "-b".into(),
-                    listen.clone(),
-                    "app:app".into(),
-                ],
-                vars,
-            )?
-        }
-        (None, Some(vars)) => env.spawn(&format!("{tag}-sidecar"), &["sidecar"], &vars)?,
-        (None, None) => unreachable!("runbridge's side keeps its settings"),
+    let mut server = match py {
+        Some(py) => python(
+            env,
+            py,
+            &format!("{tag}-app"),
+            &[
+                "-m".into(),
+                "gunicorn".into(),
+                "--chdir".into(),
+                py.dir.display().to_string(),
+                "-w".into(),
+                "1".into(),
+                "-k".into(),
+                "gthread".into(),
+                "--threads".into(),
+                "16".into(),
+                "-b".into(),
+                listen.clone(),
+                "app:app".into(),
+            ],
+            &vars,
+        )?,
+        None => env.spawn(&format!("{tag}-sidecar"), &["sidecar"], &vars)?,
     };
     wait_port(port, "callback server").await?;
     // The runbridge worker's relay joins its consumer group.
@@ -248,21 +231,12 @@ async fn side(
             else {
                 break;
             };
-            let Some(i) = ev
-                .message_id
-                .as_deref()
-                .and_then(|m| m.split('/').next())
-                .and_then(|id| id.rsplit('-').next())
-                .and_then(|x| x.parse::<usize>().ok())
-            else {
+            let Some(i) = event_index(ev.message_id.as_deref()) else {
                 continue;
             };
             if seen.insert(i) {
                 counter.store(seen.len(), Ordering::Relaxed);
                 at.push((i, Instant::now()));
-                if seen.len() == n {
-                    at.push((usize::MAX, Instant::now()));
-                }
             }
         }
         at
@@ -295,12 +269,7 @@ async fn side(
             matches!(c.post(u).send().await, Ok(r) if r.status().is_success())
         }));
     }
-    let mut failed = 0;
-    for s in sends {
-        if !s.await.unwrap_or(false) {
-            failed += 1;
-        }
-    }
+    let failed = failures(sends).await;
     let arrived = events.await?;
     stop(&mut server).await;
     stop(&mut worker).await;
@@ -308,11 +277,13 @@ async fn side(
     if failed > 0 {
         bail!("{tag}: {failed} timed resolves failed");
     }
-    let got: std::collections::HashMap<usize, Instant> = arrived.iter().cloned().collect();
-    let Some(all_out) = got.get(&usize::MAX) else {
+    let got: std::collections::HashMap<usize, Instant> = arrived.into_iter().collect();
+    // The callback loop is done when the last of its n events arrived.
+    let loop_events: Vec<&Instant> = (0..n).filter_map(|i| got.get(&i)).collect();
+    let Some(all_out) = loop_events.iter().max().filter(|_| loop_events.len() == n) else {
         bail!(
             "{tag}: only {} of {n} events of the callback loop arrived",
-            arrived.len()
+            loop_events.len()
         );
     };
     let callback_rate = n as f64 / all_out.duration_since(t).as_secs_f64();

@@ -85,3 +85,39 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }
+
+/// Which of the bench's triggers an event is about: its AMQP message id is
+/// the promise id (`<prefix>-<n>`, then `/progress/<seq>` for progress).
+pub(crate) fn event_index(message_id: Option<&str>) -> Option<usize> {
+    message_id?
+        .split('/')
+        .next()?
+        .rsplit('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// How many of the spawned requests did not succeed.
+pub(crate) async fn failures(sends: Vec<tokio::task::JoinHandle<bool>>) -> usize {
+    let mut failed = 0;
+    for s in sends {
+        if !s.await.unwrap_or(false) {
+            failed += 1;
+        }
+    }
+    failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_names_its_trigger() {
+        assert_eq!(event_index(Some("bench1-b4-0000042")), Some(42));
+        assert_eq!(event_index(Some("bench1-b4-0000042/progress/7")), Some(42));
+        assert_eq!(event_index(Some("no-number-here")), None);
+        assert_eq!(event_index(None), None);
+    }
+}

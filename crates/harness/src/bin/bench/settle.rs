@@ -13,7 +13,7 @@ use tokio::process::Command;
 
 use crate::cpu::Watched;
 use crate::lab::{Env, pending_promises, stop, wait_port};
-use crate::measure::{closed_loop, percentile};
+use crate::measure::{closed_loop, event_index, failures, percentile};
 use crate::report::{Curves, Row};
 
 /// B3's baseline server (run as a child process, like the sidecar): the
@@ -188,13 +188,7 @@ pub(crate) async fn b4(
                 break;
             };
             let at = t0.elapsed().as_nanos() as u64;
-            let Some(mid) = ev.message_id else { continue };
-            let Some(i) = mid
-                .split('/')
-                .next()
-                .and_then(|id| id.rsplit('-').next())
-                .and_then(|x| x.parse::<usize>().ok())
-            else {
+            let Some(i) = event_index(ev.message_id.as_deref()) else {
                 continue;
             };
             if seen.insert(i) {
@@ -219,12 +213,7 @@ pub(crate) async fn b4(
             ok
         }));
     }
-    let mut failed = 0;
-    for s in sends {
-        if !s.await.unwrap_or(false) {
-            failed += 1;
-        }
-    }
+    let failed = failures(sends).await;
     let offered = n as f64 / t0.elapsed().as_secs_f64();
     let got = receiving.await?;
     stop(&mut sidecar).await;
