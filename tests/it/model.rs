@@ -415,3 +415,69 @@ fn store_agrees_with_the_promise_model() {
     }
     println!("{cases} cases: the store agreed with the model");
 }
+
+/// A create answers with the new promise built from what it sent, not read
+/// back from Redis: that answer must be the record a read then finds, field
+/// for field, for a trigger's promise with every optional field set, a
+/// child, and a parent.
+#[tokio::test]
+async fn what_a_create_answers_is_what_a_read_finds() {
+    use runbridge::domain::promise::{ChildOf, Family};
+    use runbridge::domain::retry::RetryMessage;
+    use runbridge::domain::{Join, RetryPolicy};
+    use runbridge::store::{Families, NewPromise};
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let id = |s: &str| PromiseId::parse(&format!("{}-{s}", app.name)).unwrap();
+    let retry: RetryMessage =
+        serde_json::from_value(serde_json::json!({"max_attempts": 3})).unwrap();
+    let full = NewPromise {
+        param: Payload::data(r#"{"job_id": 7}"#),
+        tags: BTreeMap::from([("team".to_string(), "data".to_string())]),
+        ikey_create: Some("ik".into()),
+        job_id: Some(7),
+        reply_to: Some("replies".into()),
+        correlation_id: Some("c-1".into()),
+        traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+        heartbeat: Some(Duration::from_secs(30)),
+        cancel_on_timeout: true,
+        retry: Some(RetryPolicy::parse(&retry, true).unwrap()),
+        ..new_promise(&id("full"), Timeout::After(Duration::from_secs(600)))
+    };
+    let child = NewPromise {
+        parent: Some(ChildOf {
+            parent: id("parent"),
+            index: 2,
+        }),
+        ..new_promise(&id("parent/2"), Timeout::At(4_102_444_800_000))
+    };
+    for new in [&full, &child] {
+        let CreateOutcome::Created(answered) = app.store.create(new).await.unwrap() else {
+            panic!("{} created", new.id);
+        };
+        let read = app.store.get(&new.id).await.unwrap().expect("stored");
+        assert_eq!(answered, read, "{}", new.id);
+    }
+    let family = Family {
+        children: 3,
+        join: Join::All,
+        fail_fast: false,
+        max_concurrency: Some(2),
+        launched: 2,
+    };
+    let kids: Vec<PromiseId> = (0..3).map(|n| id(&format!("parent/{n}"))).collect();
+    let parent = new_promise(&id("parent"), Timeout::After(Duration::from_secs(600)));
+    let CreateOutcome::Created(answered) = app
+        .store
+        .create_parent(&parent, &family, &kids, Duration::from_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!("parent created");
+    };
+    let read = app.store.get(&parent.id).await.unwrap().expect("stored");
+    assert_eq!(answered, read, "parent");
+}

@@ -99,8 +99,9 @@ end
 -- a[1] id, a[2] timeout relative ms (used when a[3] is 0), a[3] timeout
 -- absolute ms or 0, a[4] retention ms, a[5] heartbeat seconds or '', and
 -- field/value pairs from a[first] on ('' values skipped).
--- Returns the reply ({'CREATED' | 'EXISTS', record}) and, when created, the
--- record's backstop expiry (ms).
+-- Returns the reply and, when created, the record's backstop expiry (ms).
+-- The reply is {'EXISTS', record}, or {'CREATED', created, timeout}: the
+-- caller sent every other field a reader uses, so it is not read back.
 local function create_record(k, a, first)
   if redis.call('EXISTS', k[1]) == 1 then
     return {'EXISTS', redis.call('HGETALL', k[1])}, nil
@@ -136,6 +137,6 @@ local function create_record(k, a, first)
   -- from the deadline, the key would be gone before this script returned.
   local backstop = math.max(timeout, now) + tonumber(a[4])
   redis.call('PEXPIREAT', k[1], backstop)
-  return {'CREATED', redis.call('HGETALL', k[1])}, backstop
+  return {'CREATED', now, string.format('%d', timeout)}, backstop
 end
 

@@ -69,10 +69,10 @@ impl Families for RedisStore {
             ),
             (field::WINDOW, family.launched.to_string()),
         ]);
-        for (k, v) in pairs {
-            inv.arg(k).arg(v);
+        for (k, v) in &pairs {
+            inv.arg(*k).arg(v);
         }
-        self.created(&inv).await
+        self.created(&inv, new, pairs).await
     }
 
     async fn child_settled(&self, child: &Promise) -> Result<ChildReport, StoreError> {

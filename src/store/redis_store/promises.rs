@@ -71,17 +71,53 @@ pub(super) fn field_pairs(new: &NewPromise) -> Vec<(&'static str, String)> {
 }
 
 impl RedisStore {
-    /// Runs a creation script and reads its answer.
-    pub(super) async fn created(&self, inv: &Call<'_>) -> Result<CreateOutcome, StoreError> {
+    /// Runs a creation script and reads its answer. `sent` are the
+    /// field/value pairs the script was given (after `creation_args`): a new
+    /// record is those plus the few fields the script decides, so it is
+    /// built here rather than read back (Redis answers a create with four
+    /// values instead of the whole record).
+    pub(super) async fn created(
+        &self,
+        inv: &Call<'_>,
+        new: &NewPromise,
+        sent: Vec<(&'static str, String)>,
+    ) -> Result<CreateOutcome, StoreError> {
         let v = self.transition(inv).await?;
-        let (status, rest) = split_reply(v)?;
-        let promise = record(rest)?;
+        let mut items: Vec<Value> =
+            redis::from_redis_value(v).map_err(|e| StoreError::Protocol(e.to_string()))?;
+        if items.is_empty() {
+            return Err(StoreError::Protocol("create: empty reply".into()));
+        }
+        let status: String = redis::from_redis_value(items.remove(0))
+            .map_err(|e| StoreError::Protocol(e.to_string()))?;
         match status.as_str() {
             "CREATED" => {
+                let decided: Vec<String> = redis::from_redis_value(Value::Array(items))
+                    .map_err(|e| StoreError::Protocol(e.to_string()))?;
+                let [created, timeout] = <[String; 2]>::try_from(decided).map_err(|d| {
+                    StoreError::Protocol(format!("create: {} values, not 2", d.len()))
+                })?;
+                let mut fields: HashMap<String, String> = sent
+                    .into_iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect();
+                fields.extend([
+                    (field::ID.to_owned(), new.id.as_str().to_owned()),
+                    (field::STATE.to_owned(), State::Pending.as_str().to_owned()),
+                    (field::CREATED.to_owned(), created),
+                    (field::TIMEOUT.to_owned(), timeout),
+                    (field::TOKEN_VERSION.to_owned(), "2".to_owned()),
+                ]);
+                if let Some(hb) = new.heartbeat {
+                    fields.insert(field::HEARTBEAT.to_owned(), hb.as_secs().to_string());
+                }
                 metrics::counter!("runbridge_promises_created_total").increment(1);
-                Ok(CreateOutcome::Created(promise))
+                Ok(CreateOutcome::Created(Promise::from_fields(&fields)?))
             }
-            "EXISTS" => Ok(CreateOutcome::Existing(promise)),
+            "EXISTS" => Ok(CreateOutcome::Existing(record(
+                items.pop().unwrap_or(Value::Nil),
+            )?)),
             other => Err(StoreError::Protocol(format!("create: {other}"))),
         }
     }
@@ -96,10 +132,11 @@ impl PromiseStore for RedisStore {
             .key(self.keys.pending_by_second(p))
             .key(self.keys.pending_seconds(p));
         creation_args(&mut inv, new, self.retention_ms);
-        for (k, v) in field_pairs(new) {
-            inv.arg(k).arg(v);
+        let pairs = field_pairs(new);
+        for (k, v) in &pairs {
+            inv.arg(*k).arg(v);
         }
-        self.created(&inv).await
+        self.created(&inv, new, pairs).await
     }
 
     async fn record_run(
