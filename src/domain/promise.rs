@@ -116,13 +116,27 @@ impl SettledBy {
 }
 
 /// `{headers, data}` as in the specification. `data` is kept as the string
-/// the client sent.
+/// the client sent; without data it is left out, not `null` (as Resonate's
+/// own server answers: strict clients refuse a null string).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Payload {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
+    #[schema(nullable)]
     pub headers: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<String>,
+}
+
+/// Reads `null` as the field's default. Clients generated from the Durable
+/// Promise OpenAPI document send `"headers": null` (or `"tags": null`) for
+/// an optional object they leave unset, and Resonate's own server takes it
+/// as absent; so does runbridge.
+pub fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 impl Payload {
@@ -612,10 +626,23 @@ mod tests {
         let j = p.to_json();
         assert_eq!(j["state"], "RESOLVED");
         assert_eq!(j["value"]["data"], "hello world");
-        assert_eq!(j["param"], json!({"headers": {}, "data": null}));
+        assert_eq!(j["param"], json!({"headers": {}}));
         assert_eq!(j["tags"]["team"], "growth");
         assert_eq!(j["completedOn"], 2000);
         assert_eq!(p.value.data_as_json(), json!("hello world"));
+    }
+
+    #[test]
+    fn null_optional_objects_read_as_absent() {
+        let p: Payload = serde_json::from_str(r#"{"headers": null, "data": null}"#).unwrap();
+        assert_eq!(p, Payload::default());
+        let p: Payload = serde_json::from_str(r#"{"headers": {"a": "b"}}"#).unwrap();
+        assert_eq!(p.headers["a"], "b");
+        assert!(serde_json::from_str::<Payload>(r#"{"headers": 3}"#).is_err());
+        assert_eq!(
+            serde_json::to_value(Payload::default()).unwrap(),
+            json!({"headers": {}})
+        );
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub use error::ApiError;
 use error::ErrorBody;
 use openapi::{Health, NotificationAnswer, Readiness, SearchPage, SettleAnswers};
 
-use crate::domain::promise::PromiseView;
+use crate::domain::promise::{PromiseView, null_as_default};
 use crate::domain::{
     CallbackSigner, Completion, Payload, Promise, PromiseId, RunId, SettledBy, State,
 };

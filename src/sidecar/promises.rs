@@ -236,7 +236,8 @@ pub(super) struct CreateBody {
     /// Milliseconds since the epoch.
     #[serde(default)]
     timeout: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
+    #[schema(nullable)]
     tags: BTreeMap<String, String>,
 }
 
@@ -397,7 +398,8 @@ pub(super) struct CancelBody {
     /// A promise id or a pattern with * wildcards.
     #[serde(default)]
     id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
+    #[schema(nullable)]
     tags: BTreeMap<String, String>,
     #[serde(default)]
     job_id: Option<u64>,

@@ -232,6 +232,57 @@ async fn bearer_basic_and_json_callbacks() {
 
 /// The Durable Promise API as a Resonate SDK client uses it:
 /// `PATCH {url}/promises/{id}` with `idempotency-key`, and the operator routes.
+/// Clients generated from the Durable Promise OpenAPI document send `null`
+/// for optional objects they leave unset: a create with `"headers": null`
+/// (and `"tags": null`) gets the answer one without them gets, and a
+/// promise without data has no `data` member rather than `"data": null`.
+#[tokio::test]
+async fn a_classic_create_with_null_optional_objects_is_one_without_them() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let base = app.sidecar_url.clone();
+    let timeout = chrono::Utc::now().timestamp_millis() + 86_400_000;
+    let create = |body: Value| {
+        app.operator(app.http.post(format!("{base}/promises")))
+            .json(&body)
+            .send()
+    };
+    let (with_nulls, without) = (unique("nulls"), unique("absent"));
+    let r = create(json!({"id": with_nulls, "param": {"headers": null, "data": null}, "timeout": timeout, "tags": null}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let mut a: Value = r.json().await.unwrap();
+    let r = create(json!({"id": without, "param": {}, "timeout": timeout}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let mut b: Value = r.json().await.unwrap();
+    assert_eq!(a["param"], json!({"headers": {}}), "no data member: {a}");
+    assert_eq!(a["value"], json!({"headers": {}}), "no data member: {a}");
+    for v in [&mut a, &mut b] {
+        let o = v.as_object_mut().unwrap();
+        o.remove("id");
+        o.remove("createdOn");
+    }
+    assert_eq!(a, b);
+    // A wrong type is still refused, and creates nothing.
+    let bad = unique("bad");
+    let r = create(json!({"id": bad, "param": {"headers": 3}, "timeout": timeout}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = app
+        .operator(app.http.get(format!("{base}/promises/{bad}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}
+
 #[tokio::test]
 async fn durable_promise_api() {
     let app = TestApp::spawn_with(Options {
