@@ -8,7 +8,7 @@ TEST_FEATURES ?= --workspace --features runbridge-harness/failpoints
 # side by side in target/<profile>/.
 HARNESS = -p runbridge -p runbridge-harness --bins
 
-.PHONY: all build release test lint fmt services demo compose-config chaos chaos-small bench bench-smoke bench-venv notebook-test sdk-test docs docs-test ui-test-deps ui-screenshot cluster-test fuzz clean
+.PHONY: all build release test lint fmt services demo compose-config k8s-check k8s-check-deps k8s-rules chaos chaos-small bench bench-smoke bench-venv notebook-test sdk-test docs docs-test ui-test-deps ui-screenshot cluster-test fuzz clean
 
 # Fault-injection run (see crates/harness/src/bin/chaos): N triggers and
 # PARENTS parent triggers of CHILDREN children each among them, every fault
@@ -33,7 +33,7 @@ services:
 # The whole suite: the 1,000-trigger fault-injection profile, then unit and
 # integration tests against the real RabbitMQ and Redis on this machine and
 # the emulator over HTTP (last, so the test runner's summary closes the output).
-test: services compose-config chaos-small bench-smoke notebook-test sdk-test docs-test ui-test-deps
+test: services compose-config k8s-check chaos-small bench-smoke notebook-test sdk-test docs-test ui-test-deps
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run $(TEST_FEATURES) --no-fail-fast; \
 	else \
@@ -135,6 +135,29 @@ docs-test:
 
 # The operator console's browser test (tests/it/ui.rs) drives Debian's
 # chromium with playwright-core (npm, under target/node): no browser download.
+# The Kubernetes manifests (deploy/kubernetes): rendered (kubectl kustomize
+# where kubectl exists, else scripts/k8s-check.py's own renderer) and every
+# object validated: Kubernetes' schemas by kubernetes-validate (PyPI, in a
+# venv under target/), KEDA's and the Prometheus Operator's by their
+# published schemas (@kubernetes-models on npm, under target/node). Then a
+# copy with a wrong field must fail.
+K8S_VENV = target/k8svenv
+K8S_MODELS = @kubernetes-models/keda@2.0.0 @kubernetes-models/prometheus-operator@6.0.0
+k8s-check-deps:
+	@test -x $(K8S_VENV)/bin/kubernetes-validate || { echo "[k8s-check] installing kubernetes-validate in $(K8S_VENV)"; python3 -m venv $(K8S_VENV) && $(K8S_VENV)/bin/pip install -q kubernetes-validate==1.37.0; }
+	@command -v node >/dev/null && command -v npm >/dev/null || { \
+		echo "[k8s-check] node/npm not found; installing nodejs and npm with apt-get"; \
+		apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
+	@test -d target/node/node_modules/@kubernetes-models/prometheus-operator || { \
+		echo "[k8s-check] installing $(K8S_MODELS) under target/node"; \
+		npm install --silent --no-audit --no-fund --prefix target/node $(K8S_MODELS); }
+k8s-check: k8s-check-deps
+	$(K8S_VENV)/bin/python scripts/k8s-check.py
+	$(K8S_VENV)/bin/python scripts/k8s-check.py --self-test
+# deploy/kubernetes/base/prometheus-rule.yaml from deploy/alerts.yml.
+k8s-rules: k8s-check-deps
+	$(K8S_VENV)/bin/python scripts/k8s-check.py --rules > deploy/kubernetes/base/prometheus-rule.yaml
+
 PLAYWRIGHT ?= playwright-core@1.65.1
 ui-test-deps:
 	@test -x /usr/bin/chromium || { \
