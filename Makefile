@@ -8,7 +8,7 @@ TEST_FEATURES ?= --workspace --features runbridge-harness/failpoints
 # side by side in target/<profile>/.
 HARNESS = -p runbridge -p runbridge-harness --bins
 
-.PHONY: all build release test lint fmt services demo compose-config k8s-check k8s-check-deps k8s-rules chaos chaos-small bench bench-smoke bench-venv notebook-test sdk-test docs docs-test ui-test-deps ui-screenshot cluster-test fuzz clean
+.PHONY: all build release test lint fmt services demo compose-config k8s-check k8s-check-deps k8s-rules chaos chaos-small bench bench-smoke bench-venv notebook-test sdk-test bundle-test docs docs-test ui-test-deps ui-screenshot cluster-test fuzz clean
 
 # Fault-injection run (see crates/harness/src/bin/chaos): N triggers and
 # PARENTS parent triggers of CHILDREN children each among them, every fault
@@ -33,7 +33,7 @@ services:
 # The whole suite: the 1,000-trigger fault-injection profile, then unit and
 # integration tests against the real RabbitMQ and Redis on this machine and
 # the emulator over HTTP (last, so the test runner's summary closes the output).
-test: services compose-config k8s-check chaos-small bench-smoke notebook-test sdk-test docs-test ui-test-deps
+test: services compose-config k8s-check chaos-small bench-smoke notebook-test sdk-test bundle-test docs-test ui-test-deps
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run $(TEST_FEATURES) --no-fail-fast; \
 	else \
@@ -105,6 +105,15 @@ sdk-test: build
 	@test -x target/pyvenv/bin/pytest || { python3 -m venv target/pyvenv && target/pyvenv/bin/pip install -q pytest; }
 	@target/pyvenv/bin/pip install -q "$(DATABRICKS_SDK)"
 	target/pyvenv/bin/pytest -q tests/databricks
+
+# examples/databricks-bundle: its job validated by Databricks' typed job
+# definitions (databricks-bundles, pinned), then created in the emulator
+# and triggered through `runbridge all` until its event says RESOLVED.
+DATABRICKS_BUNDLES ?= databricks-bundles==1.22.1
+bundle-test: services build
+	@test -x target/pyvenv/bin/pytest || { python3 -m venv target/pyvenv && target/pyvenv/bin/pip install -q pytest; }
+	@target/pyvenv/bin/pip install -q "$(DATABRICKS_BUNDLES)" "pyyaml==6.0.3"
+	target/pyvenv/bin/pytest -q tests/bundle
 
 # Rewrites the generated contracts under docs/ (a test fails when they are
 # out of date): JSON Schemas, the sidecar's OpenAPI, the AsyncAPI document.
