@@ -74,8 +74,10 @@ impl RedisStore {
     /// Runs a creation script and reads its answer. `sent` are the
     /// field/value pairs the script was given (after `creation_args`): a new
     /// record is those plus the few fields the script decides, so it is
-    /// built here rather than read back (Redis answers a create with four
-    /// values instead of the whole record).
+    /// built here rather than read back (Redis answers a create with three
+    /// values instead of the whole record). The fields set here are those
+    /// `create_record` (common.lua) writes itself; the test
+    /// `what_a_create_answers_is_what_a_read_finds` holds the two together.
     pub(super) async fn created(
         &self,
         inv: &Call<'_>,
