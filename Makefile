@@ -90,11 +90,15 @@ bench-smoke: services bench-venv
 	$(CARGO) build $(HARNESS)
 	target/debug/bench --smoke --out target/bench-smoke
 
-# The notebook helper's pytest suite against a real sidecar (and Redis), in a
-# venv of its own under target/ (pytest from PyPI; the helper needs nothing).
+# The Python clients' pytest suites, in a venv of their own under target/
+# (pinned from PyPI): the notebook helper (standard library only) against a
+# real sidecar and Redis, and the producer client (pika, aio-pika) against
+# RabbitMQ, Redis, `runbridge all` and the emulator.
+PY_CLIENT_DEPS = pytest pika==1.3.2 aio-pika==9.5.5 jsonschema==4.23.0
 notebook-test: services
 	$(CARGO) build --bins
-	@test -x target/pyvenv/bin/pytest || { python3 -m venv target/pyvenv && target/pyvenv/bin/pip install -q pytest; }
+	@test -x target/pyvenv/bin/pytest || python3 -m venv target/pyvenv
+	@target/pyvenv/bin/pip install -q $(PY_CLIENT_DEPS)
 	target/pyvenv/bin/pytest -q clients/python
 
 # Databricks' own Python SDK (pinned) drives the emulator through every
