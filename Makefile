@@ -172,6 +172,8 @@ k8s-rules: k8s-check-deps
 	$(K8S_VENV)/bin/python scripts/k8s-check.py --rules > deploy/kubernetes/base/prometheus-rule.yaml
 
 PLAYWRIGHT ?= playwright-core@1.65.1
+# Resonate's TypeScript SDK, driving the sidecar's Resonate protocol endpoint.
+RESONATE_SDK ?= @resonatehq/sdk@0.11.5
 ui-test-deps:
 	@test -x /usr/bin/chromium || { \
 		echo "[ui-test-deps] chromium not found; installing it with apt-get"; \
@@ -182,6 +184,9 @@ ui-test-deps:
 	@test -d target/node/node_modules/playwright-core || { \
 		echo "[ui-test-deps] installing $(PLAYWRIGHT) under target/node"; \
 		npm install --silent --no-audit --no-fund --prefix target/node $(PLAYWRIGHT); }
+	@test -d target/node/node_modules/@resonatehq/sdk || { \
+		echo "[ui-test-deps] installing $(RESONATE_SDK) under target/node (tests/it/resonate.rs)"; \
+		npm install --silent --no-audit --no-fund --prefix target/node $(RESONATE_SDK); }
 
 # The scale tests, too long for `make test`; .ci/run runs them
 # after it. First the integration suite (core loop and the rest) against a

@@ -15,6 +15,7 @@ mod notifications;
 pub mod openapi;
 pub mod progress;
 mod promises;
+mod resonate;
 mod serve;
 pub mod ui;
 
@@ -131,6 +132,8 @@ pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
             post(bulk_cancel::<S>).get(get_cancel_promise::<S>),
         )
         .route("/databricks/notifications", post(notification::<S>))
+        // Resonate's protocol: its SDKs post every envelope to the base URL.
+        .route("/", post(resonate::envelope::<S>))
         // The operator console (ui.rs).
         .route("/ui", get(ui::overview::<S>))
         .route("/ui/", get(ui::overview::<S>))

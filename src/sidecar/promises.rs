@@ -267,26 +267,7 @@ pub(super) async fn create<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Api
     let id = parse_id(&b.id)?;
     let strict = header_flag(&h, "strict")?;
     let key = ikey(&h);
-    let timeout = match b.timeout {
-        Some(ms) if ms > 0 => {
-            let latest = chrono::Utc::now()
-                .timestamp_millis()
-                .saturating_add(st.settings.max_timeout.as_millis() as i64);
-            if ms > latest {
-                return Err(ApiError::bad_request(format!(
-                    "timeout {ms} is beyond the longest allowed, {} s from now (worker.max_timeout_seconds); it is an epoch time in milliseconds",
-                    st.settings.max_timeout.as_secs()
-                )));
-            }
-            Timeout::At(ms)
-        }
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "timeout must be a positive epoch time in milliseconds",
-            ));
-        }
-        None => Timeout::After(st.settings.default_timeout),
-    };
+    let timeout = creation_timeout(&st, b.timeout)?;
     let new = NewPromise {
         param: b.param.unwrap_or_default(),
         tags: b.tags,
@@ -309,6 +290,35 @@ pub(super) async fn create<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Api
             }
         }
     }
+}
+
+/// A create's timeout: an epoch time in ms within `worker.max_timeout_seconds`
+/// from now, or the default. Shared by the classic create and Resonate's
+/// `promise.create`.
+pub(super) fn creation_timeout<S>(
+    st: &AppState<S>,
+    timeout: Option<i64>,
+) -> Result<Timeout, ApiError> {
+    Ok(match timeout {
+        Some(ms) if ms > 0 => {
+            let latest = chrono::Utc::now()
+                .timestamp_millis()
+                .saturating_add(st.settings.max_timeout.as_millis() as i64);
+            if ms > latest {
+                return Err(ApiError::bad_request(format!(
+                    "timeout {ms} is beyond the longest allowed, {} s from now (worker.max_timeout_seconds); it is an epoch time in milliseconds",
+                    st.settings.max_timeout.as_secs()
+                )));
+            }
+            Timeout::At(ms)
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "timeout must be a positive epoch time in milliseconds",
+            ));
+        }
+        None => Timeout::After(st.settings.default_timeout),
+    })
 }
 
 #[utoipa::path(

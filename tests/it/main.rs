@@ -18,6 +18,7 @@ mod lifecycle;
 mod metrics;
 mod model;
 mod otlp;
+mod resonate;
 mod retries;
 mod scale;
 mod search;
