@@ -91,21 +91,22 @@ class Client:
             reply_to=reply_to,
             correlation_id=trigger.id if reply_to else None,
         )
-        for attempt in (1, 2):
-            try:
-                self._channel().basic_publish(
-                    exchange="",
-                    routing_key=self.triggers_queue,
-                    body=trigger.to_json(),
-                    properties=props,
-                    mandatory=True,
-                )
-                return trigger.id
-            except _LOST:
-                self.close()
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            self._publish(trigger, props)
+        except _LOST:
+            # Lost before the confirm: once more, on a new connection.
+            self.close()
+            self._publish(trigger, props)
+        return trigger.id
+
+    def _publish(self, trigger: Trigger, props: pika.BasicProperties) -> None:
+        self._channel().basic_publish(
+            exchange="",
+            routing_key=self.triggers_queue,
+            body=trigger.to_json(),
+            properties=props,
+            mandatory=True,
+        )
 
     def run(
         self,
