@@ -93,7 +93,10 @@ class AsyncClient:
                 except asyncio.TimeoutError:
                     raise RunTimeout(t.id, timeout) from None
         finally:
-            await reply.delete(if_unused=False, if_empty=False)
+            try:
+                await reply.delete(if_unused=False, if_empty=False)
+            except (aio_pika.exceptions.AMQPError, ConnectionError):
+                pass  # x-expires removes it
         if event.data.resolved:
             return event.data.value
         raise Rejected(event)
