@@ -14,10 +14,8 @@
 
 import copy
 import json
-import os
-import socket
 import subprocess
-import time
+import sys
 import urllib.request
 import uuid
 from pathlib import Path
@@ -27,6 +25,9 @@ import yaml
 from databricks.bundles.jobs import Job
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "python"))
+from runbridge_stack import running  # noqa: E402
+
 BUNDLE = ROOT / "examples" / "databricks-bundle"
 CALLBACK_PARAMS = ("promise_id", "url", "callback_token")
 DESTINATION = "runbridge-sidecar-destination"
@@ -93,27 +94,6 @@ def test_the_validator_refuses_a_wrong_field():
             Job.from_dict(copy.deepcopy(broken))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url, proc, what):
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except OSError:
-            time.sleep(0.1)
-    pytest.fail(f"{what} did not come up at {url}")
-
-
 def post(url, body):
     req = urllib.request.Request(
         url,
@@ -133,46 +113,18 @@ def get(url):
 
 @pytest.fixture
 def stack():
-    binary = Path(os.environ.get("RUNBRIDGE_BIN", ROOT / "target" / "debug" / "runbridge"))
-    if not binary.exists():
-        pytest.fail(f"{binary} not found: run `cargo build` first")
     tag = f"bundle-{uuid.uuid4().hex[:8]}"
-    emu_port, sidecar_port = free_port(), free_port()
-    env = dict(
-        os.environ,
-        RUNBRIDGE_ENV="local",
-        RUNBRIDGE_CONFIG_DIR=str(ROOT / "config"),
-        RUNBRIDGE__SIDECAR__LISTEN=f"127.0.0.1:{sidecar_port}",
-        RUNBRIDGE__SIDECAR__PUBLIC_URL=f"http://127.0.0.1:{sidecar_port}",
-        RUNBRIDGE__REDIS__KEY_PREFIX=tag,
-        RUNBRIDGE__AMQP__TRIGGERS_QUEUE=f"{tag}.triggers",
-        RUNBRIDGE__AMQP__CONTROL_QUEUE=f"{tag}.control",
-        RUNBRIDGE__AMQP__EVENTS_EXCHANGE=f"{tag}.events",
-        RUNBRIDGE__AMQP__DEAD_LETTER_EXCHANGE=f"{tag}.dlx",
-        RUNBRIDGE__AMQP__DEAD_LETTER_QUEUE=f"{tag}.dead",
-        DATABRICKS_HOST=f"http://127.0.0.1:{emu_port}",
-        DATABRICKS_TOKEN="dapi-bundle-test",
-        RUST_LOG="warn",
-    )
-    procs = []
-
-    def start(*args):
-        p = subprocess.Popen([str(binary), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        procs.append(p)
-        return p
-
-    emulator = start("emulate", "--listen", f"127.0.0.1:{emu_port}")
-    wait_http(f"http://127.0.0.1:{emu_port}/emulator/stats", emulator, "the emulator")
-    bridge = start("all")
-    wait_http(f"http://127.0.0.1:{sidecar_port}/readyz", bridge, "runbridge all")
-    yield binary, env, f"http://127.0.0.1:{emu_port}/api/2.2"
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    settings = {
+        "RUNBRIDGE__REDIS__KEY_PREFIX": tag,
+        "RUNBRIDGE__AMQP__TRIGGERS_QUEUE": f"{tag}.triggers",
+        "RUNBRIDGE__AMQP__CONTROL_QUEUE": f"{tag}.control",
+        "RUNBRIDGE__AMQP__EVENTS_EXCHANGE": f"{tag}.events",
+        "RUNBRIDGE__AMQP__DEAD_LETTER_EXCHANGE": f"{tag}.dlx",
+        "RUNBRIDGE__AMQP__DEAD_LETTER_QUEUE": f"{tag}.dead",
+        "DATABRICKS_TOKEN": "dapi-bundle-test",
+    }
+    with running(settings, []) as s:
+        yield s.binary, s.env, f"{s.emulator}/api/2.2"
 
 
 def test_the_bundles_job_runs_end_to_end_against_the_emulator(stack):

@@ -10,8 +10,8 @@ docs/databricks-fidelity.md lists what is modelled and its sources.
 
 import os
 import pathlib
-import socket
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -22,16 +22,13 @@ from databricks.sdk.core import Config
 from databricks.sdk.service import jobs
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "python"))
+from runbridge_stack import free_port, wait_http  # noqa: E402
+
 BINARY = os.environ.get("RUNBRIDGE_BIN", str(ROOT / "target/debug/runbridge"))
 TOKEN = "dapi-conformance"
 EXIT_JOB = 1
 NEVER_JOB = 2
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +51,7 @@ def emulator():
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 20
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/healthz", timeout=1)
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"the emulator ({BINARY}) did not start")
-            time.sleep(0.1)
+    wait_http(f"{url}/healthz", proc, f"the emulator ({BINARY})", seconds=20)
     yield url
     proc.kill()
     proc.wait()

@@ -9,7 +9,6 @@ they reconnect too).
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -25,90 +24,44 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "clients" / "python" / "producer"))
+sys.path.insert(0, str(ROOT / "tests" / "python"))
+from runbridge_stack import running  # noqa: E402
 from runbridge_client import Client, Event, EventConsumer, EventData, Rejected, RunTimeout, Seen, Trigger  # noqa: E402
 from runbridge_client.aio import AsyncClient  # noqa: E402
+from runbridge_client.client import reply_queue  # noqa: E402
 
 OK_JOB, FAIL_JOB, SLOW_JOB = 101, 103, 105
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rabbitmqctl(*args):
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
-def wait_http(url, proc, what):
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except OSError:
-            time.sleep(0.1)
-    pytest.fail(f"{what} did not come up at {url}")
-
-
 @pytest.fixture(scope="module")
 def stack():
-    binary = Path(os.environ.get("RUNBRIDGE_BIN", ROOT / "target" / "debug" / "runbridge"))
-    if not binary.exists():
-        pytest.fail(f"{binary} not found: run `cargo build` first")
     tag = f"pyclient-{uuid.uuid4().hex[:8]}"
     rabbitmqctl("add_vhost", tag)
     rabbitmqctl("set_permissions", "-p", tag, "guest", ".*", ".*", ".*")
     url = f"amqp://guest:guest@127.0.0.1:5672/{tag}"
-    emu_port, sidecar_port = free_port(), free_port()
-    env = dict(
-        os.environ,
-        RUNBRIDGE_ENV="local",
-        RUNBRIDGE_CONFIG_DIR=str(ROOT / "config"),
-        RUNBRIDGE__AMQP__URL=url,
-        RUNBRIDGE__REDIS__KEY_PREFIX=tag,
-        RUNBRIDGE__SIDECAR__LISTEN=f"127.0.0.1:{sidecar_port}",
-        RUNBRIDGE__SIDECAR__PUBLIC_URL=f"http://127.0.0.1:{sidecar_port}",
-        DATABRICKS_HOST=f"http://127.0.0.1:{emu_port}",
-        DATABRICKS_TOKEN="dapi-pytest",
-        RUST_LOG="warn",
-    )
-    procs = []
-
-    def start(*args):
-        p = subprocess.Popen([str(binary), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        procs.append(p)
-        return p
-
-    emulator = start(
-        "emulate", "--listen", f"127.0.0.1:{emu_port}",
-        "--job", f"{OK_JOB}:callback:300:42",
-        "--job", f"{FAIL_JOB}:fail:300",
-        "--job", f"{SLOW_JOB}:callback:5000:42",
-    )
-    wait_http(f"http://127.0.0.1:{emu_port}/emulator/stats", emulator, "the emulator")
-    bridge = start("all")
-    wait_http(f"http://127.0.0.1:{sidecar_port}/readyz", bridge, "runbridge all")
-    # A deployment has consumers of its events: runbridge keeps an event
-    # that no queue would receive (and its reply) in the outbox until one
-    # is bound.
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    ch = conn.channel()
-    ch.queue_declare(queue="pytest.all-events", durable=True)
-    ch.queue_bind(queue="pytest.all-events", exchange="runbridge.events", routing_key="promise.#")
-    conn.close()
-    yield url, f"http://127.0.0.1:{emu_port}"
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            p.kill()
-    rabbitmqctl("delete_vhost", tag)
+    settings = {
+        "RUNBRIDGE__AMQP__URL": url,
+        "RUNBRIDGE__REDIS__KEY_PREFIX": tag,
+        "DATABRICKS_TOKEN": "dapi-pytest",
+    }
+    jobs = [f"{OK_JOB}:callback:300:42", f"{FAIL_JOB}:fail:300", f"{SLOW_JOB}:callback:5000:42"]
+    try:
+        with running(settings, [a for j in jobs for a in ("--job", j)]) as s:
+            # A deployment has consumers of its events: runbridge keeps an
+            # event that no queue would receive (and its reply) in the
+            # outbox until one is bound.
+            conn = pika.BlockingConnection(pika.URLParameters(url))
+            ch = conn.channel()
+            ch.queue_declare(queue="pytest.all-events", durable=True)
+            ch.queue_bind(queue="pytest.all-events", exchange="runbridge.events", routing_key="promise.#")
+            conn.close()
+            yield url, s.emulator
+    finally:
+        rabbitmqctl("delete_vhost", tag)
 
 
 def runs_of(emulator, job_id, promise_id):
@@ -127,7 +80,7 @@ def runs_of(emulator, job_id, promise_id):
 def reply_queue_exists(url, promise_id):
     conn = pika.BlockingConnection(pika.URLParameters(url))
     try:
-        conn.channel().queue_declare(queue=f"runbridge.reply.{promise_id}", passive=True)
+        conn.channel().queue_declare(queue=reply_queue(promise_id), passive=True)
         return True
     except pika.exceptions.ChannelClosedByBroker as e:
         assert e.reply_code == 404

@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,23 +23,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "clients" / "python"))
+sys.path.insert(0, str(ROOT / "tests" / "python"))
 import runbridge_notebook as rb  # noqa: E402
+from runbridge_stack import binary, free_port, wait_http  # noqa: E402
 
 SECRET = b"local-dev-callback-secret-0123456789abcdef"  # config/local.toml
 OPERATOR = "local-dev-operator-token"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sidecar():
-    binary = Path(os.environ.get("RUNBRIDGE_BIN", ROOT / "target" / "debug" / "runbridge"))
-    if not binary.exists():
-        pytest.fail(f"{binary} not found: run `cargo build` first")
     port = free_port()
     tag = f"pytest-{uuid.uuid4().hex[:8]}"
     env = dict(
@@ -53,20 +45,9 @@ def sidecar():
         RUNBRIDGE__AMQP__CONTROL_QUEUE=f"{tag}.control",
         RUST_LOG="warn",
     )
-    proc = subprocess.Popen([str(binary), "sidecar"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([str(binary()), "sidecar"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{base}/healthz", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"sidecar exited: {proc.stderr.read().decode()}")
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("sidecar did not come up")
+    wait_http(f"{base}/healthz", proc, "the sidecar", seconds=20)
     yield base, tag
     proc.terminate()
     proc.wait(timeout=30)

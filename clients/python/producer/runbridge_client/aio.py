@@ -14,8 +14,8 @@ from typing import Any, Dict, Optional
 
 import aio_pika
 
-from .client import RunTimeout, reply_queue_args
-from .models import Event, Rejected, Trigger
+from .client import RunTimeout, reply_queue, reply_queue_args
+from .models import Event, Trigger
 
 
 class AsyncClient:
@@ -76,7 +76,7 @@ class AsyncClient:
         `RunTimeout` after ``timeout`` seconds."""
         t = trigger or Trigger(job_id=job_id, job_parameters=parameters or {})
         ch = await self._channel()
-        reply = await ch.declare_queue(f"runbridge.reply.{t.id}", arguments=reply_queue_args(timeout))
+        reply = await ch.declare_queue(reply_queue(t.id), arguments=reply_queue_args(timeout))
         try:
             async with reply.iterator() as messages:
                 await self.publish(t, reply_to=reply.name)
@@ -97,6 +97,4 @@ class AsyncClient:
                 await reply.delete(if_unused=False, if_empty=False)
             except (aio_pika.exceptions.AMQPError, ConnectionError):
                 pass  # x-expires removes it
-        if event.data.resolved:
-            return event.data.value
-        raise Rejected(event)
+        return event.outcome()

@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 import pika
 import pika.exceptions
 
-from .models import Event, Rejected, Trigger
+from .models import Event, Trigger
 
 
 class RunTimeout(TimeoutError):
@@ -20,6 +20,11 @@ class RunTimeout(TimeoutError):
 
 # Broker failures worth a reconnect (a dropped connection, a restart).
 _LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError, pika.exceptions.StreamLostError)
+
+
+def reply_queue(promise_id: str) -> str:
+    """The queue a ``run`` of this promise waits on."""
+    return f"runbridge.reply.{promise_id}"
 
 
 def reply_queue_args(seconds: float) -> Dict[str, Any]:
@@ -122,25 +127,21 @@ class Client:
         this run's own, which survives a dropped connection: the wait goes
         on after reconnecting."""
         t = trigger or Trigger(job_id=job_id, job_parameters=parameters or {})
-        reply = f"runbridge.reply.{t.id}"
+        reply = reply_queue(t.id)
         deadline = time.monotonic() + timeout
         self._channel().queue_declare(queue=reply, arguments=reply_queue_args(timeout))
         self.publish(t, reply_to=reply)
         try:
             while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                if time.monotonic() >= deadline:
                     raise RunTimeout(t.id, timeout)
                 try:
                     event = self._wait(reply, t.id)
                 except _LOST:
                     self.close()  # the next _channel() reconnects
                     continue
-                if event is None:
-                    continue
-                if event.data.resolved:
-                    return event.data.value
-                raise Rejected(event)
+                if event is not None:
+                    return event.outcome()
         finally:
             try:
                 ch = self._channel()

@@ -92,6 +92,12 @@ class Event:
         top = {f.name for f in fields(cls)} - {"data"}
         return cls(data=data, **{k: v for k, v in raw.items() if k in top})
 
+    def outcome(self) -> Any:
+        """What ``run`` answers with: the resolved value, or `Rejected`."""
+        if self.data.resolved:
+            return self.data.value
+        raise Rejected(self)
+
 
 class Rejected(Exception):
     """The promise was rejected (its run failed, was cancelled, timed out,
