@@ -735,3 +735,38 @@ pub fn signer_of(secret: &str) -> runbridge::domain::CallbackSigner {
 pub fn rabbitmqctl(args: &[&str]) {
     runbridge_testkit::rabbitmqctl(None, args).unwrap();
 }
+
+/// Where `make ui-test-deps` installs the tests' npm packages
+/// (`PLAYWRIGHT_MODULES` overrides it).
+pub fn node_modules() -> PathBuf {
+    std::env::var("PLAYWRIGHT_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/node/node_modules")
+        })
+}
+
+/// Runs one of the tests' node scripts (a path under the repository) with
+/// these environment variables; it must finish within `limit`. Its exit
+/// status and its stdout then stderr.
+pub async fn run_node(
+    script: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+    limit: Duration,
+) -> (std::process::ExitStatus, String) {
+    let run = tokio::process::Command::new("node")
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script))
+        .envs(env.iter().copied())
+        .kill_on_drop(true)
+        .output();
+    let run = tokio::time::timeout(limit, run)
+        .await
+        .unwrap_or_else(|_| panic!("{script} did not finish within {limit:?}"))
+        .expect("node runs");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    (run.status, log)
+}

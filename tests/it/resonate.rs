@@ -15,11 +15,7 @@ use crate::helpers::*;
 /// Where `make ui-test-deps` installs the SDK (with the browser test's
 /// packages), or a message saying how to get it.
 fn sdk_modules() -> PathBuf {
-    let modules = std::env::var("PLAYWRIGHT_MODULES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/node/node_modules")
-        });
+    let modules = node_modules();
     assert!(
         modules.join("@resonatehq/sdk").exists(),
         "the Resonate SDK test needs @resonatehq/sdk under {}: run `make ui-test-deps` (part of `make test`)",
@@ -37,24 +33,18 @@ async fn resonates_own_sdk_works_against_the_sidecar_unchanged() {
     })
     .await;
     let id = unique("resonate-sdk");
-    let run = tokio::process::Command::new("node")
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/resonate/sdk.mjs"))
-        .env("SIDECAR_URL", &app.sidecar_url)
-        .env("TOKEN", &app.operator_token)
-        .env("ID", &id)
-        .env("NODE_PATH", &modules)
-        .kill_on_drop(true)
-        .output();
-    let run = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("the SDK test finished within a minute")
-        .expect("node runs");
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert!(run.status.success(), "the SDK test failed:\n{log}");
+    let (status, log) = run_node(
+        "tests/resonate/sdk.mjs",
+        &[
+            ("SIDECAR_URL", app.sidecar_url.as_ref()),
+            ("TOKEN", app.operator_token.as_ref()),
+            ("ID", id.as_ref()),
+            ("NODE_PATH", modules.as_os_str()),
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(status.success(), "the SDK test failed:\n{log}");
     assert!(log.trim_end().ends_with("ok"), "{log}");
 
     let p = app.promise(&id).await.expect("stored");

@@ -345,13 +345,10 @@ async fn republish(
 
 /// What the browser test needs, or a message saying how to get it.
 fn browser_tools() -> (PathBuf, PathBuf) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let chromium = std::env::var("CHROMIUM")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from("/usr/bin/chromium"));
-    let modules = std::env::var("PLAYWRIGHT_MODULES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target/node/node_modules"));
+    let modules = node_modules();
     assert!(
         chromium.exists() && modules.join("playwright-core").exists(),
         "the browser test needs chromium ({}) and playwright-core under {}: run `make ui-test-deps` (part of `make test`)",
@@ -370,26 +367,20 @@ async fn console_in_a_real_browser() {
     std::fs::create_dir_all(&out).unwrap();
     let shot = out.join("overview.png");
     let _ = std::fs::remove_file(&shot);
-    let run = tokio::process::Command::new("node")
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ui/console.e2e.mjs"))
-        .env("BASE_URL", &app.sidecar_url)
-        .env("TOKEN", &app.operator_token)
-        .env("PROMISE_ID", &pending)
-        .env("SCREENSHOT", &shot)
-        .env("CHROMIUM", &chromium)
-        .env("PLAYWRIGHT_MODULES", &modules)
-        .kill_on_drop(true)
-        .output();
-    let run = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the browser test finished within 2 min")
-        .expect("node runs");
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert!(run.status.success(), "browser test failed:\n{log}");
+    let (status, log) = run_node(
+        "tests/ui/console.e2e.mjs",
+        &[
+            ("BASE_URL", app.sidecar_url.as_ref()),
+            ("TOKEN", app.operator_token.as_ref()),
+            ("PROMISE_ID", pending.as_ref()),
+            ("SCREENSHOT", shot.as_os_str()),
+            ("CHROMIUM", chromium.as_os_str()),
+            ("PLAYWRIGHT_MODULES", modules.as_os_str()),
+        ],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(status.success(), "browser test failed:\n{log}");
     assert!(!log.contains("FAIL"), "{log}");
     // What the browser did really happened.
     let p = app.promise(&pending).await.unwrap();
