@@ -15,18 +15,42 @@ pub(super) fn caller_for<S>(
     path_token: Option<&str>,
     id: &PromiseId,
 ) -> Result<Caller, ApiError> {
-    let creds = auth::credentials(headers, path_token);
-    if path_token.is_none() && auth::is_operator(&st.operator_tokens, &creds) {
+    // A token in the path is a capability, never an operator's.
+    caller_among(
+        st,
+        &auth::credentials(headers, path_token),
+        path_token.is_none(),
+        id,
+    )
+}
+
+/// [`caller_for`] on credentials already gathered (Resonate's protocol
+/// adds the envelope's `head.auth`).
+pub(super) fn caller_among<S>(
+    st: &AppState<S>,
+    creds: &[String],
+    operator_allowed: bool,
+    id: &PromiseId,
+) -> Result<Caller, ApiError> {
+    if operator_allowed && auth::is_operator(&st.operator_tokens, creds) {
         return Ok(Caller::Operator);
     }
-    if auth::opens(&st.signer, &creds, id) {
+    if auth::opens(&st.signer, creds, id) {
         return Ok(Caller::Capability);
     }
     Err(ApiError::unauthorized())
 }
 
 pub(super) fn require_operator<S>(st: &AppState<S>, headers: &HeaderMap) -> Result<(), ApiError> {
-    if auth::is_operator(&st.operator_tokens, &auth::credentials(headers, None)) {
+    require_operator_among(st, &auth::credentials(headers, None))
+}
+
+/// [`require_operator`] on credentials already gathered.
+pub(super) fn require_operator_among<S>(
+    st: &AppState<S>,
+    creds: &[String],
+) -> Result<(), ApiError> {
+    if auth::is_operator(&st.operator_tokens, creds) {
         Ok(())
     } else {
         Err(ApiError::new(

@@ -22,7 +22,7 @@
 //! The HTTP status is `head.status`: the SDK takes 200, 404, 409, 422 and
 //! 501 as answers, anything else as a failure of the server.
 
-use super::promises::{Caller, creation_timeout};
+use super::promises::{Caller, caller_among, creation_timeout, require_operator_among};
 use super::*;
 
 /// The protocol version runbridge answers with: the one `@resonatehq/sdk`
@@ -237,14 +237,14 @@ async fn dispatch<S: Store>(
         "promise.get" => {
             let d: IdData = parse(kind, data)?;
             let id = parse_id(&d.id)?;
-            caller(st, creds, &id)?;
+            caller_among(st, creds, true, &id)?;
             match st.store.get(&id).await? {
                 Some(p) => one(&p),
                 None => Err(ApiError::not_found(id.as_str())),
             }
         }
         "promise.create" => {
-            operator(st, creds)?;
+            require_operator_among(st, creds)?;
             let d: CreateData = parse(kind, data)?;
             let id = parse_id(&d.id)?;
             let new = NewPromise {
@@ -263,7 +263,7 @@ async fn dispatch<S: Store>(
         "promise.settle" => {
             let d: SettleData = parse(kind, data)?;
             let id = parse_id(&d.id)?;
-            let by = caller(st, creds, &id)?;
+            let by = caller_among(st, creds, true, &id)?;
             let target = match d.state.as_str() {
                 "resolved" => State::Resolved,
                 "rejected" => State::Rejected,
@@ -295,7 +295,7 @@ async fn dispatch<S: Store>(
             }
         }
         "promise.search" => {
-            operator(st, creds)?;
+            require_operator_among(st, creds)?;
             let d: SearchData = parse(kind, data)?;
             let states = match d.state.as_deref() {
                 None => None,
@@ -337,25 +337,6 @@ async fn dispatch<S: Store>(
 
 fn parse<T: serde::de::DeserializeOwned>(kind: &str, data: Value) -> Result<T, ApiError> {
     serde_json::from_value(data).map_err(|e| ApiError::bad_request(format!("{kind}: data: {e}")))
-}
-
-fn operator<S>(st: &AppState<S>, creds: &[String]) -> Result<(), ApiError> {
-    if auth::is_operator(&st.operator_tokens, creds) {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized())
-    }
-}
-
-/// An operator, or the holder of this promise's capability token.
-fn caller<S>(st: &AppState<S>, creds: &[String], id: &PromiseId) -> Result<Caller, ApiError> {
-    if auth::is_operator(&st.operator_tokens, creds) {
-        Ok(Caller::Operator)
-    } else if auth::opens(&st.signer, creds, id) {
-        Ok(Caller::Capability)
-    } else {
-        Err(ApiError::unauthorized())
-    }
 }
 
 fn protocol_state(s: &str) -> Option<State> {
