@@ -299,11 +299,10 @@ async fn dispatch<S: Store>(
             let d: SearchData = parse(kind, data)?;
             let states = match d.state.as_deref() {
                 None => None,
-                Some(s) => {
-                    Some(vec![protocol_state(s).ok_or_else(|| {
-                        ApiError::bad_request(format!("unknown state {s:?}"))
-                    })?])
-                }
+                Some(s) => Some(vec![
+                    s.parse::<State>()
+                        .map_err(|e| ApiError::bad_request(e.to_string()))?,
+                ]),
             };
             let limit = d.limit.unwrap_or(100);
             if !(1..=1000).contains(&limit) {
@@ -337,25 +336,4 @@ async fn dispatch<S: Store>(
 
 fn parse<T: serde::de::DeserializeOwned>(kind: &str, data: Value) -> Result<T, ApiError> {
     serde_json::from_value(data).map_err(|e| ApiError::bad_request(format!("{kind}: data: {e}")))
-}
-
-fn protocol_state(s: &str) -> Option<State> {
-    State::ALL
-        .into_iter()
-        .find(|st| st.as_str().eq_ignore_ascii_case(s))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn states_are_read_in_any_case_and_written_in_lower_case() {
-        assert_eq!(
-            protocol_state("rejected_timedout"),
-            Some(State::RejectedTimedout)
-        );
-        assert_eq!(protocol_state("PENDING"), Some(State::Pending));
-        assert_eq!(protocol_state("done"), None);
-    }
 }
