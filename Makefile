@@ -8,7 +8,7 @@ TEST_FEATURES ?= --workspace --features runbridge-harness/failpoints
 # side by side in target/<profile>/.
 HARNESS = -p runbridge -p runbridge-harness --bins
 
-.PHONY: all build release test lint fmt services demo compose-config k8s-check k8s-check-deps k8s-rules chaos chaos-small bench bench-smoke bench-venv notebook-test sdk-test bundle-test docs docs-test ui-test-deps ui-screenshot cluster-test fuzz clean
+.PHONY: all build release test lint fmt services node demo compose-config k8s-check k8s-check-deps k8s-rules chaos chaos-small bench bench-smoke bench-venv notebook-test sdk-test bundle-test docs docs-test ui-test-deps ui-screenshot cluster-test fuzz clean
 
 # Fault-injection run (see crates/harness/src/bin/chaos): N triggers and
 # PARENTS parent triggers of CHILDREN children each among them, every fault
@@ -135,12 +135,9 @@ docs: build
 # the AsyncAPI Initiative's parser (npm, under target/node; nodejs from apt
 # when it is missing and apt is there).
 ASYNCAPI_PARSER ?= @asyncapi/parser@3.6.3
-docs-test:
+docs-test: node
 	@test -x target/pyvenv/bin/pytest || { python3 -m venv target/pyvenv && target/pyvenv/bin/pip install -q pytest; }
 	@test -x target/pyvenv/bin/openapi-spec-validator || target/pyvenv/bin/pip install -q openapi-spec-validator
-	@command -v node >/dev/null && command -v npm >/dev/null || { \
-		echo "[docs-test] node/npm not found; installing nodejs and npm with apt-get"; \
-		apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
 	@test -d target/node/node_modules/@asyncapi/parser || { \
 		echo "[docs-test] installing $(ASYNCAPI_PARSER) under target/node"; \
 		npm install --silent --no-audit --no-fund --prefix target/node $(ASYNCAPI_PARSER); }
@@ -148,6 +145,13 @@ docs-test:
 
 # The operator console's browser test (tests/it/ui.rs) drives Debian's
 # chromium with playwright-core (npm, under target/node): no browser download.
+# Node.js and npm, for the checks that use packages from npm (under
+# target/node): installed with apt-get where they are missing.
+node:
+	@command -v node >/dev/null && command -v npm >/dev/null || { \
+		echo "[node] node/npm not found; installing nodejs and npm with apt-get"; \
+		apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
+
 # The Kubernetes manifests (deploy/kubernetes): rendered (kubectl kustomize
 # where kubectl exists, else scripts/k8s-check.py's own renderer) and every
 # object validated: Kubernetes' schemas by kubernetes-validate (PyPI, in a
@@ -156,11 +160,8 @@ docs-test:
 # copy with a wrong field must fail.
 K8S_VENV = target/k8svenv
 K8S_MODELS = @kubernetes-models/keda@2.0.0 @kubernetes-models/prometheus-operator@6.0.0
-k8s-check-deps:
+k8s-check-deps: node
 	@test -x $(K8S_VENV)/bin/kubernetes-validate || { echo "[k8s-check] installing kubernetes-validate in $(K8S_VENV)"; python3 -m venv $(K8S_VENV) && $(K8S_VENV)/bin/pip install -q kubernetes-validate==1.37.0; }
-	@command -v node >/dev/null && command -v npm >/dev/null || { \
-		echo "[k8s-check] node/npm not found; installing nodejs and npm with apt-get"; \
-		apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
 	@test -d target/node/node_modules/@kubernetes-models/prometheus-operator || { \
 		echo "[k8s-check] installing $(K8S_MODELS) under target/node"; \
 		npm install --silent --no-audit --no-fund --prefix target/node $(K8S_MODELS); }
@@ -174,13 +175,10 @@ k8s-rules: k8s-check-deps
 PLAYWRIGHT ?= playwright-core@1.65.1
 # Resonate's TypeScript SDK, driving the sidecar's Resonate protocol endpoint.
 RESONATE_SDK ?= @resonatehq/sdk@0.11.5
-ui-test-deps:
+ui-test-deps: node
 	@test -x /usr/bin/chromium || { \
 		echo "[ui-test-deps] chromium not found; installing it with apt-get"; \
 		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
-	@command -v node >/dev/null && command -v npm >/dev/null || { \
-		echo "[ui-test-deps] node/npm not found; installing nodejs and npm with apt-get"; \
-		apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
 	@test -d target/node/node_modules/playwright-core || { \
 		echo "[ui-test-deps] installing $(PLAYWRIGHT) under target/node"; \
 		npm install --silent --no-audit --no-fund --prefix target/node $(PLAYWRIGHT); }
