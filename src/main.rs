@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use runbridge::broker::Broker;
 use runbridge::config::{Role, Settings};
-use runbridge::domain::{Payload, PromiseId, SettledBy, State};
+use runbridge::domain::{IdPattern, Payload, PromiseId, SettledBy, State};
 use runbridge::emulator;
 use runbridge::reconciler::{CancelFilter, cancel_matching};
 use runbridge::startup;
@@ -357,7 +357,7 @@ async fn promise(s: &Settings, cmd: PromiseCmd) -> Result<()> {
             };
             let page = store
                 .search(&SearchQuery {
-                    id,
+                    id: IdPattern::parse(&id).map_err(anyhow::Error::msg)?,
                     states,
                     tags: kv(&tags, "--tag")?,
                     job_id: None,
@@ -377,7 +377,11 @@ async fn promise(s: &Settings, cmd: PromiseCmd) -> Result<()> {
             reason,
         } => {
             let filter = CancelFilter {
-                id,
+                id: id
+                    .as_deref()
+                    .map(IdPattern::parse)
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
                 tags: kv(&tags, "--tag")?,
                 job_id,
             };

@@ -23,6 +23,14 @@ pub enum IdError {
         "promise id may not have a \".\" or \"..\" segment between slashes (it would name another path)"
     )]
     PromiseIdDotSegment,
+    #[error(
+        "an id filter must be 1-200 characters of [A-Za-z0-9._:/-] and * wildcards, got {0} characters"
+    )]
+    PatternLength(usize),
+    #[error("an id filter may contain only [A-Za-z0-9._:/-] and * wildcards; found {0:?}")]
+    PatternChar(char),
+    #[error("an id filter may hold at most 8 * wildcards (runs of * count once), got {0}")]
+    PatternWildcards(usize),
     #[error("run id must be a positive integer")]
     RunId,
     #[error("callback token is malformed")]

@@ -4,14 +4,17 @@
 
 pub mod event;
 pub mod fanout;
+pub mod id_pattern;
 pub mod ids;
 pub mod progress;
 pub mod promise;
 pub mod retry;
+pub mod tags;
 pub mod trigger;
 
 pub use event::CompletionEvent;
 pub use fanout::{FanOut, Join};
+pub use id_pattern::IdPattern;
 pub use ids::{CallbackSigner, CallbackToken, IdempotencyToken, PromiseId, RunId};
 pub use promise::{Completion, Payload, Promise, SettledBy, State};
 pub use retry::{RetryMode, RetryPolicy};

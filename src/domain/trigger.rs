@@ -175,9 +175,7 @@ pub enum TriggerError {
 /// it, so a hostile body costs a length check, not a parse.
 pub const MAX_TRIGGER_BYTES: usize = 1 << 20;
 
-pub const MAX_TAGS: usize = 64;
-pub const MAX_TAG_KEY: usize = 128;
-pub const MAX_TAG_VALUE: usize = 1024;
+pub use super::tags::{MAX_TAG_KEY, MAX_TAG_VALUE, MAX_TAGS};
 
 /// The trigger message as it travels (docs/contracts.md, the trigger message). Its JSON Schema
 /// (`docs/schemas/trigger.schema.json`, `runbridge schema trigger`) is derived
@@ -363,21 +361,7 @@ pub(super) fn parse_launch(
 
 /// Tags as the contract limits them (a trigger's, or a child's).
 pub(super) fn check_tags(tags: &BTreeMap<String, String>) -> Result<(), TriggerError> {
-    if tags.len() > MAX_TAGS {
-        return Err(TriggerError::Invalid(format!(
-            "at most {MAX_TAGS} tags, got {}",
-            tags.len()
-        )));
-    }
-    if let Some((k, _)) = tags
-        .iter()
-        .find(|(k, v)| k.is_empty() || k.len() > MAX_TAG_KEY || v.len() > MAX_TAG_VALUE)
-    {
-        return Err(TriggerError::Invalid(format!(
-            "tag {k:?}: keys are 1-{MAX_TAG_KEY} bytes, values at most {MAX_TAG_VALUE}"
-        )));
-    }
-    Ok(())
+    super::tags::check_tags(tags).map_err(|e| TriggerError::Invalid(e.to_string()))
 }
 
 /// A workspace name as the contract limits it.

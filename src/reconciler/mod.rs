@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::NoCallbackPolicy;
 use crate::databricks::{DatabricksError, Jobs, RunInfo};
-use crate::domain::{Payload, PromiseId, RunId, SettledBy, State};
+use crate::domain::tags::check_tags;
+use crate::domain::{IdPattern, Payload, PromiseId, RunId, SettledBy, State};
 use crate::partitions::Assignment;
 use crate::shutdown::pause;
 use crate::store::{
@@ -456,7 +457,7 @@ impl<S: PromiseStore + Lifecycle + Attempts, J: Jobs> Reconciler<S, J> {
 /// What to cancel: one id, or every pending promise matching a filter.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CancelFilter {
-    pub id: Option<String>,
+    pub id: Option<IdPattern>,
     pub tags: std::collections::BTreeMap<String, String>,
     pub job_id: Option<u64>,
 }
@@ -513,15 +514,6 @@ pub enum ControlCommand {
     Retry(PromiseId),
 }
 
-/// Is this a valid id filter: an id, or an id pattern with `*` wildcards?
-pub fn valid_id_filter(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 200
-        && id.chars().all(|c| {
-            c == '*' || c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-')
-        })
-}
-
 /// Parses a control-queue message; the error says why it was refused.
 pub fn parse_control(body: &[u8]) -> Result<ControlCommand, String> {
     let m: ControlMessage =
@@ -546,11 +538,14 @@ pub fn parse_control(body: &[u8]) -> Result<ControlCommand, String> {
             ));
         }
     }
-    if m.id.as_deref().is_some_and(|id| !valid_id_filter(id)) {
-        return Err("id may use [A-Za-z0-9._:/-] and * wildcards".into());
-    }
+    let id =
+        m.id.as_deref()
+            .map(IdPattern::parse)
+            .transpose()
+            .map_err(|e| e.to_string())?;
+    check_tags(&m.tags).map_err(|e| e.to_string())?;
     let f = CancelFilter {
-        id: m.id,
+        id,
         tags: m.tags,
         job_id: m.job_id,
     };
@@ -584,17 +579,15 @@ pub async fn cancel_matching<S: PromiseStore>(
     let value = Payload::data(json!({"reason": "canceled", "message": reason}).to_string());
     let mut report = CancelReport::default();
     let mut targets: Vec<PromiseId> = Vec::new();
-    match &f.id {
-        Some(id) if !id.contains('*') && f.tags.is_empty() && f.job_id.is_none() => {
-            if let Ok(id) = PromiseId::parse(id)
-                && store.get(&id).await?.is_some_and(|p| !p.state.is_settled())
-            {
+    match f.id.as_ref().and_then(IdPattern::exact) {
+        Some(id) if f.tags.is_empty() && f.job_id.is_none() => {
+            if store.get(&id).await?.is_some_and(|p| !p.state.is_settled()) {
                 targets.push(id);
             }
         }
         _ => {
             let mut q = SearchQuery {
-                id: f.id.clone().unwrap_or_else(|| "*".into()),
+                id: f.id.clone().unwrap_or_default(),
                 states: Some(vec![State::Pending]),
                 tags: f.tags.clone(),
                 job_id: f.job_id,

@@ -90,6 +90,18 @@ impl ApiError {
     }
 }
 
+impl From<crate::domain::tags::TagError> for ApiError {
+    fn from(e: crate::domain::tags::TagError) -> Self {
+        Self::bad_request(e.to_string())
+    }
+}
+
+impl From<crate::domain::ids::IdError> for ApiError {
+    fn from(e: crate::domain::ids::IdError) -> Self {
+        Self::bad_request(e.to_string())
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {

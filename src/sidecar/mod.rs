@@ -54,10 +54,11 @@ use error::ErrorBody;
 use openapi::{Health, NotificationAnswer, Readiness, SearchPage, SettleAnswers};
 
 use crate::domain::promise::{PromiseView, null_as_default};
+use crate::domain::tags::check_tags;
 use crate::domain::{
-    CallbackSigner, Completion, Payload, Promise, PromiseId, RunId, SettledBy, State,
+    CallbackSigner, Completion, IdPattern, Payload, Promise, PromiseId, RunId, SettledBy, State,
 };
-use crate::reconciler::{CancelFilter, CancelReport, cancel_matching, valid_id_filter};
+use crate::reconciler::{CancelFilter, CancelReport, cancel_matching};
 use crate::store::{
     CreateOutcome, HeartbeatOutcome, NewPromise, SearchQuery, Settle, SettleOutcome, Store, Timeout,
 };

@@ -292,6 +292,7 @@ pub(super) async fn create<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Api
     let strict = header_flag(&h, "strict")?;
     let key = ikey(&h);
     let timeout = creation_timeout(&st, b.timeout)?;
+    check_tags(&b.tags)?;
     let new = NewPromise {
         param: b.param.unwrap_or_default(),
         tags: b.tags,
@@ -366,19 +367,13 @@ pub(super) fn creation_timeout<S>(
 pub(super) async fn search<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) -> ApiResult {
     require_operator(&st, &h)?;
     let mut query = SearchQuery {
-        id: "*".into(),
         limit: 100,
         ..Default::default()
     };
     for (k, v) in url::form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes()) {
         match k.as_ref() {
             "id" => {
-                if !valid_id_filter(&v) {
-                    return Err(ApiError::bad_request(
-                        "id may use [A-Za-z0-9._:/-] and * wildcards",
-                    ));
-                }
-                query.id = v.into_owned();
+                query.id = IdPattern::parse(&v)?;
             }
             "state" => {
                 let states = if v.eq_ignore_ascii_case("rejected") {
@@ -417,6 +412,7 @@ pub(super) async fn search<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQu
             }
         }
     }
+    check_tags(&query.tags)?;
     let page = st.store.search(&query).await?;
     let body = SearchPage {
         promises: page.promises.iter().map(Promise::view).collect(),
@@ -461,13 +457,10 @@ pub(super) async fn bulk_cancel<S: Store>(st: St<S>, h: HeaderMap, body: Body) -
     require_operator(&st, &h)?;
     let b: CancelBody = json_body(&h, &bytes)?
         .ok_or_else(|| ApiError::bad_request("missing body: {\"tags\"|\"job_id\"|\"id\": ...}"))?;
-    if b.id.as_deref().is_some_and(|id| !valid_id_filter(id)) {
-        return Err(ApiError::bad_request(
-            "id may use [A-Za-z0-9._:/-] and * wildcards",
-        ));
-    }
+    let id = b.id.as_deref().map(IdPattern::parse).transpose()?;
+    check_tags(&b.tags)?;
     let filter = CancelFilter {
-        id: b.id,
+        id,
         tags: b.tags,
         job_id: b.job_id,
     };

@@ -247,6 +247,7 @@ async fn dispatch<S: Store>(
             require_operator_among(st, creds)?;
             let d: CreateData = parse(kind, data)?;
             let id = parse_id(&d.id)?;
+            check_tags(&d.tags)?;
             let new = NewPromise {
                 param: d.param,
                 tags: d.tags,
@@ -308,10 +309,10 @@ async fn dispatch<S: Store>(
             if !(1..=1000).contains(&limit) {
                 return Err(ApiError::bad_request("limit must be 1-1000"));
             }
+            check_tags(&d.tags)?;
             let page = st
                 .store
                 .search(&SearchQuery {
-                    id: "*".into(),
                     states,
                     tags: d.tags,
                     limit,

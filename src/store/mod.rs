@@ -24,7 +24,7 @@ pub use redis_store::{RedisStore, SentinelSettings, StoreSettings, Topology};
 use crate::domain::fanout::JoinState;
 use crate::domain::promise::CorruptRecord;
 use crate::domain::promise::{ChildOf, Family};
-use crate::domain::{Payload, Promise, PromiseId, RunId, SettledBy, State};
+use crate::domain::{IdPattern, Payload, Promise, PromiseId, RunId, SettledBy, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -150,8 +150,8 @@ pub enum HeartbeatOutcome {
 
 #[derive(Debug, Clone, Default)]
 pub struct SearchQuery {
-    /// Id pattern with `*` wildcards.
-    pub id: String,
+    /// Id, or id pattern with `*` wildcards.
+    pub id: IdPattern,
     pub states: Option<Vec<State>>,
     pub tags: BTreeMap<String, String>,
     pub job_id: Option<u64>,

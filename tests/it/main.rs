@@ -8,6 +8,7 @@ mod budget;
 mod callbacks;
 mod check;
 mod core_loop;
+mod costs;
 mod documents;
 mod fanout;
 mod faults;

@@ -231,7 +231,7 @@ async fn promises_stored_before_the_indexes_are_indexed_once() {
     let _: () = unindex.query_async(&mut conn).await.unwrap();
     let search = |states| {
         let q = runbridge::store::SearchQuery {
-            id: format!("{}-old-*", app.name),
+            id: runbridge::domain::IdPattern::parse(&format!("{}-old-*", app.name)).unwrap(),
             states,
             limit: 100,
             ..Default::default()

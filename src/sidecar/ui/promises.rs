@@ -14,8 +14,8 @@ use super::{
     checked_form, done_notice, error_page, query, see_other, session, unauthorized,
     unavailable_page, unconfirmed, url_enc,
 };
+use crate::domain::IdPattern;
 use crate::domain::{Completion, Payload, Promise, PromiseId, SettledBy, State};
-use crate::reconciler::valid_id_filter;
 use crate::sidecar::St;
 use crate::store::{ChildEntry, SearchQuery, Settle, SettleOutcome, Store, StoreError};
 
@@ -75,9 +75,13 @@ pub async fn promises<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) 
         )
     };
     let mut problems = Vec::new();
-    if !valid_id_filter(&id) {
-        problems.push("The id may use letters, digits, . _ : / - and * wildcards.".to_owned());
-    }
+    let pattern = match IdPattern::parse(&id) {
+        Ok(p) => p,
+        Err(e) => {
+            problems.push(e.to_string());
+            IdPattern::any()
+        }
+    };
     let states = match state.as_deref() {
         None => None,
         Some(x) if x.eq_ignore_ascii_case("rejected") => Some(vec![
@@ -106,7 +110,7 @@ pub async fn promises<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) 
         return refused(&problems.join(" "));
     }
     let q = SearchQuery {
-        id: id.clone(),
+        id: pattern,
         states,
         tags,
         workspace: workspace.clone(),

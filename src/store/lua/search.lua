@@ -7,7 +7,8 @@
 -- (the second, or the settlement ms), ARGV[4] last id returned at that
 -- position or '', ARGV[5] phases to walk ('p', 's' or 'ps'), ARGV[6] page
 -- room, ARGV[7] index entries to examine at most, ARGV[8] states
--- (',STATE,...,' or ''), ARGV[9] id as a Lua pattern or '', ARGV[10] job id
+-- (',STATE,...,' or ''), ARGV[9] id glob ('*' wildcards, runs collapsed, at
+-- most eight: IdPattern) or '', ARGV[10] job id
 -- or '', ARGV[11] workspace or '', ARGV[12] tags as a JSON object or ''.
 -- Returns {{id, record}..., next phase, position, last id}: no next phase
 -- when the partition is done.
@@ -48,10 +49,46 @@ local function matches(rec)
   return true
 end
 
--- Reads one id: the record is fetched only if the id pattern allows it.
+-- The id glob's literal pieces between its stars. Matching is never a Lua
+-- pattern: `.*` backtracks, exponentially in the stars, inside one C call
+-- that nothing can interrupt. Here the first piece must start the id, the
+-- last end it, and each middle piece is found (plain, leftmost) after the
+-- one before: one substring search per piece, no retry. The loop runs once
+-- per star, and IdPattern allows at most eight.
+local pieces = {}
+if pattern ~= '' then
+  local from = 1
+  while true do
+    local star = string.find(pattern, '*', from, true)
+    if not star then
+      pieces[#pieces + 1] = string.sub(pattern, from)
+      break
+    end
+    pieces[#pieces + 1] = string.sub(pattern, from, star - 1)
+    from = star + 1
+  end
+end
+
+local function glob_match(id)
+  local n = #pieces
+  if n == 1 then return id == pieces[1] end
+  local first, final = pieces[1], pieces[n]
+  -- The middle pieces must lie in id[lo..hi], between the first and the last.
+  local lo, hi = #first + 1, #id - #final
+  if hi + 1 < lo then return false end
+  if string.sub(id, 1, #first) ~= first or string.sub(id, hi + 1) ~= final then return false end
+  for i = 2, n - 1 do
+    local s, e = string.find(id, pieces[i], lo, true)
+    if not s or e > hi then return false end
+    lo = e + 1
+  end
+  return true
+end
+
+-- Reads one id: the record is fetched only if the id glob allows it.
 local function visit(id)
   budget = budget - 1
-  if pattern ~= '' and not string.find(id, pattern) then return end
+  if pattern ~= '' and not glob_match(id) then return end
   local rec = redis.call('HGETALL', ARGV[1] .. id)
   if matches(rec) then
     out[#out + 1] = {id, rec}

@@ -91,24 +91,6 @@ fn walks(states: Option<&Vec<State>>) -> (bool, bool) {
     }
 }
 
-/// A search's `*` glob as an anchored Lua pattern: every other character
-/// that is not a letter or digit escaped (`-`, `.` and `%` are magic there).
-fn lua_pattern(glob: &str) -> String {
-    let mut p = String::from("^");
-    for c in glob.chars() {
-        match c {
-            '*' => p.push_str(".*"),
-            c if c.is_ascii_alphanumeric() => p.push(c),
-            c => {
-                p.push('%');
-                p.push(c);
-            }
-        }
-    }
-    p.push('$');
-    p
-}
-
 impl RedisStore {
     pub(super) async fn search_indexes(&self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
         let (pending, settled) = walks(q.states.as_ref());
@@ -134,11 +116,7 @@ impl RedisStore {
             }
             out
         });
-        let pattern = if q.id.is_empty() || q.id == "*" {
-            String::new()
-        } else {
-            lua_pattern(&q.id)
-        };
+        let pattern = if q.id.is_any() { "" } else { q.id.as_str() };
         let tags = if q.tags.is_empty() {
             String::new()
         } else {
@@ -162,7 +140,7 @@ impl RedisStore {
                 .arg(limit - out.len())
                 .arg(STEP_BUDGET)
                 .arg(&states)
-                .arg(&pattern)
+                .arg(pattern)
                 .arg(&job)
                 .arg(q.workspace.as_deref().unwrap_or(""))
                 .arg(&tags);
@@ -363,11 +341,5 @@ mod tests {
             walks(Some(&vec![State::Pending, State::RejectedTimedout])),
             (true, true)
         );
-    }
-
-    #[test]
-    fn glob_becomes_an_anchored_pattern() {
-        assert_eq!(lua_pattern("nightly-*"), "^nightly%-.*$");
-        assert_eq!(lua_pattern("a.b:c/d_e"), "^a%.b%:c%/d%_e$");
     }
 }

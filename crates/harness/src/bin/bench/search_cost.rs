@@ -128,7 +128,7 @@ async fn searches(store: &RedisStore, reps: usize) -> Result<f64> {
     for _ in 0..=reps {
         let t = Instant::now();
         let mut q = SearchQuery {
-            id: "*".into(),
+            id: runbridge::domain::IdPattern::any(),
             states: Some(vec![State::Pending]),
             limit: 1000,
             ..Default::default()

@@ -125,7 +125,7 @@ pub fn rss_report(samples: &[(f64, u32, u64)]) -> String {
 /// Every promise of the run (its key prefix is the run's own).
 pub async fn all_promises(store: &RedisStore) -> Result<Vec<runbridge::domain::Promise>> {
     let mut q = SearchQuery {
-        id: "*".into(),
+        id: runbridge::domain::IdPattern::any(),
         limit: 1000,
         ..Default::default()
     };
