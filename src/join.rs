@@ -85,6 +85,7 @@ pub async fn report<S: PromiseStore + Families>(
         strict: false,
         settled_by: SettledBy::Join,
         cancel_run: false,
+        capability: None,
     };
     let label = match store.settle(&settle).await? {
         SettleOutcome::Settled(_) => outcome.label,

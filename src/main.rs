@@ -309,6 +309,7 @@ async fn promise(s: &Settings, cmd: PromiseCmd) -> Result<()> {
                 strict: true,
                 settled_by: SettledBy::Operator,
                 cancel_run: false,
+                capability: None,
             };
             match store.settle(&req).await? {
                 SettleOutcome::Settled(p) | SettleOutcome::Deduplicated(p) => Ok(p.to_json()),
@@ -316,7 +317,8 @@ async fn promise(s: &Settings, cmd: PromiseCmd) -> Result<()> {
                     bail!("promise {id} had passed its timeout: it is now {}", p.state)
                 }
                 SettleOutcome::AlreadySettled(p) => bail!("promise {id} is already {}", p.state),
-                SettleOutcome::NotFound => bail!("no promise {id}"),
+                // An operator's settle carries no capability.
+                SettleOutcome::NotFound | SettleOutcome::NotOpened => bail!("no promise {id}"),
             }
         }
     };

@@ -453,7 +453,7 @@ mod tests {
                 settled_by: by.map(str::to_owned),
                 heartbeat_seconds: None,
                 cancel_on_timeout: true,
-                token_version: 2,
+                token_version: 3,
                 activity: Default::default(),
                 parent: (state == State::Rejected).then(|| crate::domain::promise::ChildOf {
                     parent: PromiseId::parse("parent").unwrap(),

@@ -24,7 +24,7 @@ fuzz_target!(|r: Request<'_>| {
     )])
     .unwrap();
     let id = PromiseId::parse("p-1").unwrap();
-    let valid = signer.sign(&id);
+    let valid = signer.sign(&id, 1_764_460_000_123);
     let mut headers = http::HeaderMap::new();
     if let Ok(v) = http::HeaderValue::from_str(r.content_type) {
         headers.insert(http::header::CONTENT_TYPE, v);
@@ -42,7 +42,7 @@ fuzz_target!(|r: Request<'_>| {
     } else {
         Completion::Resolve
     };
-    if let Ok((opened, _)) =
+    if let Ok((opened, _, _)) =
         runbridge::sidecar::parse_callback(&signer, completion, &headers, token, r.query, r.body)
     {
         // Only `p-1`'s token exists: nothing else can ever be opened.

@@ -293,7 +293,7 @@ mod tests {
             settled_by: Some("callback".into()),
             heartbeat_seconds: None,
             cancel_on_timeout: true,
-            token_version: 2,
+            token_version: 3,
             activity: Default::default(),
             parent: None,
             family: None,

@@ -160,9 +160,16 @@ impl IdempotencyToken {
     }
 }
 
-/// A capability token: `v1.` + base64url(HMAC-SHA256(secret, promise_id)).
-/// Holding it is the right to settle exactly one promise, so it is never logged
-/// (its `Debug` is redacted).
+/// A capability token. Holding it is the right to settle exactly one
+/// promise, so it is never logged (its `Debug` is redacted).
+/// - `v2.<created>.<mac>`: base64url(HMAC-SHA256(secret, "v2\0" + id + "\0" +
+///   created)), where `created` is the promise's creation time (ms, Redis's
+///   clock). It opens one incarnation of the id: once a settled promise has
+///   expired and its id is used again, the old run's token (which Databricks
+///   keeps in the run's parameters for up to 60 days) opens nothing.
+/// - `v1.<mac>`: base64url(HMAC-SHA256(secret, id)), handed out before
+///   tokens were bound. It still opens the promises created then (token
+///   version below 3), never one created since.
 #[derive(Clone, PartialEq, Eq)]
 pub struct CallbackToken(String);
 
@@ -172,27 +179,66 @@ impl fmt::Debug for CallbackToken {
     }
 }
 
+/// What a verified capability token opens besides its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Incarnation {
+    /// A `v1.` token: a promise of that id created before tokens were bound.
+    Legacy,
+    /// A `v2.` token: the promise of that id created at this ms.
+    Created(i64),
+}
+
 const TOKEN_PREFIX: &str = "v1.";
+const BOUND_PREFIX: &str = "v2.";
 /// base64url without padding of a 32-byte MAC.
 const TOKEN_MAC_LEN: usize = 43;
+
+fn is_mac(mac: &str) -> bool {
+    mac.len() == TOKEN_MAC_LEN
+        && mac
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
 
 impl CallbackToken {
     /// Checks the shape only; whether it opens a promise is [`CallbackSigner::verify`]'s job.
     pub fn parse(s: &str) -> Result<Self, IdError> {
-        let mac = s.strip_prefix(TOKEN_PREFIX).ok_or(IdError::CallbackToken)?;
-        if mac.len() != TOKEN_MAC_LEN
-            || !mac
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(IdError::CallbackToken);
+        let ok = if let Some(mac) = s.strip_prefix(TOKEN_PREFIX) {
+            is_mac(mac)
+        } else if let Some(rest) = s.strip_prefix(BOUND_PREFIX) {
+            rest.split_once('.').is_some_and(|(created, mac)| {
+                (1..=19).contains(&created.len())
+                    && created.bytes().all(|b| b.is_ascii_digit())
+                    && created.parse::<i64>().is_ok()
+                    && is_mac(mac)
+            })
+        } else {
+            false
+        };
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(IdError::CallbackToken)
         }
-        Ok(Self(s.to_owned()))
     }
 
     /// The token text, for building the callback URL handed to the run.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+
+    /// What the token claims to open besides the id, and its MAC (base64url).
+    fn claim(&self) -> (Incarnation, &str) {
+        match self.0.strip_prefix(BOUND_PREFIX) {
+            Some(rest) => {
+                let (created, mac) = rest.split_once('.').unwrap_or(("", rest));
+                (Incarnation::Created(created.parse().unwrap_or(-1)), mac)
+            }
+            None => (
+                Incarnation::Legacy,
+                self.0.strip_prefix(TOKEN_PREFIX).unwrap_or(""),
+            ),
+        }
     }
 }
 
@@ -235,34 +281,55 @@ impl CallbackSigner {
         Ok(Self { secrets })
     }
 
-    fn mac(secret: &SecretString, id: &PromiseId) -> HmacSha256 {
+    fn mac(secret: &SecretString, id: &PromiseId, bound: Incarnation) -> HmacSha256 {
         #[cfg(test)]
         MACS.with(|n| n.set(n.get() + 1));
         // HMAC accepts keys of any length, so this cannot fail.
         let mut mac = <HmacSha256 as Mac>::new_from_slice(secret.expose_secret().as_bytes())
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        mac.update(id.as_str().as_bytes());
+        match bound {
+            Incarnation::Legacy => mac.update(id.as_str().as_bytes()),
+            Incarnation::Created(ms) => {
+                mac.update(b"v2\0");
+                mac.update(id.as_str().as_bytes());
+                mac.update(b"\0");
+                mac.update(ms.to_string().as_bytes());
+            }
+        }
         mac
     }
 
-    pub fn sign(&self, id: &PromiseId) -> CallbackToken {
-        let tag = Self::mac(&self.secrets[0], id).finalize().into_bytes();
+    /// The token of the promise `id` created at `created_ms`.
+    pub fn sign(&self, id: &PromiseId, created_ms: i64) -> CallbackToken {
+        let tag = Self::mac(&self.secrets[0], id, Incarnation::Created(created_ms))
+            .finalize()
+            .into_bytes();
+        CallbackToken(format!(
+            "{BOUND_PREFIX}{created_ms}.{}",
+            URL_SAFE_NO_PAD.encode(tag)
+        ))
+    }
+
+    /// A token of the id alone, as handed out for promises created before
+    /// tokens were bound (their token version is below 3).
+    pub fn sign_legacy(&self, id: &PromiseId) -> CallbackToken {
+        let tag = Self::mac(&self.secrets[0], id, Incarnation::Legacy)
+            .finalize()
+            .into_bytes();
         CallbackToken(format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(tag)))
     }
 
-    /// Constant-time check against every active secret (`Mac::verify_slice`).
-    pub fn verify(&self, token: &CallbackToken, id: &PromiseId) -> bool {
-        let Some(Ok(tag)) = token
-            .0
-            .strip_prefix(TOKEN_PREFIX)
-            .map(|m| URL_SAFE_NO_PAD.decode(m))
-        else {
-            return false;
-        };
+    /// Constant-time check against every active secret (`Mac::verify_slice`):
+    /// what the token opens of `id`, or `None`. The caller still has to hold
+    /// the answer against the record ([`Incarnation`]).
+    pub fn verify(&self, token: &CallbackToken, id: &PromiseId) -> Option<Incarnation> {
+        let (bound, mac) = token.claim();
+        let tag = URL_SAFE_NO_PAD.decode(mac).ok()?;
         // Check every secret, not the first match, so timing does not say which one.
-        self.secrets.iter().fold(false, |ok, s| {
-            Self::mac(s, id).verify_slice(&tag).is_ok() | ok
-        })
+        let ok = self.secrets.iter().fold(false, |ok, s| {
+            Self::mac(s, id, bound).verify_slice(&tag).is_ok() | ok
+        });
+        ok.then_some(bound)
     }
 }
 
@@ -355,10 +422,32 @@ mod tests {
     #[test]
     fn token_opens_only_its_own_promise() {
         let s = signer(&["0123456789abcdef0123456789abcdef"]);
-        let t = s.sign(&id("a"));
+        let t = s.sign(&id("a"), 1_700_000_000_123);
         assert!(CallbackToken::parse(t.expose()).is_ok());
-        assert!(s.verify(&t, &id("a")));
-        assert!(!s.verify(&t, &id("b")));
+        assert_eq!(
+            s.verify(&t, &id("a")),
+            Some(Incarnation::Created(1_700_000_000_123))
+        );
+        assert_eq!(s.verify(&t, &id("b")), None);
+        let legacy = s.sign_legacy(&id("a"));
+        assert!(legacy.expose().starts_with("v1."));
+        assert_eq!(s.verify(&legacy, &id("a")), Some(Incarnation::Legacy));
+        assert_eq!(s.verify(&legacy, &id("b")), None);
+    }
+
+    /// The creation time is under the MAC: a token of one incarnation
+    /// edited to name another opens nothing.
+    #[test]
+    fn a_bound_token_cannot_be_moved_to_another_incarnation() {
+        let s = signer(&["0123456789abcdef0123456789abcdef"]);
+        let t = s.sign(&id("a"), 1_000);
+        let moved = t.expose().replacen("v2.1000.", "v2.1001.", 1);
+        let moved = CallbackToken::parse(&moved).unwrap();
+        assert_eq!(s.verify(&moved, &id("a")), None);
+        // Nor does its MAC pass as a v1 token.
+        let mac = t.expose().rsplit('.').next().unwrap();
+        let as_v1 = CallbackToken::parse(&format!("v1.{mac}")).unwrap();
+        assert_eq!(s.verify(&as_v1, &id("a")), None);
     }
 
     #[test]
@@ -369,10 +458,10 @@ mod tests {
             "old-secret-old-secret-old-secret-",
         ]);
         let new_only = signer(&["new-secret-new-secret-new-secret-"]);
-        let t = old.sign(&id("p"));
-        assert!(both.verify(&t, &id("p")));
-        assert!(!new_only.verify(&t, &id("p")));
-        assert!(both.verify(&both.sign(&id("p")), &id("p")));
+        let t = old.sign(&id("p"), 7);
+        assert!(both.verify(&t, &id("p")).is_some());
+        assert!(new_only.verify(&t, &id("p")).is_none());
+        assert!(both.verify(&both.sign(&id("p"), 7), &id("p")).is_some());
     }
 
     #[test]
@@ -380,11 +469,17 @@ mod tests {
         assert!(CallbackToken::parse("").is_err());
         assert!(CallbackToken::parse("v2.abc").is_err());
         let s = signer(&["0123456789abcdef0123456789abcdef"]);
-        let t = s.sign(&id("a"));
-        assert!(CallbackToken::parse(&format!("{}x", t.expose())).is_err());
-        assert!(CallbackToken::parse(&t.expose()[..t.expose().len() - 1]).is_err());
-        assert!(CallbackToken::parse(&t.expose().replace("v1.", "v1.!")).is_err());
-        assert!(!format!("{t:?}").contains(&t.expose()[3..]));
+        for t in [s.sign_legacy(&id("a")), s.sign(&id("a"), 42)] {
+            assert!(CallbackToken::parse(&format!("{}x", t.expose())).is_err());
+            assert!(CallbackToken::parse(&t.expose()[..t.expose().len() - 1]).is_err());
+            assert!(CallbackToken::parse(&t.expose().replacen(".", ".!", 1)).is_err());
+            assert!(!format!("{t:?}").contains(&t.expose()[10..]));
+        }
+        assert!(CallbackToken::parse(&format!("v2..{}", "A".repeat(43))).is_err());
+        assert!(CallbackToken::parse(&format!("v2.-1.{}", "A".repeat(43))).is_err());
+        assert!(
+            CallbackToken::parse(&format!("v2.{}.{}", "9".repeat(20), "A".repeat(43))).is_err()
+        );
     }
 
     #[test]
@@ -405,12 +500,12 @@ mod tests {
             "third-secret-0123456789abcdef-0123456789",
         ]);
         let id = id("p-1");
-        let by_first = s.sign(&id);
-        let by_third = signer(&["third-secret-0123456789abcdef-0123456789"]).sign(&id);
-        let forged = CallbackToken(format!("{TOKEN_PREFIX}{}", "A".repeat(43)));
+        let by_first = s.sign(&id, 1);
+        let by_third = signer(&["third-secret-0123456789abcdef-0123456789"]).sign(&id, 1);
+        let forged = CallbackToken(format!("{BOUND_PREFIX}1.{}", "A".repeat(43)));
         for (token, valid) in [(&by_first, true), (&by_third, true), (&forged, false)] {
             MACS.with(|n| n.set(0));
-            assert_eq!(s.verify(token, &id), valid);
+            assert_eq!(s.verify(token, &id).is_some(), valid);
             assert_eq!(MACS.with(|n| n.get()), 3, "one MAC per secret");
         }
     }

@@ -15,7 +15,7 @@ pub mod trigger;
 pub use event::CompletionEvent;
 pub use fanout::{FanOut, Join};
 pub use id_pattern::IdPattern;
-pub use ids::{CallbackSigner, CallbackToken, IdempotencyToken, PromiseId, RunId};
+pub use ids::{CallbackSigner, CallbackToken, IdempotencyToken, Incarnation, PromiseId, RunId};
 pub use promise::{Completion, Payload, Promise, SettledBy, State};
 pub use retry::{RetryMode, RetryPolicy};
 pub use trigger::{Envelope, Launch, Parameters, Trigger, TriggerError, TriggerRules, Work};

@@ -15,7 +15,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::fanout::Join;
-use super::ids::{IdempotencyToken, PromiseId, RunId};
+use super::ids::{CallbackSigner, CallbackToken, IdempotencyToken, Incarnation, PromiseId, RunId};
 use super::retry::RetryPolicy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, ToSchema)]
@@ -180,8 +180,10 @@ pub struct Promise {
     pub settled_by: Option<String>,
     pub heartbeat_seconds: Option<u64>,
     pub cancel_on_timeout: bool,
-    /// How the run's idempotency token is derived: 2 for every promise
-    /// created since versions exist, 1 (no field) for older ones.
+    /// How the run's tokens are derived: 1 (no field), the idempotency
+    /// token of the id alone; 2, the idempotency token bound to `created`;
+    /// 3 (every promise created since), the capability token bound to
+    /// `created` too ([`CallbackToken`]).
     pub token_version: u8,
     /// For the console's timeline: when the run id was recorded, the last
     /// heartbeat and how many, when the completion event was confirmed.
@@ -439,6 +441,26 @@ impl Promise {
         match self.token_version {
             1 => IdempotencyToken::derive(&self.workspace, &self.id),
             _ => IdempotencyToken::derive_v2(&self.workspace, &self.id, self.created_on),
+        }
+    }
+
+    /// The capability token handed to this promise's run: bound to its
+    /// creation time, or of the id alone for a promise created before
+    /// tokens were bound (so its run's token keeps working).
+    pub fn callback_token(&self, signer: &CallbackSigner) -> CallbackToken {
+        if self.token_version >= 3 {
+            signer.sign(&self.id, self.created_on)
+        } else {
+            signer.sign_legacy(&self.id)
+        }
+    }
+
+    /// Does a token that opens this id (as [`CallbackSigner::verify`]
+    /// answered) open this incarnation of it?
+    pub fn opened_by(&self, bound: Incarnation) -> bool {
+        match bound {
+            Incarnation::Legacy => self.token_version < 3,
+            Incarnation::Created(ms) => ms == self.created_on,
         }
     }
 

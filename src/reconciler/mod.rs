@@ -231,7 +231,7 @@ impl<S: PromiseStore + Lifecycle + Attempts, J: Jobs> Reconciler<S, J> {
                 // check pushes it forward, and checks come often enough to.
                 let mut d = self.next_check(p.created_on, p.timeout);
                 if let Some(hb) = p.heartbeat_seconds {
-                    self.store.heartbeat(id).await.map_err(other)?;
+                    self.store.heartbeat(id, None).await.map_err(other)?;
                     d = d.min(Duration::from_millis(hb * 1000 / 2));
                 }
                 tracing::debug!(promise.id = %id, %reason, "run queued");
@@ -371,6 +371,7 @@ impl<S: PromiseStore + Lifecycle + Attempts, J: Jobs> Reconciler<S, J> {
             strict: false,
             settled_by: SettledBy::Reconciler,
             cancel_run: false,
+            capability: None,
         };
         match self.store.settle(&req).await.map_err(other)? {
             SettleOutcome::Settled(p) | SettleOutcome::TimedOut(p) => {
@@ -615,6 +616,7 @@ pub async fn cancel_matching<S: PromiseStore>(
             strict: true,
             settled_by: by,
             cancel_run: true,
+            capability: None,
         };
         if let SettleOutcome::Settled(_) = store.settle(&req).await? {
             report.cancelled += 1;

@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 
-use crate::domain::{CallbackSigner, CallbackToken, PromiseId};
+use crate::domain::{CallbackSigner, CallbackToken, Incarnation, PromiseId};
 
 /// Every credential the request carries, path token first.
 pub fn credentials(headers: &HeaderMap, path_token: Option<&str>) -> Vec<String> {
@@ -40,12 +40,13 @@ pub fn credentials(headers: &HeaderMap, path_token: Option<&str>) -> Vec<String>
     out
 }
 
-/// Does one of the credentials open this promise?
-pub fn opens(signer: &CallbackSigner, creds: &[String], id: &PromiseId) -> bool {
+/// Does one of the credentials open this id, and which incarnation of it?
+/// (The caller holds the answer against the record: [`Incarnation`].)
+pub fn opens(signer: &CallbackSigner, creds: &[String], id: &PromiseId) -> Option<Incarnation> {
     creds
         .iter()
         .filter_map(|c| CallbackToken::parse(c).ok())
-        .any(|t| signer.verify(&t, id))
+        .find_map(|t| signer.verify(&t, id))
 }
 
 /// HTTP Basic with exactly this user and password (constant-time compare).

@@ -64,7 +64,9 @@ pub(super) async fn callback_settle<S: Store>(
 /// path, the query string, the body): the promise its token opens and the
 /// value, or the 4xx to answer. Authenticates on the raw id before anything
 /// else; a request that is not authenticated learns nothing else (401
-/// whatever is wrong). Pure, for the fuzz target `callback`.
+/// whatever is wrong). Also answers which incarnation of the id the token
+/// opens, for the store to hold against the record. Pure, for the fuzz
+/// target `callback`.
 pub fn parse_callback(
     signer: &CallbackSigner,
     completion: Completion,
@@ -72,7 +74,7 @@ pub fn parse_callback(
     path_token: Option<&str>,
     raw_query: Option<&str>,
     bytes: &[u8],
-) -> Result<(PromiseId, Payload), ApiError> {
+) -> Result<(PromiseId, Incarnation, Payload), ApiError> {
     let q = query_map(&raw_query.map(str::to_owned));
     let ct = headers
         .get(header::CONTENT_TYPE)
@@ -84,9 +86,11 @@ pub fn parse_callback(
             ApiError::bad_request("missing promise id: pass ?id= or {\"id\": ...}")
         })?;
     let creds = auth::credentials(headers, path_token);
-    let id = match PromiseId::parse(&id) {
-        Ok(id) if auth::opens(signer, &creds, &id) => id,
-        Ok(_) => return Err(ApiError::unauthorized()),
+    let (id, bound) = match PromiseId::parse(&id) {
+        Ok(id) => match auth::opens(signer, &creds, &id) {
+            Some(bound) => (id, bound),
+            None => return Err(ApiError::unauthorized()),
+        },
         Err(e) => {
             return Err(if creds.is_empty() {
                 ApiError::unauthorized()
@@ -104,7 +108,7 @@ pub fn parse_callback(
             .or(b.error)
             .or(b.value),
     };
-    Ok((id, payload_of(value)))
+    Ok((id, bound, payload_of(value)))
 }
 
 pub(super) async fn callback_settle_in_span<S: Store>(
@@ -116,7 +120,7 @@ pub(super) async fn callback_settle_in_span<S: Store>(
     body: Body,
 ) -> ApiResult {
     let bytes = read_body(st, headers, body).await?;
-    let (id, value) = parse_callback(
+    let (id, bound, value) = parse_callback(
         &st.signer,
         completion,
         headers,
@@ -128,6 +132,7 @@ pub(super) async fn callback_settle_in_span<S: Store>(
     if completion == Completion::Reject
         && !says_final(raw_query, headers, &bytes)
         && let Some(p) = st.store.get(&id).await?
+        && p.opened_by(bound)
         && !p.state.is_settled()
         && p.retry.policy.is_some()
     {
@@ -151,6 +156,7 @@ pub(super) async fn callback_settle_in_span<S: Store>(
         settled_by: SettledBy::Callback,
         // A notebook rejecting its own promise is finishing; nothing to cancel.
         cancel_run: false,
+        capability: Some(bound),
         id,
     };
     crate::failpoint!("sidecar.before_settle");
@@ -175,13 +181,13 @@ pub(super) async fn callback_heartbeat<S: Store>(
         .or(b.id)
         .ok_or_else(|| ApiError::bad_request("missing promise id"))?;
     let id = parse_id(&id)?;
-    if !auth::opens(&st.signer, &auth::credentials(headers, path_token), &id) {
-        return Err(ApiError::unauthorized());
-    }
-    match st.store.heartbeat(&id).await? {
+    let bound = auth::opens(&st.signer, &auth::credentials(headers, path_token), &id)
+        .ok_or_else(ApiError::unauthorized)?;
+    match st.store.heartbeat(&id, Some(bound)).await? {
         HeartbeatOutcome::Extended(p) => Ok(promise_response(StatusCode::OK, &p, false)),
         HeartbeatOutcome::Settled(p) => Err(ApiError::already_settled(&p)),
         HeartbeatOutcome::NotFound => Err(ApiError::not_found(id.as_str())),
+        HeartbeatOutcome::NotOpened => Err(ApiError::unauthorized()),
     }
 }
 

@@ -56,7 +56,8 @@ use openapi::{Health, NotificationAnswer, Readiness, SearchPage, SettleAnswers};
 use crate::domain::promise::{PromiseView, null_as_default};
 use crate::domain::tags::check_tags;
 use crate::domain::{
-    CallbackSigner, Completion, IdPattern, Payload, Promise, PromiseId, RunId, SettledBy, State,
+    CallbackSigner, Completion, IdPattern, Incarnation, Payload, Promise, PromiseId, RunId,
+    SettledBy, State,
 };
 use crate::reconciler::{CancelFilter, CancelReport, cancel_matching};
 use crate::store::{
@@ -306,6 +307,7 @@ fn settle_response(outcome: SettleOutcome, id: &PromiseId, strict: bool) -> ApiR
             Err(ApiError::already_settled(&p))
         }
         SettleOutcome::NotFound => Err(ApiError::not_found(id.as_str())),
+        SettleOutcome::NotOpened => Err(ApiError::unauthorized()),
     }
 }
 
@@ -413,7 +415,7 @@ mod hostile {
         ) {
             let s = signer();
             let id = PromiseId::parse("owned-1").unwrap();
-            let token = s.sign(&id);
+            let token = s.sign(&id, 1);
             let q = format!("id={other}&value={}", url::form_urlencoded::byte_serialize(value.as_bytes()).collect::<String>());
             let r = parse_callback(&s, Completion::Resolve, &HeaderMap::new(), Some(token.expose()), Some(&q), b"");
             if other == "owned-1" {

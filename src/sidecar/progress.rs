@@ -41,15 +41,19 @@ pub(super) async fn progress<S: Store>(
         .ok_or_else(|| ApiError::bad_request("missing promise id: pass ?id="))?;
     // Authenticated before anything about the body is said.
     let creds = auth::credentials(&h, token.as_deref());
-    let id = match PromiseId::parse(&id) {
-        Ok(id) if auth::opens(&st.signer, &creds, &id) => id,
-        _ => return Err(ApiError::unauthorized()),
+    let (id, bound) = match PromiseId::parse(&id) {
+        Ok(id) => match auth::opens(&st.signer, &creds, &id) {
+            Some(bound) => (id, bound),
+            None => return Err(ApiError::unauthorized()),
+        },
+        Err(_) => return Err(ApiError::unauthorized()),
     };
     let update = ProgressUpdate::parse(&bytes).map_err(ApiError::bad_request)?;
     let outcome = st
         .store
         .progress(
             &id,
+            Some(bound),
             update.members(),
             st.settings.progress_interval,
             st.settings.progress_history,
@@ -70,6 +74,7 @@ pub(super) async fn progress<S: Store>(
             format!("promise {id} is already {state}"),
         )),
         ProgressOutcome::NotFound => Err(ApiError::not_found(id.as_str())),
+        ProgressOutcome::NotOpened => Err(ApiError::unauthorized()),
     }
 }
 

@@ -3,10 +3,38 @@
 
 use super::*;
 
-/// Who may act on `/promises/{id}`: an operator, or the promise's own token.
+/// Who may act on `/promises/{id}`: an operator, or the promise's own token
+/// (and what it opens of the id, held against the record where it is read).
+#[derive(Debug, Clone, Copy)]
 pub(super) enum Caller {
     Operator,
-    Capability,
+    Capability(Incarnation),
+}
+
+impl Caller {
+    /// What the store checks the record against (`None`: an operator).
+    pub(super) fn capability(self) -> Option<Incarnation> {
+        match self {
+            Caller::Operator => None,
+            Caller::Capability(c) => Some(c),
+        }
+    }
+
+    pub(super) fn settled_by(self) -> SettledBy {
+        match self {
+            Caller::Operator => SettledBy::Operator,
+            Caller::Capability(_) => SettledBy::Callback,
+        }
+    }
+
+    /// May this caller see that promise? A token of an earlier incarnation
+    /// of the id may not (answered as if it opened nothing).
+    pub(super) fn sees(self, p: &Promise) -> Result<(), ApiError> {
+        match self {
+            Caller::Capability(c) if !p.opened_by(c) => Err(ApiError::unauthorized()),
+            _ => Ok(()),
+        }
+    }
 }
 
 pub(super) fn caller_for<S>(
@@ -35,10 +63,9 @@ pub(super) fn caller_among<S>(
     if operator_allowed && auth::is_operator(&st.operator_tokens, creds) {
         return Ok(Caller::Operator);
     }
-    if auth::opens(&st.signer, creds, id) {
-        return Ok(Caller::Capability);
-    }
-    Err(ApiError::unauthorized())
+    auth::opens(&st.signer, creds, id)
+        .map(Caller::Capability)
+        .ok_or_else(ApiError::unauthorized)
 }
 
 pub(super) fn require_operator<S>(st: &AppState<S>, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -88,6 +115,7 @@ pub(super) fn parse_wait(s: &str) -> Result<Duration, ApiError> {
 
 pub(super) async fn read_promise<S: Store>(
     st: &AppState<S>,
+    caller: Caller,
     id: &PromiseId,
     wait: Option<Duration>,
 ) -> ApiResult {
@@ -99,6 +127,7 @@ pub(super) async fn read_promise<S: Store>(
             .get(id)
             .await?
             .ok_or_else(|| ApiError::not_found(id.as_str()))?;
+        caller.sees(&p)?;
         let now = tokio::time::Instant::now();
         if p.state.is_settled() || now >= deadline {
             return Ok((StatusCode::OK, Json(view_with_children(st, &p).await?)).into_response());
@@ -159,12 +188,12 @@ pub(super) async fn get_promise<S: Store>(
     RawQuery(q): RawQuery,
 ) -> ApiResult {
     let id = parse_id(&path.id)?;
-    caller_for(&st, &h, path.token.as_deref(), &id)?;
+    let caller = caller_for(&st, &h, path.token.as_deref(), &id)?;
     let wait = query_map(&q)
         .get("wait")
         .map(|w| parse_wait(w))
         .transpose()?;
-    read_promise(&st, &id, wait).await
+    read_promise(&st, caller, &id, wait).await
 }
 
 /// Complete a promise (Durable Promise specification).
@@ -200,11 +229,9 @@ pub(super) async fn complete<S: Store>(
         value,
         ikey: ikey(&headers),
         strict,
-        settled_by: match caller {
-            Caller::Operator => SettledBy::Operator,
-            Caller::Capability => SettledBy::Callback,
-        },
+        settled_by: caller.settled_by(),
         cancel_run: target == State::RejectedCanceled,
+        capability: caller.capability(),
     };
     let outcome = st.store.settle(&req).await?;
     settle_response(outcome, &req.id, strict)

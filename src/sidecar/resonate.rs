@@ -22,7 +22,7 @@
 //! The HTTP status is `head.status`: the SDK takes 200, 404, 409, 422 and
 //! 501 as answers, anything else as a failure of the server.
 
-use super::promises::{Caller, caller_among, creation_timeout, require_operator_among};
+use super::promises::{caller_among, creation_timeout, require_operator_among};
 use super::*;
 
 /// The protocol version runbridge answers with: the one `@resonatehq/sdk`
@@ -237,9 +237,12 @@ async fn dispatch<S: Store>(
         "promise.get" => {
             let d: IdData = parse(kind, data)?;
             let id = parse_id(&d.id)?;
-            caller_among(st, creds, true, &id)?;
+            let caller = caller_among(st, creds, true, &id)?;
             match st.store.get(&id).await? {
-                Some(p) => one(&p),
+                Some(p) => {
+                    caller.sees(&p)?;
+                    one(&p)
+                }
                 None => Err(ApiError::not_found(id.as_str())),
             }
         }
@@ -281,11 +284,9 @@ async fn dispatch<S: Store>(
                 value: d.value,
                 ikey: None,
                 strict: false,
-                settled_by: match by {
-                    Caller::Operator => SettledBy::Operator,
-                    Caller::Capability => SettledBy::Callback,
-                },
+                settled_by: by.settled_by(),
                 cancel_run: target == State::RejectedCanceled,
+                capability: by.capability(),
             };
             match st.store.settle(&req).await? {
                 SettleOutcome::Settled(p)
@@ -293,6 +294,7 @@ async fn dispatch<S: Store>(
                 | SettleOutcome::Deduplicated(p)
                 | SettleOutcome::AlreadySettled(p) => one(&p),
                 SettleOutcome::NotFound => Err(ApiError::not_found(req.id.as_str())),
+                SettleOutcome::NotOpened => Err(ApiError::unauthorized()),
             }
         }
         "promise.search" => {

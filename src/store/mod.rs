@@ -24,7 +24,7 @@ pub use redis_store::{RedisStore, SentinelSettings, StoreSettings, Topology};
 use crate::domain::fanout::JoinState;
 use crate::domain::promise::CorruptRecord;
 use crate::domain::promise::{ChildOf, Family};
-use crate::domain::{IdPattern, Payload, Promise, PromiseId, RunId, SettledBy, State};
+use crate::domain::{IdPattern, Incarnation, Payload, Promise, PromiseId, RunId, SettledBy, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -44,6 +44,17 @@ pub enum StoreError {
 impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// A capability's claim as the store's scripts check it (`opens` in
+/// common.lua): '' no token, 'v1' a token of the id alone, else the
+/// creation ms a token is bound to.
+pub(crate) fn capability_arg(c: Option<Incarnation>) -> String {
+    match c {
+        None => String::new(),
+        Some(Incarnation::Legacy) => "v1".into(),
+        Some(Incarnation::Created(ms)) => ms.to_string(),
     }
 }
 
@@ -126,6 +137,9 @@ pub struct Settle {
     pub settled_by: SettledBy,
     /// Also cancel the promise's Databricks run (scheduled in the same step).
     pub cancel_run: bool,
+    /// What the caller's capability token opens, checked against the record
+    /// in the same step; `None`: no token (an operator, the bridge itself).
+    pub capability: Option<Incarnation>,
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +153,9 @@ pub enum SettleOutcome {
     /// Settled otherwise before; nothing changed.
     AlreadySettled(Promise),
     NotFound,
+    /// The capability token opens another incarnation of this id (one that
+    /// expired before the id was used again); nothing changed.
+    NotOpened,
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +163,8 @@ pub enum HeartbeatOutcome {
     Extended(Promise),
     Settled(Promise),
     NotFound,
+    /// As [`SettleOutcome::NotOpened`].
+    NotOpened,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -206,9 +225,11 @@ pub trait PromiseStore: Clone + Send + Sync + 'static {
         &self,
         req: &Settle,
     ) -> impl Future<Output = Result<SettleOutcome, StoreError>> + Send;
+    /// A heartbeat; `capability` as for [`Settle::capability`].
     fn heartbeat(
         &self,
         id: &PromiseId,
+        capability: Option<Incarnation>,
     ) -> impl Future<Output = Result<HeartbeatOutcome, StoreError>> + Send;
     fn get(
         &self,
@@ -414,6 +435,8 @@ pub enum ProgressOutcome {
     Recorded(u64),
     Settled(State),
     NotFound,
+    /// As [`SettleOutcome::NotOpened`].
+    NotOpened,
 }
 
 /// Retries and progress (docs/contracts.md, retries and progress), each
@@ -468,6 +491,7 @@ pub trait Attempts: Clone + Send + Sync + 'static {
     fn progress(
         &self,
         id: &PromiseId,
+        capability: Option<Incarnation>,
         members: &str,
         interval: Duration,
         history: u32,

@@ -212,8 +212,7 @@ async fn launch_child<S: PromiseStore + Families, J: Jobs>(
     let Some(run) = child.launch() else {
         return Ok(());
     };
-    let workspace = workspace_of(ctx, child);
-    match launch_created(ctx, child, run, &workspace, promise).await {
+    match launch_created(ctx, child, run, promise).await {
         Disposition::Ack | Disposition::ReplyThenAck(_) => Ok(()),
         Disposition::Requeue(reason)
         | Disposition::Hold(reason)

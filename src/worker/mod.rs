@@ -142,9 +142,10 @@ impl<S: PromiseStore + Families, J: Jobs> WorkerContext<S, J> {
         &self,
         t: &Trigger,
         run: &Launch,
-        workspace: &str,
+        promise: &Promise,
     ) -> Result<LaunchRequest, DatabricksError> {
-        let token = self.signer.sign(&t.id);
+        let workspace = promise.workspace.as_str();
+        let token = promise.callback_token(&self.signer);
         let extra = launch::callback_values(
             &self.params,
             t.id.as_str(),
@@ -312,7 +313,7 @@ async fn process_in_span<S: PromiseStore + Families, J: Jobs>(
         launched("already_settled");
         return reply_for(&promise, &t);
     }
-    launch_created(ctx, &t, run, &workspace, &promise).await
+    launch_created(ctx, &t, run, &promise).await
 }
 
 /// Steps 3 to 5 for a created promise (a trigger's, or a parent's child):
@@ -321,7 +322,6 @@ pub(crate) async fn launch_created<S: PromiseStore + Families, J: Jobs>(
     ctx: &WorkerContext<S, J>,
     t: &Trigger,
     run: &Launch,
-    workspace: &str,
     promise: &Promise,
 ) -> Disposition {
     let span = tracing::Span::current();
@@ -333,7 +333,7 @@ pub(crate) async fn launch_created<S: PromiseStore + Families, J: Jobs>(
 
     // 3. Launch with the derived token: a repeat gets the same run back.
     let token = promise.idempotency_token();
-    let result = launch(ctx, t, run, workspace, &token).await;
+    let result = launch(ctx, t, run, promise, &token).await;
     match result {
         Ok(run) => {
             span.record("databricks.run_id", run.get());
@@ -370,6 +370,7 @@ pub(crate) async fn launch_created<S: PromiseStore + Families, J: Jobs>(
                 strict: false,
                 settled_by: SettledBy::Worker,
                 cancel_run: false,
+                capability: None,
             };
             tracing::warn!(status, error_code = %body.error_code, "databricks refused the launch; rejecting the promise");
             launched("refused");
@@ -399,10 +400,11 @@ pub(crate) async fn launch<S: PromiseStore + Families, J: Jobs>(
     ctx: &WorkerContext<S, J>,
     t: &Trigger,
     run: &Launch,
-    workspace: &str,
+    promise: &Promise,
     token: &crate::domain::IdempotencyToken,
 ) -> Result<crate::domain::RunId, DatabricksError> {
-    let req = ctx.launch_request(t, run, workspace).await?;
+    let workspace = promise.workspace.as_str();
+    let req = ctx.launch_request(t, run, promise).await?;
     let result = ctx
         .jobs
         .launch(workspace, &req, token, t.traceparent.as_deref())
@@ -413,7 +415,7 @@ pub(crate) async fn launch<S: PromiseStore + Families, J: Jobs>(
         return result;
     };
     ctx.job_styles.forget(workspace, *job_id);
-    match ctx.launch_request(t, run, workspace).await {
+    match ctx.launch_request(t, run, promise).await {
         Ok(again) if again != req => {
             ctx.jobs
                 .launch(workspace, &again, token, t.traceparent.as_deref())

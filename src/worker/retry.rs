@@ -81,6 +81,7 @@ async fn refuse<S: PromiseStore>(
             strict: false,
             settled_by: SettledBy::Worker,
             cancel_run: false,
+            capability: None,
         })
         .await?;
     Ok(())
@@ -100,7 +101,7 @@ async fn rerun<S: PromiseStore + Families + Attempts, J: Jobs>(
         return Ok(());
     };
     let token = IdempotencyToken::for_attempt(&p.idempotency_token(), &p.id, n);
-    match launch(ctx, &t, run, &p.workspace, &token).await {
+    match launch(ctx, &t, run, p, &token).await {
         Ok(run) => {
             crate::failpoint!("retry.after_relaunch");
             ctx.store.attempt_started(&p.id, n, run, None).await?;

@@ -390,6 +390,7 @@ async fn family_steps_in_the_store_are_idempotent() {
         strict: false,
         settled_by: SettledBy::Operator,
         cancel_run: false,
+        capability: None,
     };
     store.create(&child(0)).await.unwrap();
     let runbridge::store::SettleOutcome::Settled(c0) = store

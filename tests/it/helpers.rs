@@ -594,6 +594,19 @@ impl TestApp {
         .await
     }
 
+    /// The capability token `signer` makes for the promise `id` as stored
+    /// now (tokens are bound to the promise's creation time).
+    pub async fn token_from(
+        &self,
+        signer: &runbridge::domain::CallbackSigner,
+        id: &PromiseId,
+    ) -> runbridge::domain::CallbackToken {
+        self.promise(id.as_str())
+            .await
+            .expect("the promise to sign for")
+            .callback_token(signer)
+    }
+
     pub fn operator(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         rb.bearer_auth(&self.operator_token)
     }

@@ -178,7 +178,7 @@ async fn callback_secret_rotation_and_tampered_tokens() {
     // Rotation under way: tokens handed out before and after both work.
     for signer in [&old, &new] {
         let id = pending_promise(&app, "rot").await;
-        let r = resolve(&both, &signer.sign(&id), id.as_str())
+        let r = resolve(&both, &app.token_from(signer, &id).await, id.as_str())
             .send()
             .await
             .unwrap();
@@ -190,7 +190,7 @@ async fn callback_secret_rotation_and_tampered_tokens() {
     }
     // The old secret removed: its tokens are refused, the new ones work.
     let id = pending_promise(&app, "rot-old").await;
-    let r = resolve(&only_new, &old.sign(&id), id.as_str())
+    let r = resolve(&only_new, &app.token_from(&old, &id).await, id.as_str())
         .send()
         .await
         .unwrap();
@@ -199,7 +199,7 @@ async fn callback_secret_rotation_and_tampered_tokens() {
         app.promise(id.as_str()).await.unwrap().state.to_string(),
         "PENDING"
     );
-    let r = resolve(&only_new, &new.sign(&id), id.as_str())
+    let r = resolve(&only_new, &app.token_from(&new, &id).await, id.as_str())
         .send()
         .await
         .unwrap();
@@ -208,7 +208,7 @@ async fn callback_secret_rotation_and_tampered_tokens() {
     // Tampering, against the app's own sidecar (OLD signs there).
     let a = pending_promise(&app, "tamper-a").await;
     let b = pending_promise(&app, "tamper-b").await;
-    let good = old.sign(&a).expose().to_owned();
+    let good = app.token_from(&old, &a).await.expose().to_owned();
     let flipped: String = {
         // Flip the case of the last letter of the MAC part.
         let i = good.rfind(|c: char| c.is_ascii_alphabetic()).unwrap();
@@ -305,7 +305,7 @@ async fn a_slow_body_times_out() {
     .await;
     let id = pending_promise(&app, "slow").await;
     let signer = signer_of(LOCAL_CALLBACK_SECRET);
-    let token = signer.sign(&id);
+    let token = app.token_from(&signer, &id).await;
     let addr = app.sidecar_url.trim_start_matches("http://").to_owned();
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let body = format!(r#"{{"id":"{id}","value":"v"}}"#);
@@ -345,7 +345,7 @@ async fn odd_ids_and_oversized_headers_are_refused() {
     .await;
     let owned = pending_promise(&app, "owned").await;
     let signer = signer_of(LOCAL_CALLBACK_SECRET);
-    let token = signer.sign(&owned);
+    let token = app.token_from(&signer, &owned).await;
     let base = app.sidecar_url.clone();
     let long = "a".repeat(201);
     let dotted = format!("{}/../{}", owned.as_str(), owned.as_str());

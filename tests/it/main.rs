@@ -6,6 +6,7 @@
 mod auth;
 mod budget;
 mod callbacks;
+mod capabilities;
 mod check;
 mod core_loop;
 mod costs;

@@ -215,6 +215,7 @@ async fn run(store: &RedisStore, ids: &[PromiseId], op: &Op) -> Answer {
                 strict: *strict,
                 settled_by: SettledBy::Operator,
                 cancel_run: *target == State::RejectedCanceled,
+                capability: None,
             };
             match store.settle(&req).await.unwrap() {
                 SettleOutcome::Settled(p) => Answer::Settled(p.state),
@@ -222,6 +223,7 @@ async fn run(store: &RedisStore, ids: &[PromiseId], op: &Op) -> Answer {
                 SettleOutcome::Deduplicated(p) => Answer::Deduplicated(p.state),
                 SettleOutcome::AlreadySettled(p) => Answer::AlreadySettled(p.state),
                 SettleOutcome::NotFound => Answer::NotFound,
+                SettleOutcome::NotOpened => unreachable!("no capability was given"),
             }
         }
         Op::Expire { .. } => match store.expire(&id).await.unwrap() {
@@ -229,10 +231,11 @@ async fn run(store: &RedisStore, ids: &[PromiseId], op: &Op) -> Answer {
             ExpireOutcome::NotDue => Answer::NotDue,
             ExpireOutcome::Settled => Answer::SweptSettledOrGone,
         },
-        Op::Heartbeat { .. } => match store.heartbeat(&id).await.unwrap() {
+        Op::Heartbeat { .. } => match store.heartbeat(&id, None).await.unwrap() {
             HeartbeatOutcome::Extended(_) => Answer::Extended,
             HeartbeatOutcome::Settled(p) => Answer::HeartbeatOnSettled(p.state),
             HeartbeatOutcome::NotFound => Answer::NotFound,
+            HeartbeatOutcome::NotOpened => unreachable!("no capability was given"),
         },
         Op::Get { .. } => Answer::Got(store.get(&id).await.unwrap().map(|p| p.state)),
     }

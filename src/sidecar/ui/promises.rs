@@ -561,6 +561,7 @@ pub async fn act<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
         strict: true,
         settled_by: SettledBy::Operator,
         cancel_run: target == State::RejectedCanceled,
+        capability: None,
     };
     match st.store.settle(&req).await {
         Ok(SettleOutcome::Settled(_)) => see_other(&format!(
@@ -578,7 +579,8 @@ pub async fn act<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
                 p.state
             ))
         )),
-        Ok(SettleOutcome::NotFound) => error_page(
+        // No capability was given, so none can fail to open it.
+        Ok(SettleOutcome::NotFound | SettleOutcome::NotOpened) => error_page(
             &s,
             StatusCode::NOT_FOUND,
             "No such promise; nothing was changed.",

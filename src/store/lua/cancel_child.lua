@@ -22,6 +22,6 @@ if st == 'PENDING' then
 end
 if st then return {'ALREADY', st} end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', 'PENDING', 'created', now,
-  'timeout', string.format('%d', now), 'tv', '2', 'par', ARGV[4], 'pn', ARGV[5])
+  'timeout', string.format('%d', now), 'tv', '3', 'par', ARGV[4], 'pn', ARGV[5])
 settle_record(KEYS, ARGV[1], 'REJECTED_CANCELED', ARGV[2], '', 'parent', ARGV[3], now, false, true)
 return {'WRITTEN'}

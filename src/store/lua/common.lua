@@ -6,6 +6,18 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Does the caller's capability open this incarnation of the promise
+-- (domain::ids, CallbackToken)? bound: '' no token (an operator, the bridge
+-- itself); 'v1' a token of the id alone, which opens only promises created
+-- before tokens were bound (token version below 3); else the creation ms a
+-- token is bound to.
+local function opens(promise, bound)
+  if bound == '' then return true end
+  local f = redis.call('HMGET', promise, 'tv', 'created')
+  if bound == 'v1' then return (tonumber(f[1]) or 1) < 3 end
+  return tonumber(f[2]) == tonumber(bound)
+end
+
 -- Pending promises per creation second: their count (for the oldest
 -- pending age and the console's ages) and their ids (searches walk them in
 -- creation order), +1 at create, -1 at settle; a second whose count reaches
@@ -109,10 +121,11 @@ local function create_record(k, a, first)
   local now = now_ms()
   local timeout = tonumber(a[3])
   if timeout == 0 then timeout = now + tonumber(a[2]) end
-  -- tv: the run's idempotency token is version 2, bound to 'created'.
+  -- tv: 3, the run's idempotency token is version 2 and the capability
+  -- token is bound to 'created' (domain::ids, CallbackToken).
   -- Integers are written with %d: Lua prints a number of 15 digits or more as
   -- 1e+17, which no reader parses back.
-  local fields = {'id', a[1], 'state', 'PENDING', 'created', now, 'timeout', string.format('%d', timeout), 'tv', '2'}
+  local fields = {'id', a[1], 'state', 'PENDING', 'created', now, 'timeout', string.format('%d', timeout), 'tv', '3'}
   for i = first, #a, 2 do
     if a[i + 1] ~= '' then
       fields[#fields + 1] = a[i]

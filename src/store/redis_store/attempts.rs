@@ -156,6 +156,7 @@ impl Attempts for RedisStore {
     async fn progress(
         &self,
         id: &PromiseId,
+        capability: Option<Incarnation>,
         members: &str,
         interval: Duration,
         history: u32,
@@ -171,11 +172,13 @@ impl Attempts for RedisStore {
                     .arg(id.as_str())
                     .arg(members)
                     .arg(millis(interval))
-                    .arg(history),
+                    .arg(history)
+                    .arg(capability_arg(capability)),
             )
             .await?;
         let (status, rest) = split_reply(v)?;
         Ok(match status.as_str() {
+            "NOT_OPENED" => ProgressOutcome::NotOpened,
             "OK" => ProgressOutcome::Recorded(
                 redis::from_redis_value(rest).map_err(|e| StoreError::Protocol(e.to_string()))?,
             ),

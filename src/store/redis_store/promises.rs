@@ -109,7 +109,7 @@ impl RedisStore {
                     (field::STATE.to_owned(), State::Pending.as_str().to_owned()),
                     (field::CREATED.to_owned(), created),
                     (field::TIMEOUT.to_owned(), timeout),
-                    (field::TOKEN_VERSION.to_owned(), "2".to_owned()),
+                    (field::TOKEN_VERSION.to_owned(), "3".to_owned()),
                 ]);
                 if let Some(hb) = new.heartbeat {
                     fields.insert(field::HEARTBEAT.to_owned(), hb.as_secs().to_string());
@@ -195,11 +195,14 @@ impl PromiseStore for RedisStore {
             .arg(req.settled_by.as_str())
             .arg(self.retention_ms)
             .arg(json(&timed_out))
-            .arg(if req.cancel_run { "1" } else { "0" });
+            .arg(if req.cancel_run { "1" } else { "0" })
+            .arg(capability_arg(req.capability));
         let v = self.transition(&inv).await?;
         let (status, rest) = split_reply(v)?;
-        if status == "NOT_FOUND" {
-            return Ok(SettleOutcome::NotFound);
+        match status.as_str() {
+            "NOT_FOUND" => return Ok(SettleOutcome::NotFound),
+            "NOT_OPENED" => return Ok(SettleOutcome::NotOpened),
+            _ => {}
         }
         let promise = record(rest)?;
         if matches!(status.as_str(), "SETTLED" | "TIMEDOUT") {
@@ -214,19 +217,25 @@ impl PromiseStore for RedisStore {
         })
     }
 
-    async fn heartbeat(&self, id: &PromiseId) -> Result<HeartbeatOutcome, StoreError> {
+    async fn heartbeat(
+        &self,
+        id: &PromiseId,
+        capability: Option<Incarnation>,
+    ) -> Result<HeartbeatOutcome, StoreError> {
         let p = self.keys.partition(id);
         let v = self
             .transition(
                 Call::new(&self.scripts.heartbeat)
                     .key(self.keys.promise(id))
                     .key(self.keys.deadlines(p))
-                    .arg(id.as_str()),
+                    .arg(id.as_str())
+                    .arg(capability_arg(capability)),
             )
             .await?;
         let (status, rest) = split_reply(v)?;
         Ok(match status.as_str() {
             "NOT_FOUND" => HeartbeatOutcome::NotFound,
+            "NOT_OPENED" => HeartbeatOutcome::NotOpened,
             "OK" => HeartbeatOutcome::Extended(record(rest)?),
             "SETTLED" => HeartbeatOutcome::Settled(record(rest)?),
             other => return Err(StoreError::Protocol(format!("heartbeat: {other}"))),

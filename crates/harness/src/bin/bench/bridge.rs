@@ -20,7 +20,8 @@ use runbridge_testkit::free_port;
 use tokio::process::{Child, Command};
 
 use crate::lab::{
-    Env, consuming, drained, emulator, publish_all, raw_channel, stop, trigger_bodies, wait_port,
+    Env, callback_tokens, consuming, drained, emulator, publish_all, raw_channel, stop,
+    trigger_bodies, wait_port,
 };
 use crate::measure::{closed_loop, event_index, failures, percentile};
 use crate::report::Row;
@@ -206,17 +207,26 @@ async fn side(
     wait_port(port, "callback server").await?;
     // The runbridge worker's relay joins its consumer group.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // runbridge's tokens are bound to each promise's creation time: read
+    // before the clock starts.
+    let tokens = match py {
+        Some(_) => Vec::new(),
+        None => {
+            let ids = (0..total)
+                .map(|i| runbridge::domain::PromiseId::parse(&format!("{prefix}-{i:07}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let store = runbridge::startup::store(&s).await?;
+            callback_tokens(&store, &signer, &ids).await?
+        }
+    };
     let url = |i: usize| {
         let id = format!("{prefix}-{i:07}");
-        match py {
-            Some(_) => format!("{callback_base}/resolve?id={id}&value=ok"),
-            None => match runbridge::domain::PromiseId::parse(&id) {
-                Ok(pid) => format!(
-                    "{callback_base}/cb/{}/resolve?id={id}&value=ok",
-                    signer.sign(&pid).expose()
-                ),
-                Err(_) => String::new(),
-            },
+        match (py, tokens.get(i)) {
+            (Some(_), _) => format!("{callback_base}/resolve?id={id}&value=ok"),
+            (None, Some(Some(token))) => {
+                format!("{callback_base}/cb/{token}/resolve?id={id}&value=ok")
+            }
+            (None, _) => String::new(),
         }
     };
     let t = Instant::now();

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use futures_util::{StreamExt, stream};
 use runbridge::broker::{Broker, BrokerSettings};
 use runbridge::config::Settings;
-use runbridge::domain::{PromiseId, RunId};
+use runbridge::domain::{CallbackSigner, PromiseId, RunId};
 use runbridge::store::{NewPromise, PromiseStore, RedisStore, Timeout};
 use runbridge_testkit::free_port;
 use serde_json::{Value, json};
@@ -242,6 +242,26 @@ pub(crate) async fn pending_promises(
         .await;
     results.into_iter().collect::<Result<Vec<()>>>()?;
     Ok(ids)
+}
+
+/// Each promise's capability token (bound to its creation time, so read
+/// from the store), in the order of `ids`; `None` for one not found.
+pub(crate) async fn callback_tokens(
+    store: &RedisStore,
+    signer: &CallbackSigner,
+    ids: &[PromiseId],
+) -> Result<Vec<Option<String>>> {
+    let found: Vec<Result<Option<String>>> = stream::iter(ids)
+        .map(|id| async move {
+            Ok(store
+                .get(id)
+                .await?
+                .map(|p| p.callback_token(signer).expose().to_owned()))
+        })
+        .buffered(256)
+        .collect()
+        .await;
+    found.into_iter().collect()
 }
 
 pub(crate) fn new_promise(id: &PromiseId, timeout: Timeout) -> NewPromise {

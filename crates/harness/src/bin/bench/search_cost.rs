@@ -97,6 +97,7 @@ async fn settle_many(
                     strict: false,
                     settled_by: SettledBy::Operator,
                     cancel_run: false,
+                    capability: None,
                 })
                 .await?;
             Ok(())
