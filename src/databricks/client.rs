@@ -371,6 +371,7 @@ impl Client {
         let status_label = match &sent {
             Ok(r) => r.status().as_u16().to_string(),
             Err(e) if e.is_timeout() => "timeout".into(),
+            Err(e) if e.is_builder() => "invalid_request".into(),
             Err(_) => "connection_error".into(),
         };
         metrics::counter!("runbridge_databricks_requests_total", "endpoint" => endpoint, "status" => status_label)
@@ -378,6 +379,15 @@ impl Client {
         metrics::histogram!("runbridge_databricks_request_duration_seconds", "endpoint" => endpoint)
             .record(started.elapsed().as_secs_f64());
         let resp = sent.map_err(|e| {
+            if e.is_builder() {
+                // Nothing was sent: the request itself cannot be built (a
+                // header value that is not one), and it fails the same way
+                // every time, so it is not tried again in place.
+                return Attempt::Stop(DatabricksError::Protocol {
+                    endpoint,
+                    reason: format!("the request could not be built: {e}"),
+                });
+            }
             retry(if e.is_timeout() {
                 "timeout".into()
             } else {

@@ -10,6 +10,7 @@ pub mod progress;
 pub mod promise;
 pub mod retry;
 pub mod tags;
+pub mod trace;
 pub mod trigger;
 
 pub use event::CompletionEvent;

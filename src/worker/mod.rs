@@ -208,7 +208,8 @@ pub(crate) fn stored_trigger(p: &Promise) -> Result<Trigger, TriggerError> {
         ..Default::default()
     };
     let mut t = Trigger::parse(&env, &TriggerRules::accepted())?;
-    t.traceparent = p.traceparent.clone();
+    // Checked again: a record written before the check existed may hold anything.
+    t.traceparent = crate::domain::trace::checked_traceparent(p.traceparent.clone());
     Ok(t)
 }
 

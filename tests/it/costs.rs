@@ -152,3 +152,31 @@ async fn the_store_matches_ids_as_the_reference_does() {
         assert_eq!(found, expected, "seed {seed}: {glob}");
     }
 }
+
+/// Triggers whose `traceparent` holds a line break (it would go on to
+/// Databricks as an HTTP header no client can build) are run without it,
+/// and a normal trigger published behind 64 of them, more than every
+/// prefetch slot, is not held up: all of them end RESOLVED.
+#[tokio::test]
+async fn malformed_traceparents_hold_no_trigger_up() {
+    let mut app = TestApp::spawn().await;
+    let mut ids = Vec::new();
+    for i in 0..64 {
+        let id = format!("{}-tp-{i}", app.name);
+        let body = serde_json::to_vec(&trigger(&id, JOB_CALLBACK)).unwrap();
+        let bad = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nX-Injected: 1";
+        app.publisher
+            .publish_trigger_traced(&body, bad)
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let normal = format!("{}-normal", app.name);
+    app.publish(&trigger(&normal, JOB_CALLBACK)).await;
+    ids.push(normal.clone());
+    let events = app.events_for_all(&ids, Duration::from_secs(60)).await;
+    for id in &ids {
+        assert_eq!(events[id][0]["data"]["state"], "RESOLVED", "{id}");
+    }
+    app.stop().await;
+}
