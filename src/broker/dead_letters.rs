@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// What a browse keeps of a body: a dead letter may be a trigger refused
+/// for its size (1 MiB and more, kept intact), and a page lists many.
+pub const PREVIEW_BYTES: usize = 4096;
+
 /// A message in the dead-letter queue, as the operator console shows it.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
@@ -12,8 +16,18 @@ pub struct DeadLetter {
     pub message_id: Option<String>,
     /// The `x-runbridge-error` header (absent: the delivery limit was passed).
     pub error: Option<String>,
-    /// The body as text (lossy for bytes that are not UTF-8).
+    /// The body's first [`PREVIEW_BYTES`] as text (lossy for bytes that
+    /// are not UTF-8); the whole of it when `size` is no larger.
     pub body: String,
+    /// The body's size in bytes.
+    pub size: usize,
+}
+
+impl DeadLetter {
+    /// Is `body` the whole body?
+    pub fn is_whole(&self) -> bool {
+        self.size <= PREVIEW_BYTES
+    }
 }
 
 pub(super) fn fingerprint(body: &[u8], error: Option<&str>) -> String {
@@ -35,46 +49,56 @@ pub async fn dead_letter_count(settings: &BrokerSettings) -> Result<u32, BrokerE
 
 /// A walk through the dead-letter queue without acknowledging anything:
 /// [`DeadLetterWalk::finish`] closes the channel, and every message it did
-/// not ack goes back to the queue.
+/// not ack goes back to the queue. It takes one message at a time with
+/// `basic.get` (a consumer's prefetch would bring every message of the walk
+/// into memory at once, and dead letters may be large).
 struct DeadLetterWalk {
     pub(super) broker: Broker,
     pub(super) channel: Channel,
-    pub(super) consumer: lapin::Consumer,
+    queue: String,
 }
+
+/// One walk at a time in this process: a walk holds what it took unacked
+/// until it ends, so two at once would each see the queue without what the
+/// other holds (concurrent views showed 0, 3, 1, 1, 1, 0 of six letters).
+static WALKING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl DeadLetterWalk {
     pub(super) async fn start(
         settings: &BrokerSettings,
-        limit: usize,
-    ) -> Result<Self, BrokerError> {
+    ) -> Result<(Self, tokio::sync::MutexGuard<'static, ()>), BrokerError> {
+        let turn = WALKING.lock().await;
+        Ok((Self::open(settings).await?, turn))
+    }
+
+    async fn open(settings: &BrokerSettings) -> Result<Self, BrokerError> {
         let broker = Broker::connect(settings).await?;
         let channel = broker.channel().await.map_err(amqp)?;
-        channel
-            .basic_qos(limit.clamp(1, 1000) as u16, BasicQosOptions::default())
-            .await
-            .map_err(amqp)?;
-        let consumer = channel
-            .basic_consume(
-                settings.dead_letter_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp)?;
         Ok(Self {
             broker,
             channel,
-            consumer,
+            queue: settings.dead_letter_queue.clone(),
         })
     }
 
-    /// The next dead letter, or `None` when the queue gives nothing more
-    /// within a moment (browsing never waits for new ones).
+    /// The next dead letter (the delivery, whole, for a republish), or
+    /// `None` when the queue has no more that this walk has not taken.
     pub(super) async fn next(&mut self) -> Option<(Delivery, DeadLetter)> {
-        let next = tokio::time::timeout(Duration::from_millis(300), self.consumer.next()).await;
-        let Ok(Some(Ok(d))) = next else { return None };
+        let got = self
+            .channel
+            .basic_get(
+                self.queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await;
+        let Ok(Some(m)) = got else { return None };
+        let d = m.delivery;
         let error = header_str(&d.properties, ERROR_HEADER);
+        let mut end = d.data.len().min(PREVIEW_BYTES);
+        // A preview ends on a character boundary where the text is UTF-8.
+        while end > 0 && end < d.data.len() && (d.data[end] & 0xC0) == 0x80 {
+            end -= 1;
+        }
         let letter = DeadLetter {
             fingerprint: fingerprint(&d.data, error.as_deref()),
             message_id: d
@@ -83,7 +107,8 @@ impl DeadLetterWalk {
                 .as_ref()
                 .map(|m| m.as_str().to_owned()),
             error,
-            body: String::from_utf8_lossy(&d.data).into_owned(),
+            body: String::from_utf8_lossy(&d.data[..end]).into_owned(),
+            size: d.data.len(),
         };
         Some((d, letter))
     }
@@ -110,12 +135,13 @@ impl DeadLetterWalk {
     }
 }
 
-/// Up to `limit` dead letters, left in the queue.
+/// Up to `limit` dead letters, left in the queue, each with a preview of
+/// its body.
 pub async fn browse_dead_letters(
     settings: &BrokerSettings,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, BrokerError> {
-    let mut walk = DeadLetterWalk::start(settings, limit).await?;
+    let (mut walk, _turn) = DeadLetterWalk::start(settings).await?;
     let mut seen = Vec::new();
     let mut last_tag = None;
     while seen.len() < limit {
@@ -134,15 +160,16 @@ pub async fn browse_dead_letters(
 /// Publishes `body` to the trigger queue in place of the dead letter with
 /// this fingerprint (its message id, reply_to, correlation_id and
 /// traceparent kept; persistent; confirmed), and only then acks the dead
-/// letter. `false` when no dead letter has that fingerprint any more.
+/// letter. `body`: the new body, or `None` to publish the message's own.
+/// `false` when no dead letter has that fingerprint any more.
 pub async fn republish_dead_letter(
     settings: &BrokerSettings,
     wanted: &str,
-    body: &[u8],
+    body: Option<&[u8]>,
 ) -> Result<bool, BrokerError> {
     let publishing = Broker::connect(settings).await?;
     let publisher = publishing.publisher().await?;
-    let mut walk = DeadLetterWalk::start(settings, 1000).await?;
+    let (mut walk, _turn) = DeadLetterWalk::start(settings).await?;
     let mut outcome = Ok(false);
     let mut passed_over = None;
     for _ in 0..1000 {
@@ -167,7 +194,13 @@ pub async fn republish_dead_letter(
         }
         let props = with_traceparent(props, header_str(&d.properties, "traceparent").as_deref());
         outcome = match publisher
-            .raw_publish("", &settings.triggers_queue, body, props, true)
+            .raw_publish(
+                "",
+                &settings.triggers_queue,
+                body.unwrap_or(&d.data),
+                props,
+                true,
+            )
             .await
         {
             // Published and confirmed: only now is the dead letter removed.
@@ -184,4 +217,27 @@ pub async fn republish_dead_letter(
     walk.finish(passed_over).await;
     publishing.close().await;
     outcome
+}
+
+/// The whole body of the dead letter with this fingerprint, left in the
+/// queue; `None` when there is none any more.
+pub async fn dead_letter_body(
+    settings: &BrokerSettings,
+    wanted: &str,
+) -> Result<Option<Vec<u8>>, BrokerError> {
+    let (mut walk, _turn) = DeadLetterWalk::start(settings).await?;
+    let mut last = None;
+    let mut found = None;
+    for _ in 0..1000 {
+        let Some((d, letter)) = walk.next().await else {
+            break;
+        };
+        last = Some(d.delivery_tag);
+        if letter.fingerprint == wanted {
+            found = Some(d.data);
+            break;
+        }
+    }
+    walk.finish(last).await;
+    Ok(found)
 }

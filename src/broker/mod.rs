@@ -22,12 +22,16 @@ use std::time::Duration;
 pub use check::{Found, TopologyFinding};
 pub use connect::Broker;
 pub use consume::{EventListener, Incoming, ReceivedEvent, TriggerConsumer};
-pub use dead_letters::{DeadLetter, browse_dead_letters, dead_letter_count, republish_dead_letter};
+pub use dead_letters::{
+    DeadLetter, PREVIEW_BYTES, browse_dead_letters, dead_letter_body, dead_letter_count,
+    republish_dead_letter,
+};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};

@@ -147,6 +147,7 @@ pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
         .route("/ui/act", post(ui::act::<S>))
         .route("/ui/dead-letters", get(ui::dead_letters::<S>))
         .route("/ui/dead-letters/republish", post(ui::republish::<S>))
+        .route("/ui/dead-letters/body", get(ui::dead_letter_body::<S>))
         .route("/promises/{*id}", get(get_promise::<S>).patch(patch::<S>))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route") })
         .method_not_allowed_fallback(|| async {

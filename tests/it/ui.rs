@@ -390,3 +390,82 @@ async fn console_in_a_real_browser() {
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
     app.stop().await;
 }
+
+/// Five dead letters of 8 MiB each (triggers refused for their size, kept
+/// intact) and a promise whose parameter is 250 KB nested 126 deep: their
+/// console pages stay small (previews and a cut, never whole bodies or a
+/// pretty-print that indents every level), a whole body is a download, and
+/// six views at once each list every dead letter (browsing is serialised).
+#[tokio::test]
+async fn pages_over_the_largest_stored_inputs_stay_small() {
+    const BIG: usize = 8 << 20;
+    let app = TestApp::spawn().await;
+    for i in 0..5 {
+        let mut body =
+            format!(r#"{{"id": "{}-big-{i}", "job_id": 1, "pad": ""#, app.name).into_bytes();
+        body.resize(BIG - 2, b'"');
+        body.extend_from_slice(b"\"}");
+        app.publish_raw(&body, Some(&format!("dl-big-{i}"))).await;
+    }
+    let cookie = log_in(&app).await;
+    let page = eventually(Duration::from_secs(30), "five dead letters", || async {
+        let (status, page) = get(&app, "/ui/dead-letters", Some(&cookie)).await;
+        (status == StatusCode::OK && (0..5).all(|i| page.contains(&format!("dl-big-{i}"))))
+            .then_some(page)
+    })
+    .await;
+    // 4,096 bytes of `"` escape to 24 KiB each: five of them and the page.
+    assert!(page.len() < 256 * 1024, "a {} byte page", page.len());
+    assert_eq!(page.matches("8388608 bytes; the first 4096").count(), 5);
+    let at = page.find("/ui/dead-letters/body?fingerprint=").unwrap() + 34;
+    let fingerprint = page[at..at + 32].to_owned();
+    let whole = client()
+        .get(format!(
+            "{}/ui/dead-letters/body?fingerprint={fingerprint}",
+            app.sidecar_url
+        ))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(whole.status(), StatusCode::OK);
+    assert!(
+        whole.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .starts_with("attachment")
+    );
+    assert_eq!(whole.bytes().await.unwrap().len(), BIG);
+
+    let views = (0..6).map(|_| get(&app, "/ui/dead-letters", Some(&cookie)));
+    for (status, page) in futures_util::future::join_all(views).await {
+        assert_eq!(status, StatusCode::OK);
+        let seen = (0..5)
+            .filter(|i| page.contains(&format!("dl-big-{i}")))
+            .count();
+        assert_eq!(seen, 5, "a view saw {seen} of 5");
+    }
+
+    // 126 levels of nesting, padded to 250 KB.
+    let id = format!("{}-deep", app.name);
+    let mut deep = String::new();
+    for _ in 0..126 {
+        deep.push_str(r#"{"a":["#);
+    }
+    deep.push_str(&format!("\"{}\"", "x".repeat(250_000)));
+    for _ in 0..126 {
+        deep.push_str("]}");
+    }
+    let r = app
+        .operator(app.http.post(format!("{}/promises", app.sidecar_url)))
+        .json(&json!({"id": id, "param": {"data": deep}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+    let (status, page) = get(&app, &format!("/ui/promises/{id}"), Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.len() < 256 * 1024, "a {} byte page", page.len());
+    assert!(page.contains("are shown"), "the value is cut");
+    app.stop().await;
+}

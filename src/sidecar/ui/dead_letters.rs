@@ -4,8 +4,8 @@
 
 use axum::body::Body;
 use axum::extract::RawQuery;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 
 use super::layout::{Nav, confirm_box, csrf_field, notice, page, respond};
@@ -13,9 +13,14 @@ use super::{
     checked_form, done_notice, error_page, see_other, session, unauthorized, unavailable_page,
     unconfirmed, url_enc,
 };
-use crate::broker::{self, DeadLetter};
+use crate::broker::{self, DeadLetter, PREVIEW_BYTES};
 use crate::sidecar::St;
 use crate::store::Store;
+
+/// Dead letters a page lists: with previews of [`PREVIEW_BYTES`], a page
+/// stays under about 1.5 MiB whatever the bodies (HTML escaping at most
+/// sextuples a preview).
+const PAGE: usize = 50;
 
 fn dead_letter_list(letters: &[DeadLetter], csrf: &str) -> Markup {
     html! {
@@ -32,9 +37,20 @@ fn dead_letter_list(letters: &[DeadLetter], csrf: &str) -> Markup {
                     form method="post" action="/ui/dead-letters/republish" aria-labelledby=(format!("dl-{i}")) {
                         (csrf_field(csrf))
                         input type="hidden" name="fingerprint" value=(d.fingerprint);
-                        label for=(format!("dl-body-{i}")) {
-                            "Body (edit, then republish to the trigger queue)"
-                            textarea id=(format!("dl-body-{i}")) name="body" { (d.body) }
+                        @if d.is_whole() {
+                            label for=(format!("dl-body-{i}")) {
+                                "Body (edit, then republish to the trigger queue)"
+                                textarea id=(format!("dl-body-{i}")) name="body" { (d.body) }
+                            }
+                        } @else {
+                            // Too large to edit here: a preview, the whole
+                            // body as a download, and a republish as it is.
+                            p.dl-size {
+                                (d.size) " bytes; the first " (PREVIEW_BYTES) " are shown. "
+                                a href=(format!("/ui/dead-letters/body?fingerprint={}", d.fingerprint)) download { "Download the whole body" }
+                            }
+                            pre.dl-preview { (d.body) }
+                            input type="hidden" name="as_is" value="1";
                         }
                         (confirm_box())
                         p { button type="submit" { "Republish" } }
@@ -57,7 +73,7 @@ pub async fn dead_letters<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQue
         );
     };
     let done = done_notice(&q);
-    match broker::browse_dead_letters(b, 100).await {
+    match broker::browse_dead_letters(b, PAGE).await {
         Ok(letters) => {
             let body = html! {
                 h1 { "Dead letters" }
@@ -89,12 +105,13 @@ pub async fn republish<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Respons
     if let Some(refused) = unconfirmed(&s, &f) {
         return refused;
     }
-    let (Some(fp), Some(new_body)) = (f.get("fingerprint"), f.get("body")) else {
-        return error_page(
-            &s,
-            StatusCode::BAD_REQUEST,
-            "The form is incomplete; nothing was changed.",
-        );
+    let new_body = match (f.get("body"), f.get("as_is").map(String::as_str)) {
+        (Some(b), _) => Some(b.as_bytes()),
+        (None, Some("1")) => None,
+        _ => return incomplete(&s),
+    };
+    let Some(fp) = f.get("fingerprint") else {
+        return incomplete(&s);
     };
     let Some(b) = &st.broker else {
         return error_page(
@@ -103,7 +120,7 @@ pub async fn republish<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Respons
             "No broker is configured.",
         );
     };
-    match broker::republish_dead_letter(b, fp, new_body.as_bytes()).await {
+    match broker::republish_dead_letter(b, fp, new_body).await {
         Ok(true) => see_other(&format!(
             "/ui/dead-letters?done={}",
             url_enc("Republished to the trigger queue.")
@@ -113,5 +130,56 @@ pub async fn republish<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Respons
             url_enc("That dead letter is no longer in the queue; nothing was published.")
         )),
         Err(e) => unavailable_page(&s, "broker", &e, "; nothing was removed"),
+    }
+}
+
+fn incomplete(s: &str) -> Response {
+    error_page(
+        s,
+        StatusCode::BAD_REQUEST,
+        "The form is incomplete; nothing was changed.",
+    )
+}
+
+/// `GET /ui/dead-letters/body?fingerprint=...`: one dead letter's whole
+/// body, as a download (never rendered into a page).
+pub async fn body<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
+    let Some(s) = session::operator(&st, &h).await else {
+        return unauthorized();
+    };
+    let Some(b) = &st.broker else {
+        return error_page(
+            &s,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "No broker is configured.",
+        );
+    };
+    let wanted = url::form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "fingerprint")
+        .map(|(_, v)| v.into_owned())
+        .filter(|f| f.len() == 32 && f.bytes().all(|c| c.is_ascii_hexdigit()));
+    let Some(wanted) = wanted else {
+        return error_page(&s, StatusCode::BAD_REQUEST, "No such dead letter.");
+    };
+    match broker::dead_letter_body(b, &wanted).await {
+        Ok(Some(bytes)) => (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"dead-letter-{wanted}.json\""),
+                ),
+                (header::CACHE_CONTROL, "no-store".to_owned()),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Ok(None) => error_page(
+            &s,
+            StatusCode::NOT_FOUND,
+            "That dead letter is no longer in the queue.",
+        ),
+        Err(e) => unavailable_page(&s, "broker", &e, ""),
     }
 }

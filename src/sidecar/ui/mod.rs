@@ -35,7 +35,7 @@ use crate::store::Store;
 use layout::{Nav, alert, csrf_field, page, respond};
 use session::{LOGIN_COOKIE, csrf_ok};
 
-pub use dead_letters::{dead_letters, republish};
+pub use dead_letters::{body as dead_letter_body, dead_letters, republish};
 pub use overview::{overview, overview_fragment_route};
 pub use promises::{act, promise, promises};
 pub use session::{login, login_form, logout};
