@@ -46,7 +46,9 @@ async fn trigger_runs_once_and_callback_emits_one_event() {
     assert_eq!(params["date"], "2026-11-23");
     assert_eq!(params["promise_id"], json!(id));
     let token = params["callback_token"].as_str().unwrap();
-    assert!(token.starts_with("v1."));
+    // Bound to this promise's incarnation (docs/contracts.md, capability tokens).
+    let created = app.promise(&id).await.unwrap().created_on;
+    assert!(token.starts_with(&format!("v2.{created}.")), "{token}");
     assert_eq!(
         params["url"],
         json!(format!("{}/cb/{token}", app.sidecar_url))

@@ -180,3 +180,44 @@ async fn malformed_traceparents_hold_no_trigger_up() {
     }
     app.stop().await;
 }
+
+/// Tags have one set of limits whichever way a promise is made: the
+/// Durable Promise API and Resonate's protocol refuse what a trigger would
+/// (too many, an empty key, an oversized key), and create nothing.
+#[tokio::test]
+async fn tags_have_the_triggers_limits_on_every_way_in() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let many: serde_json::Map<String, Value> =
+        (0..65).map(|i| (format!("k{i}"), json!("v"))).collect();
+    for (n, tags) in [
+        json!(many),
+        json!({"": "v"}),
+        json!({ "k".repeat(5000): "v" }),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = format!("{}-tags-{n}", app.name);
+        let r = app
+            .operator(app.http.post(format!("{}/promises", app.sidecar_url)))
+            .json(&json!({"id": id, "tags": tags}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "POST /promises with tags #{n}");
+        let r = app
+            .operator(app.http.post(format!("{}/", app.sidecar_url)))
+            .json(&json!({"kind": "promise.create", "head": {}, "data": {
+                "id": id, "timeoutAt": chrono::Utc::now().timestamp_millis() + 60_000, "tags": tags}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "promise.create with tags #{n}");
+        assert!(app.promise(&id).await.is_none(), "nothing was created");
+    }
+    app.stop().await;
+}
