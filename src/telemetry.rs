@@ -129,6 +129,20 @@ fn span_context(traceparent: &str) -> Option<SpanContext> {
     ))
 }
 
+/// A `traceparent` as it arrived ([`crate::domain::trace`]): kept if well
+/// formed, else dropped with a warning and counted in
+/// `runbridge_traceparent_dropped_total`.
+pub fn kept_traceparent(tp: Option<String>) -> Option<String> {
+    crate::domain::trace::checked_traceparent(tp).unwrap_or_else(|length| {
+        tracing::warn!(
+            length,
+            "dropped a traceparent that is not W3C trace context"
+        );
+        ::metrics::counter!("runbridge_traceparent_dropped_total").increment(1);
+        None
+    })
+}
+
 /// Makes `span` (not yet entered) a child of the remote `traceparent`; an
 /// invalid header is ignored (the span starts a trace of its own).
 pub fn continue_trace(span: &tracing::Span, traceparent: &str) {

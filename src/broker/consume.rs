@@ -154,7 +154,7 @@ impl Incoming {
             message_id: s(p.message_id()),
             reply_to: s(p.reply_to()),
             correlation_id: s(p.correlation_id()),
-            traceparent: crate::domain::trace::checked_traceparent(header_str(p, "traceparent")),
+            traceparent: crate::telemetry::kept_traceparent(header_str(p, "traceparent")),
         };
         Self {
             envelope,

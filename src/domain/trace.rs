@@ -1,7 +1,8 @@
 //! W3C trace context as it crosses runbridge: a trigger's `traceparent`
 //! header goes on to Databricks as an HTTP header, so it is checked where
 //! it arrives. A malformed one (CR/LF, spaces, the wrong shape) is dropped
-//! there with a warning, never carried to a request it would break.
+//! there (the caller warns and counts), never carried to a request it
+//! would break.
 
 /// The longest `traceparent` kept. Version 00 is 55 characters; later
 /// versions may append fields, but nothing of this size is a trace context.
@@ -32,21 +33,14 @@ pub fn is_traceparent(s: &str) -> bool {
         && hex(flags, 2)
 }
 
-/// A `traceparent` as it arrived: kept if well formed, else dropped with a
-/// warning (its length only: the value is the sender's and may hold
-/// anything, line breaks included).
-pub fn checked_traceparent(tp: Option<String>) -> Option<String> {
+/// A `traceparent` as it arrived: `Ok` with it if well formed (or absent),
+/// `Err` with its length if it is to be dropped (only the length is worth
+/// logging: the value is the sender's and may hold anything, line breaks
+/// included).
+pub fn checked_traceparent(tp: Option<String>) -> Result<Option<String>, usize> {
     match tp {
-        Some(tp) if is_traceparent(&tp) => Some(tp),
-        Some(tp) => {
-            tracing::warn!(
-                length = tp.len(),
-                "dropped a traceparent that is not W3C trace context"
-            );
-            metrics::counter!("runbridge_traceparent_dropped_total").increment(1);
-            None
-        }
-        None => None,
+        Some(tp) if !is_traceparent(&tp) => Err(tp.len()),
+        tp => Ok(tp),
     }
 }
 
@@ -75,9 +69,10 @@ mod tests {
         }
         assert!(!is_traceparent(&format!("{good}-{}", "a".repeat(600))));
         assert_eq!(
-            checked_traceparent(Some(good.into())).as_deref(),
-            Some(good)
+            checked_traceparent(Some(good.into())),
+            Ok(Some(good.into()))
         );
-        assert_eq!(checked_traceparent(Some("x\ny".into())), None);
+        assert_eq!(checked_traceparent(Some("x\ny".into())), Err(3));
+        assert_eq!(checked_traceparent(None), Ok(None));
     }
 }

@@ -209,7 +209,7 @@ pub(crate) fn stored_trigger(p: &Promise) -> Result<Trigger, TriggerError> {
     };
     let mut t = Trigger::parse(&env, &TriggerRules::accepted())?;
     // Checked again: a record written before the check existed may hold anything.
-    t.traceparent = crate::domain::trace::checked_traceparent(p.traceparent.clone());
+    t.traceparent = crate::telemetry::kept_traceparent(p.traceparent.clone());
     Ok(t)
 }
 
