@@ -62,15 +62,9 @@ fn dead_letter_list(letters: &[DeadLetter], csrf: &str) -> Markup {
 }
 
 pub async fn dead_letters<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
-    let Some(s) = session::operator(&st, &h).await else {
-        return unauthorized();
-    };
-    let Some(b) = &st.broker else {
-        return error_page(
-            &s,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "No broker is configured.",
-        );
+    let (s, b) = match viewer(&st, &h).await {
+        Ok(x) => x,
+        Err(refused) => return refused,
     };
     let done = done_notice(&q);
     match broker::browse_dead_letters(b, PAGE).await {
@@ -133,6 +127,24 @@ pub async fn republish<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Respons
     }
 }
 
+/// The operator's session and the broker, or the page that refuses.
+async fn viewer<'a, S: Store>(
+    st: &'a St<S>,
+    h: &HeaderMap,
+) -> Result<(String, &'a crate::broker::BrokerSettings), Response> {
+    let Some(s) = session::operator(st, h).await else {
+        return Err(unauthorized());
+    };
+    match &st.broker {
+        Some(b) => Ok((s, b)),
+        None => Err(error_page(
+            &s,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "No broker is configured.",
+        )),
+    }
+}
+
 fn incomplete(s: &str) -> Response {
     error_page(
         s,
@@ -144,15 +156,9 @@ fn incomplete(s: &str) -> Response {
 /// `GET /ui/dead-letters/body?fingerprint=...`: one dead letter's whole
 /// body, as a download (never rendered into a page).
 pub async fn body<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
-    let Some(s) = session::operator(&st, &h).await else {
-        return unauthorized();
-    };
-    let Some(b) = &st.broker else {
-        return error_page(
-            &s,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "No broker is configured.",
-        );
+    let (s, b) = match viewer(&st, &h).await {
+        Ok(x) => x,
+        Err(refused) => return refused,
     };
     let wanted = url::form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes())
         .find(|(k, _)| k == "fingerprint")
