@@ -171,7 +171,13 @@ impl IdempotencyToken {
 ///   tokens were bound. It still opens the promises created then (token
 ///   version below 3), never one created since.
 #[derive(Clone, PartialEq, Eq)]
-pub struct CallbackToken(String);
+pub struct CallbackToken {
+    text: String,
+    /// What the token claims to open besides the id (under its MAC).
+    bound: Incarnation,
+    /// Where the MAC starts in `text`.
+    mac_at: usize,
+}
 
 impl fmt::Debug for CallbackToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -202,43 +208,37 @@ fn is_mac(mac: &str) -> bool {
 
 impl CallbackToken {
     /// Checks the shape only; whether it opens a promise is [`CallbackSigner::verify`]'s job.
+    /// A `v2.` creation time is written as the signer writes it (no sign,
+    /// no leading zero), so one token has one text.
     pub fn parse(s: &str) -> Result<Self, IdError> {
-        let ok = if let Some(mac) = s.strip_prefix(TOKEN_PREFIX) {
-            is_mac(mac)
-        } else if let Some(rest) = s.strip_prefix(BOUND_PREFIX) {
-            rest.split_once('.').is_some_and(|(created, mac)| {
-                (1..=19).contains(&created.len())
-                    && created.bytes().all(|b| b.is_ascii_digit())
-                    && created.parse::<i64>().is_ok()
-                    && is_mac(mac)
-            })
+        let (bound, mac_at) = if s.starts_with(TOKEN_PREFIX) {
+            (Incarnation::Legacy, TOKEN_PREFIX.len())
         } else {
-            false
+            let rest = s.strip_prefix(BOUND_PREFIX).ok_or(IdError::CallbackToken)?;
+            let (created, _) = rest.split_once('.').ok_or(IdError::CallbackToken)?;
+            let ms = created
+                .parse::<i64>()
+                .ok()
+                .filter(|ms| *ms >= 0 && ms.to_string() == created)
+                .ok_or(IdError::CallbackToken)?;
+            (
+                Incarnation::Created(ms),
+                BOUND_PREFIX.len() + created.len() + 1,
+            )
         };
-        if ok {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(IdError::CallbackToken)
+        if !is_mac(&s[mac_at..]) {
+            return Err(IdError::CallbackToken);
         }
+        Ok(Self {
+            text: s.to_owned(),
+            bound,
+            mac_at,
+        })
     }
 
     /// The token text, for building the callback URL handed to the run.
     pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// What the token claims to open besides the id, and its MAC (base64url).
-    fn claim(&self) -> (Incarnation, &str) {
-        match self.0.strip_prefix(BOUND_PREFIX) {
-            Some(rest) => {
-                let (created, mac) = rest.split_once('.').unwrap_or(("", rest));
-                (Incarnation::Created(created.parse().unwrap_or(-1)), mac)
-            }
-            None => (
-                Incarnation::Legacy,
-                self.0.strip_prefix(TOKEN_PREFIX).unwrap_or(""),
-            ),
-        }
+        &self.text
     }
 }
 
@@ -301,30 +301,36 @@ impl CallbackSigner {
 
     /// The token of the promise `id` created at `created_ms`.
     pub fn sign(&self, id: &PromiseId, created_ms: i64) -> CallbackToken {
-        let tag = Self::mac(&self.secrets[0], id, Incarnation::Created(created_ms))
-            .finalize()
-            .into_bytes();
-        CallbackToken(format!(
-            "{BOUND_PREFIX}{created_ms}.{}",
-            URL_SAFE_NO_PAD.encode(tag)
-        ))
+        self.token(id, Incarnation::Created(created_ms))
     }
 
     /// A token of the id alone, as handed out for promises created before
     /// tokens were bound (their token version is below 3).
     pub fn sign_legacy(&self, id: &PromiseId) -> CallbackToken {
-        let tag = Self::mac(&self.secrets[0], id, Incarnation::Legacy)
+        self.token(id, Incarnation::Legacy)
+    }
+
+    fn token(&self, id: &PromiseId, bound: Incarnation) -> CallbackToken {
+        let head = match bound {
+            Incarnation::Legacy => TOKEN_PREFIX.to_owned(),
+            Incarnation::Created(ms) => format!("{BOUND_PREFIX}{ms}."),
+        };
+        let tag = Self::mac(&self.secrets[0], id, bound)
             .finalize()
             .into_bytes();
-        CallbackToken(format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(tag)))
+        CallbackToken {
+            mac_at: head.len(),
+            text: head + &URL_SAFE_NO_PAD.encode(tag),
+            bound,
+        }
     }
 
     /// Constant-time check against every active secret (`Mac::verify_slice`):
     /// what the token opens of `id`, or `None`. The caller still has to hold
     /// the answer against the record ([`Incarnation`]).
     pub fn verify(&self, token: &CallbackToken, id: &PromiseId) -> Option<Incarnation> {
-        let (bound, mac) = token.claim();
-        let tag = URL_SAFE_NO_PAD.decode(mac).ok()?;
+        let bound = token.bound;
+        let tag = URL_SAFE_NO_PAD.decode(&token.text[token.mac_at..]).ok()?;
         // Check every secret, not the first match, so timing does not say which one.
         let ok = self.secrets.iter().fold(false, |ok, s| {
             Self::mac(s, id, bound).verify_slice(&tag).is_ok() | ok
@@ -480,6 +486,11 @@ mod tests {
         assert!(
             CallbackToken::parse(&format!("v2.{}.{}", "9".repeat(20), "A".repeat(43))).is_err()
         );
+        // One text per token: no sign, no leading zero.
+        for created in ["+42", "042"] {
+            let t = format!("v2.{created}.{}", "A".repeat(43));
+            assert!(CallbackToken::parse(&t).is_err(), "{t}");
+        }
     }
 
     #[test]
@@ -502,7 +513,7 @@ mod tests {
         let id = id("p-1");
         let by_first = s.sign(&id, 1);
         let by_third = signer(&["third-secret-0123456789abcdef-0123456789"]).sign(&id, 1);
-        let forged = CallbackToken(format!("{BOUND_PREFIX}1.{}", "A".repeat(43)));
+        let forged = CallbackToken::parse(&format!("{BOUND_PREFIX}1.{}", "A".repeat(43))).unwrap();
         for (token, valid) in [(&by_first, true), (&by_third, true), (&forged, false)] {
             MACS.with(|n| n.set(0));
             assert_eq!(s.verify(token, &id).is_some(), valid);
