@@ -56,6 +56,8 @@ struct DeadLetterWalk {
     pub(super) broker: Broker,
     pub(super) channel: Channel,
     queue: String,
+    /// This walk's turn ([`WALKING`]), held until it is dropped.
+    _turn: tokio::sync::MutexGuard<'static, ()>,
 }
 
 /// One walk at a time in this process: a walk holds what it took unacked
@@ -64,21 +66,33 @@ struct DeadLetterWalk {
 static WALKING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl DeadLetterWalk {
-    pub(super) async fn start(
-        settings: &BrokerSettings,
-    ) -> Result<(Self, tokio::sync::MutexGuard<'static, ()>), BrokerError> {
+    pub(super) async fn start(settings: &BrokerSettings) -> Result<Self, BrokerError> {
         let turn = WALKING.lock().await;
-        Ok((Self::open(settings).await?, turn))
-    }
-
-    async fn open(settings: &BrokerSettings) -> Result<Self, BrokerError> {
         let broker = Broker::connect(settings).await?;
         let channel = broker.channel().await.map_err(amqp)?;
         Ok(Self {
             broker,
             channel,
             queue: settings.dead_letter_queue.clone(),
+            _turn: turn,
         })
+    }
+
+    /// Takes dead letters until the one with this fingerprint, looking at
+    /// 1,000 at most: that one (not acked), and the tag of the last one
+    /// passed over.
+    async fn find(&mut self, wanted: &str) -> (Option<Delivery>, Option<u64>) {
+        let mut passed_over = None;
+        for _ in 0..1000 {
+            let Some((d, letter)) = self.next().await else {
+                break;
+            };
+            if letter.fingerprint == wanted {
+                return (Some(d), passed_over);
+            }
+            passed_over = Some(d.delivery_tag);
+        }
+        (None, passed_over)
     }
 
     /// The next dead letter (the delivery, whole, for a republish), or
@@ -141,7 +155,7 @@ pub async fn browse_dead_letters(
     settings: &BrokerSettings,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, BrokerError> {
-    let (mut walk, _turn) = DeadLetterWalk::start(settings).await?;
+    let mut walk = DeadLetterWalk::start(settings).await?;
     let mut seen = Vec::new();
     let mut last_tag = None;
     while seen.len() < limit {
@@ -169,54 +183,54 @@ pub async fn republish_dead_letter(
 ) -> Result<bool, BrokerError> {
     let publishing = Broker::connect(settings).await?;
     let publisher = publishing.publisher().await?;
-    let (mut walk, _turn) = DeadLetterWalk::start(settings).await?;
-    let mut outcome = Ok(false);
-    let mut passed_over = None;
-    for _ in 0..1000 {
-        let Some((d, letter)) = walk.next().await else {
-            break;
-        };
-        if letter.fingerprint != wanted {
-            passed_over = Some(d.delivery_tag);
-            continue;
-        }
-        let mut props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2);
-        if let Some(m) = d.properties.message_id() {
-            props = props.with_message_id(m.clone());
-        }
-        if let Some(r) = d.properties.reply_to() {
-            props = props.with_reply_to(r.clone());
-        }
-        if let Some(c) = d.properties.correlation_id() {
-            props = props.with_correlation_id(c.clone());
-        }
-        let props = with_traceparent(props, header_str(&d.properties, "traceparent").as_deref());
-        outcome = match publisher
-            .raw_publish(
-                "",
-                &settings.triggers_queue,
-                body.unwrap_or(&d.data),
-                props,
-                true,
-            )
-            .await
-        {
-            // Published and confirmed: only now is the dead letter removed.
-            Ok(()) => walk
-                .channel
-                .basic_ack(d.delivery_tag, BasicAckOptions::default())
-                .await
-                .map(|_| true)
-                .map_err(amqp),
-            Err(e) => Err(e),
-        };
-        break;
-    }
+    let mut walk = DeadLetterWalk::start(settings).await?;
+    let (found, passed_over) = walk.find(wanted).await;
+    let outcome = match found {
+        None => Ok(false),
+        Some(d) => replace(&publisher, settings, &walk.channel, &d, body).await,
+    };
     walk.finish(passed_over).await;
     publishing.close().await;
     outcome
+}
+
+/// Publishes the dead letter `d` (or `body` in its place) to the trigger
+/// queue, confirmed, and only then acks it on the walk's channel.
+async fn replace(
+    publisher: &Publisher,
+    settings: &BrokerSettings,
+    channel: &Channel,
+    d: &Delivery,
+    body: Option<&[u8]>,
+) -> Result<bool, BrokerError> {
+    let mut props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    if let Some(m) = d.properties.message_id() {
+        props = props.with_message_id(m.clone());
+    }
+    if let Some(r) = d.properties.reply_to() {
+        props = props.with_reply_to(r.clone());
+    }
+    if let Some(c) = d.properties.correlation_id() {
+        props = props.with_correlation_id(c.clone());
+    }
+    let props = with_traceparent(props, header_str(&d.properties, "traceparent").as_deref());
+    publisher
+        .raw_publish(
+            "",
+            &settings.triggers_queue,
+            body.unwrap_or(&d.data),
+            props,
+            true,
+        )
+        .await?;
+    // Published and confirmed: only now is the dead letter removed.
+    channel
+        .basic_ack(d.delivery_tag, BasicAckOptions::default())
+        .await
+        .map(|_| true)
+        .map_err(amqp)
 }
 
 /// The whole body of the dead letter with this fingerprint, left in the
@@ -225,19 +239,9 @@ pub async fn dead_letter_body(
     settings: &BrokerSettings,
     wanted: &str,
 ) -> Result<Option<Vec<u8>>, BrokerError> {
-    let (mut walk, _turn) = DeadLetterWalk::start(settings).await?;
-    let mut last = None;
-    let mut found = None;
-    for _ in 0..1000 {
-        let Some((d, letter)) = walk.next().await else {
-            break;
-        };
-        last = Some(d.delivery_tag);
-        if letter.fingerprint == wanted {
-            found = Some(d.data);
-            break;
-        }
-    }
+    let mut walk = DeadLetterWalk::start(settings).await?;
+    let (found, passed_over) = walk.find(wanted).await;
+    let last = found.as_ref().map(|d| d.delivery_tag).or(passed_over);
     walk.finish(last).await;
-    Ok(found)
+    Ok(found.map(|d| d.data))
 }
