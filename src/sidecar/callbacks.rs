@@ -87,10 +87,10 @@ pub fn parse_callback(
         })?;
     let creds = auth::credentials(headers, path_token);
     let (id, bound) = match PromiseId::parse(&id) {
-        Ok(id) => match auth::opens(signer, &creds, &id) {
-            Some(bound) => (id, bound),
-            None => return Err(ApiError::unauthorized()),
-        },
+        Ok(id) => {
+            let bound = auth::opens(signer, &creds, &id).ok_or_else(ApiError::unauthorized)?;
+            (id, bound)
+        }
         Err(e) => {
             return Err(if creds.is_empty() {
                 ApiError::unauthorized()

@@ -268,7 +268,7 @@ fn json_bytes<T: serde::de::DeserializeOwned>(
 }
 
 fn parse_id(s: &str) -> Result<PromiseId, ApiError> {
-    PromiseId::parse(s).map_err(|e| ApiError::bad_request(e.to_string()))
+    Ok(PromiseId::parse(s)?)
 }
 
 /// A promise as a write answers it.

@@ -41,13 +41,10 @@ pub(super) async fn progress<S: Store>(
         .ok_or_else(|| ApiError::bad_request("missing promise id: pass ?id="))?;
     // Authenticated before anything about the body is said.
     let creds = auth::credentials(&h, token.as_deref());
-    let (id, bound) = match PromiseId::parse(&id) {
-        Ok(id) => match auth::opens(&st.signer, &creds, &id) {
-            Some(bound) => (id, bound),
-            None => return Err(ApiError::unauthorized()),
-        },
-        Err(_) => return Err(ApiError::unauthorized()),
-    };
+    let (id, bound) = PromiseId::parse(&id)
+        .ok()
+        .and_then(|id| auth::opens(&st.signer, &creds, &id).map(|bound| (id, bound)))
+        .ok_or_else(ApiError::unauthorized)?;
     let update = ProgressUpdate::parse(&bytes).map_err(ApiError::bad_request)?;
     let outcome = st
         .store

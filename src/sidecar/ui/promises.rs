@@ -225,10 +225,7 @@ fn data_block(p: &Payload) -> Markup {
             if shown.len() <= SHOWN_BYTES {
                 return html! { pre { (shown) } };
             }
-            let mut end = SHOWN_BYTES;
-            while !shown.is_char_boundary(end) {
-                end -= 1;
-            }
+            let end = shown.floor_char_boundary(SHOWN_BYTES);
             html! {
                 p.data-cut { (d.len()) " bytes; the first " (end) " are shown (the whole value: the promise's JSON, GET /promises/{id})." }
                 pre { (&shown[..end]) }
