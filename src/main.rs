@@ -378,15 +378,7 @@ async fn promise(s: &Settings, cmd: PromiseCmd) -> Result<()> {
             job_id,
             reason,
         } => {
-            let filter = CancelFilter {
-                id: id
-                    .as_deref()
-                    .map(IdPattern::parse)
-                    .transpose()
-                    .map_err(anyhow::Error::msg)?,
-                tags: kv(&tags, "--tag")?,
-                job_id,
-            };
+            let filter = CancelFilter::new(id.as_deref(), kv(&tags, "--tag")?, job_id)?;
             if filter.is_empty() {
                 bail!("say what to cancel: an ID, --tag K=V or --job-id N");
             }

@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::NoCallbackPolicy;
 use crate::databricks::{DatabricksError, Jobs, RunInfo};
-use crate::domain::tags::check_tags;
+use crate::domain::ids::IdError;
+use crate::domain::tags::{TagError, check_tags};
 use crate::domain::{IdPattern, Payload, PromiseId, RunId, SettledBy, State};
 use crate::partitions::Assignment;
 use crate::shutdown::pause;
@@ -463,7 +464,33 @@ pub struct CancelFilter {
     pub job_id: Option<u64>,
 }
 
+/// Why a cancel filter was refused; the message states the rule.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error(transparent)]
+    Id(#[from] IdError),
+    #[error(transparent)]
+    Tags(#[from] TagError),
+}
+
 impl CancelFilter {
+    /// The filter a caller sent (the control queue, the HTTP API, the
+    /// CLI): the id read as an id filter, the tags held to their limits.
+    /// Whether it names anything is [`CancelFilter::is_empty`], which each
+    /// caller answers in its own words.
+    pub fn new(
+        id: Option<&str>,
+        tags: std::collections::BTreeMap<String, String>,
+        job_id: Option<u64>,
+    ) -> Result<Self, FilterError> {
+        check_tags(&tags)?;
+        Ok(Self {
+            id: id.map(IdPattern::parse).transpose()?,
+            tags,
+            job_id,
+        })
+    }
+
     pub fn is_empty(&self) -> bool {
         self.id.is_none() && self.tags.is_empty() && self.job_id.is_none()
     }
@@ -539,17 +566,7 @@ pub fn parse_control(body: &[u8]) -> Result<ControlCommand, String> {
             ));
         }
     }
-    let id =
-        m.id.as_deref()
-            .map(IdPattern::parse)
-            .transpose()
-            .map_err(|e| e.to_string())?;
-    check_tags(&m.tags).map_err(|e| e.to_string())?;
-    let f = CancelFilter {
-        id,
-        tags: m.tags,
-        job_id: m.job_id,
-    };
+    let f = CancelFilter::new(m.id.as_deref(), m.tags, m.job_id).map_err(|e| e.to_string())?;
     if f.is_empty() {
         return Err("cancel needs id, tags or job_id".into());
     }

@@ -484,13 +484,8 @@ pub(super) async fn bulk_cancel<S: Store>(st: St<S>, h: HeaderMap, body: Body) -
     require_operator(&st, &h)?;
     let b: CancelBody = json_body(&h, &bytes)?
         .ok_or_else(|| ApiError::bad_request("missing body: {\"tags\"|\"job_id\"|\"id\": ...}"))?;
-    let id = b.id.as_deref().map(IdPattern::parse).transpose()?;
-    check_tags(&b.tags)?;
-    let filter = CancelFilter {
-        id,
-        tags: b.tags,
-        job_id: b.job_id,
-    };
+    let filter = CancelFilter::new(b.id.as_deref(), b.tags, b.job_id)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     if filter.is_empty() {
         return Err(ApiError::bad_request(
             "give at least one of id, tags, job_id",
