@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use runbridge::domain::PromiseId;
-use serde_json::{Value, json};
 
 use crate::helpers::*;
 
@@ -92,16 +91,9 @@ async fn tokens_handed_out_before_binding_keep_working_for_their_promises() {
     })
     .await;
     let signer = signer_of(LOCAL_CALLBACK_SECRET);
-    let create = |id: String| {
-        let req = app.operator(app.http.post(format!("{}/promises", app.sidecar_url)));
-        async move {
-            let r = req.json(&json!({"id": id})).send().await.unwrap();
-            assert_eq!(r.status(), 201);
-        }
-    };
     let (older, newer) = (unique("older"), unique("newer"));
-    create(older.clone()).await;
-    create(newer.clone()).await;
+    app.create_promise(&older).await;
+    app.create_promise(&newer).await;
     // As an earlier version wrote it.
     let (key, mut conn) = app.promise_key(&older).await.unwrap();
     let _: () = redis::cmd("HSET")
@@ -120,8 +112,7 @@ async fn tokens_handed_out_before_binding_keep_working_for_their_promises() {
         post(&app, format!("{}/resolve", legacy(&newer)), &newer).await,
         401
     );
-    let p: Option<Value> = app.promise(&newer).await.map(|p| p.to_json());
-    assert_eq!(p.unwrap()["state"], "PENDING");
+    assert_eq!(app.promise(&newer).await.unwrap().state.as_str(), "PENDING");
     assert_eq!(
         post(&app, format!("{}/resolve", legacy(&older)), &older).await,
         200

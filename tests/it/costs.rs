@@ -13,17 +13,6 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-/// Creates a pending promise through the operator API.
-async fn create(app: &TestApp, id: &str) {
-    let r = app
-        .operator(app.http.post(format!("{}/promises", app.sidecar_url)))
-        .json(&json!({"id": id}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
-}
-
 /// `GET /promises?id=...`, bounded: the status and the ids found.
 async fn search_ids(app: &TestApp, filter: &str) -> (u16, BTreeSet<String>) {
     let r = app
@@ -65,7 +54,7 @@ async fn a_search_filter_full_of_stars_answers_at_once() {
     .await;
     let id = format!("{}-{}", app.name, "a".repeat(199 - app.name.len()));
     assert_eq!(id.len(), 200);
-    create(&app, &id).await;
+    app.create_promise(&id).await;
 
     let no = format!("{}-*a*a*a*a*a*a*a*b", app.name);
     assert_eq!(search_ids(&app, &no).await, (200, BTreeSet::new()));
@@ -86,8 +75,8 @@ async fn a_control_message_with_a_starry_filter_does_not_hold_the_next_one() {
     let app = TestApp::spawn().await;
     let long = format!("{}-{}", app.name, "a".repeat(199 - app.name.len()));
     let victim = format!("{}-victim", app.name);
-    create(&app, &long).await;
-    create(&app, &victim).await;
+    app.create_promise(&long).await;
+    app.create_promise(&victim).await;
     for body in [
         json!({"action": "cancel", "id": format!("{}-*a*a*a*a*a*a*a*b", app.name)}),
         json!({"action": "cancel", "id": victim}),
@@ -134,7 +123,7 @@ async fn the_store_matches_ids_as_the_reference_does() {
         ids.insert(format!("{}-{}", app.name, word(&mut rng, b"ab-", 12)));
     }
     for id in &ids {
-        create(&app, id).await;
+        app.create_promise(id).await;
     }
     for _ in 0..150 {
         let glob = format!("{}-{}", app.name, word(&mut rng, b"ab-*", 10));

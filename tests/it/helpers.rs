@@ -594,6 +594,17 @@ impl TestApp {
         .await
     }
 
+    /// Creates a pending promise `id` through the operator API.
+    pub async fn create_promise(&self, id: &str) {
+        let r = self
+            .operator(self.http.post(format!("{}/promises", self.sidecar_url)))
+            .json(&json!({"id": id}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+    }
+
     /// The capability token `signer` makes for the promise `id` as stored
     /// now (tokens are bound to the promise's creation time).
     pub async fn token_from(
