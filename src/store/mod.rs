@@ -47,7 +47,7 @@ impl StoreError {
     }
 }
 
-/// A capability's claim as the store's scripts check it (`opens` in
+/// A capability's claim as the store's scripts check it (`state_if_opened` in
 /// common.lua): '' no token, 'v1' a token of the id alone, else the
 /// creation ms a token is bound to.
 pub(crate) fn capability_arg(c: Option<Incarnation>) -> String {

@@ -6,16 +6,16 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Does the caller's capability open this incarnation of the promise
--- (domain::ids, CallbackToken)? bound: '' no token (an operator, the bridge
--- itself); 'v1' a token of the id alone, which opens only promises created
--- before tokens were bound (token version below 3); else the creation ms a
--- token is bound to.
-local function opens(promise, bound)
-  if bound == '' then return true end
-  local f = redis.call('HMGET', promise, 'tv', 'created')
-  if bound == 'v1' then return (tonumber(f[1]) or 1) < 3 end
-  return tonumber(f[2]) == tonumber(bound)
+-- The promise's state (false: no such promise), and whether the caller's
+-- capability opens this incarnation of it (domain::ids, CallbackToken), in
+-- one read. bound: '' no token (an operator, the bridge itself); 'v1' a
+-- token of the id alone, which opens only promises created before tokens
+-- were bound (token version below 3); else the creation ms a token is bound to.
+local function state_if_opened(promise, bound)
+  local f = redis.call('HMGET', promise, 'state', 'tv', 'created')
+  if not f[1] or bound == '' then return f[1], true end
+  if bound == 'v1' then return f[1], (tonumber(f[2]) or 1) < 3 end
+  return f[1], tonumber(f[3]) == tonumber(bound)
 end
 
 -- Pending promises per creation second: their count (for the oldest

@@ -1,9 +1,9 @@
 -- Push the heartbeat deadline forward, never past the overall timeout.
 -- KEYS[1] promise hash, KEYS[2] deadlines zset; ARGV[1] id, ARGV[2] the
--- caller's capability (`opens`, common.lua)
-local st = redis.call('HGET', KEYS[1], 'state')
+-- caller's capability (`state_if_opened`, common.lua)
+local st, opened = state_if_opened(KEYS[1], ARGV[2])
 if not st then return {'NOT_FOUND'} end
-if not opens(KEYS[1], ARGV[2]) then return {'NOT_OPENED'} end
+if not opened then return {'NOT_OPENED'} end
 if st ~= 'PENDING' then return {'SETTLED', redis.call('HGETALL', KEYS[1])} end
 local hb = tonumber(redis.call('HGET', KEYS[1], 'hb'))
 if hb then

@@ -7,10 +7,10 @@
 -- KEYS: promise, deadlines, outbox, progress schedule
 -- ARGV[1] id, ARGV[2] the update's fields as JSON object members (or ''),
 -- ARGV[3] interval ms, ARGV[4] history length, ARGV[5] the caller's
--- capability (`opens`, common.lua)
-local st = redis.call('HGET', KEYS[1], 'state')
+-- capability (`state_if_opened`, common.lua)
+local st, opened = state_if_opened(KEYS[1], ARGV[5])
 if not st then return {'NOT_FOUND'} end
-if not opens(KEYS[1], ARGV[5]) then return {'NOT_OPENED'} end
+if not opened then return {'NOT_OPENED'} end
 if st ~= 'PENDING' then return {'SETTLED', st} end
 local now = now_ms()
 local hb = tonumber(redis.call('HGET', KEYS[1], 'hb'))

@@ -6,11 +6,11 @@
 -- ARGV[5] strict '1'/'0', ARGV[6] settled_by, ARGV[7] retention ms,
 -- ARGV[8] value JSON used if the promise turns out to be past its timeout,
 -- ARGV[9] '1' to cancel the run (REJECTED_CANCELED), ARGV[10] the caller's
--- capability (`opens`, common.lua): checked before anything is said of the
+-- capability (`state_if_opened`, common.lua): checked before anything is said of the
 -- promise, so a token of an earlier incarnation learns nothing of this one
-local st = redis.call('HGET', KEYS[1], 'state')
+local st, opened = state_if_opened(KEYS[1], ARGV[10])
 if not st then return {'NOT_FOUND'} end
-if not opens(KEYS[1], ARGV[10]) then return {'NOT_OPENED'} end
+if not opened then return {'NOT_OPENED'} end
 if st ~= 'PENDING' then
   local iku = redis.call('HGET', KEYS[1], 'iku')
   local strict = ARGV[5] == '1'
