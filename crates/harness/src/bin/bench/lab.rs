@@ -10,8 +10,8 @@ use anyhow::{Context, Result, bail};
 use futures_util::{StreamExt, stream};
 use runbridge::broker::{Broker, BrokerSettings};
 use runbridge::config::Settings;
-use runbridge::domain::{CallbackSigner, PromiseId, RunId};
-use runbridge::store::{NewPromise, PromiseStore, RedisStore, Timeout};
+use runbridge::domain::{CallbackSigner, Promise, PromiseId, RunId};
+use runbridge::store::{CreateOutcome, NewPromise, PromiseStore, RedisStore, Timeout};
 use runbridge_testkit::free_port;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
@@ -219,33 +219,35 @@ pub(crate) async fn stop(c: &mut Child) {
 }
 
 /// `n` pending promises with run ids, created through the store as the
-/// worker would; returns their ids.
+/// worker would; returns them as created (recording the run changes
+/// nothing a bench reads of them), in order.
 pub(crate) async fn pending_promises(
     store: &RedisStore,
     prefix: &str,
     n: usize,
     timeout: Timeout,
-) -> Result<Vec<PromiseId>> {
+) -> Result<Vec<Promise>> {
     let ids: Vec<PromiseId> = (0..n)
         .map(|i| PromiseId::parse(&format!("{prefix}-{i:07}")))
         .collect::<Result<_, _>>()?;
-    let results: Vec<Result<()>> = stream::iter(ids.iter().enumerate())
+    let results: Vec<Result<Promise>> = stream::iter(ids.iter().enumerate())
         .map(|(i, id)| async move {
-            store.create(&new_promise(id, timeout)).await?;
+            let (CreateOutcome::Created(p) | CreateOutcome::Existing(p)) =
+                store.create(&new_promise(id, timeout)).await?;
             store
                 .record_run(id, RunId::new(1_000_000 + i as u64)?, None)
                 .await?;
-            Ok(())
+            Ok(p)
         })
-        .buffer_unordered(256)
+        .buffered(256)
         .collect()
         .await;
-    results.into_iter().collect::<Result<Vec<()>>>()?;
-    Ok(ids)
+    results.into_iter().collect()
 }
 
 /// Each promise's capability token (bound to its creation time, so read
-/// from the store), in the order of `ids`; `None` for one not found.
+/// from the store: for promises something else created), in the order of
+/// `ids`; `None` for one not found.
 pub(crate) async fn callback_tokens(
     store: &RedisStore,
     signer: &CallbackSigner,

@@ -12,7 +12,7 @@ use runbridge_testkit::free_port;
 use tokio::process::Command;
 
 use crate::cpu::Watched;
-use crate::lab::{Env, callback_tokens, pending_promises, stop, wait_port};
+use crate::lab::{Env, pending_promises, stop, wait_port};
 use crate::measure::{closed_loop, event_index, failures, percentile};
 use crate::report::{Curves, Row};
 
@@ -53,7 +53,7 @@ pub(crate) async fn b3(env: &Env, tag: &str, n: usize) -> Result<(Row, Vec<f64>,
     let s = env.settings(tag, &[])?;
     let store = runbridge::startup::store(&s).await?;
     let signer = runbridge::startup::signer(&s)?;
-    let ids = pending_promises(
+    let promises = pending_promises(
         &store,
         &format!("{}-{tag}", env.run_id),
         n,
@@ -72,14 +72,13 @@ pub(crate) async fn b3(env: &Env, tag: &str, n: usize) -> Result<(Row, Vec<f64>,
         ),
     )?;
     wait_port(port, "sidecar").await?;
-    let tokens = callback_tokens(&store, &signer, &ids).await?;
-    let urls: Vec<String> = ids
+    let urls: Vec<String> = promises
         .iter()
-        .zip(&tokens)
-        .map(|(id, token)| {
+        .map(|p| {
             format!(
-                "http://{listen}/cb/{}/resolve?id={id}&value=ok",
-                token.as_deref().unwrap_or("v1.missing")
+                "http://{listen}/cb/{}/resolve?id={}&value=ok",
+                p.callback_token(&signer).expose(),
+                p.id
             )
         })
         .collect();
@@ -142,14 +141,18 @@ pub(crate) async fn b4(
     let store = runbridge::startup::store(&s).await?;
     let signer = runbridge::startup::signer(&s)?;
     let prefix = format!("{}-b4", env.run_id);
-    let ids = pending_promises(
+    let promises = pending_promises(
         &store,
         &prefix,
         n,
         Timeout::After(Duration::from_secs(3600)),
     )
     .await?;
-    let tokens = callback_tokens(&store, &signer, &ids).await?;
+    // Signed before the clock starts, as a run holds its token before it calls.
+    let tokens: Vec<String> = promises
+        .iter()
+        .map(|p| p.callback_token(&signer).expose().to_owned())
+        .collect();
     // The independent consumer, bound before anything is settled.
     let bs = runbridge::startup::broker_settings(&s, "bench");
     let b = Broker::connect(&bs).await?;
@@ -202,12 +205,9 @@ pub(crate) async fn b4(
     });
     let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
     let mut sends = Vec::with_capacity(n);
-    for (i, (id, token)) in ids.iter().zip(&tokens).enumerate() {
+    for (i, (p, token)) in promises.iter().zip(&tokens).enumerate() {
         tokio::time::sleep_until((t0 + interval * i as u32).into()).await;
-        let url = format!(
-            "http://{listen}/cb/{}/resolve?id={id}&value=ok",
-            token.as_deref().unwrap_or("v1.missing")
-        );
+        let url = format!("http://{listen}/cb/{token}/resolve?id={}&value=ok", p.id);
         let (clients, sent_at, answered) = (clients.clone(), sent_at.clone(), answered.clone());
         sends.push(tokio::spawn(async move {
             sent_at[i].store(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);

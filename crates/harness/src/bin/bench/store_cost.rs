@@ -36,13 +36,16 @@ async fn b5_ids(env: &Env, n: usize, id_len: usize) -> Result<Vec<Row>> {
     let base = format!("{}-{tag}", env.run_id);
     let pad = id_len.saturating_sub(base.len() + 8);
     let prefix = format!("{base}{}", "x".repeat(pad));
-    let ids = pending_promises(
+    let ids: Vec<_> = pending_promises(
         &store,
         &prefix,
         n,
         Timeout::After(Duration::from_secs(3600)),
     )
-    .await?;
+    .await?
+    .into_iter()
+    .map(|p| p.id)
+    .collect();
     let shown = ids[0].as_str().len();
     let keys = store.keys().clone();
     let usage = |key: String| {
