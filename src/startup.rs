@@ -341,7 +341,9 @@ pub fn reconciler_settings(s: &Settings) -> ReconcilerSettings {
     }
 }
 
-/// Keeps a broker connection open to answer /readyz truthfully.
+/// Keeps a broker connection open to answer /readyz truthfully: ready once
+/// the broker is reachable and a worker has declared the topology (in
+/// `runbridge all` the sidecar answers before the worker half has).
 async fn watch_broker(
     settings: BrokerSettings,
     ready: Arc<AtomicBool>,
@@ -352,7 +354,14 @@ async fn watch_broker(
         match Broker::connect(&settings).await {
             Ok(b) => {
                 backoff = reconnect_backoff();
-                ready.store(true, Ordering::Relaxed);
+                while b.is_connected()
+                    && !b.events_exchange_declared().await
+                    && pause(Duration::from_millis(200), &shutdown).await
+                {}
+                ready.store(
+                    b.is_connected() && !shutdown.is_cancelled(),
+                    Ordering::Relaxed,
+                );
                 while b.is_connected() && pause(Duration::from_secs(1), &shutdown).await {}
                 ready.store(false, Ordering::Relaxed);
                 b.close().await;

@@ -68,6 +68,17 @@ impl Broker {
         out
     }
 
+    /// Whether the events exchange is declared (a passive declare, which
+    /// needs no configure permission): until a worker has declared it, an
+    /// event and a trigger's reply have nowhere to go.
+    pub async fn events_exchange_declared(&self) -> bool {
+        let s = &self.settings;
+        self.check_exchange(&s.events_exchange, ExchangeKind::Topic)
+            .await
+            .state
+            == Found::Ready
+    }
+
     async fn check_exchange(&self, name: &str, kind: ExchangeKind) -> TopologyFinding {
         let object = format!("exchange {name}");
         let Ok(ch) = self.channel().await else {

@@ -53,7 +53,7 @@ pub(super) async fn openapi_json() -> Response {
     tag = "operations",
     security(()),
     responses(
-        (status = 200, description = "Redis and the broker are reachable", body = Readiness),
+        (status = 200, description = "Redis and the broker are reachable, and the broker has the events exchange (a worker declares it)", body = Readiness),
         (status = 503, description = "One of them is not", body = Readiness)
     )
 )]

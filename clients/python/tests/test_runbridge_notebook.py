@@ -3,8 +3,9 @@
 The sidecar runs from target/debug (built by `make test` before this runs),
 with a Redis key prefix and broker names of its own. Promises are created
 through the operator API; callback tokens are signed here with the local
-development secret exactly as the worker signs them (HMAC-SHA256 of the id,
-base64url, "v1." prefix).
+development secret exactly as the worker signs them: HMAC-SHA256 of
+"v2\0" + id + "\0" + the promise's creation time (ms), base64url, written
+"v2.<created>.<mac>", so a token opens one incarnation of an id.
 """
 
 import base64
@@ -53,9 +54,10 @@ def sidecar():
     proc.wait(timeout=30)
 
 
-def token(promise_id):
-    mac = hmac.new(SECRET, promise_id.encode(), hashlib.sha256).digest()
-    return "v1." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+def token(promise_id, created_on):
+    msg = b"v2\0" + promise_id.encode() + b"\0" + str(created_on).encode()
+    mac = hmac.new(SECRET, msg, hashlib.sha256).digest()
+    return f"v2.{created_on}." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
 
 def operator(base, method, path, body=None):
@@ -72,8 +74,9 @@ def operator(base, method, path, body=None):
 def new_promise(sidecar, **extra):
     base, tag = sidecar
     pid = f"{tag}-{uuid.uuid4().hex[:10]}"
-    operator(base, "POST", "/promises", dict({"id": pid}, **extra))
-    return rb.Params(pid, f"{base}/cb/{token(pid)}", token(pid))
+    created = operator(base, "POST", "/promises", dict({"id": pid}, **extra))["createdOn"]
+    t = token(pid, created)
+    return rb.Params(pid, f"{base}/cb/{t}", t)
 
 
 def state(sidecar, p):
@@ -197,7 +200,9 @@ def test_final_error_rejects_and_reraises(sidecar):
 
 def test_wrong_token_is_refused_and_changes_nothing(sidecar):
     p = new_promise(sidecar)
-    bad = rb.Params(p.promise_id, p.url.rsplit("/", 1)[0] + "/" + token("another-id"))
+    # Signed right for the same creation time, but for another id.
+    created = int(p.callback_token.split(".")[1])
+    bad = rb.Params(p.promise_id, p.url.rsplit("/", 1)[0] + "/" + token("another-id", created))
     with pytest.raises(rb.CallbackError) as e:
         rb.resolve("x", bad)
     assert e.value.status == 401
