@@ -435,7 +435,9 @@ pub async fn run_sidecar(
     };
     let limits = sidecar::Limits {
         max_connections: s.sidecar.max_connections,
+        max_connections_per_client: s.sidecar.max_connections_per_client,
         header_timeout: Duration::from_millis(s.sidecar.header_timeout_ms),
+        allow_h2c: s.sidecar.allow_h2c,
         drain: Duration::from_secs(s.worker.drain_timeout_seconds),
     };
     let r = sidecar::serve(listener, state, tls, limits, shutdown)

@@ -199,6 +199,10 @@ fn default_max_connections() -> usize {
     1024
 }
 
+fn default_max_connections_per_client() -> usize {
+    128
+}
+
 fn default_session_idle_seconds() -> u64 {
     1800
 }
@@ -234,6 +238,12 @@ pub struct SidecarSection {
     /// Connections served at once; more are closed when accepted.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections one client address may hold at once.
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
+    /// Serve HTTP/2 over plain HTTP (h2c); HTTPS offers HTTP/2 by ALPN.
+    #[serde(default)]
+    pub allow_h2c: bool,
     pub max_wait_seconds: u64,
     /// A console session ends after this long unused, and after
     /// `session_max_seconds` in all.

@@ -188,9 +188,12 @@ impl Settings {
                 if self.sidecar.body_limit_bytes == 0 {
                     return bad("sidecar.body_limit_bytes must be positive".into());
                 }
-                if self.sidecar.header_timeout_ms == 0 || self.sidecar.max_connections == 0 {
+                if self.sidecar.header_timeout_ms == 0
+                    || self.sidecar.max_connections == 0
+                    || self.sidecar.max_connections_per_client == 0
+                {
                     return bad(
-                        "sidecar.header_timeout_ms and sidecar.max_connections must be positive"
+                        "sidecar.header_timeout_ms, sidecar.max_connections and sidecar.max_connections_per_client must be positive"
                             .into(),
                     );
                 }
@@ -254,6 +257,9 @@ impl Settings {
                         i + 1
                     ));
                 }
+                if let Some(why) = weak_credential(s.expose_secret()) {
+                    return bad(format!("{key} entry {} {why}", i + 1));
+                }
             }
         }
         if let Some(p) = &self.auth.notification_password {
@@ -262,6 +268,21 @@ impl Settings {
                 return bad(format!(
                     "auth.notification_password is {len} bytes; it must be at least {MIN_CREDENTIAL_LEN} (or unset: the notification route then refuses every request)"
                 ));
+            }
+            if let Some(why) = weak_credential(p.expose_secret()) {
+                return bad(format!("auth.notification_password {why}"));
+            }
+        }
+        for (name, w) in &self.databricks.workspaces {
+            for (what, secret) in [("token", &w.token), ("client_secret", &w.client_secret)] {
+                if secret
+                    .as_ref()
+                    .is_some_and(|s| s.expose_secret().chars().any(invisible))
+                {
+                    return bad(format!(
+                        "databricks.workspaces.{name}.{what} holds whitespace or a control character (a line break from a secret file?)"
+                    ));
+                }
             }
         }
         if self.development {
@@ -301,6 +322,33 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// At least this many different characters in a credential of runbridge's
+/// own: "aaaaaaaaaaaaaaaa" or "abababababababab" is long enough and guessable.
+/// A random one passes: 16 random hex digits have fewer than 6 different
+/// ones about once in 50,000 draws; `openssl rand -hex 32` never does.
+const MIN_DISTINCT_CHARS: usize = 6;
+
+fn invisible(c: char) -> bool {
+    c.is_whitespace() || c.is_control()
+}
+
+/// Why a credential is refused beyond its length, if it is: whitespace or a
+/// control character (a padded value, or a line break from a secret file,
+/// that a client would never send), or too few different characters.
+fn weak_credential(s: &str) -> Option<String> {
+    if s.chars().any(invisible) {
+        return Some(
+            "holds whitespace or a control character (a line break from a secret file?); credentials are visible characters only".into(),
+        );
+    }
+    let distinct = s.chars().collect::<std::collections::BTreeSet<_>>().len();
+    (distinct < MIN_DISTINCT_CHARS).then(|| {
+        format!(
+            "has {distinct} different characters; at least {MIN_DISTINCT_CHARS} are required (a random value, e.g. openssl rand -hex 32)"
+        )
+    })
 }
 
 /// Every secret in the committed `config/local.toml` (callback secrets,

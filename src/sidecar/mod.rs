@@ -9,6 +9,7 @@
 
 mod auth;
 mod callbacks;
+mod connections;
 mod error;
 mod health;
 mod notifications;

@@ -1,30 +1,31 @@
 //! The sidecar's HTTP server: connection limits and timeouts that a
 //! client cannot talk its way around.
 //!
-//! - At most `sidecar.max_connections` connections are served at once; one
-//!   more is closed as soon as it is accepted (before any TLS handshake).
+//! - At most `sidecar.max_connections` connections are served at once, and
+//!   at most `sidecar.max_connections_per_client` from one client address;
+//!   one more is closed as soon as it is accepted (before any TLS
+//!   handshake). See `connections`.
 //! - A request's head must arrive within `sidecar.header_timeout_ms`, and a
-//!   kept-alive connection must start its next request within the same
-//!   time, else it is closed: a client trickling one header byte at a time
-//!   cannot hold a connection (and its file descriptor) for long.
+//!   connection (HTTP/1 or HTTP/2) with no request in flight for the same
+//!   time is closed: a client trickling one header byte at a time, or
+//!   answering HTTP/2 pings without asking for anything, cannot hold a
+//!   connection (and its file descriptor) for long.
+//! - Plain HTTP is HTTP/1 only unless `sidecar.allow_h2c`: HTTP/2 is for
+//!   HTTPS, where ALPN offers it.
 //! - A request body has `sidecar.body_timeout_ms` (enforced where bodies are
 //!   read, with a 408).
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use axum_server::accept::{Accept, DefaultAcceptor};
-use futures_util::future::BoxFuture;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use axum_server::accept::DefaultAcceptor;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::connections::Limited;
 use super::{AppState, healthz, metrics, router};
 use crate::store::Store;
 
@@ -38,97 +39,15 @@ pub struct TlsPem {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    /// How long a request head may take, and a connection may have no
+    /// request in flight.
     pub header_timeout: Duration,
+    /// Serve HTTP/2 over plain HTTP (h2c).
+    pub allow_h2c: bool,
     /// At shutdown, how long requests in flight (a long-poll, say) may take
     /// to finish before their connections are closed.
     pub drain: Duration,
-}
-
-/// Accepts a connection only while fewer than the limit are open; the
-/// permit lives as long as the connection.
-#[derive(Clone)]
-struct Limited<A> {
-    inner: A,
-    permits: Arc<Semaphore>,
-}
-
-impl<A, I, S> Accept<I, S> for Limited<A>
-where
-    A: Accept<I, S> + Clone + Send + 'static,
-    A::Future: Send + 'static,
-    I: Send + 'static,
-    S: Send + 'static,
-{
-    type Stream = Counted<A::Stream>;
-    type Service = A::Service;
-    type Future = BoxFuture<'static, io::Result<(Self::Stream, Self::Service)>>;
-
-    fn accept(&self, stream: I, service: S) -> Self::Future {
-        let permit = self.permits.clone().try_acquire_owned();
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            let Ok(permit) = permit else {
-                metrics::counter!("runbridge_sidecar_connections_refused_total").increment(1);
-                // Dropping the stream closes it at once.
-                drop(stream);
-                return Err(io::Error::other("sidecar.max_connections reached"));
-            };
-            let (stream, service) = inner.accept(stream, service).await?;
-            Ok((
-                Counted {
-                    inner: stream,
-                    _permit: permit,
-                },
-                service,
-            ))
-        })
-    }
-}
-
-/// A connection that holds one of the listener's permits.
-struct Counted<T> {
-    inner: T,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
 }
 
 /// Serves until `shutdown`, then finishes in-flight requests. With `tls`,
@@ -149,10 +68,12 @@ pub async fn serve<S: Store>(
         // Stop accepting, let the requests in flight finish (for a while).
         on_shutdown.graceful_shutdown(Some(limits.drain));
     });
-    let limited = Limited {
-        inner: DefaultAcceptor,
-        permits: Arc::new(Semaphore::new(limits.max_connections.max(1))),
-    };
+    let limited = Limited::new(
+        DefaultAcceptor,
+        limits.max_connections,
+        limits.max_connections_per_client,
+        limits.header_timeout,
+    );
     let mut server = axum_server::from_tcp(listener.into_std()?)?
         .handle(handle)
         .first_request_timeout(limits.header_timeout);
@@ -170,7 +91,12 @@ pub async fn serve<S: Store>(
     let server =
         server.accept_error_handler(|_, e| tracing::debug!(error = %e, "connection not served"));
     let Some(pem) = tls else {
-        tracing::info!(%addr, "sidecar listening (http)");
+        tracing::info!(%addr, h2c = limits.allow_h2c, "sidecar listening (http)");
+        let server = if limits.allow_h2c {
+            server
+        } else {
+            server.http1_only()
+        };
         return server
             .acceptor(limited)
             .serve(app.into_make_service())

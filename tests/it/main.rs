@@ -8,6 +8,7 @@ mod budget;
 mod callbacks;
 mod capabilities;
 mod check;
+mod connections;
 mod core_loop;
 mod costs;
 mod documents;
