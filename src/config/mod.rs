@@ -161,6 +161,14 @@ impl Settings {
             b = b.set_override(*k, v.clone())?;
         }
         let mut s: Settings = b.build()?.try_deserialize()?;
+        // The committed secrets are accepted only where they were asked for
+        // by name: a stray RUNBRIDGE__DEVELOPMENT=true in production must
+        // not turn them on.
+        if s.development && env != "local" {
+            return Err(ConfigError::Invalid(format!(
+                "development = true (from a config file or RUNBRIDGE__DEVELOPMENT) is honoured only with RUNBRIDGE_ENV=local, and RUNBRIDGE_ENV is {env:?}: remove it, or run with RUNBRIDGE_ENV=local for development"
+            )));
+        }
         for (name, w) in std::mem::take(&mut s.workspaces) {
             if s.databricks.workspaces.contains_key(&name) {
                 return Err(ConfigError::Invalid(format!(
@@ -290,6 +298,18 @@ mod tests {
         }
         assert_eq!(s.redis.partitions, 16);
         assert_eq!(s.sidecar.body_limit_bytes, 256 * 1024);
+    }
+
+    #[test]
+    fn development_mode_is_only_for_runbridge_env_local() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        for env in ["production", "staging"] {
+            let e = Settings::load_from(&dir, env, &[("development", "true".into())])
+                .expect_err("development mode outside RUNBRIDGE_ENV=local");
+            assert!(e.to_string().contains("RUNBRIDGE_ENV=local"), "{e}");
+        }
+        assert!(Settings::load_from(&dir, "production", &[]).is_ok());
+        assert!(load(&[]).unwrap().development);
     }
 
     #[test]
