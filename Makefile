@@ -62,6 +62,9 @@ compose-config:
 	@if command -v docker-compose >/dev/null; then docker-compose config -q && echo "docker-compose.yml is valid"; \
 	elif docker compose version >/dev/null 2>&1; then docker compose config -q && echo "docker-compose.yml is valid"; \
 	else echo "no docker-compose here: apt-get install docker-compose" >&2; exit 1; fi
+	@# The stack has development credentials: nothing of it may face the network.
+	@if grep -nE '^[[:space:]]*-[[:space:]]*"?([0-9.]*0\.0\.0\.0:|\[::\]:)?[0-9]+:[0-9]+' docker-compose.yml; then \
+		echo "docker-compose.yml publishes the ports above on every interface: bind them to 127.0.0.1" >&2; exit 1; fi
 
 chaos: services
 	$(CARGO) build $(HARNESS) --features runbridge-harness/failpoints
