@@ -156,7 +156,7 @@ pub fn asyncapi(amqp: &AmqpSection) -> Value {
             "replies": {
                 "address": null,
                 "title": "reply_to queues",
-                "description": "The completion event is also sent to a trigger's AMQP reply_to queue (default exchange), with the trigger's correlation_id.",
+                "description": format!("The completion event is also sent to a trigger's AMQP reply_to queue (default exchange), with the trigger's correlation_id. The queue's name starts with {:?} (amqp.reply_to_prefix), or is server-named (amq.gen-...) or RabbitMQ's direct reply-to; a trigger naming another queue is dead-lettered.", amqp.reply_to_prefix),
                 "messages": {"completionEvent": {"$ref": "#/components/messages/CompletionEvent"}}
             },
             "deadLetters": {

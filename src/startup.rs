@@ -197,6 +197,7 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
             default_timeout: Duration::from_secs(s.worker.default_timeout_seconds),
             max_timeout: Duration::from_secs(s.worker.max_timeout_seconds),
             max_children: s.worker.max_children,
+            reply_to_prefix: s.amqp.reply_to_prefix.clone(),
         },
         public_url: s.public_url()?,
         params: ParamNames {

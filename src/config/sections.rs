@@ -131,6 +131,10 @@ pub struct AmqpSection {
     pub dead_letter_queue_type: DeadLetterQueueType,
     pub events_exchange: String,
     pub control_queue: String,
+    /// A trigger's `reply_to` must name a queue starting with this (or a
+    /// server-named queue, or RabbitMQ's direct reply-to).
+    #[serde(default = "default_reply_to_prefix")]
+    pub reply_to_prefix: String,
     pub delivery_limit: u32,
     pub prefetch: u16,
     /// More nodes of the same RabbitMQ cluster, tried when `url`'s is down.
@@ -193,6 +197,10 @@ fn default_body_timeout_ms() -> u64 {
 
 fn default_header_timeout_ms() -> u64 {
     10_000
+}
+
+fn default_reply_to_prefix() -> String {
+    "runbridge.reply.".into()
 }
 
 fn default_max_connections() -> usize {

@@ -125,6 +125,14 @@ impl Settings {
                 if self.amqp.delivery_limit == 0 {
                     return bad("amqp.delivery_limit must be at least 1".into());
                 }
+                if self.amqp.reply_to_prefix.is_empty()
+                    || self.amqp.reply_to_prefix.starts_with("amq.")
+                {
+                    return bad(format!(
+                        "amqp.reply_to_prefix must be a queue name prefix of your own (not empty, not amq.), got {:?}",
+                        self.amqp.reply_to_prefix
+                    ));
+                }
                 if self.databricks.workspaces.is_empty() {
                     return bad("no Databricks workspace configured: set DATABRICKS_HOST and DATABRICKS_TOKEN (or [databricks.workspaces.<name>])".into());
                 }

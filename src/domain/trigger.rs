@@ -33,6 +33,31 @@ pub struct TriggerRules {
     pub max_timeout: Duration,
     /// The most children one parent trigger may have.
     pub max_children: usize,
+    /// What a `reply_to` queue's name must start with (`amqp.reply_to_prefix`).
+    pub reply_to_prefix: String,
+}
+
+/// Names of queues that RabbitMQ makes and only it can: a server-named
+/// queue, and the direct reply-to pseudo-queue as a consumer sees it.
+const SERVER_NAMED_REPLIES: [&str; 2] = ["amq.gen-", "amq.rabbitmq.reply-to"];
+
+impl TriggerRules {
+    /// A trigger's `reply_to`, if it names a queue runbridge may answer in:
+    /// the completion is published there by the default exchange, so an
+    /// arbitrary name would let a producer have runbridge publish into any
+    /// queue of the vhost (the control queue, another application's).
+    fn reply_to(&self, r: &str) -> Result<(), TriggerError> {
+        let allowed = std::iter::once(self.reply_to_prefix.as_str())
+            .chain(SERVER_NAMED_REPLIES)
+            .any(|p| !p.is_empty() && r.starts_with(p));
+        if allowed {
+            return Ok(());
+        }
+        Err(TriggerError::Invalid(format!(
+            "reply_to {r:?} is not a reply queue: its name must start with {:?} (amqp.reply_to_prefix), or be a server-named queue (amq.gen-...) or RabbitMQ's direct reply-to",
+            self.reply_to_prefix
+        )))
+    }
 }
 
 impl Default for TriggerRules {
@@ -41,6 +66,7 @@ impl Default for TriggerRules {
             default_timeout: Duration::from_secs(86_400),
             max_timeout: Duration::from_secs(30 * 86_400),
             max_children: 1000,
+            reply_to_prefix: "runbridge.reply.".into(),
         }
     }
 }
@@ -54,6 +80,7 @@ impl TriggerRules {
             default_timeout: Duration::from_secs(86_400),
             max_timeout: Duration::MAX,
             max_children: usize::MAX,
+            reply_to_prefix: "runbridge.reply.".into(),
         }
     }
 }
@@ -484,6 +511,10 @@ impl Trigger {
 
         check_tags(&w.tags)?;
         check_workspace(w.workspace.as_deref())?;
+        let reply_to = env.reply_to.clone().filter(|s| !s.is_empty());
+        if let Some(r) = &reply_to {
+            rules.reply_to(r)?;
+        }
         let retry = match &w.retry {
             None => None,
             Some(m) => {
@@ -503,12 +534,47 @@ impl Trigger {
             cancel_on_timeout: w.cancel_on_timeout.unwrap_or(true),
             tags: w.tags,
             workspace: w.workspace,
-            reply_to: env.reply_to.clone().filter(|s| !s.is_empty()),
+            reply_to,
             correlation_id: env.correlation_id.clone(),
             traceparent: env.traceparent.clone(),
             raw,
             retry,
         })
+    }
+}
+
+#[cfg(test)]
+mod reply_to {
+    use super::*;
+
+    fn with_reply_to(r: &str) -> Result<Trigger, TriggerError> {
+        let env = Envelope {
+            body: br#"{"id": "r-1", "job_id": 7}"#.to_vec(),
+            reply_to: Some(r.into()),
+            ..Default::default()
+        };
+        Trigger::parse(&env, &TriggerRules::default())
+    }
+
+    #[test]
+    fn only_reply_queues_are_answered() {
+        for ok in [
+            "runbridge.reply.r-1",
+            "amq.gen-JzTY20BRgKO-HjmUJj0wLg",
+            "amq.rabbitmq.reply-to.g1h2AA5yZXBseUAyNzQ2OTA5OAAAZpEAAAAAZzu8Ow==",
+            "",
+        ] {
+            assert!(with_reply_to(ok).is_ok(), "{ok:?} refused");
+        }
+        for bad in [
+            "runbridge.control",
+            "orders",
+            "runbridge.replyX",
+            "amq.direct",
+        ] {
+            let e = with_reply_to(bad).expect_err(bad).to_string();
+            assert!(e.contains("runbridge.reply."), "{e}");
+        }
     }
 }
 

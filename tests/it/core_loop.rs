@@ -134,6 +134,69 @@ async fn completion_is_sent_to_reply_to() {
     app.stop().await;
 }
 
+/// A trigger whose reply_to names a queue other than a reply queue (here
+/// another application's, in the same vhost) is dead-lettered saying why:
+/// no run starts and nothing is published to that queue. A queue under
+/// `amqp.reply_to_prefix` gets its reply.
+#[tokio::test]
+async fn reply_to_must_name_a_reply_queue() {
+    let app = TestApp::spawn().await;
+    let exchange = app.settings.amqp.events_exchange.clone();
+    let orders = format!("{}.orders", app.name);
+    let replies = format!("{}{}", app.settings.amqp.reply_to_prefix, app.name);
+    for q in [&orders, &replies] {
+        app.broker
+            .declare_bound_queue(q, &exchange, "nothing.routes.here")
+            .await
+            .unwrap();
+    }
+    let refused = unique("reply-elsewhere");
+    app.publish_with(
+        &trigger(&refused, JOB_CALLBACK),
+        None,
+        Some(&orders),
+        Some("c-1"),
+    )
+    .await;
+    let dead = app.dead_letters(Duration::from_secs(15), 1).await;
+    let why = dead[0]
+        .headers
+        .get("x-runbridge-error")
+        .cloned()
+        .unwrap_or_default();
+    assert!(why.contains("reply_to"), "{why}");
+    assert!(why.contains(&app.settings.amqp.reply_to_prefix), "{why}");
+
+    let answered = unique("reply-ok");
+    app.publish_with(
+        &trigger(&answered, JOB_CALLBACK),
+        None,
+        Some(&replies),
+        Some("c-2"),
+    )
+    .await;
+    let mut reply = app.broker.consume_queue(&replies).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(15), reply.next())
+        .await
+        .expect("a reply in time")
+        .expect("a reply");
+    assert_eq!(r.correlation_id.as_deref(), Some("c-2"));
+
+    // By now the refused trigger, published first, would have been answered.
+    let mut other = app.broker.consume_queue(&orders).await.unwrap();
+    let leaked = tokio::time::timeout(Duration::from_millis(500), other.next()).await;
+    assert!(
+        leaked.is_err(),
+        "runbridge published into {orders}: {leaked:?}"
+    );
+    assert!(app.runs_for(&refused).await.is_empty(), "a run started");
+    assert!(
+        app.promise(&refused).await.is_none(),
+        "a promise was stored"
+    );
+    app.stop().await;
+}
+
 /// (d) a callback that arrives before the worker recorded the run id still
 /// settles the promise, and the run id is recorded afterwards.
 #[tokio::test]
