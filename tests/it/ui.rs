@@ -469,3 +469,55 @@ async fn pages_over_the_largest_stored_inputs_stay_small() {
     assert!(page.contains("are shown"), "the value is cut");
     app.stop().await;
 }
+
+/// Under HTTPS (here a TLS-terminating proxy: an https public URL) the
+/// console's cookies, the login form's included, are `Secure` and named
+/// `__Host-…` (kept by a browser only when this host set them over HTTPS,
+/// with `Path=/` and no `Domain`), and a plain `rb_session` cookie, which
+/// a sibling subdomain could plant, opens nothing.
+#[tokio::test]
+async fn console_cookies_under_https_are_secure_host_cookies() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        overrides: vec![("sidecar.public_url", "https://runbridge.example.com".into())],
+        ..Default::default()
+    })
+    .await;
+    let r = client()
+        .get(format!("{}/ui/login", app.sidecar_url))
+        .send()
+        .await
+        .unwrap();
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let host_cookie = |c: &str, name: &str| {
+        assert!(c.starts_with(&format!("__Host-{name}=")), "{c}");
+        for attr in ["; Secure", "; Path=/;", "; HttpOnly", "; SameSite=Strict"] {
+            assert!(c.contains(attr), "{name} without {attr}: {c}");
+        }
+        assert!(!c.contains("Domain"), "{c}");
+    };
+    host_cookie(&set, "rb_login");
+    let login_cookie = set.split(';').next().unwrap().to_owned();
+    let page = r.text().await.unwrap();
+    let at = page.find(r#"name="csrf" value=""#).unwrap() + 19;
+    let csrf = page[at..at + 32].to_owned();
+
+    let r = post_login(&app, &login_cookie, &csrf, &app.operator_token).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let session = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|c| c.starts_with("__Host-rb_session="))
+        .expect("the session cookie");
+    host_cookie(&session, "rb_session");
+    let pair = session.split(';').next().unwrap().to_owned();
+    assert_eq!(get(&app, "/ui", Some(&pair)).await.0, StatusCode::OK);
+    let unprefixed = pair.trim_start_matches("__Host-");
+    assert_eq!(
+        get(&app, "/ui", Some(unprefixed)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    app.stop().await;
+}

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 
 use super::layout::{Nav, confirm_box, csrf_field, notice, page, respond};
+use super::session::Cookies;
 use super::{
     checked_form, done_notice, error_page, see_other, session, unauthorized, unavailable_page,
     unconfirmed, url_enc,
@@ -133,7 +134,7 @@ async fn viewer<'a, S: Store>(
     h: &HeaderMap,
 ) -> Result<(String, &'a crate::broker::BrokerSettings), Response> {
     let Some(s) = session::operator(st, h).await else {
-        return Err(unauthorized());
+        return Err(unauthorized(Cookies::of(st)));
     };
     match &st.broker {
         Some(b) => Ok((s, b)),

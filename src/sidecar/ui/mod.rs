@@ -33,7 +33,7 @@ use maud::html;
 use super::{AppState, read_body};
 use crate::store::Store;
 use layout::{Nav, alert, csrf_field, page, respond};
-use session::{LOGIN_COOKIE, csrf_ok};
+use session::{Cookies, csrf_ok};
 
 pub use dead_letters::{body as dead_letter_body, dead_letters, republish};
 pub use overview::{overview, overview_fragment_route};
@@ -62,7 +62,7 @@ fn done_notice(raw: &Option<String>) -> Option<String> {
         .map(|(_, v)| v)
 }
 
-fn login_page(status: StatusCode, message: Option<&str>) -> Response {
+fn login_page(c: Cookies, status: StatusCode, message: Option<&str>) -> Response {
     let nonce = hex::encode(rand::random::<[u8; 16]>());
     let body = html! {
         h1 { "Operator console" }
@@ -77,17 +77,15 @@ fn login_page(status: StatusCode, message: Option<&str>) -> Response {
         }
     };
     let mut r = respond(status, page("Log in", Nav::None, None, body));
-    if let Ok(v) = HeaderValue::from_str(&format!(
-        "{LOGIN_COOKIE}={nonce}; Path=/ui; HttpOnly; SameSite=Strict"
-    )) {
+    if let Some(v) = c.set(c.login(), &nonce, None) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r
 }
 
 /// 401 with the login form: what every `/ui` route answers without a token.
-fn unauthorized() -> Response {
-    login_page(StatusCode::UNAUTHORIZED, None)
+fn unauthorized(c: Cookies) -> Response {
+    login_page(c, StatusCode::UNAUTHORIZED, None)
 }
 
 fn forbidden_csrf() -> Response {
@@ -117,7 +115,7 @@ async fn checked_form<S: Store>(
     body: Body,
 ) -> Result<(String, HashMap<String, String>), Response> {
     let Some(s) = session::operator(st, h).await else {
-        return Err(unauthorized());
+        return Err(unauthorized(Cookies::of(st)));
     };
     let Ok(bytes) = read_body(st, h, body).await else {
         return Err(forbidden_csrf());

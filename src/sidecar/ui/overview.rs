@@ -9,6 +9,7 @@ use axum::response::{Html, IntoResponse, Response};
 use maud::{Markup, html};
 
 use super::layout::{Nav, page, respond, state_class};
+use super::session::Cookies;
 use super::{session, unauthorized, unavailable_page};
 use crate::broker;
 use crate::domain::State;
@@ -17,7 +18,7 @@ use crate::store::{Overview, Store, StoreError};
 
 pub async fn overview<S: Store>(st: St<S>, h: HeaderMap) -> Response {
     let Some(s) = session::operator(&st, &h).await else {
-        return unauthorized();
+        return unauthorized(Cookies::of(&st));
     };
     match overview_data(&st).await {
         Ok(frag) => {

@@ -10,6 +10,7 @@ use axum::response::Response;
 use maud::{Markup, html};
 
 use super::layout::{Nav, alert, confirm_box, csrf_field, notice, page, respond, state_class};
+use super::session::Cookies;
 use super::{
     checked_form, done_notice, error_page, query, see_other, session, unauthorized,
     unavailable_page, unconfirmed, url_enc,
@@ -49,7 +50,7 @@ fn search_form(
 
 pub async fn promises<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
     let Some(s) = session::operator(&st, &h).await else {
-        return unauthorized();
+        return unauthorized(Cookies::of(&st));
     };
     let params = query(&q);
     let get = |k: &str| {
@@ -482,7 +483,7 @@ pub async fn promise<S: Store>(
     RawQuery(q): RawQuery,
 ) -> Response {
     let Some(s) = session::operator(&st, &h).await else {
-        return unauthorized();
+        return unauthorized(Cookies::of(&st));
     };
     let Ok(pid) = PromiseId::parse(&id) else {
         return error_page(

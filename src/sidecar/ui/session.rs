@@ -25,10 +25,71 @@ use super::{form, login_page, see_other, unauthorized};
 use crate::sidecar::{AppState, St, auth, read_body};
 use crate::store::{ConsoleSession, Store};
 
-pub(super) const SESSION_COOKIE: &str = "rb_session";
-/// Before login there is no session to bind a CSRF token to: the login
-/// form carries a random one that must match this cookie (double submit).
-pub(super) const LOGIN_COOKIE: &str = "rb_login";
+/// The console's cookies: the session's, and before login the login form's
+/// (there is no session yet to bind a CSRF token to, so the form carries a
+/// random one that must match this cookie: double submit).
+///
+/// Under HTTPS (`sidecar.tls_cert_file`, or an `https://` public URL) they
+/// are `Secure` and named `__Host-…`, which a browser keeps only when set by
+/// this very host over HTTPS with `Path=/` and no `Domain`: neither a
+/// sibling subdomain nor a plain-HTTP response can plant or overwrite one.
+/// Over plain HTTP (development) they are `rb_…` on `/ui`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Cookies {
+    secure: bool,
+}
+
+impl Cookies {
+    pub(super) fn of<S>(st: &AppState<S>) -> Self {
+        Self {
+            secure: st.settings.secure_cookies,
+        }
+    }
+
+    pub(super) fn session(self) -> &'static str {
+        if self.secure {
+            "__Host-rb_session"
+        } else {
+            "rb_session"
+        }
+    }
+
+    pub(super) fn login(self) -> &'static str {
+        if self.secure {
+            "__Host-rb_login"
+        } else {
+            "rb_login"
+        }
+    }
+
+    fn attributes(self) -> &'static str {
+        if self.secure {
+            "Path=/; Secure; HttpOnly; SameSite=Strict"
+        } else {
+            "Path=/ui; HttpOnly; SameSite=Strict"
+        }
+    }
+
+    /// `Set-Cookie` of `name` (one of the above), for `max_age` or the
+    /// browser's session.
+    pub(super) fn set(
+        self,
+        name: &str,
+        value: &str,
+        max_age: Option<std::time::Duration>,
+    ) -> Option<HeaderValue> {
+        let age = max_age
+            .map(|a| format!("; Max-Age={}", a.as_secs()))
+            .unwrap_or_default();
+        HeaderValue::from_str(&format!("{name}={value}; {}{age}", self.attributes())).ok()
+    }
+
+    fn clear(self, name: &str) -> HeaderValue {
+        self.set(name, "", Some(std::time::Duration::ZERO))
+            .unwrap_or_else(|| HeaderValue::from_static(""))
+    }
+}
+
 /// The cookie of earlier versions, which held the operator token itself:
 /// cleared at login and logout, never read.
 const OLD_COOKIE: &str = "rb_operator";
@@ -68,8 +129,8 @@ pub(super) fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 
 /// The session id of the request's cookie, hashed as the store keys it;
 /// `None` for anything that is not 64 hex digits.
-fn session_hash(headers: &HeaderMap) -> Option<String> {
-    let id = cookie(headers, SESSION_COOKIE)?;
+fn session_hash(c: Cookies, headers: &HeaderMap) -> Option<String> {
+    let id = cookie(headers, c.session())?;
     (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
         .then(|| sha256_hex(&[id.as_bytes()]))
 }
@@ -92,7 +153,7 @@ pub(super) async fn operator<S: Store>(st: &AppState<S>, headers: &HeaderMap) ->
     {
         return Some(bearer_csrf(&t));
     }
-    let hash = session_hash(headers)?;
+    let hash = session_hash(Cookies::of(st), headers)?;
     match st
         .store
         .touch_session(&hash, st.settings.session_idle)
@@ -122,29 +183,33 @@ pub(super) fn csrf_ok(want: &str, given: Option<&String>) -> bool {
     !want.is_empty() && given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(want.as_bytes())))
 }
 
-fn clear(name: &str) -> HeaderValue {
-    HeaderValue::from_str(&format!(
-        "{name}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0"
-    ))
-    .unwrap_or_else(|_| HeaderValue::from_static(""))
+/// Clears the cookie of earlier versions (set on `/ui`, never `Secure`).
+fn clear_old() -> HeaderValue {
+    Cookies { secure: false }.clear(OLD_COOKIE)
 }
 
 pub async fn login_form<S: Store>(st: St<S>, h: HeaderMap) -> Response {
     if operator(&st, &h).await.is_some() {
         return see_other("/ui");
     }
-    unauthorized()
+    unauthorized(Cookies::of(&st))
 }
 
 pub async fn login<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
+    let c = Cookies::of(&st);
     let Ok(bytes) = read_body(&st, &h, body).await else {
-        return login_page(StatusCode::BAD_REQUEST, Some("The form could not be read."));
+        return login_page(
+            c,
+            StatusCode::BAD_REQUEST,
+            Some("The form could not be read."),
+        );
     };
     let mut f = form(&bytes);
-    let nonce = cookie(&h, LOGIN_COOKIE).unwrap_or_default();
+    let nonce = cookie(&h, c.login()).unwrap_or_default();
     let given = f.remove("csrf").unwrap_or_default();
     if nonce.len() != 32 || !bool::from(given.as_bytes().ct_eq(nonce.as_bytes())) {
         return login_page(
+            c,
             StatusCode::FORBIDDEN,
             Some("The login form expired or came from elsewhere; log in again."),
         );
@@ -152,6 +217,7 @@ pub async fn login<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
     let token = f.remove("token").unwrap_or_default();
     if !auth::is_operator(&st.operator_tokens, std::slice::from_ref(&token)) {
         return login_page(
+            c,
             StatusCode::UNAUTHORIZED,
             Some("That is not an operator token."),
         );
@@ -169,26 +235,18 @@ pub async fn login<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
     {
         tracing::error!(error = %e, "console: cannot store the session");
         return login_page(
+            c,
             StatusCode::SERVICE_UNAVAILABLE,
             Some("The store is unavailable; try again in a moment."),
         );
     }
-    let secure = if st.settings.secure_cookies {
-        "; Secure"
-    } else {
-        ""
-    };
     let mut r = see_other("/ui");
-    if let Ok(v) = HeaderValue::from_str(&format!(
-        "{SESSION_COOKIE}={id}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
-        max.as_secs()
-    )) {
+    if let Some(v) = c.set(c.session(), &id, Some(max)) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r.headers_mut()
-        .append(header::SET_COOKIE, clear(LOGIN_COOKIE));
-    r.headers_mut()
-        .append(header::SET_COOKIE, clear(OLD_COOKIE));
+        .append(header::SET_COOKIE, c.clear(c.login()));
+    r.headers_mut().append(header::SET_COOKIE, clear_old());
     r
 }
 
@@ -198,16 +256,16 @@ pub async fn logout<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
         Ok((csrf, _)) => csrf,
         Err(refused) => return refused,
     };
-    if let Some(hash) = session_hash(&h)
+    let c = Cookies::of(&st);
+    if let Some(hash) = session_hash(c, &h)
         && let Err(e) = st.store.close_session(&hash).await
     {
         return super::unavailable_page(&csrf, "store", &e, "; you are still logged in");
     }
     let mut r = see_other("/ui/login");
     r.headers_mut()
-        .insert(header::SET_COOKIE, clear(SESSION_COOKIE));
-    r.headers_mut()
-        .append(header::SET_COOKIE, clear(OLD_COOKIE));
+        .insert(header::SET_COOKIE, c.clear(c.session()));
+    r.headers_mut().append(header::SET_COOKIE, clear_old());
     r
 }
 
@@ -227,13 +285,14 @@ mod tests {
 
     #[test]
     fn only_well_formed_session_cookies_are_looked_up() {
+        let c = Cookies { secure: false };
         let with = |v: &str| {
             let mut h = HeaderMap::new();
             h.insert(
                 header::COOKIE,
-                HeaderValue::from_str(&format!("{SESSION_COOKIE}={v}")).unwrap(),
+                HeaderValue::from_str(&format!("{}={v}", c.session())).unwrap(),
             );
-            session_hash(&h)
+            session_hash(c, &h)
         };
         let id = random_hex();
         assert_eq!(with(&id), Some(sha256_hex(&[id.as_bytes()])));
