@@ -425,7 +425,10 @@ pub async fn run_sidecar(
             .clone()
             .filter(|p| !p.expose_secret().is_empty())
             .map(|p| (s.auth.notification_username.clone(), p)),
-        broker: Some(broker_settings(s, "sidecar-console")),
+        dead_letters: Some(crate::broker::DeadLetterQueue::new(broker_settings(
+            s,
+            "sidecar-console",
+        ))),
     });
     let tls = match (
         read_pem("sidecar.tls_cert_file", &s.sidecar.tls_cert_file)?,
@@ -441,9 +444,13 @@ pub async fn run_sidecar(
         allow_h2c: s.sidecar.allow_h2c,
         drain: Duration::from_secs(s.worker.drain_timeout_seconds),
     };
+    let kept = state.clone();
     let r = sidecar::serve(listener, state, tls, limits, shutdown)
         .await
         .map_err(StartupError::Serve);
+    if let Some(d) = &kept.dead_letters {
+        d.close().await;
+    }
     let _ = watcher.await;
     r
 }

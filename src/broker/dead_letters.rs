@@ -1,6 +1,8 @@
 //! The dead-letter queue for the console: count, browse (every message
 //! returned in place with one nack), republish-then-ack.
 
+use std::sync::Arc;
+
 use super::*;
 
 /// What a browse keeps of a body: a dead letter may be a trigger refused
@@ -39,12 +41,119 @@ pub(super) fn fingerprint(body: &[u8], error: Option<&str>) -> String {
     hex::encode(&h.finalize()[..16])
 }
 
-/// Messages in the dead-letter queue (`settings.dead_letter_queue`).
-pub async fn dead_letter_count(settings: &BrokerSettings) -> Result<u32, BrokerError> {
-    let b = Broker::connect(settings).await?;
-    let q = b.inspect_queue(&settings.dead_letter_queue).await;
-    b.close().await;
-    Ok(q?.message_count())
+/// The console's way to the dead-letter queue: one AMQP connection, kept
+/// between views (the overview counts dead letters on every refresh) and
+/// opened again once lost, and one walk at a time.
+pub struct DeadLetterQueue {
+    settings: BrokerSettings,
+    connection: tokio::sync::Mutex<Option<Arc<Broker>>>,
+    /// A walk holds what it took unacked until it ends, so two at once would
+    /// each see the queue without what the other holds (concurrent views
+    /// showed 0, 3, 1, 1, 1, 0 of six letters).
+    walking: tokio::sync::Mutex<()>,
+}
+
+impl DeadLetterQueue {
+    pub fn new(settings: BrokerSettings) -> Self {
+        Self {
+            settings,
+            connection: tokio::sync::Mutex::new(None),
+            walking: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        &self.settings.dead_letter_queue
+    }
+
+    /// The kept connection, or a new one when there is none or it was lost.
+    async fn broker(&self) -> Result<Arc<Broker>, BrokerError> {
+        let mut kept = self.connection.lock().await;
+        if let Some(b) = kept.as_ref().filter(|b| b.is_connected()) {
+            return Ok(b.clone());
+        }
+        let b = Arc::new(Broker::connect(&self.settings).await?);
+        *kept = Some(b.clone());
+        Ok(b)
+    }
+
+    /// Closes the kept connection (at shutdown).
+    pub async fn close(&self) {
+        if let Some(b) = self.connection.lock().await.take() {
+            b.close().await;
+        }
+    }
+
+    /// Messages in the dead-letter queue.
+    pub async fn count(&self) -> Result<u32, BrokerError> {
+        let b = self.broker().await?;
+        Ok(b.inspect_queue(self.name()).await?.message_count())
+    }
+
+    async fn walk(&self) -> Result<DeadLetterWalk<'_>, BrokerError> {
+        let turn = self.walking.lock().await;
+        let broker = self.broker().await?;
+        let channel = broker.channel().await.map_err(amqp)?;
+        Ok(DeadLetterWalk {
+            channel,
+            queue: self.name(),
+            _turn: turn,
+        })
+    }
+
+    /// Up to `limit` dead letters, left in the queue, each with a preview of
+    /// its body.
+    pub async fn browse(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+        let mut walk = self.walk().await?;
+        let mut seen = Vec::new();
+        let mut last_tag = None;
+        while seen.len() < limit {
+            match walk.next().await {
+                Some((d, letter)) => {
+                    last_tag = Some(d.delivery_tag);
+                    seen.push(letter);
+                }
+                None => break,
+            }
+        }
+        walk.finish(last_tag).await;
+        Ok(seen)
+    }
+
+    /// Publishes `body` to the trigger queue in place of the dead letter
+    /// with this fingerprint (its message id, reply_to, correlation_id and
+    /// traceparent kept; persistent; confirmed), and only then acks the
+    /// dead letter. `body`: the new body, or `None` to publish the message's
+    /// own. `false` when no dead letter has that fingerprint any more.
+    pub async fn republish(&self, wanted: &str, body: Option<&[u8]>) -> Result<bool, BrokerError> {
+        let mut walk = self.walk().await?;
+        let publisher = match self.broker().await?.publisher().await {
+            Ok(p) => p,
+            Err(e) => {
+                walk.finish(None).await;
+                return Err(e);
+            }
+        };
+        let (found, passed_over) = walk.find(wanted).await;
+        let outcome = match found {
+            None => Ok(false),
+            Some(d) => replace(&publisher, &self.settings, &walk.channel, &d, body).await,
+        };
+        walk.finish(passed_over).await;
+        publisher.close().await;
+        outcome
+    }
+
+    /// The whole body of the dead letter with this fingerprint, left in the
+    /// queue; `None` when there is none any more.
+    pub async fn body(&self, wanted: &str) -> Result<Option<Vec<u8>>, BrokerError> {
+        let mut walk = self.walk().await?;
+        let (found, passed_over) = walk.find(wanted).await;
+        let last = found.as_ref().map(|d| d.delivery_tag).or(passed_over);
+        walk.finish(last).await;
+        Ok(found.map(|d| d.data))
+    }
 }
 
 /// A walk through the dead-letter queue without acknowledging anything:
@@ -52,32 +161,14 @@ pub async fn dead_letter_count(settings: &BrokerSettings) -> Result<u32, BrokerE
 /// not ack goes back to the queue. It takes one message at a time with
 /// `basic.get` (a consumer's prefetch would bring every message of the walk
 /// into memory at once, and dead letters may be large).
-struct DeadLetterWalk {
-    pub(super) broker: Broker,
-    pub(super) channel: Channel,
-    queue: String,
-    /// This walk's turn ([`WALKING`]), held until it is dropped.
-    _turn: tokio::sync::MutexGuard<'static, ()>,
+struct DeadLetterWalk<'a> {
+    channel: Channel,
+    queue: &'a str,
+    /// This walk's turn ([`DeadLetterQueue::walking`]), held until it is dropped.
+    _turn: tokio::sync::MutexGuard<'a, ()>,
 }
 
-/// One walk at a time in this process: a walk holds what it took unacked
-/// until it ends, so two at once would each see the queue without what the
-/// other holds (concurrent views showed 0, 3, 1, 1, 1, 0 of six letters).
-static WALKING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-impl DeadLetterWalk {
-    pub(super) async fn start(settings: &BrokerSettings) -> Result<Self, BrokerError> {
-        let turn = WALKING.lock().await;
-        let broker = Broker::connect(settings).await?;
-        let channel = broker.channel().await.map_err(amqp)?;
-        Ok(Self {
-            broker,
-            channel,
-            queue: settings.dead_letter_queue.clone(),
-            _turn: turn,
-        })
-    }
-
+impl DeadLetterWalk<'_> {
     /// Takes dead letters until the one with this fingerprint, looking at
     /// 1,000 at most: that one (not acked), and the tag of the last one
     /// passed over.
@@ -97,13 +188,10 @@ impl DeadLetterWalk {
 
     /// The next dead letter (the delivery, whole, for a republish), or
     /// `None` when the queue has no more that this walk has not taken.
-    pub(super) async fn next(&mut self) -> Option<(Delivery, DeadLetter)> {
+    async fn next(&mut self) -> Option<(Delivery, DeadLetter)> {
         let got = self
             .channel
-            .basic_get(
-                self.queue.as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
+            .basic_get(self.queue.into(), BasicGetOptions { no_ack: false })
             .await;
         let Ok(Some(m)) = got else { return None };
         let d = m.delivery;
@@ -131,7 +219,7 @@ impl DeadLetterWalk {
     /// on a classic queue they keep their places and no count changes; on a
     /// quorum queue from RabbitMQ 4.3 a nack does not count as a failed
     /// delivery (a channel closing with them unacked would, before 4.3).
-    pub(super) async fn finish(self, last_tag: Option<u64>) {
+    async fn finish(self, last_tag: Option<u64>) {
         if let Some(tag) = last_tag {
             let _ = self
                 .channel
@@ -144,54 +232,9 @@ impl DeadLetterWalk {
                 )
                 .await;
         }
+        // The connection stays for the next view; the channel goes.
         let _ = self.channel.close(200, "browsed".into()).await;
-        self.broker.close().await;
     }
-}
-
-/// Up to `limit` dead letters, left in the queue, each with a preview of
-/// its body.
-pub async fn browse_dead_letters(
-    settings: &BrokerSettings,
-    limit: usize,
-) -> Result<Vec<DeadLetter>, BrokerError> {
-    let mut walk = DeadLetterWalk::start(settings).await?;
-    let mut seen = Vec::new();
-    let mut last_tag = None;
-    while seen.len() < limit {
-        match walk.next().await {
-            Some((d, letter)) => {
-                last_tag = Some(d.delivery_tag);
-                seen.push(letter);
-            }
-            None => break,
-        }
-    }
-    walk.finish(last_tag).await;
-    Ok(seen)
-}
-
-/// Publishes `body` to the trigger queue in place of the dead letter with
-/// this fingerprint (its message id, reply_to, correlation_id and
-/// traceparent kept; persistent; confirmed), and only then acks the dead
-/// letter. `body`: the new body, or `None` to publish the message's own.
-/// `false` when no dead letter has that fingerprint any more.
-pub async fn republish_dead_letter(
-    settings: &BrokerSettings,
-    wanted: &str,
-    body: Option<&[u8]>,
-) -> Result<bool, BrokerError> {
-    let publishing = Broker::connect(settings).await?;
-    let publisher = publishing.publisher().await?;
-    let mut walk = DeadLetterWalk::start(settings).await?;
-    let (found, passed_over) = walk.find(wanted).await;
-    let outcome = match found {
-        None => Ok(false),
-        Some(d) => replace(&publisher, settings, &walk.channel, &d, body).await,
-    };
-    walk.finish(passed_over).await;
-    publishing.close().await;
-    outcome
 }
 
 /// Publishes the dead letter `d` (or `body` in its place) to the trigger
@@ -231,17 +274,4 @@ async fn replace(
         .await
         .map(|_| true)
         .map_err(amqp)
-}
-
-/// The whole body of the dead letter with this fingerprint, left in the
-/// queue; `None` when there is none any more.
-pub async fn dead_letter_body(
-    settings: &BrokerSettings,
-    wanted: &str,
-) -> Result<Option<Vec<u8>>, BrokerError> {
-    let mut walk = DeadLetterWalk::start(settings).await?;
-    let (found, passed_over) = walk.find(wanted).await;
-    let last = found.as_ref().map(|d| d.delivery_tag).or(passed_over);
-    walk.finish(last).await;
-    Ok(found.map(|d| d.data))
 }

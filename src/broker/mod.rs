@@ -22,10 +22,7 @@ use std::time::Duration;
 pub use check::{Found, TopologyFinding};
 pub use connect::Broker;
 pub use consume::{EventListener, Incoming, ReceivedEvent, TriggerConsumer};
-pub use dead_letters::{
-    DeadLetter, PREVIEW_BYTES, browse_dead_letters, dead_letter_body, dead_letter_count,
-    republish_dead_letter,
-};
+pub use dead_letters::{DeadLetter, DeadLetterQueue, PREVIEW_BYTES};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{

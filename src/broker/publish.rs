@@ -12,6 +12,12 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// Closes its channel (a publisher made for one message, on a
+    /// connection that stays open).
+    pub async fn close(&self) {
+        let _ = self.channel.close(200, "published".into()).await;
+    }
+
     pub(super) async fn raw_publish(
         &self,
         exchange: &str,

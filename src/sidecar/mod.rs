@@ -98,9 +98,9 @@ pub struct AppState<S> {
     /// HTTP Basic credentials Databricks notification destinations use
     /// (`None`: the notification route refuses everything).
     pub notification_auth: Option<(String, SecretString)>,
-    /// Where the console reads and republishes dead letters (`None`: it
-    /// says the broker is not configured).
-    pub broker: Option<crate::broker::BrokerSettings>,
+    /// Where the console reads and republishes dead letters, on a
+    /// connection it keeps (`None`: it says the broker is not configured).
+    pub dead_letters: Option<crate::broker::DeadLetterQueue>,
 }
 
 type St<S> = AxState<Arc<AppState<S>>>;

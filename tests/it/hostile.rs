@@ -4,8 +4,6 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use runbridge::broker::dead_letter_count;
-
 use crate::helpers::*;
 
 /// 10,000 malformed messages of several kinds with 100 valid triggers
@@ -38,12 +36,15 @@ async fn a_flood_of_malformed_messages_is_dead_lettered_while_valid_triggers_run
         assert_eq!(ids.len(), 1, "{id}");
         assert_eq!(evs[0]["data"]["state"], "RESOLVED", "{id}");
     }
-    let bs = runbridge::startup::broker_settings(&app.settings, "it-count");
+    let dlq = runbridge::broker::DeadLetterQueue::new(runbridge::startup::broker_settings(
+        &app.settings,
+        "it-count",
+    ));
     let dead = eventually(
         Duration::from_secs(120),
         "every malformed message dead-lettered",
         || async {
-            let n = dead_letter_count(&bs).await.ok()? as usize;
+            let n = dlq.count().await.ok()? as usize;
             (n == MALFORMED).then_some(n)
         },
     )

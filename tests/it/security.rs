@@ -542,11 +542,14 @@ async fn ids_with_dot_segments_are_refused() {
 #[tokio::test]
 async fn viewing_dead_letters_leaves_their_delivery_count_unchanged() {
     let app = TestApp::spawn().await;
-    let bs = runbridge::startup::broker_settings(&app.settings, "it-count");
+    let dlq = runbridge::broker::DeadLetterQueue::new(runbridge::startup::broker_settings(
+        &app.settings,
+        "it-count",
+    ));
     app.publish_raw(br#"{"id": "dead-1", "job_id": "not a number"}"#, None)
         .await;
     eventually(Duration::from_secs(20), "dead-lettered", || async {
-        (runbridge::broker::dead_letter_count(&bs).await.ok()? == 1).then_some(())
+        (dlq.count().await.ok()? == 1).then_some(())
     })
     .await;
     for i in 0..10 {
@@ -558,7 +561,7 @@ async fn viewing_dead_letters_leaves_their_delivery_count_unchanged() {
         assert_eq!(r.status(), 200);
         assert!(r.text().await.unwrap().contains("not a number"), "view {i}");
     }
-    assert_eq!(runbridge::broker::dead_letter_count(&bs).await.unwrap(), 1);
+    assert_eq!(dlq.count().await.unwrap(), 1);
     let letters = app.dead_letters(Duration::from_secs(5), 1).await;
     assert_eq!(letters.len(), 1);
     // A quorum queue's count of earlier deliveries (absent: none).
@@ -649,8 +652,9 @@ async fn an_existing_quorum_dead_letter_queue_is_used_as_it_is() {
     broker.close().await;
     app.publish_raw(br#"{"id": "dead-2", "job_id": "x"}"#, None)
         .await;
+    let queue = runbridge::broker::DeadLetterQueue::new(bs);
     eventually(Duration::from_secs(20), "dead-lettered", || async {
-        (runbridge::broker::dead_letter_count(&bs).await.ok()? == 1).then_some(())
+        (queue.count().await.ok()? == 1).then_some(())
     })
     .await;
     app.stop().await;

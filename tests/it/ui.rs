@@ -521,3 +521,67 @@ async fn console_cookies_under_https_are_secure_host_cookies() {
     );
     app.stop().await;
 }
+
+/// The console's AMQP connections in `vhost`: (name, connected_at) of each.
+fn console_connections(vhost: &str) -> Vec<(String, String)> {
+    let out = runbridge_testkit::rabbitmqctl(
+        None,
+        &[
+            "list_connections",
+            "-p",
+            vhost,
+            "name",
+            "connected_at",
+            "client_properties",
+            "--formatter",
+            "json",
+        ],
+    )
+    .unwrap();
+    let all: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+    all.iter()
+        .filter(|c| {
+            c["client_properties"]
+                .to_string()
+                .contains("sidecar-console")
+        })
+        .map(|c| (c["name"].to_string(), c["connected_at"].to_string()))
+        .collect()
+}
+
+/// The console reads the dead-letter queue on one AMQP connection that it
+/// keeps: list views, downloads and overview refreshes (which count dead
+/// letters every few seconds) open no new one.
+#[tokio::test]
+async fn dead_letter_views_share_one_kept_connection() {
+    let vhost = unique("it-console");
+    rabbitmqctl(&["add_vhost", &vhost]);
+    rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+    let app = TestApp::spawn_with(Options {
+        vhost: Some(vhost.clone()),
+        ..Default::default()
+    })
+    .await;
+    let cookie = log_in(&app).await;
+    let (status, page) = get(&app, "/ui/dead-letters", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let first = console_connections(&vhost);
+    assert_eq!(first.len(), 1, "one console connection kept: {first:?}");
+    for _ in 0..3 {
+        assert_eq!(
+            get(&app, "/ui/dead-letters", Some(&cookie)).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            get(&app, "/ui/overview", Some(&cookie)).await.0,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        console_connections(&vhost),
+        first,
+        "the views opened connections of their own"
+    );
+    app.stop().await;
+    rabbitmqctl(&["delete_vhost", &vhost]);
+}

@@ -14,7 +14,7 @@ use super::{
     checked_form, done_notice, error_page, see_other, session, unauthorized, unavailable_page,
     unconfirmed, url_enc,
 };
-use crate::broker::{self, DeadLetter, PREVIEW_BYTES};
+use crate::broker::{DeadLetter, DeadLetterQueue, PREVIEW_BYTES};
 use crate::sidecar::St;
 use crate::store::Store;
 
@@ -68,13 +68,13 @@ pub async fn dead_letters<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQue
         Err(refused) => return refused,
     };
     let done = done_notice(&q);
-    match broker::browse_dead_letters(b, PAGE).await {
+    match b.browse(PAGE).await {
         Ok(letters) => {
             let body = html! {
                 h1 { "Dead letters" }
                 @if let Some(n) = &done { (notice(n)) }
                 p {
-                    "The first " (letters.len()) " messages of " code { (b.dead_letter_queue) }
+                    "The first " (letters.len()) " messages of " code { (b.name()) }
                     ", read without removing them. Republishing puts the edited body on the trigger queue (confirmed) and only then removes the dead letter."
                 }
                 @if letters.is_empty() {
@@ -108,14 +108,14 @@ pub async fn republish<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Respons
     let Some(fp) = f.get("fingerprint") else {
         return incomplete(&s);
     };
-    let Some(b) = &st.broker else {
+    let Some(b) = &st.dead_letters else {
         return error_page(
             &s,
             StatusCode::SERVICE_UNAVAILABLE,
             "No broker is configured.",
         );
     };
-    match broker::republish_dead_letter(b, fp, new_body).await {
+    match b.republish(fp, new_body).await {
         Ok(true) => see_other(&format!(
             "/ui/dead-letters?done={}",
             url_enc("Republished to the trigger queue.")
@@ -132,11 +132,11 @@ pub async fn republish<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Respons
 async fn viewer<'a, S: Store>(
     st: &'a St<S>,
     h: &HeaderMap,
-) -> Result<(String, &'a crate::broker::BrokerSettings), Response> {
+) -> Result<(String, &'a DeadLetterQueue), Response> {
     let Some(s) = session::operator(st, h).await else {
         return Err(unauthorized(Cookies::of(st)));
     };
-    match &st.broker {
+    match &st.dead_letters {
         Some(b) => Ok((s, b)),
         None => Err(error_page(
             &s,
@@ -168,7 +168,7 @@ pub async fn body<S: Store>(st: St<S>, h: HeaderMap, RawQuery(q): RawQuery) -> R
     let Some(wanted) = wanted else {
         return error_page(&s, StatusCode::BAD_REQUEST, "No such dead letter.");
     };
-    match broker::dead_letter_body(b, &wanted).await {
+    match b.body(&wanted).await {
         Ok(Some(bytes)) => (
             StatusCode::OK,
             [

@@ -11,7 +11,6 @@ use maud::{Markup, html};
 use super::layout::{Nav, page, respond, state_class};
 use super::session::Cookies;
 use super::{session, unauthorized, unavailable_page};
-use crate::broker;
 use crate::domain::State;
 use crate::sidecar::{AppState, St};
 use crate::store::{Overview, Store, StoreError};
@@ -56,11 +55,11 @@ async fn overview_data<S: Store>(st: &AppState<S>) -> Result<Markup, StoreError>
     let o = st.store.overview().await?;
     // The readiness watcher knows whether the broker is there; asking it
     // then costs no connect timeout while it is down.
-    let dead = match &st.broker {
+    let dead = match &st.dead_letters {
         Some(_) if !st.broker_ready.load(std::sync::atomic::Ordering::Relaxed) => {
             Err("the broker is unreachable")
         }
-        Some(b) => broker::dead_letter_count(b).await.map_err(|e| {
+        Some(b) => b.count().await.map_err(|e| {
             tracing::warn!(error = %e, "console: cannot count dead letters");
             "the broker did not answer"
         }),
