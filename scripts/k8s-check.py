@@ -14,12 +14,14 @@
   (the @kubernetes-models packages from npm).
 - Checks what the deployment promises: non-root, read-only root
   filesystem, requests and limits, probes, a grace period longer than the
-  drain timeout, and the PrometheusRule equal to deploy/alerts.yml.
+  drain timeout, the PrometheusRule equal to deploy/alerts.yml, and an
+  Ingress that publishes only the notebook's paths of a sidecar whose
+  operator routes are on a listener of their own.
 
 `--rules` prints the PrometheusRule generated from deploy/alerts.yml.
 `--self-test` breaks a copy of the manifests (an unknown field in the
-worker's Deployment, a string where KEDA wants a number) and fails unless
-the check finds both.
+worker's Deployment, a string where KEDA wants a number, an Ingress path
+`/`, no operator listener) and fails unless the check finds each.
 """
 
 import argparse
@@ -169,12 +171,52 @@ def validate_crds(objs: list, node_modules: pathlib.Path) -> list:
     return [line[6:] for line in out.stdout.splitlines() if line.startswith("ERROR")]
 
 
+# What a notebook and Databricks call on the sidecar: all an Ingress may
+# publish. (path, pathType)
+NOTEBOOK_PATHS = {
+    ("/cb", "Prefix"),
+    ("/resolve", "Exact"),
+    ("/reject", "Exact"),
+    ("/heartbeat", "Exact"),
+    ("/progress", "Exact"),
+    ("/databricks/notifications", "Exact"),
+}
+
+
+def exposure(objs: list, config: dict) -> list:
+    """The operator routes stay inside the cluster: every Ingress publishes
+    only the notebook's paths, on the sidecar's notebook port, and the
+    sidecar serves the operator routes on a listener of their own."""
+    errors = []
+    for o in objs:
+        if o["kind"] != "Ingress":
+            continue
+        for rule in o["spec"].get("rules", []):
+            for p in rule.get("http", {}).get("paths", []):
+                path = (p.get("path"), p.get("pathType"))
+                if path not in NOTEBOOK_PATHS:
+                    errors.append(
+                        f"{name(o)} publishes {path[0]} ({path[1]}): an Ingress carries only the notebook's paths {sorted(q for q, _ in NOTEBOOK_PATHS)}"
+                    )
+                svc = p.get("backend", {}).get("service", {})
+                if svc.get("name") != "runbridge-sidecar" or svc.get("port", {}).get("name") != "http":
+                    errors.append(f"{name(o)} routes {path[0]} to {svc}: only to runbridge-sidecar's port http")
+    if any(o["kind"] == "Ingress" for o in objs) and not config.get("runbridge", {}).get(
+        "RUNBRIDGE__SIDECAR__OPERATOR_LISTEN"
+    ):
+        errors.append(
+            "the ConfigMap runbridge sets no RUNBRIDGE__SIDECAR__OPERATOR_LISTEN: the published port would serve the operator routes too"
+        )
+    return errors
+
+
 def policy(objs: list) -> list:
     """What docs/kubernetes.md promises about the workloads."""
     errors = []
     config = {
         o["metadata"]["name"]: o.get("data", {}) for o in objs if o["kind"] == "ConfigMap"
     }
+    errors += exposure(objs, config)
     drain = int(config.get("runbridge", {}).get("RUNBRIDGE__WORKER__DRAIN_TIMEOUT_SECONDS", 30))
     for o in objs:
         if o["kind"] != "Deployment":
@@ -226,10 +268,14 @@ def check(tree: pathlib.Path, node_modules: pathlib.Path, verbose: bool) -> list
 
 def self_test(node_modules: pathlib.Path) -> int:
     """The check must fail on a wrong field, in a core object and in a
-    custom resource."""
+    custom resource, and on an Ingress or a sidecar that publishes the
+    operator routes."""
     breaks = [
         ("base/worker.yaml", "      terminationGracePeriodSeconds: 45", "      terminationGracePeriodSecond: 45"),
         ("components/keda/scaled-object.yaml", "  minReplicaCount: 2", '  minReplicaCount: "two"'),
+        # The shipped Ingress once published every path.
+        ("base/ingress.yaml", "          - path: /cb\n", "          - path: /\n"),
+        ("base/configmap.yaml", "  RUNBRIDGE__SIDECAR__OPERATOR_LISTEN: 0.0.0.0:8081\n", ""),
     ]
     for path, good, bad in breaks:
         with tempfile.TemporaryDirectory() as tmp:

@@ -393,6 +393,17 @@ pub async fn run_sidecar(
                 source: e,
             })?,
     };
+    let operator = match s.sidecar.operator_listen.as_str() {
+        "" => None,
+        addr => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| StartupError::Listen {
+                    addr: addr.to_owned(),
+                    source: e,
+                })?,
+        ),
+    };
     let store = store(s).await?;
     let ready = Arc::new(AtomicBool::new(false));
     let watcher = tokio::spawn(watch_broker(
@@ -425,6 +436,10 @@ pub async fn run_sidecar(
             .clone()
             .filter(|p| !p.expose_secret().is_empty())
             .map(|p| (s.auth.notification_username.clone(), p)),
+        login_throttle: sidecar::ui::throttle::LoginThrottle::new(
+            s.sidecar.login_failures_per_client,
+            s.sidecar.login_failures_overall,
+        ),
         dead_letters: Some(crate::broker::DeadLetterQueue::new(broker_settings(
             s,
             "sidecar-console",
@@ -445,7 +460,7 @@ pub async fn run_sidecar(
         drain: Duration::from_secs(s.worker.drain_timeout_seconds),
     };
     let kept = state.clone();
-    let r = sidecar::serve(listener, state, tls, limits, shutdown)
+    let r = sidecar::serve(listener, operator, state, tls, limits, shutdown)
         .await
         .map_err(StartupError::Serve);
     if let Some(d) = &kept.dead_letters {

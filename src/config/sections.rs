@@ -199,6 +199,14 @@ fn default_header_timeout_ms() -> u64 {
     10_000
 }
 
+fn default_login_failures_per_client() -> u32 {
+    10
+}
+
+fn default_login_failures_overall() -> u32 {
+    100
+}
+
 fn default_reply_to_prefix() -> String {
     "runbridge.reply.".into()
 }
@@ -252,6 +260,16 @@ pub struct SidecarSection {
     /// Serve HTTP/2 over plain HTTP (h2c); HTTPS offers HTTP/2 by ALPN.
     #[serde(default)]
     pub allow_h2c: bool,
+    /// Where the operator routes (API, console, metrics) are served; empty:
+    /// on `listen` with the notebook's.
+    #[serde(default)]
+    pub operator_listen: String,
+    /// Failed console logins a minute from one client address, and from
+    /// all together, before logins are refused for the rest of the minute.
+    #[serde(default = "default_login_failures_per_client")]
+    pub login_failures_per_client: u32,
+    #[serde(default = "default_login_failures_overall")]
+    pub login_failures_overall: u32,
     pub max_wait_seconds: u64,
     /// A console session ends after this long unused, and after
     /// `session_max_seconds` in all.

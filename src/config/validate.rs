@@ -189,7 +189,18 @@ impl Settings {
                 }
             }
             Role::Sidecar => {
-                Self::listen_addr(&self.sidecar.listen, "sidecar.listen")?;
+                let listen = Self::listen_addr(&self.sidecar.listen, "sidecar.listen")?;
+                if !self.sidecar.operator_listen.is_empty() {
+                    let operator = Self::listen_addr(
+                        &self.sidecar.operator_listen,
+                        "sidecar.operator_listen",
+                    )?;
+                    if operator == listen && listen.port() != 0 {
+                        return bad(format!(
+                            "sidecar.operator_listen must differ from sidecar.listen ({listen}): it is where the operator routes go instead"
+                        ));
+                    }
+                }
                 if self.sidecar.progress_history == 0 || self.sidecar.progress_history > 1000 {
                     return bad("sidecar.progress_history must be between 1 and 1000".into());
                 }

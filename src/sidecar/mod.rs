@@ -98,6 +98,8 @@ pub struct AppState<S> {
     /// HTTP Basic credentials Databricks notification destinations use
     /// (`None`: the notification route refuses everything).
     pub notification_auth: Option<(String, SecretString)>,
+    /// Failed console logins, per client address and in all.
+    pub login_throttle: ui::throttle::LoginThrottle,
     /// Where the console reads and republishes dead letters, on a
     /// connection it keeps (`None`: it says the broker is not configured).
     pub dead_letters: Option<crate::broker::DeadLetterQueue>,
@@ -106,12 +108,50 @@ pub struct AppState<S> {
 type St<S> = AxState<Arc<AppState<S>>>;
 type ApiResult = Result<Response, ApiError>;
 
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routes {
+    /// Everything, on one listener (no `sidecar.operator_listen`).
+    All,
+    /// What a notebook and Databricks need, and the health checks: the
+    /// listener the workspace reaches.
+    Notebook,
+    /// The promise API, the console, metrics and the OpenAPI document, and
+    /// the health checks: an internal listener.
+    Operator,
+}
+
+/// Every route, on one listener.
 pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
-    Router::new()
+    routes(state, Routes::All)
+}
+
+pub fn routes<S: Store>(state: Arc<AppState<S>>, which: Routes) -> Router {
+    let mut r = Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz::<S>))
-        .route("/openapi.json", get(openapi_json))
-        .route("/metrics", get(metrics))
+        .route("/readyz", get(readyz::<S>));
+    if which != Routes::Operator {
+        r = r.merge(notebook_routes::<S>());
+    }
+    if which != Routes::Notebook {
+        r = r.merge(operator_routes::<S>());
+    }
+    r.fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .layer(axum::middleware::map_response(hardening_headers))
+        .with_state(state)
+}
+
+/// What a running notebook calls (with its capability token) and what
+/// Databricks' notification destination posts.
+fn notebook_routes<S: Store>() -> Router<Arc<AppState<S>>> {
+    Router::new()
         // The capability routes: the same handlers as their token-less
         // forms below, with the token in the path.
         .route("/cb/{token}/resolve", post(resolve::<S>))
@@ -126,6 +166,15 @@ pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
         .route("/reject", post(reject::<S>))
         .route("/heartbeat", post(heartbeat::<S>))
         .route("/progress", post(progress::progress::<S>))
+        .route("/databricks/notifications", post(notification::<S>))
+}
+
+/// What operators and their tools use (with an operator token or a console
+/// session), and monitoring.
+fn operator_routes<S: Store>() -> Router<Arc<AppState<S>>> {
+    Router::new()
+        .route("/openapi.json", get(openapi_json))
+        .route("/metrics", get(metrics))
         .route("/promises/retry", post(progress::retry_now::<S>))
         .route("/promises", get(search::<S>).post(create::<S>))
         // A static route wins over the wildcard below, so GET of a promise
@@ -134,7 +183,6 @@ pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
             "/promises/cancel",
             post(bulk_cancel::<S>).get(get_cancel_promise::<S>),
         )
-        .route("/databricks/notifications", post(notification::<S>))
         // Resonate's protocol: its SDKs post every envelope to the base URL.
         .route("/", post(resonate::envelope::<S>))
         // The operator console (ui.rs).
@@ -150,16 +198,6 @@ pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
         .route("/ui/dead-letters/republish", post(ui::republish::<S>))
         .route("/ui/dead-letters/body", get(ui::dead_letter_body::<S>))
         .route("/promises/{*id}", get(get_promise::<S>).patch(patch::<S>))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "method not allowed on this route",
-            )
-        })
-        .layer(axum::middleware::map_response(hardening_headers))
-        .with_state(state)
 }
 
 /// On every response: no content-type sniffing (a JSON body is never run

@@ -16,6 +16,7 @@
 //!   read, with a 408).
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::connections::Limited;
-use super::{AppState, healthz, metrics, router};
+use super::{AppState, Routes, healthz, metrics, routes};
 use crate::store::Store;
 
 /// The sidecar's certificate chain and private key, PEM.
@@ -51,16 +52,61 @@ pub struct Limits {
 }
 
 /// Serves until `shutdown`, then finishes in-flight requests. With `tls`,
-/// HTTPS only (rustls; a plain-HTTP request fails its handshake).
+/// HTTPS only (rustls; a plain-HTTP request fails its handshake). With an
+/// `operator` listener, `listener` serves only the notebook's routes and
+/// `operator` the operator's (each with the health checks), under the same
+/// limits and TLS.
 pub async fn serve<S: Store>(
     listener: TcpListener,
+    operator: Option<TcpListener>,
     state: Arc<AppState<S>>,
     tls: Option<TlsPem>,
     limits: Limits,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
+    let tls = match tls {
+        None => None,
+        Some(pem) => Some(
+            axum_server::tls_rustls::RustlsConfig::from_pem(pem.cert, pem.key)
+                .await
+                .map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("sidecar.tls_cert_file / tls_key_file: {e}"),
+                    )
+                })?,
+        ),
+    };
+    let Some(operator) = operator else {
+        let app = routes(state, Routes::All);
+        return serve_one("sidecar", listener, app, tls, limits, shutdown).await;
+    };
+    let notebook = routes(state.clone(), Routes::Notebook);
+    let internal = routes(state, Routes::Operator);
+    tokio::try_join!(
+        serve_one(
+            "sidecar",
+            listener,
+            notebook,
+            tls.clone(),
+            limits,
+            shutdown.clone()
+        ),
+        serve_one("operator", operator, internal, tls, limits, shutdown),
+    )
+    .map(|_| ())
+}
+
+/// One listener serving `app`.
+async fn serve_one(
+    name: &'static str,
+    listener: TcpListener,
+    app: Router,
+    tls: Option<axum_server::tls_rustls::RustlsConfig>,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
     let addr = listener.local_addr()?;
-    let app = router(state);
     let handle = axum_server::Handle::new();
     let on_shutdown = handle.clone();
     tokio::spawn(async move {
@@ -90,34 +136,25 @@ pub async fn serve<S: Store>(
     // counted; they are not errors worth a log line each.
     let server =
         server.accept_error_handler(|_, e| tracing::debug!(error = %e, "connection not served"));
-    let Some(pem) = tls else {
-        tracing::info!(%addr, h2c = limits.allow_h2c, "sidecar listening (http)");
+    // The client's address reaches the handlers (the login throttle).
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    let Some(config) = tls else {
+        tracing::info!(%addr, h2c = limits.allow_h2c, "{name} listening (http)");
         let server = if limits.allow_h2c {
             server
         } else {
             server.http1_only()
         };
-        return server
-            .acceptor(limited)
-            .serve(app.into_make_service())
-            .await;
+        return server.acceptor(limited).serve(app).await;
     };
-    let config = axum_server::tls_rustls::RustlsConfig::from_pem(pem.cert, pem.key)
-        .await
-        .map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("sidecar.tls_cert_file / tls_key_file: {e}"),
-            )
-        })?;
-    tracing::info!(%addr, "sidecar listening (https)");
+    tracing::info!(%addr, "{name} listening (https)");
     server
         .acceptor(
             axum_server::tls_rustls::RustlsAcceptor::new(config)
                 .handshake_timeout(limits.header_timeout)
                 .acceptor(limited),
         )
-        .serve(app.into_make_service())
+        .serve(app)
         .await
 }
 

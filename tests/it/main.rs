@@ -18,6 +18,7 @@ mod fidelity;
 mod helpers;
 mod hostile;
 mod lifecycle;
+mod listeners;
 mod metrics;
 mod model;
 mod otlp;

@@ -22,6 +22,7 @@ mod layout;
 mod overview;
 mod promises;
 mod session;
+pub mod throttle;
 
 use std::collections::HashMap;
 

@@ -13,7 +13,11 @@
 //! every request; a browser never sends that header by itself, so their
 //! forms' CSRF token can simply be derived from the token.
 
+use std::net::SocketAddr;
+
+use axum::Extension;
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use hmac::{Hmac, Mac};
@@ -195,8 +199,27 @@ pub async fn login_form<S: Store>(st: St<S>, h: HeaderMap) -> Response {
     unauthorized(Cookies::of(&st))
 }
 
-pub async fn login<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
+pub async fn login<S: Store>(
+    st: St<S>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    h: HeaderMap,
+    body: Body,
+) -> Response {
     let c = Cookies::of(&st);
+    let client = peer.map(|Extension(ConnectInfo(a))| a.ip());
+    // Before the body is read: a refused client costs nothing more.
+    if st.login_throttle.check(client).is_err() {
+        let mut r = login_page(
+            c,
+            StatusCode::TOO_MANY_REQUESTS,
+            Some("Too many failed logins; try again in a minute."),
+        );
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(super::throttle::WINDOW.as_secs()),
+        );
+        return r;
+    }
     let Ok(bytes) = read_body(&st, &h, body).await else {
         return login_page(
             c,
@@ -216,6 +239,7 @@ pub async fn login<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
     }
     let token = f.remove("token").unwrap_or_default();
     if !auth::is_operator(&st.operator_tokens, std::slice::from_ref(&token)) {
+        st.login_throttle.failed(client);
         return login_page(
             c,
             StatusCode::UNAUTHORIZED,
