@@ -36,6 +36,27 @@ async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
     }
 }
 
+/// Opens `n` connections that send nothing: those still open, and how
+/// many the sidecar closed at once (within 500 ms).
+async fn hold_idle(app: &TestApp, n: usize) -> (Vec<tokio::net::TcpStream>, usize) {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(
+            tokio::net::TcpStream::connect(sidecar_addr(app))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut open = Vec::new();
+    for mut s in held {
+        if !closed_within(&mut s, Duration::from_millis(500)).await {
+            open.push(s);
+        }
+    }
+    let refused = n - open.len();
+    (open, refused)
+}
+
 /// A client trickling its request head one byte at a time is cut off once
 /// `sidecar.header_timeout_ms` has passed, and so is a kept-alive
 /// connection that sends nothing more.
@@ -99,23 +120,10 @@ async fn connections_past_the_limit_are_closed() {
         ..Default::default()
     })
     .await;
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        held.push(
-            tokio::net::TcpStream::connect(sidecar_addr(&app))
-                .await
-                .unwrap(),
-        );
-    }
     // At most 3 are served (one may be the test client's pooled one), so
     // at least one of the 4 idle ones is closed long before the 30 s
     // header timeout.
-    let mut refused = 0;
-    for s in held.iter_mut() {
-        if closed_within(s, Duration::from_millis(500)).await {
-            refused += 1;
-        }
-    }
+    let (held, refused) = hold_idle(&app, 4).await;
     assert!(
         refused >= 1,
         "4 idle connections all held open past a limit of 3"
@@ -283,20 +291,7 @@ async fn one_client_address_holds_at_most_its_share() {
         ..Default::default()
     })
     .await;
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        held.push(
-            tokio::net::TcpStream::connect(sidecar_addr(&app))
-                .await
-                .unwrap(),
-        );
-    }
-    let mut refused = 0;
-    for s in held.iter_mut() {
-        if closed_within(s, Duration::from_millis(500)).await {
-            refused += 1;
-        }
-    }
+    let (_held, refused) = hold_idle(&app, 4).await;
     assert!(
         refused >= 1,
         "4 idle connections from one address all held open past its share of 3"
