@@ -8,6 +8,7 @@ use reqwest::StatusCode;
 use reqwest::header::COOKIE;
 
 use crate::helpers::*;
+use crate::metrics::{scrape, value};
 
 /// With `sidecar.operator_listen`, the sidecar's own listener (the one an
 /// Ingress publishes) serves only what a notebook and Databricks need, and
@@ -131,6 +132,7 @@ async fn failed_logins_are_limited_per_client_and_in_all() {
         ..Default::default()
     })
     .await;
+    let before = scrape(&app).await;
     let right = app.operator_token.clone();
     let wrong = "not-the-operator-token-0123456789";
     for i in 0..3 {
@@ -160,29 +162,22 @@ async fn failed_logins_are_limited_per_client_and_in_all() {
         StatusCode::TOO_MANY_REQUESTS,
         "five failures in all: everyone waits"
     );
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.sidecar_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |name: &str| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
+    let after = scrape(&app).await;
+    let grew = |name: &str, labels: &[(&str, &str)]| {
+        value(&after, name, labels) - value(&before, name, labels)
     };
-    assert_eq!(
-        value("runbridge_console_login_failures_total"),
-        5.0,
-        "{metrics}"
+    assert_eq!(grew("runbridge_console_login_failures_total", &[]), 5.0);
+    assert!(
+        grew(
+            "runbridge_console_logins_refused_total",
+            &[("scope", "client")]
+        ) >= 1.0
     );
-    assert!(value("runbridge_console_logins_refused_total{scope=\"client\"}") >= 1.0);
-    assert!(value("runbridge_console_logins_refused_total{scope=\"overall\"}") >= 1.0);
+    assert!(
+        grew(
+            "runbridge_console_logins_refused_total",
+            &[("scope", "overall")]
+        ) >= 1.0
+    );
     app.stop().await;
 }

@@ -22,7 +22,7 @@ fn samples(text: &str) -> BTreeMap<String, f64> {
 }
 
 /// The sum over every sample of `name` whose labels include all of `labels`.
-fn value(s: &BTreeMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub fn value(s: &BTreeMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
     s.iter()
         .filter(|(k, _)| {
             let (n, rest) = k.split_once('{').unwrap_or((k.as_str(), ""));
@@ -35,7 +35,7 @@ fn value(s: &BTreeMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 
         .sum()
 }
 
-async fn scrape(app: &TestApp) -> BTreeMap<String, f64> {
+pub async fn scrape(app: &TestApp) -> BTreeMap<String, f64> {
     let r = app
         .http
         .get(format!("{}/metrics", app.sidecar_url))
