@@ -216,7 +216,7 @@ fn default_max_connections() -> usize {
 }
 
 fn default_max_connections_per_client() -> usize {
-    128
+    256
 }
 
 fn default_session_idle_seconds() -> u64 {

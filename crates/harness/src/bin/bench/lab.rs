@@ -85,6 +85,13 @@ impl Env {
             ),
             ("DATABRICKS_TOKEN".into(), "dapi-bench".into()),
             ("RUST_LOG".into(), "warn".into()),
+            // Every notebook of a scenario calls from this one address, as
+            // a workspace behind one NAT address would: the sidecar's
+            // per-address share is not what the scenarios measure.
+            (
+                "RUNBRIDGE__SIDECAR__MAX_CONNECTIONS_PER_CLIENT".into(),
+                "1024".into(),
+            ),
         ]);
         if let Some(p) = emulator {
             env.push(("DATABRICKS_HOST".into(), format!("http://127.0.0.1:{p}")));
