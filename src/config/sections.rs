@@ -254,7 +254,8 @@ pub struct SidecarSection {
     /// Connections served at once; more are closed when accepted.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// Connections one client address may hold at once.
+    /// One client address's share of `max_connections`: past it, an
+    /// address is refused while fewer than a share of slots are free.
     #[serde(default = "default_max_connections_per_client")]
     pub max_connections_per_client: usize,
     /// Serve HTTP/2 over plain HTTP (h2c); HTTPS offers HTTP/2 by ALPN.

@@ -1,10 +1,14 @@
 //! What one connection may hold of the sidecar, whatever protocol it speaks.
 //!
 //! Every accepted connection passes through [`Limited`]:
-//! - it takes one of `sidecar.max_connections` permits, and one of
-//!   `sidecar.max_connections_per_client` of its client address's share,
-//!   or is closed at once (before any TLS handshake), so one address cannot
-//!   hold every slot;
+//! - it takes one of `sidecar.max_connections` permits, or is closed at
+//!   once (before any TLS handshake);
+//! - an address past its share (`sidecar.max_connections_per_client`) is
+//!   closed at once too, but only when the listener is under pressure:
+//!   when granting it would leave fewer than a share of free slots for
+//!   everyone else. A busy address (a workspace behind one NAT address, a
+//!   proxy) may use what nobody else needs, and no address can take the
+//!   last slots;
 //! - its service counts the requests in flight on it (a request is in
 //!   flight until its response body has been sent or dropped), and a
 //!   connection with none for the idle time (`sidecar.header_timeout_ms`)
@@ -81,10 +85,12 @@ where
     fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
         // Dropping the stream (on a refusal) closes it at once.
         let permit = self.permits.clone().try_acquire_owned();
+        // Free slots once this one is granted.
+        let free = self.permits.available_permits();
         let client = stream
             .peer_addr()
             .ok()
-            .map(|a| Clients::take(&self.clients, a.ip()));
+            .map(|a| Clients::take(&self.clients, a.ip(), free));
         let inner = self.inner.clone();
         let idle = self.idle;
         Box::pin(async move {
@@ -125,11 +131,16 @@ struct Clients {
 }
 
 impl Clients {
-    /// One of `ip`'s slots, or `None` when it holds all of them.
-    fn take(this: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+    /// A slot for one more connection of `ip`, or `None` when it already
+    /// holds its share and `free` (the listener's slots left once this one
+    /// is granted) is less than a share.
+    fn take(this: &Arc<Self>, ip: IpAddr, free: usize) -> Option<ClientSlot> {
         let mut open = this.open.lock().unwrap_or_else(|e| e.into_inner());
         let n = open.entry(ip).or_insert(0);
-        if *n >= this.max {
+        if *n >= this.max && free < this.max {
+            if *n == 0 {
+                open.remove(&ip);
+            }
             return None;
         }
         *n += 1;
@@ -333,19 +344,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_client_holds_at_most_its_share_and_gets_it_back() {
+    fn under_pressure_a_client_holds_at_most_its_share_and_gets_it_back() {
         let clients = Arc::new(Clients {
             max: 2,
             open: Mutex::new(HashMap::new()),
         });
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let first = Clients::take(&clients, a).expect("first");
-        let _second = Clients::take(&clients, a).expect("second");
-        assert!(Clients::take(&clients, a).is_none(), "a third of a");
-        assert!(Clients::take(&clients, b).is_some(), "b has its own share");
+        let first = Clients::take(&clients, a, 0).expect("first");
+        let _second = Clients::take(&clients, a, 0).expect("second");
+        assert!(Clients::take(&clients, a, 1).is_none(), "a third of a");
+        assert!(
+            Clients::take(&clients, b, 0).is_some(),
+            "b has its own share"
+        );
         drop(first);
-        assert!(Clients::take(&clients, a).is_some(), "a slot comes back");
+        assert!(Clients::take(&clients, a, 0).is_some(), "a slot comes back");
+    }
+
+    #[test]
+    fn past_its_share_a_client_uses_what_nobody_else_needs() {
+        let clients = Arc::new(Clients {
+            max: 2,
+            open: Mutex::new(HashMap::new()),
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let held: Vec<_> = (0..5)
+            .map(|_| Clients::take(&clients, a, 2).expect("free slots left for others"))
+            .collect();
+        assert_eq!(held.len(), 5);
+        assert!(Clients::take(&clients, a, 1).is_none(), "the last slots");
     }
 
     #[test]
@@ -354,7 +382,7 @@ mod tests {
             max: 2,
             open: Mutex::new(HashMap::new()),
         });
-        drop(Clients::take(&clients, "10.0.0.1".parse().unwrap()));
+        drop(Clients::take(&clients, "10.0.0.1".parse().unwrap(), 0));
         assert!(clients.open.lock().unwrap().is_empty());
     }
 

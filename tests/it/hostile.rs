@@ -256,7 +256,13 @@ async fn callback_secret_rotation_and_tampered_tokens() {
 /// is the winner's, and one event goes out.
 #[tokio::test]
 async fn a_thousand_concurrent_resolves_settle_once() {
-    let mut app = TestApp::spawn().await;
+    // A thousand notebooks, from this one address: the per-address share
+    // is not what this test is about.
+    let mut app = TestApp::spawn_with(Options {
+        overrides: vec![("sidecar.max_connections_per_client", "1024".into())],
+        ..Default::default()
+    })
+    .await;
     let id = unique("stampede");
     app.publish(&trigger(&id, JOB_NEVER)).await;
     let url = app.callback_url(&id).await;
