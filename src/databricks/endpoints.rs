@@ -37,6 +37,24 @@ trait Paged: serde::de::DeserializeOwned {
     fn extend(&mut self, page: Self);
 }
 
+/// A run-now's parameters (job or notebook parameters, as the launch has
+/// them) on a request body; a one-time run's are in its tasks.
+fn with_parameters(body: &mut Value, launch: &LaunchRequest) {
+    if let LaunchRequest::RunNow {
+        job_parameters,
+        notebook_params,
+        ..
+    } = launch
+    {
+        if let Some(p) = job_parameters {
+            body["job_parameters"] = json!(p);
+        }
+        if let Some(p) = notebook_params {
+            body["notebook_params"] = json!(p);
+        }
+    }
+}
+
 impl Paged for RunInfo {
     fn take_page_token(&mut self) -> Option<String> {
         self.next_page_token.take().filter(|t| !t.is_empty())
@@ -134,18 +152,9 @@ impl Jobs for Client {
         traceparent: Option<&str>,
     ) -> Result<RunId, DatabricksError> {
         let (endpoint, body) = match req {
-            LaunchRequest::RunNow {
-                job_id,
-                job_parameters,
-                notebook_params,
-            } => {
+            LaunchRequest::RunNow { job_id, .. } => {
                 let mut b = json!({ "job_id": job_id, "idempotency_token": token.as_str() });
-                if let Some(p) = job_parameters {
-                    b["job_parameters"] = json!(p);
-                }
-                if let Some(p) = notebook_params {
-                    b["notebook_params"] = json!(p);
-                }
+                with_parameters(&mut b, req);
                 ("api/2.2/jobs/run-now", b)
             }
             LaunchRequest::Submit(body) => {
@@ -181,12 +190,16 @@ impl Jobs for Client {
         workspace: &str,
         run: RunId,
         latest_repair_id: Option<u64>,
+        launch: &LaunchRequest,
     ) -> Result<u64, DatabricksError> {
         const ENDPOINT: &str = "api/2.2/jobs/runs/repair";
         let mut body = json!({ "run_id": run.get(), "rerun_all_failed_tasks": true });
         if let Some(id) = latest_repair_id {
             body["latest_repair_id"] = json!(id);
         }
+        // A repair runs with the job's current settings: the original
+        // run-now's parameters are not applied again, so they are sent again.
+        with_parameters(&mut body, launch);
         let v = self
             .call(
                 workspace,

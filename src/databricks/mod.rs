@@ -324,12 +324,16 @@ pub trait Jobs: Clone + Send + Sync + 'static {
     /// `runs/repair` of a finished run, rerunning every failed task
     /// (`rerun_all_failed_tasks`). `latest_repair_id` is the run's latest
     /// repair (none for the first): Databricks refuses a stale one, which
-    /// is what keeps two repairs from answering one failure. The repair id.
+    /// is what keeps two repairs from answering one failure. `launch` is
+    /// the run's launch, whose parameters the repair carries again (a
+    /// repair runs with the job's settings, not the run's overrides). The
+    /// repair id.
     fn repair_run(
         &self,
         workspace: &str,
         run: RunId,
         latest_repair_id: Option<u64>,
+        launch: &LaunchRequest,
     ) -> impl Future<Output = Result<u64, DatabricksError>> + Send;
     /// `runs/get` with `include_history=true` (first page): the run with
     /// its `repair_history`.

@@ -9,7 +9,9 @@
 //! - `repair` sends the run's latest repair id as this worker knows it.
 //!   Databricks refuses a stale one, so a repeat after a repair that was
 //!   made but not recorded is refused; the run's `repair_history` then
-//!   names that repair, and it is recorded as the attempt.
+//!   names that repair, and it is recorded as the attempt. It sends the
+//!   launch's parameters again: a repair runs with the job's settings, and
+//!   the original run's parameters are not applied to it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,7 +120,7 @@ async fn rerun<S: PromiseStore + Families + Attempts, J: Jobs>(
 }
 
 /// Starts attempt `n` as a repair of the promise's run.
-async fn repair<S: PromiseStore + Attempts, J: Jobs>(
+async fn repair<S: PromiseStore + Families + Attempts, J: Jobs>(
     ctx: &WorkerContext<S, J>,
     p: &Promise,
     n: u32,
@@ -127,9 +129,20 @@ async fn repair<S: PromiseStore + Attempts, J: Jobs>(
         let why = json!({"reason": "retry_impossible", "message": "no run to repair"});
         return Ok(refuse(&ctx.store, p, n, why).await?);
     };
+    // A repair runs with the job's settings, not the run's overrides: it
+    // carries the parameters of the promise's launch (the callback values
+    // with them) again, or the repaired notebook has none.
+    let Some(t) = trigger_of(&ctx.store, p).await? else {
+        let why = json!({"reason": "retry_impossible", "message": "the promise's trigger can no longer be read"});
+        return Ok(refuse(&ctx.store, p, n, why).await?);
+    };
+    let Some(launched) = t.launch() else {
+        return Ok(());
+    };
+    let request = ctx.launch_request(&t, launched, p).await?;
     let refused = match ctx
         .jobs
-        .repair_run(&p.workspace, run, p.retry.repair_id)
+        .repair_run(&p.workspace, run, p.retry.repair_id, &request)
         .await
     {
         Ok(repair) => {

@@ -75,6 +75,14 @@ async fn repair_mode_repairs_one_run_until_it_succeeds() {
     assert_eq!(ev["data"]["state"], "RESOLVED", "{ev}");
     assert_eq!(ev["data"]["value"], "done");
     assert_eq!(ev["data"]["attempt"], 3);
+    // The repaired task called back: a repair runs with the job's settings
+    // and only the repair's parameters, so runbridge sends the callback
+    // values again with it.
+    assert_eq!(
+        app.promise(&id).await.unwrap().settled_by.as_deref(),
+        Some("callback"),
+        "the repaired notebook had its promise id, URL and token"
+    );
     let attempts = ev["data"]["attempts"].as_array().unwrap().clone();
     assert_eq!(attempts.len(), 3, "{attempts:?}");
     let runs = app.runs_for(&id).await;
@@ -155,8 +163,16 @@ async fn the_emulator_checks_latest_repair_id() {
         400,
         "a run in progress is not repaired"
     );
+    // Found by its id: repaired without parameters, its notebook now sees
+    // the job's defaults, not the promise id.
     eventually(Duration::from_secs(10), "the repaired run ends", || async {
-        (app.runs_for(&id).await[0]["life_cycle_state"] == "TERMINATED").then_some(())
+        let runs = app.emulator_get("/emulator/runs").await;
+        let run = runs["runs"]
+            .as_array()?
+            .iter()
+            .find(|r| r["run_id"] == run_id)?
+            .clone();
+        (run["life_cycle_state"] == "TERMINATED").then_some(())
     })
     .await;
     for stale in [None, Some(r1 + 1000)] {

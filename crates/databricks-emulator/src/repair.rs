@@ -12,6 +12,13 @@
 //!   one is refused, so two clients (or one retrying after a crash) cannot
 //!   both repair the same failure;
 //! - `rerun_all_failed_tasks` and `rerun_tasks`: "only one of" them;
+//! - the repaired tasks run with the job's current settings and the
+//!   repair's own `job_parameters` / `notebook_params`; the overriding
+//!   parameters of the original `run-now` are not applied again
+//!   (Databricks support's answer relayed in apache/airflow#46704, and why
+//!   the Airflow provider sends `job_parameters` with every repair since
+//!   apache/airflow#67055). A repair that sends none runs with the job's
+//!   defaults;
 //! - `repair_history`: an `ORIGINAL` item, then one `REPAIR` item (with its
 //!   `id`) per repair, each with start and end time, state, status and the
 //!   task run ids that ran in it (`RepairHistoryItem`).
@@ -22,6 +29,7 @@
 
 #![allow(clippy::result_large_err)]
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -33,7 +41,7 @@ use serde_json::{Value, json};
 
 use super::api::{Emu, err, gate, invalid, parse_body};
 use super::model::{Emulator, RepairRecord, Run, now_ms};
-use super::runs::{find_run, state_json};
+use super::runs::{find_run, notebook_sees, state_json, string_map};
 
 fn item_json(kind: &str, r: &RepairRecord) -> Value {
     let (state, status) = state_json(r.life_cycle_state, r.result_state, "");
@@ -60,6 +68,9 @@ pub fn history_json(run: &Run) -> Value {
     Value::Array(items)
 }
 
+/// Parameters by name, as a request carries them.
+type Params = BTreeMap<String, String>;
+
 /// Why a repair is refused, as the API answers it.
 fn refuse(code: &str, message: String) -> Response {
     err(StatusCode::BAD_REQUEST, code, message)
@@ -73,8 +84,14 @@ impl Emulator {
         run_id: u64,
         latest: Option<u64>,
         rerun: Option<Vec<String>>,
+        (jp, np): (Option<Params>, Option<Params>),
     ) -> Result<u64, Response> {
         let mut inner = self.lock();
+        let job = inner
+            .runs
+            .get(&run_id)
+            .and_then(|r| r.job_id)
+            .and_then(|j| inner.jobs.get(&j).cloned());
         let next_repair = inner.next_repair_id + 1;
         let mut next_task_run = inner.next_run_id;
         let Some(run) = inner.runs.get_mut(&run_id) else {
@@ -124,6 +141,11 @@ impl Emulator {
         }
         if run.original.is_none() {
             run.original = Some(run.as_played());
+        }
+        // A job's run: the repaired tasks see the job's settings with the
+        // repair's parameters (a one-time run's are in its task definitions).
+        if let Some(job) = &job {
+            run.params = notebook_sees(job, jp.as_ref(), np.as_ref());
         }
         let mut task_run_ids = Vec::new();
         let mut new_tasks = Vec::new();
@@ -201,7 +223,14 @@ pub async fn repair(
         (false, Some(t)) if !t.is_empty() => Some(t),
         (false, _) => return invalid("Either rerun_tasks or rerun_all_failed_tasks must be set"),
     };
-    match emu.start_repair(run_id, latest, rerun) {
+    let params = match (
+        string_map(m.get("job_parameters"), "job_parameters"),
+        string_map(m.get("notebook_params"), "notebook_params"),
+    ) {
+        (Ok(jp), Ok(np)) => (jp, np),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    match emu.start_repair(run_id, latest, rerun, params) {
         Ok(repair_id) => {
             let emu2 = emu.clone();
             tokio::spawn(async move { emu2.execute(run_id, false).await });

@@ -53,7 +53,10 @@ async fn launch_prelude(
     Ok((fault, m, token))
 }
 
-fn string_map(v: Option<&Value>, name: &str) -> Result<Option<BTreeMap<String, String>>, Response> {
+pub(crate) fn string_map(
+    v: Option<&Value>,
+    name: &str,
+) -> Result<Option<BTreeMap<String, String>>, Response> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(m)) => Ok(Some(
@@ -272,7 +275,12 @@ impl Drop for InFlight {
 /// (an undefined name is accepted, as the Databricks CLI's test server
 /// accepts it, but reaches no notebook); a job without passes its first
 /// notebook task's `base_parameters` overlaid with `notebook_params`.
-fn notebook_sees(
+/// What a run's notebook sees: the job's parameters (their defaults,
+/// overridden by `jp`) when it defines any, else its notebook task's
+/// `base_parameters` overridden by `np`. A run-now and a repair alike: a
+/// repair runs with the job's settings and the repair's own parameters,
+/// not the original run's.
+pub(crate) fn notebook_sees(
     job: &Job,
     jp: Option<&BTreeMap<String, String>>,
     np: Option<&BTreeMap<String, String>>,
