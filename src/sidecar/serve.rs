@@ -2,9 +2,9 @@
 //! client cannot talk its way around.
 //!
 //! - At most `sidecar.max_connections` connections are served at once, and
-//!   at most `sidecar.max_connections_per_client` from one client address;
-//!   one more is closed as soon as it is accepted (before any TLS
-//!   handshake). See `connections`.
+//!   a client address past its share (`sidecar.max_connections_per_client`)
+//!   only while a share stays free for others; one more is closed as soon
+//!   as it is accepted (before any TLS handshake). See `connections`.
 //! - A request's head must arrive within `sidecar.header_timeout_ms`, and a
 //!   connection (HTTP/1 or HTTP/2) with no request in flight for the same
 //!   time is closed: a client trickling one header byte at a time, or
