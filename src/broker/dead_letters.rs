@@ -73,6 +73,10 @@ impl DeadLetterQueue {
         if let Some(b) = kept.as_ref().filter(|b| b.is_connected()) {
             return Ok(b.clone());
         }
+        if let Some(lost) = kept.take() {
+            tracing::warn!(status = ?lost.conn.status(), "console: the dead-letter queue's connection was lost; opening another");
+            lost.close().await;
+        }
         let b = Arc::new(Broker::connect(&self.settings).await?);
         *kept = Some(b.clone());
         Ok(b)

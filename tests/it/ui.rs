@@ -523,13 +523,14 @@ async fn console_cookies_under_https_are_secure_host_cookies() {
 }
 
 /// The console's AMQP connections in `vhost`: (name, connected_at) of each.
+/// `list_connections` lists every vhost's, and other tests' sidecars run
+/// beside this one.
 fn console_connections(vhost: &str) -> Vec<(String, String)> {
     let out = runbridge_testkit::rabbitmqctl(
         None,
         &[
             "list_connections",
-            "-p",
-            vhost,
+            "vhost",
             "name",
             "connected_at",
             "client_properties",
@@ -540,6 +541,7 @@ fn console_connections(vhost: &str) -> Vec<(String, String)> {
     .unwrap();
     let all: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
     all.iter()
+        .filter(|c| c["vhost"] == vhost)
         .filter(|c| {
             c["client_properties"]
                 .to_string()
