@@ -75,7 +75,8 @@ impl DeadLetterQueue {
         }
         if let Some(lost) = kept.take() {
             tracing::warn!(status = ?lost.conn.status(), "console: the dead-letter queue's connection was lost; opening another");
-            lost.close().await;
+            // Bounded: a connection that is gone may never confirm a close.
+            let _ = tokio::time::timeout(Duration::from_secs(2), lost.close()).await;
         }
         let b = Arc::new(Broker::connect(&self.settings).await?);
         *kept = Some(b.clone());
