@@ -330,7 +330,18 @@ async fn real_messages_and_answers_match_the_documents() {
         .await
         .unwrap();
     let page = api.check("get", "/promises", r).await;
-    assert_eq!(page["promises"].as_array().map(Vec::len), Some(1), "{page}");
+    // One, or more only when they were created in the current second (the
+    // contract: that second is read whole).
+    let found = page["promises"].as_array().cloned().unwrap_or_default();
+    let seconds: std::collections::BTreeSet<i64> = found
+        .iter()
+        .filter_map(|p| p["createdOn"].as_i64())
+        .map(|ms| ms / 1000)
+        .collect();
+    assert!(
+        found.len() == 1 || (found.len() > 1 && seconds.len() == 1),
+        "{page}"
+    );
     let r = app
         .operator(http.get(format!("{base}/promises")))
         .query(&[("limit", "0")])
