@@ -343,12 +343,16 @@ impl http_body::Body for Finishing {
 mod tests {
     use super::*;
 
+    fn shares_of(max: usize) -> Arc<Clients> {
+        Arc::new(Clients {
+            max,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
     #[test]
     fn under_pressure_a_client_holds_at_most_its_share_and_gets_it_back() {
-        let clients = Arc::new(Clients {
-            max: 2,
-            open: Mutex::new(HashMap::new()),
-        });
+        let clients = shares_of(2);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let first = Clients::take(&clients, a, 0).expect("first");
@@ -364,10 +368,7 @@ mod tests {
 
     #[test]
     fn past_its_share_a_client_uses_what_nobody_else_needs() {
-        let clients = Arc::new(Clients {
-            max: 2,
-            open: Mutex::new(HashMap::new()),
-        });
+        let clients = shares_of(2);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let held: Vec<_> = (0..5)
             .map(|_| Clients::take(&clients, a, 2).expect("free slots left for others"))
@@ -378,10 +379,7 @@ mod tests {
 
     #[test]
     fn an_address_with_nothing_open_leaves_no_entry() {
-        let clients = Arc::new(Clients {
-            max: 2,
-            open: Mutex::new(HashMap::new()),
-        });
+        let clients = shares_of(2);
         drop(Clients::take(&clients, "10.0.0.1".parse().unwrap(), 0));
         assert!(clients.open.lock().unwrap().is_empty());
     }

@@ -70,18 +70,22 @@ pub async fn post_login(app: &TestApp, cookie: &str, csrf: &str, token: &str) ->
     .await
 }
 
+/// The `Set-Cookie` line of the cookie `name` in this answer.
+fn set_cookie(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|c| c.starts_with(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name} cookie"))
+}
+
 /// Logs in through the form; the session cookie.
 pub async fn log_in(app: &TestApp) -> String {
     let (login_cookie, csrf) = login_form(app).await;
     let r = post_login(app, &login_cookie, &csrf, &app.operator_token).await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
-    let cookie = r
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .map(|v| v.to_str().unwrap().to_owned())
-        .find(|c| c.starts_with("rb_session="))
-        .expect("the session cookie");
+    let cookie = set_cookie(&r, "rb_session");
     for attr in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
         assert!(cookie.contains(attr), "cookie without {attr}: {cookie}");
     }
@@ -504,13 +508,7 @@ async fn console_cookies_under_https_are_secure_host_cookies() {
 
     let r = post_login(&app, &login_cookie, &csrf, &app.operator_token).await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
-    let session = r
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .map(|v| v.to_str().unwrap().to_owned())
-        .find(|c| c.starts_with("__Host-rb_session="))
-        .expect("the session cookie");
+    let session = set_cookie(&r, "__Host-rb_session");
     host_cookie(&session, "rb_session");
     let pair = session.split(';').next().unwrap().to_owned();
     assert_eq!(get(&app, "/ui", Some(&pair)).await.0, StatusCode::OK);
