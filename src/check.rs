@@ -247,6 +247,14 @@ pub fn job_findings(
     });
     let queue = s.queue.as_ref().is_some_and(|q| q.enabled);
     out.push(match (s.max_concurrent_runs, queue) {
+        // "Setting this value to 0 causes all new runs to be skipped"
+        // (`JobSettings.max_concurrent_runs`, Databricks' Python SDK).
+        (Some(0), _) => finding(
+            &area,
+            "concurrency",
+            Level::Fail,
+            "max_concurrent_runs 0: Databricks skips every new run of this job, queued or not, and each trigger's promise is rejected; set it to 1 or more",
+        ),
         (Some(n), _) if n > 1 => finding(
             &area,
             "concurrency",
@@ -519,6 +527,17 @@ mod tests {
             ),
             Level::Ok
         );
+        // Zero skips every run, whatever the queue.
+        for queue in [true, false] {
+            assert_eq!(
+                level(
+                    &job_findings(&job(&[], t(), Some(0), queue), &p, None),
+                    "concurrency"
+                ),
+                Level::Fail,
+                "queue {queue}"
+            );
+        }
     }
 
     #[test]
