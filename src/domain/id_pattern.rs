@@ -43,9 +43,10 @@ impl IdPattern {
         if s.is_empty() || s.len() > PromiseId::MAX_LEN {
             return Err(IdError::PatternLength(s.chars().count()));
         }
-        if let Some(c) = s.chars().find(|c| {
-            !(*c == '*' || c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-'))
-        }) {
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(*c == '*' || PromiseId::is_id_char(*c)))
+        {
             return Err(IdError::PatternChar(c));
         }
         let mut glob = String::with_capacity(s.len());

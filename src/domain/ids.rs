@@ -48,10 +48,7 @@ impl PromiseId {
         if s.is_empty() || s.len() > Self::MAX_LEN {
             return Err(IdError::PromiseIdLength(s.chars().count()));
         }
-        if let Some(c) = s
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-')))
-        {
+        if let Some(c) = s.chars().find(|c| !Self::is_id_char(*c)) {
             return Err(IdError::PromiseIdChar(c));
         }
         // In a URL path (`/promises/{id}`, the console's links) a "." or
@@ -65,6 +62,11 @@ impl PromiseId {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// A character an id may hold: `[A-Za-z0-9._:/-]` (an id filter adds `*`).
+    pub(super) fn is_id_char(c: char) -> bool {
+        c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-')
     }
 }
 
