@@ -93,16 +93,8 @@ async fn try_login(app: &TestApp, client: &str, token: &str) -> (StatusCode, Opt
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    let r = http
-        .get(format!("{}/ui/login", app.sidecar_url))
-        .send()
-        .await
-        .unwrap();
-    let cookie = r.headers()["set-cookie"].to_str().unwrap();
-    let cookie = cookie.split(';').next().unwrap().to_owned();
-    let page = r.text().await.unwrap();
-    let at = page.find(r#"name="csrf" value=""#).unwrap() + 19;
-    let csrf = page[at..at + 32].to_owned();
+    let (set, csrf) = crate::ui::login_form_from(&http, app).await;
+    let cookie = set.split(';').next().unwrap().to_owned();
     let r = http
         .post(format!("{}/ui/login", app.sidecar_url))
         .header(COOKIE, cookie)

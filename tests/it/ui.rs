@@ -31,19 +31,25 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
-/// The login form: its cookie (`rb_login=...`) and the form's CSRF token.
-pub async fn login_form(app: &TestApp) -> (String, String) {
-    let r = client()
+/// The login form as `http` gets it: the whole `Set-Cookie` line of its
+/// cookie, and the form's CSRF token.
+pub async fn login_form_from(http: &reqwest::Client, app: &TestApp) -> (String, String) {
+    let r = http
         .get(format!("{}/ui/login", app.sidecar_url))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    let cookie = r.headers()["set-cookie"].to_str().unwrap();
-    let cookie = cookie.split(';').next().unwrap().to_owned();
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
     let page = r.text().await.unwrap();
     let at = page.find(r#"name="csrf" value=""#).unwrap() + 19;
-    (cookie, page[at..at + 32].to_owned())
+    (set, page[at..at + 32].to_owned())
+}
+
+/// The login form: its cookie (`rb_login=...`) and the form's CSRF token.
+pub async fn login_form(app: &TestApp) -> (String, String) {
+    let (set, csrf) = login_form_from(&client(), app).await;
+    (set.split(';').next().unwrap().to_owned(), csrf)
 }
 
 /// Posts a console form (with the session or login cookie, if any).
@@ -487,12 +493,7 @@ async fn console_cookies_under_https_are_secure_host_cookies() {
         ..Default::default()
     })
     .await;
-    let r = client()
-        .get(format!("{}/ui/login", app.sidecar_url))
-        .send()
-        .await
-        .unwrap();
-    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let (set, csrf) = login_form_from(&client(), &app).await;
     let host_cookie = |c: &str, name: &str| {
         assert!(c.starts_with(&format!("__Host-{name}=")), "{c}");
         for attr in ["; Secure", "; Path=/;", "; HttpOnly", "; SameSite=Strict"] {
@@ -502,9 +503,6 @@ async fn console_cookies_under_https_are_secure_host_cookies() {
     };
     host_cookie(&set, "rb_login");
     let login_cookie = set.split(';').next().unwrap().to_owned();
-    let page = r.text().await.unwrap();
-    let at = page.find(r#"name="csrf" value=""#).unwrap() + 19;
-    let csrf = page[at..at + 32].to_owned();
 
     let r = post_login(&app, &login_cookie, &csrf, &app.operator_token).await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
