@@ -109,11 +109,7 @@ pub async fn republish<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Respons
         return incomplete(&s);
     };
     let Some(b) = &st.dead_letters else {
-        return error_page(
-            &s,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "No broker is configured.",
-        );
+        return no_broker(&s);
     };
     match b.republish(fp, new_body).await {
         Ok(true) => see_other(&format!(
@@ -138,12 +134,16 @@ async fn viewer<'a, S: Store>(
     };
     match &st.dead_letters {
         Some(b) => Ok((s, b)),
-        None => Err(error_page(
-            &s,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "No broker is configured.",
-        )),
+        None => Err(no_broker(&s)),
     }
+}
+
+fn no_broker(s: &str) -> Response {
+    error_page(
+        s,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "No broker is configured.",
+    )
 }
 
 fn incomplete(s: &str) -> Response {
