@@ -10,13 +10,16 @@ use serde_json::{Value, json};
 use crate::helpers::*;
 
 /// A job whose notebook takes `n` and answers it after `delay_ms`, with the
-/// callback values as job parameters (as a job defined today declares them).
+/// callback values as job parameters (as a job defined today declares them)
+/// and room for many runs at once.
 async fn echo_job(app: &TestApp, outcome: &str, delay_ms: u64) -> u64 {
     let param = |name: &str| json!({"name": name, "default": ""});
     app.create_job(json!({
         "name": unique("echo"),
         "tasks": [{"task_key": "nb", "notebook_task": {"notebook_path": "/echo"}}],
         "parameters": [param("n"), param("promise_id"), param("url"), param("callback_token")],
+        // Children run side by side (Jobs API 2.2 would run one at a time).
+        "max_concurrent_runs": 100,
         "tags": {
             "emulator.outcome": outcome,
             "emulator.delay_ms": delay_ms.to_string(),

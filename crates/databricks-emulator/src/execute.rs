@@ -44,8 +44,7 @@ impl Emulator {
         let max = inner
             .jobs
             .get(&job_id)
-            .and_then(|j| j.max_concurrent_runs())
-            .unwrap_or(u64::MAX);
+            .map_or(u64::MAX, |j| j.max_concurrent_runs());
         if inner.oldest_queued(job_id) != Some(run_id) || inner.active_runs(job_id) >= max {
             return Some(false);
         }
@@ -232,6 +231,32 @@ impl Emulator {
             .is_none_or(|r| matches!(r.life_cycle_state, "TERMINATED" | "SKIPPED"))
     }
 
+    /// Databricks retries the run's first task (its `max_retries`): the
+    /// failed attempt ends FAILED and a new attempt of the task is added
+    /// with a new run id and the next `attempt_number`.
+    fn retry_first_task(&self, run_id: u64) {
+        let mut inner = self.lock();
+        let next = inner.next_run_id + 1;
+        let Some(r) = inner.runs.get_mut(&run_id) else {
+            return;
+        };
+        let Some(key) = r.tasks.first().map(|t| t.task_key.clone()) else {
+            return;
+        };
+        if let Some(t) = r
+            .tasks
+            .iter_mut()
+            .rev()
+            .find(|t| t.task_key == key && t.result_state.is_none())
+        {
+            t.result_state = Some("FAILED");
+        }
+        r.add_attempt(&key, next);
+        r.attempt_number += 1;
+        inner.next_run_id = next;
+        inner.task_parent.insert(next, run_id);
+    }
+
     /// Every task exits with its value (`emulator.value.<task_key>`, else
     /// the job's value): `dbutils.notebook.exit(value)`.
     fn exit_with_values(&self, run_id: u64) {
@@ -240,7 +265,8 @@ impl Emulator {
             let b = r.behaviour.clone();
             let value = with_params(&b.value, &r.params);
             r.exit_value = Some(value.clone());
-            for t in &mut r.tasks {
+            // The attempts of this play (earlier ones have ended).
+            for t in r.tasks.iter_mut().filter(|t| t.result_state.is_none()) {
                 t.exit_value = Some(
                     b.task_values
                         .get(&t.task_key)
@@ -338,14 +364,30 @@ impl Emulator {
                 if !sleep(ms(b.delay_ms.max(1000))).await || self.is_terminated(run_id) {
                     return;
                 }
-                if let Some(r) = self.lock().runs.get_mut(&run_id) {
-                    r.attempt_number = 1;
-                }
+                self.retry_first_task(run_id);
                 self.set_state(run_id, "RUNNING", None, "");
                 if !sleep(ms(b.delay_ms)).await || self.is_terminated(run_id) {
                     return;
                 }
                 self.call_back(run_id, "resolve").await;
+                ("SUCCESS", "")
+            }
+            Outcome::RetryThenExit => {
+                self.set_state(
+                    run_id,
+                    "WAITING_FOR_RETRY",
+                    None,
+                    "Attempt 0 failed; waiting to retry",
+                );
+                if !sleep(ms(b.delay_ms)).await || self.is_terminated(run_id) {
+                    return;
+                }
+                self.retry_first_task(run_id);
+                self.set_state(run_id, "RUNNING", None, "");
+                if !sleep(ms(b.delay_ms)).await || self.is_terminated(run_id) {
+                    return;
+                }
+                self.exit_with_values(run_id);
                 ("SUCCESS", "")
             }
             // The message a real workspace gives a failed task (measured by
@@ -361,7 +403,8 @@ impl Emulator {
         if self.is_terminated(run_id) {
             return;
         }
-        self.set_state(run_id, "TERMINATING", None, "");
+        // Its task started, so TERMINATING already carries the result.
+        self.set_state(run_id, "TERMINATING", Some(result), message);
         if !sleep(ms(5)).await {
             return;
         }

@@ -7,9 +7,13 @@
 //! of the bridge: it serves HTTP (axum) and calls out (reqwest, to play the
 //! notebook's callback). Nothing in the bridge's library uses it.
 //!
-//! Faithful where the bridge depends on it: request and response shapes of
+//! Faithful where the bridge and the clients teams already run depend on it
+//! (Databricks' SDK, Airflow's provider): request and response shapes of
 //! `jobs/run-now`, `jobs/runs/submit`, `jobs/runs/get`, `jobs/runs/get-output`,
-//! `jobs/runs/cancel`, `jobs/runs/list`, `jobs/create`, `jobs/get`; error bodies
+//! `jobs/runs/cancel`, `jobs/runs/cancel-all`, `jobs/runs/delete`,
+//! `jobs/runs/repair`, `jobs/runs/list`, `jobs/create`, `jobs/get`,
+//! `jobs/list`, `jobs/update`, `jobs/reset`, `jobs/delete`; requests read by
+//! Databricks' JSON mapping (`request`); error bodies
 //! `{"error_code", "message"}`; and `idempotency_token`: the same token always
 //! returns the same `run_id`, never a second run (checked and inserted under
 //! one lock).
@@ -23,11 +27,16 @@
 
 mod api;
 pub mod cli;
+mod control;
 mod execute;
+mod gate;
 mod jobs;
+mod launch;
 mod model;
 mod repair;
+mod request;
 mod runs;
+mod view;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

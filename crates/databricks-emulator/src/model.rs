@@ -33,13 +33,17 @@ pub enum Outcome {
     /// The first attempt fails; Databricks retries (WAITING_FOR_RETRY, a new
     /// attempt_number) and the second attempt calls back.
     RetryThenCallback,
+    /// The first attempt of the task fails; Databricks retries it (a new
+    /// task run, the next `attempt_number`) and the second attempt exits
+    /// with the value without calling back.
+    RetryThenExit,
 }
 
 impl FromStr for Outcome {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         serde_json::from_value(Value::String(s.replace('-', "_")))
-            .map_err(|_| format!("unknown outcome {s:?} (callback, duplicate_callback, early_callback, fail, success_no_callback, success_no_output, never_finish, reject_callback)"))
+            .map_err(|_| format!("unknown outcome {s:?} (callback, duplicate_callback, early_callback, fail, success_no_callback, success_no_output, never_finish, reject_callback, retry_then_callback, retry_then_exit)"))
     }
 }
 
@@ -203,21 +207,81 @@ impl Job {
         }
     }
 
-    /// `max_concurrent_runs` when the job sets it. Databricks' default is 1;
-    /// the emulator does not limit a job that does not set it (its
-    /// preconfigured jobs stand for jobs a user configured).
-    pub fn max_concurrent_runs(&self) -> Option<u64> {
+    /// `max_concurrent_runs`: 1 unless the job sets it (`jobs/create` fills
+    /// the default in, so this reads what `jobs/get` shows).
+    pub fn max_concurrent_runs(&self) -> u64 {
         self.settings
             .get("max_concurrent_runs")
             .and_then(Value::as_u64)
+            .unwrap_or(1)
     }
 
+    /// Whether runs past the limit queue (the 2.2 default) or are skipped.
     pub fn queue_enabled(&self) -> bool {
         self.settings
             .pointer("/queue/enabled")
             .and_then(Value::as_bool)
-            .unwrap_or(false)
+            .unwrap_or(true)
     }
+
+    /// What a run's notebook sees: the job's parameters (their defaults,
+    /// overridden by `jp`) when it defines any, else its notebook task's
+    /// `base_parameters` overridden by `np`. An undefined name in `jp` is
+    /// accepted (as the Databricks CLI's test server accepts it) but reaches
+    /// no notebook. A run-now and a repair alike: a repair runs with the
+    /// job's settings and the repair's own parameters, not the original
+    /// run's.
+    pub fn notebook_sees(
+        &self,
+        jp: Option<&BTreeMap<String, String>>,
+        np: Option<&BTreeMap<String, String>>,
+    ) -> BTreeMap<String, String> {
+        let defined = self.parameters();
+        if !defined.is_empty() {
+            return defined
+                .into_iter()
+                .map(|(name, default)| {
+                    let v = jp.and_then(|p| p.get(&name)).cloned().unwrap_or(default);
+                    (name, v)
+                })
+                .collect();
+        }
+        let mut p: BTreeMap<String, String> = self
+            .tasks()
+            .iter()
+            .find_map(|t| {
+                t.get("notebook_task")?
+                    .get("base_parameters")?
+                    .as_object()
+                    .cloned()
+            })
+            .map(|m| {
+                m.into_iter()
+                    .filter_map(|(k, v)| Some((k, v.as_str()?.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        p.extend(np.cloned().unwrap_or_default());
+        p
+    }
+}
+
+/// The defaults `jobs/create` fills in and `jobs/get` then shows: Jobs API
+/// 2.2 queues by default and runs one run of a job at a time (the SDK's
+/// `JobSettings` docstrings: `max_concurrent_runs` "This value cannot
+/// exceed 1000. Setting this value to 0 causes all new runs to be
+/// skipped", defaulting to 1; "Updating from Jobs API 2.1 to 2.2": queueing
+/// is on by default).
+pub fn with_defaults(
+    mut settings: serde_json::Map<String, Value>,
+) -> serde_json::Map<String, Value> {
+    settings
+        .entry("max_concurrent_runs")
+        .or_insert_with(|| json!(1));
+    settings
+        .entry("queue")
+        .or_insert_with(|| json!({"enabled": true}));
+    settings
 }
 
 /// A task's kind: the name of its `*_task` field.
@@ -233,6 +297,9 @@ pub fn task_kind(task: &Value) -> String {
 pub struct TaskRun {
     pub task_key: String,
     pub run_id: u64,
+    /// 0 for a task's first attempt; each retry or repair of the task adds
+    /// an entry with the next number.
+    pub attempt_number: u32,
     /// `notebook_task`, `spark_python_task`, ...
     pub kind: String,
     pub result_state: Option<&'static str>,
@@ -288,6 +355,38 @@ pub struct RepairRecord {
 }
 
 impl Run {
+    /// Each task's latest attempt, in the job's task order.
+    pub fn latest_tasks(&self) -> Vec<&TaskRun> {
+        let mut latest: Vec<&TaskRun> = Vec::new();
+        for t in &self.tasks {
+            match latest.iter_mut().find(|l| l.task_key == t.task_key) {
+                Some(l) if t.attempt_number >= l.attempt_number => *l = t,
+                Some(_) => {}
+                None => latest.push(t),
+            }
+        }
+        latest
+    }
+
+    /// Adds the next attempt of `key`'s task with run id `run_id`.
+    pub fn add_attempt(&mut self, key: &str, run_id: u64) {
+        let Some(last) = self
+            .latest_tasks()
+            .into_iter()
+            .find(|t| t.task_key == key)
+            .cloned()
+        else {
+            return;
+        };
+        self.tasks.push(TaskRun {
+            run_id,
+            attempt_number: last.attempt_number + 1,
+            result_state: None,
+            exit_value: None,
+            ..last
+        });
+    }
+
     /// This play of the run counted among its promise's attempts (0 first).
     pub fn attempt_index(&self) -> u32 {
         self.earlier_runs + self.repairs.len() as u32
@@ -454,6 +553,10 @@ impl Emulator {
                     "tags": {"emulator.outcome": b.outcome},
                     "parameters": params,
                     "tasks": [{"task_key": "notebook", "notebook_task": {"notebook_path": "/Shared/runbridge/notebook"}}],
+                    // A limit of their own, the highest Databricks allows:
+                    // these jobs serve suites that run many at once.
+                    "max_concurrent_runs": 1000,
+                    "queue": {"enabled": true},
                 }),
                 created_time: now_ms(),
                 behaviour: b.clone(),

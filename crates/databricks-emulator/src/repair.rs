@@ -19,7 +19,11 @@
 //!   the Airflow provider sends `job_parameters` with every repair since
 //!   apache/airflow#67055). A repair that sends none runs with the job's
 //!   defaults;
-//! - `repair_history`: an `ORIGINAL` item, then one `REPAIR` item (with its
+//! - each rerun task gets a new entry in the run's `tasks`, with the same
+//!   `task_key`, a new run id and the next `attempt_number`; the earlier
+//!   attempts stay listed (runs of live workspaces in apache/airflow#72313
+//!   and #69998);
+//! - `repair_history` (rendered in `view`): an `ORIGINAL` item, then one `REPAIR` item (with its
 //!   `id`) per repair, each with start and end time, state, status and the
 //!   task run ids that ran in it (`RepairHistoryItem`).
 //!
@@ -39,37 +43,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::api::{Emu, err, gate, invalid, parse_body};
-use super::model::{Emulator, RepairRecord, Run, now_ms};
-use super::runs::{find_run, notebook_sees, state_json, string_map};
-
-fn item_json(kind: &str, r: &RepairRecord) -> Value {
-    let (state, status) = state_json(r.life_cycle_state, r.result_state, "");
-    let mut v = json!({
-        "type": kind,
-        "start_time": r.start_time,
-        "end_time": r.end_time,
-        "state": state,
-        "status": status,
-        "task_run_ids": r.task_run_ids,
-    });
-    if let Some(id) = r.id {
-        v["id"] = json!(id);
-    }
-    v
-}
-
-/// The run's `repair_history`: the original play and each repair. A run
-/// never repaired has its one `ORIGINAL` item.
-pub fn history_json(run: &Run) -> Value {
-    let original = run.original.clone().unwrap_or_else(|| run.as_played());
-    let mut items = vec![item_json("ORIGINAL", &original)];
-    items.extend(run.repairs.iter().map(|r| item_json("REPAIR", r)));
-    Value::Array(items)
-}
+use super::gate::gate;
+use super::model::{Emulator, RepairRecord, now_ms};
+use super::request::{Emu, Params, err, find_run, invalid};
 
 /// Parameters by name, as a request carries them.
-type Params = BTreeMap<String, String>;
+type Named = BTreeMap<String, String>;
 
 /// Why a repair is refused, as the API answers it.
 fn refuse(code: &str, message: String) -> Response {
@@ -84,7 +63,7 @@ impl Emulator {
         run_id: u64,
         latest: Option<u64>,
         rerun: Option<Vec<String>>,
-        (jp, np): (Option<Params>, Option<Params>),
+        (jp, np): (Option<Named>, Option<Named>),
     ) -> Result<u64, Response> {
         let mut inner = self.lock();
         let job = inner
@@ -128,8 +107,8 @@ impl Emulator {
                 keys
             }
             None => run
-                .tasks
-                .iter()
+                .latest_tasks()
+                .into_iter()
                 .filter(|t| t.result_state != Some("SUCCESS"))
                 .map(|t| t.task_key.clone())
                 .collect(),
@@ -145,18 +124,15 @@ impl Emulator {
         // A job's run: the repaired tasks see the job's settings with the
         // repair's parameters (a one-time run's are in its task definitions).
         if let Some(job) = &job {
-            run.params = notebook_sees(job, jp.as_ref(), np.as_ref());
+            run.params = job.notebook_sees(jp.as_ref(), np.as_ref());
         }
         let mut task_run_ids = Vec::new();
-        let mut new_tasks = Vec::new();
-        for t in run.tasks.iter_mut().filter(|t| keys.contains(&t.task_key)) {
+        for k in &keys {
             next_task_run += 1;
-            t.run_id = next_task_run;
-            t.result_state = None;
-            t.exit_value = None;
-            task_run_ids.push(t.run_id);
-            new_tasks.push(t.run_id);
+            run.add_attempt(k, next_task_run);
+            task_run_ids.push(next_task_run);
         }
+        let new_tasks = task_run_ids.clone();
         run.repairs.push(RepairRecord {
             id: Some(next_repair),
             start_time: now_ms(),
@@ -191,26 +167,19 @@ pub async fn repair(
     if let Err(r) = gate(&emu, &version, &headers, "jobs/runs/repair").await {
         return r;
     }
-    let m = match parse_body(&body) {
-        Ok(m) => m,
+    let p = match Params::post(&body) {
+        Ok(p) => p,
         Err(r) => return r,
     };
-    let run_id = match find_run(&emu, m.get("run_id").and_then(Value::as_u64)) {
+    let run_id = match find_run(&emu, &p) {
         Ok(r) => r.run_id,
         Err(r) => return r,
     };
-    let latest = match m.get("latest_repair_id") {
-        None | Some(Value::Null) => None,
-        Some(v) => match v.as_u64() {
-            Some(id) => Some(id),
-            None => return invalid("latest_repair_id must be an integer"),
-        },
+    let (latest, all_failed) = match (p.int("latest_repair_id"), p.flag("rerun_all_failed_tasks")) {
+        (Ok(l), Ok(a)) => (l, a.unwrap_or(false)),
+        (Err(r), _) | (_, Err(r)) => return r,
     };
-    let all_failed = m
-        .get("rerun_all_failed_tasks")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let tasks: Option<Vec<String>> = m.get("rerun_tasks").and_then(Value::as_array).map(|a| {
+    let tasks: Option<Vec<String>> = p.value("rerun_tasks").and_then(Value::as_array).map(|a| {
         a.iter()
             .filter_map(|v| v.as_str().map(str::to_owned))
             .collect()
@@ -224,8 +193,8 @@ pub async fn repair(
         (false, _) => return invalid("Either rerun_tasks or rerun_all_failed_tasks must be set"),
     };
     let params = match (
-        string_map(m.get("job_parameters"), "job_parameters"),
-        string_map(m.get("notebook_params"), "notebook_params"),
+        p.string_map("job_parameters"),
+        p.string_map("notebook_params"),
     ) {
         (Ok(jp), Ok(np)) => (jp, np),
         (Err(r), _) | (_, Err(r)) => return r,
