@@ -162,6 +162,28 @@ pub struct TaskRun {
     pub run_id: u64,
     #[serde(default)]
     pub state: Option<RunState>,
+    /// 0 for a task's first attempt. A task's retry (`max_retries`) and
+    /// each repair add an entry to `tasks` with the same `task_key`, a new
+    /// `run_id` and the next number.
+    #[serde(default)]
+    pub attempt_number: u32,
+}
+
+impl RunInfo {
+    /// Each task's latest attempt (the highest `attempt_number` of its
+    /// `task_key`; the later entry on a tie), in the order the tasks
+    /// first appear.
+    pub fn latest_tasks(&self) -> Vec<&TaskRun> {
+        let mut latest: Vec<&TaskRun> = Vec::new();
+        for t in &self.tasks {
+            match latest.iter_mut().find(|l| l.task_key == t.task_key) {
+                Some(l) if t.attempt_number >= l.attempt_number => *l = t,
+                Some(_) => {}
+                None => latest.push(t),
+            }
+        }
+        latest
+    }
 }
 
 /// A job as `jobs/get` reports it: what the bridge needs to launch it right
@@ -290,10 +312,11 @@ pub trait RateBudget: Send + Sync + 'static {
         rate: f64,
         burst: u32,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<std::time::Duration, String>> + Send + '_>>;
-    /// Hold every call to `workspace` for `d` (after a 429).
+    /// Hold every call of `class` to `workspace` for `d` (after a 429).
     fn pause(
         &self,
         workspace: &str,
+        class: CallClass,
         d: std::time::Duration,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
 }

@@ -298,10 +298,11 @@ impl<S: PromiseStore + Lifecycle + Attempts, J: Jobs> Reconciler<S, J> {
         }
     }
 
-    /// The exit value that counts: the configured task's, else the only
-    /// task's, else every task's as a `{task_key: value}` JSON object (a
-    /// multi-task parent has no output of its own: Databricks refuses
-    /// `get-output` for it).
+    /// The exit value that counts, read from each task's latest attempt
+    /// (earlier attempts of a retried or repaired task are listed too):
+    /// the configured task's, else the only task's, else every task's as a
+    /// `{task_key: value}` JSON object (a multi-task parent has no output
+    /// of its own: Databricks refuses `get-output` for it).
     async fn output(
         &self,
         workspace: &str,
@@ -309,14 +310,15 @@ impl<S: PromiseStore + Lifecycle + Attempts, J: Jobs> Reconciler<S, J> {
         info: &RunInfo,
     ) -> Result<Option<String>, CheckError> {
         let task_run = |t: &crate::databricks::TaskRun| RunId::new(t.run_id).ok();
+        let tasks = info.latest_tasks();
         if let Some(key) = &self.settings.output_task_key {
-            return match info.tasks.iter().find(|t| &t.task_key == key) {
+            return match tasks.iter().find(|t| &t.task_key == key) {
                 Some(t) => {
                     self.task_output(workspace, task_run(t).unwrap_or(run))
                         .await
                 }
-                None if info.tasks.len() <= 1 => {
-                    let only = info.tasks.first().and_then(task_run).unwrap_or(run);
+                None if tasks.len() <= 1 => {
+                    let only = tasks.first().and_then(|t| task_run(t)).unwrap_or(run);
                     self.task_output(workspace, only).await
                 }
                 None => {
@@ -325,7 +327,7 @@ impl<S: PromiseStore + Lifecycle + Attempts, J: Jobs> Reconciler<S, J> {
                 }
             };
         }
-        match info.tasks.as_slice() {
+        match tasks.as_slice() {
             [] => self.task_output(workspace, run).await,
             [only] => {
                 self.task_output(workspace, task_run(only).unwrap_or(run))
@@ -355,6 +357,13 @@ impl<S: PromiseStore + Lifecycle + Attempts, J: Jobs> Reconciler<S, J> {
         match self.jobs.get_output(workspace, run).await {
             Ok(v) => Ok(v),
             Err(e) if e.is_unknown_run() => Ok(None),
+            // Refused for good (a permission, a task kind without output):
+            // asking again at every check would only hold the promise
+            // until its timeout. The run's verdict stands without a value.
+            Err(e @ DatabricksError::Permanent { .. }) => {
+                tracing::warn!(run_id = run.get(), error = %e, "the run's output was refused; settling without an exit value");
+                Ok(None)
+            }
             Err(e) => Err(e.into()),
         }
     }

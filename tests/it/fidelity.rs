@@ -338,6 +338,7 @@ async fn queued_runs_wait_their_turn_and_skipped_runs_are_rejected() {
     let skipping = app
         .create_job(
             json!({"name": "no-queue", "tasks": [notebook("nb")], "max_concurrent_runs": 1,
+               "queue": {"enabled": false},
                "tags": {"emulator.outcome": "callback", "emulator.delay_ms": "1500"}}),
         )
         .await;
@@ -362,6 +363,48 @@ async fn queued_runs_wait_their_turn_and_skipped_runs_are_rejected() {
     app.stop().await;
 }
 
+/// A job created through Jobs API 2.2 without limits queues, one run at a
+/// time: `jobs/get` shows `max_concurrent_runs` 1 and queueing on, and
+/// three triggers run one after another, each resolved.
+#[tokio::test]
+async fn a_job_created_without_limits_has_the_2_2_defaults() {
+    let mut app = TestApp::spawn().await;
+    let job = app
+        .create_job(json!({"name": "defaults", "tasks": [notebook("nb")],
+            "parameters": [{"name": "promise_id", "default": ""}, {"name": "url", "default": ""},
+                           {"name": "callback_token", "default": ""}],
+            "tags": {"emulator.outcome": "callback", "emulator.delay_ms": "300"}}))
+        .await;
+    let got: Value = app
+        .http
+        .get(format!(
+            "{}/api/2.2/jobs/get?job_id={job}",
+            app.emulator_url
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["settings"]["max_concurrent_runs"], 1, "{got}");
+    assert_eq!(got["settings"]["queue"]["enabled"], true, "{got}");
+    let ids: Vec<String> = (0..3).map(|i| unique(&format!("default-{i}"))).collect();
+    for id in &ids {
+        app.publish(&json!({"id": id, "job_id": job})).await;
+    }
+    let events = app.events_for_all(&ids, Duration::from_secs(30)).await;
+    for id in &ids {
+        assert_eq!(events[id][0]["data"]["state"], "RESOLVED", "{id}");
+    }
+    assert_eq!(
+        app.emulator_stats().await["max_active_runs"][job.to_string()],
+        1
+    );
+    app.stop().await;
+}
+
 /// A run settled by the reconciler carries its run page in the event.
 #[tokio::test]
 async fn events_carry_the_run_page() {
@@ -369,6 +412,26 @@ async fn events_carry_the_run_page() {
     let id = unique("page");
     app.publish(&trigger(&id, JOB_EXIT_ONLY)).await;
     let (_, v) = app.first_event(&id, Duration::from_secs(10)).await;
+    let run = &app.runs_for(&id).await[0];
+    let url = v["data"]["run_page_url"].as_str().expect("a run page url");
+    assert!(url.ends_with(&format!("/run/{}", run["run_id"])), "{url}");
+    app.stop().await;
+}
+
+/// A run that calls back before its first check links its page too: the
+/// worker reads the page when it launches (no check comes here before the
+/// callback: the first is ten minutes away).
+#[tokio::test]
+async fn a_callback_before_the_first_check_links_the_run_page() {
+    let mut app = TestApp::spawn_with(Options {
+        overrides: vec![("reconciler.first_poll_ms", "600000".into())],
+        ..Default::default()
+    })
+    .await;
+    let id = unique("page-cb");
+    app.publish(&trigger(&id, JOB_CALLBACK)).await;
+    let (_, v) = app.first_event(&id, Duration::from_secs(10)).await;
+    assert_eq!(v["data"]["settled_by"], "callback");
     let run = &app.runs_for(&id).await[0];
     let url = v["data"]["run_page_url"].as_str().expect("a run page url");
     assert!(url.ends_with(&format!("/run/{}", run["run_id"])), "{url}");
@@ -468,4 +531,56 @@ async fn a_promise_from_before_the_upgrade_keeps_its_token() {
     assert_eq!(all.len(), 1, "no second run");
     app.stop().await;
     let _ = worker.await;
+}
+
+/// Databricks retried the task (its `max_retries`): `runs/get` lists the
+/// failed attempt and the retry as two entries of one task key. The run is
+/// still a single-task run, and its value is the latest attempt's exit
+/// value, as it is.
+#[tokio::test]
+async fn a_retried_single_task_run_resolves_with_its_latest_attempts_plain_value() {
+    let mut app = TestApp::spawn().await;
+    let job = app
+        .create_job(json!({"name": "retried", "tasks": [notebook("nb")],
+            "tags": {"emulator.outcome": "retry_then_exit", "emulator.delay_ms": "100",
+                     "emulator.value": "second try"}}))
+        .await;
+    let id = unique("retried-exit");
+    app.publish(&json!({"id": id, "job_id": job})).await;
+    let (ev, v) = app.first_event(&id, Duration::from_secs(15)).await;
+    assert_eq!(ev.routing_key, "promise.resolved");
+    assert_eq!(v["data"]["value"], "second try");
+    let run = &app.runs_for(&id).await[0];
+    let attempts: Vec<(Value, Value)> = run["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["task_key"].clone(), t["attempt_number"].clone()))
+        .collect();
+    assert_eq!(attempts, [(json!("nb"), json!(0)), (json!("nb"), json!(1))]);
+    app.stop().await;
+}
+
+/// `reconciler.output_task_key` names a task that was retried: its value
+/// is read from the latest attempt, not the failed first one.
+#[tokio::test]
+async fn the_output_task_is_read_from_its_latest_attempt() {
+    let mut app = TestApp::spawn_with(Options {
+        overrides: vec![("reconciler.output_task_key", "ingest".into())],
+        ..Default::default()
+    })
+    .await;
+    let job = app
+        .create_job(
+            json!({"name": "two retried", "tasks": [notebook("ingest"), notebook("report")],
+            "tags": {"emulator.outcome": "retry_then_exit", "emulator.delay_ms": "100",
+                     "emulator.value.ingest": "rows=10", "emulator.value.report": "done"}}),
+        )
+        .await;
+    let id = unique("retried-key");
+    app.publish(&json!({"id": id, "job_id": job})).await;
+    let (ev, v) = app.first_event(&id, Duration::from_secs(15)).await;
+    assert_eq!(ev.routing_key, "promise.resolved");
+    assert_eq!(v["data"]["value"], "rows=10");
+    app.stop().await;
 }
