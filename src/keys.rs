@@ -156,9 +156,10 @@ impl Keys {
         format!("{}:{{ws:{workspace}}}:budget:{class}", self.prefix)
     }
 
-    /// Set (with an expiry) while a workspace answered 429 and must be left alone.
-    pub fn budget_pause(&self, workspace: &str) -> String {
-        format!("{}:{{ws:{workspace}}}:pause", self.prefix)
+    /// Set (with an expiry) while a workspace answered a call class with
+    /// 429 and that class must be left alone.
+    pub fn budget_pause(&self, workspace: &str, class: &str) -> String {
+        format!("{}:{{ws:{workspace}}}:pause:{class}", self.prefix)
     }
 
     /// The worker owning a partition (string, with an expiry; see

@@ -80,15 +80,26 @@ struct Workspace {
     credentials: Credentials,
     /// OAuth only: the current access token (one refresh at a time).
     oauth: tokio::sync::Mutex<Option<CachedToken>>,
-    /// Used when no shared budget is configured, or it cannot be reached.
-    local: HashMap<CallClass, TokenBucket>,
-    /// Local pause after a 429 (the shared one lives in the budget).
-    paused_until: std::sync::Mutex<tokio::time::Instant>,
-    /// Unlimited classes only look for another worker's pause this often.
-    pause_seen_clear_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Per call class: its own bucket and 429 pause. Databricks limits
+    /// requests per endpoint, so a 429 on `runs/get` holds the polls and
+    /// not the launches.
+    classes: HashMap<CallClass, ClassLimits>,
+    /// Every call waits after a refusal of the credentials (all classes
+    /// fail alike then).
+    credentials_paused_until: std::sync::Mutex<tokio::time::Instant>,
     /// The workspace refuses its credentials right now (logged once per
     /// outage, shown as `runbridge_databricks_credentials_valid`).
     credentials_refused: std::sync::atomic::AtomicBool,
+}
+
+/// One call class of a workspace: its rate and its pause.
+struct ClassLimits {
+    /// Used when no shared budget is configured, or it cannot be reached.
+    bucket: TokenBucket,
+    /// Local pause after a 429 (the shared one lives in the budget).
+    paused_until: std::sync::Mutex<tokio::time::Instant>,
+    /// An unlimited class only looks for another worker's pause this often.
+    pause_seen_clear_at: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 /// How long every call to a workspace waits after it refused the
@@ -180,27 +191,39 @@ impl Client {
                 endpoint: "client",
                 reason: e.to_string(),
             })?;
-        let workspaces = s
-            .workspaces
-            .iter()
-            .map(|(name, w)| {
-                (
-                    name.clone(),
-                    Workspace {
-                        host: w.host.clone(),
-                        credentials: w.credentials.clone(),
-                        oauth: tokio::sync::Mutex::new(None),
-                        local: CLASSES
-                            .iter()
-                            .map(|c| (*c, TokenBucket::new(s.rate(*c), s.burst)))
-                            .collect(),
-                        paused_until: std::sync::Mutex::new(tokio::time::Instant::now()),
-                        pause_seen_clear_at: std::sync::Mutex::new(None),
-                        credentials_refused: std::sync::atomic::AtomicBool::new(false),
-                    },
-                )
-            })
-            .collect();
+        let workspaces =
+            s.workspaces
+                .iter()
+                .map(|(name, w)| {
+                    (
+                        name.clone(),
+                        Workspace {
+                            host: w.host.clone(),
+                            credentials: w.credentials.clone(),
+                            oauth: tokio::sync::Mutex::new(None),
+                            classes: CLASSES
+                                .iter()
+                                .map(|c| {
+                                    (
+                                        *c,
+                                        ClassLimits {
+                                            bucket: TokenBucket::new(s.rate(*c), s.burst),
+                                            paused_until: std::sync::Mutex::new(
+                                                tokio::time::Instant::now(),
+                                            ),
+                                            pause_seen_clear_at: std::sync::Mutex::new(None),
+                                        },
+                                    )
+                                })
+                                .collect(),
+                            credentials_paused_until: std::sync::Mutex::new(
+                                tokio::time::Instant::now(),
+                            ),
+                            credentials_refused: std::sync::atomic::AtomicBool::new(false),
+                        },
+                    )
+                })
+                .collect();
         for name in s.workspaces.keys() {
             metrics::gauge!("runbridge_databricks_credentials_valid", "workspace" => name.clone())
                 .set(1.0);
@@ -225,21 +248,23 @@ impl Client {
             .ok_or_else(|| DatabricksError::UnknownWorkspace(name.to_owned()))
     }
 
-    /// Waits for the workspace's budget: the shared one when configured and
-    /// reachable, else this process's own bucket; and any pause after a 429.
+    /// Waits for the class's budget: the shared one when configured and
+    /// reachable, else this process's own bucket; and any pause of the class
+    /// after a 429 or of the workspace after refused credentials.
     async fn acquire(&self, name: &str, ws: &Workspace, class: CallClass) {
-        let local_pause = ws
-            .paused_until
-            .lock()
-            .map(|t| *t)
-            .unwrap_or_else(|_| tokio::time::Instant::now());
+        let Some(limits) = ws.classes.get(&class) else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        let until = |m: &std::sync::Mutex<tokio::time::Instant>| m.lock().map_or(now, |t| *t);
+        let local_pause = until(&limits.paused_until).max(until(&ws.credentials_paused_until));
         tokio::time::sleep_until(local_pause).await;
         let rate = self.settings.rate(class);
         // Even with no rate limit the shared pause after a 429 applies.
         if let Some(b) = &self.budget {
             let unlimited = rate <= 0.0;
             if unlimited
-                && ws
+                && limits
                     .pause_seen_clear_at
                     .lock()
                     .ok()
@@ -251,7 +276,7 @@ impl Client {
             loop {
                 match b.try_acquire(name, class, rate, self.settings.burst).await {
                     Ok(d) if d.is_zero() => {
-                        if unlimited && let Ok(mut t) = ws.pause_seen_clear_at.lock() {
+                        if unlimited && let Ok(mut t) = limits.pause_seen_clear_at.lock() {
                             *t = Some(tokio::time::Instant::now());
                         }
                         return;
@@ -264,18 +289,18 @@ impl Client {
                 }
             }
         }
-        if let Some(bucket) = ws.local.get(&class).filter(|_| rate > 0.0) {
-            bucket.acquire().await;
+        if rate > 0.0 {
+            limits.bucket.acquire().await;
         }
     }
 
-    /// A 429: hold the whole workspace (every class, every worker) for `d`.
-    async fn pause(&self, name: &str, ws: &Workspace, d: Duration) {
-        if let Ok(mut t) = ws.paused_until.lock() {
+    /// A 429: hold the class that was refused (on every worker) for `d`.
+    async fn pause(&self, name: &str, ws: &Workspace, class: CallClass, d: Duration) {
+        if let Some(Ok(mut t)) = ws.classes.get(&class).map(|l| l.paused_until.lock()) {
             *t = (*t).max(tokio::time::Instant::now() + d);
         }
         if let Some(b) = &self.budget
-            && let Err(e) = b.pause(name, d).await
+            && let Err(e) = b.pause(name, class, d).await
         {
             tracing::warn!(error = %e, "could not share the 429 pause with other workers");
         }
@@ -440,8 +465,8 @@ impl Client {
             }
             ErrorClass::Transient => {
                 if status == StatusCode::TOO_MANY_REQUESTS {
-                    self.pause(name, ws, after.unwrap_or(Duration::from_secs(1)))
-                        .await;
+                    let d = after.unwrap_or(Duration::from_secs(1));
+                    self.pause(name, ws, class, d).await;
                 }
                 Err(Attempt::Retry {
                     reason,
@@ -487,7 +512,7 @@ impl Client {
                 "databricks refuses this workspace's credentials (expired or revoked token?): its triggers are held, none is rejected, until they are accepted again; set a valid token or OAuth secret under databricks.workspaces.{name}"
             );
         }
-        if let Ok(mut until) = ws.paused_until.lock() {
+        if let Ok(mut until) = ws.credentials_paused_until.lock() {
             *until = (*until).max(tokio::time::Instant::now() + CREDENTIALS_PAUSE);
         }
     }

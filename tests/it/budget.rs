@@ -159,3 +159,60 @@ async fn a_429_pauses_every_worker() {
     );
     app.stop().await;
 }
+
+/// Databricks limits requests per endpoint: a 429 on `runs/get` (a check)
+/// holds the checks for its `Retry-After: 10`, and launches go on during it.
+#[tokio::test]
+async fn a_429_on_checks_does_not_hold_launches() {
+    let app = TestApp::spawn_with(Options {
+        overrides: vec![
+            ("reconciler.first_poll_ms", "200".into()),
+            ("reconciler.max_poll_ms", "500".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    app.http
+        .post(format!("{}/emulator/faults", app.emulator_url))
+        .json(&json!({"retry_after_s": 10}))
+        .send()
+        .await
+        .unwrap();
+    let first = unique("checked");
+    app.publish(&trigger(&first, JOB_NEVER)).await;
+    eventually(Duration::from_secs(20), "the run checked", || async {
+        (!calls(&app, "jobs/runs/get").await.is_empty()).then_some(())
+    })
+    .await;
+    app.inject("jobs/runs/get", json!(["too_many_requests"]))
+        .await;
+    let t429 = eventually(Duration::from_secs(20), "the 429 answered", || async {
+        calls(&app, "jobs/runs/get")
+            .await
+            .iter()
+            .find(|(_, f)| f == "too_many_requests")
+            .map(|(t, _)| *t)
+    })
+    .await;
+    let launched_before = calls(&app, "jobs/run-now").await.len();
+    let batch = unique("during");
+    for i in 0..5 {
+        app.publish(&trigger(&format!("{batch}-{i}"), JOB_NEVER))
+            .await;
+    }
+    let launches = eventually(Duration::from_secs(30), "five more launches", || async {
+        let l = calls(&app, "jobs/run-now").await;
+        (l.len() >= launched_before + 5).then_some(l)
+    })
+    .await;
+    let late: Vec<i64> = launches[launched_before..]
+        .iter()
+        .map(|(t, _)| *t - t429)
+        .filter(|dt| *dt >= 10_000)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "launches waited for the checks' 10 s pause: at +ms {late:?}"
+    );
+    app.stop().await;
+}

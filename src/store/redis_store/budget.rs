@@ -12,7 +12,7 @@ impl RateBudget for RedisStore {
         burst: u32,
     ) -> Pin<Box<dyn Future<Output = Result<Duration, String>> + Send + '_>> {
         let bucket = self.keys.budget(workspace, class.as_str());
-        let pause = self.keys.budget_pause(workspace);
+        let pause = self.keys.budget_pause(workspace, class.as_str());
         Box::pin(async move {
             let mut conn = self.conn().await.map_err(|e| e.to_string())?;
             let wait: i64 = self
@@ -32,9 +32,10 @@ impl RateBudget for RedisStore {
     fn pause(
         &self,
         workspace: &str,
+        class: CallClass,
         d: Duration,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
-        let key = self.keys.budget_pause(workspace);
+        let key = self.keys.budget_pause(workspace, class.as_str());
         Box::pin(async move {
             let mut conn = self.conn().await.map_err(|e| e.to_string())?;
             // Never shorten a longer pause another worker already set.
