@@ -66,8 +66,8 @@ impl ApiErrorBody {
     /// target `error_body`; a body that is not the documented JSON gives a
     /// message of at most 500 characters.
     pub fn from_answer(status: u16, bytes: &[u8]) -> Self {
-        if let Ok(b) = serde_json::from_slice::<ApiErrorBody>(bytes) {
-            return b;
+        if let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(bytes) {
+            return Self::from_json(&m);
         }
         let text = String::from_utf8_lossy(bytes);
         let text = text.trim();
@@ -97,6 +97,39 @@ impl ApiErrorBody {
             error_code: reason_code(status),
             message: clip(text),
         }
+    }
+}
+
+impl ApiErrorBody {
+    /// A JSON error body, as the SDK's `_StandardErrorDeserializer` reads
+    /// it: `{"error_code", "message"}` (no message: "request failed"); an
+    /// API 1.2 `{"error": ...}` gives the message; a SCIM error
+    /// `{"detail", "status", "scimType"}` (RFC 7644 §3.12) gives the message
+    /// `"<scimType> <detail>"` and the code `SCIM_<status>`.
+    fn from_json(m: &serde_json::Map<String, Value>) -> Self {
+        let text = |k: &str| match m.get(k) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => Some(other.to_string()),
+        };
+        let mut body = ApiErrorBody {
+            error_code: text("error_code").unwrap_or_default(),
+            message: text("message").unwrap_or_else(|| "request failed".into()),
+        };
+        if let Some(e) = text("error") {
+            body.message = clip(&e);
+        }
+        if let Some(detail) = text("detail").filter(|d| !d.is_empty()) {
+            let detail = if detail == "null" {
+                "SCIM API Internal Error".to_owned()
+            } else {
+                detail
+            };
+            let scim_type = text("scimType").unwrap_or_default();
+            body.message = clip(&format!("{scim_type} {detail}"));
+            body.error_code = format!("SCIM_{}", text("status").unwrap_or_default());
+        }
+        body
     }
 }
 
@@ -186,6 +219,26 @@ mod tests {
         assert_eq!(classify(403, &b), ErrorClass::Credentials);
         let b = ApiErrorBody::from_answer(503, b"<html><title>Service Unavailable</title></html>");
         assert_eq!(b.message, "Service Unavailable");
+    }
+
+    #[test]
+    fn scim_and_api_1_2_bodies_keep_their_message() {
+        let b = ApiErrorBody::from_answer(
+            403,
+            br#"{"schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"], "detail": "User not authorized.", "status": "403"}"#,
+        );
+        assert_eq!(b, body("SCIM_403", "User not authorized."));
+        let b = ApiErrorBody::from_answer(
+            400,
+            br#"{"detail": "null", "status": "400", "scimType": "invalidValue"}"#,
+        );
+        assert_eq!(b, body("SCIM_400", "invalidValue SCIM API Internal Error"));
+        let b = ApiErrorBody::from_answer(500, br#"{"error": "Cluster c is not running"}"#);
+        assert_eq!(b, body("", "Cluster c is not running"));
+        assert_eq!(
+            ApiErrorBody::from_answer(400, b"{}").message,
+            "request failed"
+        );
     }
 
     #[test]
