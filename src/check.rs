@@ -19,9 +19,11 @@
 
 use std::fmt::Write as _;
 
+use serde_json::Value;
+
 use crate::broker::Found;
 use crate::config::{Role, Settings};
-use crate::databricks::{DatabricksError, JobInfo, Jobs, ParameterStyle};
+use crate::databricks::{DatabricksError, JobInfo, JobTask, Jobs, ParameterStyle};
 use crate::startup;
 use crate::store::PromiseStore;
 use crate::worker::ParamNames;
@@ -153,6 +155,32 @@ pub fn redis_findings(policy: Option<&str>, appendonly: Option<&str>) -> Vec<Fin
     out
 }
 
+/// Task kinds that receive a job's parameters as they are (Databricks'
+/// "Configure job parameters": notebook widgets, Python wheel keyword
+/// arguments, SQL parameters, a Run Job task's job parameters).
+const RECEIVE_JOB_PARAMETERS: &[&str] = &[
+    "notebook_task",
+    "python_wheel_task",
+    "sql_task",
+    "run_job_task",
+];
+
+/// Does this task receive the callback values: by its kind, or because its
+/// own parameters pass every one of them as `{{job.parameters.<name>}}`?
+fn receives_job_parameters(task: &JobTask, wanted: &[&String]) -> bool {
+    if RECEIVE_JOB_PARAMETERS.contains(&task.kind()) {
+        return true;
+    }
+    let text = task
+        .rest
+        .get(task.kind())
+        .map(Value::to_string)
+        .unwrap_or_default();
+    wanted
+        .iter()
+        .all(|n| text.contains(&format!("{{{{job.parameters.{n}}}}}")))
+}
+
 /// What a job's definition means for runbridge's runs of it (pure).
 pub fn job_findings(
     job: &JobInfo,
@@ -176,7 +204,8 @@ pub fn job_findings(
                 .filter(|n| !defined.contains(n))
                 .map(|n| n.as_str())
                 .collect();
-            if missing.is_empty() {
+            let reached = s.tasks.is_empty() || s.tasks.iter().any(|t| receives_job_parameters(t, &wanted));
+            if missing.is_empty() && reached {
                 finding(
                     &area,
                     "parameters",
@@ -184,6 +213,19 @@ pub fn job_findings(
                     format!(
                         "job parameters, with {}: runs can call back",
                         wanted.map(|n| n.as_str()).join(", ")
+                    ),
+                )
+            } else if missing.is_empty() {
+                finding(
+                    &area,
+                    "parameters",
+                    Level::Fail,
+                    format!(
+                        "job parameters, but none of its tasks receives them: job parameters reach notebook, Python wheel (as keyword arguments), SQL and Run Job tasks, and other tasks only through their own parameters; pass {} to a task as {}",
+                        wanted.map(|n| n.as_str()).join(", "),
+                        wanted
+                            .map(|n| format!("\"--{n}\", \"{{{{job.parameters.{n}}}}}\""))
+                            .join(", ")
                     ),
                 )
             } else {
@@ -460,6 +502,41 @@ mod tests {
         assert_eq!(level(&fs, "parameters"), Level::Fail);
         let d = &fs.iter().find(|f| f.item == "parameters").unwrap().detail;
         assert!(d.contains("promise_id, url, callback_token"), "{d}");
+    }
+
+    #[test]
+    fn job_parameters_must_reach_a_task() {
+        let all = ["promise_id", "url", "callback_token"];
+        let python = job(&all, vec![task("py", "spark_python_task")], Some(5), true);
+        let fs = job_findings(&python, &ParamNames::default(), None);
+        assert_eq!(level(&fs, "parameters"), Level::Fail);
+        let d = &fs.iter().find(|f| f.item == "parameters").unwrap().detail;
+        assert!(d.contains("{{job.parameters.promise_id}}"), "{d}");
+        // The task passes them on in its own parameters.
+        let mut passed = task("py", "spark_python_task");
+        passed.rest.insert(
+            "spark_python_task".into(),
+            serde_json::json!({"python_file": "x.py", "parameters": all.iter().flat_map(|n| [format!("--{n}"), format!("{{{{job.parameters.{n}}}}}")]).collect::<Vec<_>>()}),
+        );
+        let j = job(&all, vec![passed], Some(5), true);
+        assert_eq!(
+            level(
+                &job_findings(&j, &ParamNames::default(), None),
+                "parameters"
+            ),
+            Level::Ok
+        );
+        for kind in ["python_wheel_task", "sql_task", "run_job_task"] {
+            let j = job(&all, vec![task("t", kind)], Some(5), true);
+            assert_eq!(
+                level(
+                    &job_findings(&j, &ParamNames::default(), None),
+                    "parameters"
+                ),
+                Level::Ok,
+                "{kind}"
+            );
+        }
     }
 
     #[test]
