@@ -12,8 +12,9 @@
 //! - job defines job parameters: the three go as `job_parameters`, those
 //!   the job defines; a missing one is warned about once per job;
 //! - job defines none: the three go as `notebook_params`;
-//! - the producer chose a style the job does not take: sent as chosen, so
-//!   Databricks' refusal reaches the producer in the rejection.
+//! - the producer chose a style the job does not take: sent as chosen
+//!   (with the three values), so Databricks' refusal reaches the producer
+//!   in the rejection.
 //!
 //! A run that cannot receive the values still runs, and its promise settles
 //! through the reconciler (final state, exit value).
@@ -188,10 +189,12 @@ pub fn launch_request(
                     )
                 }
                 // The producer chose a style the job does not take: as
-                // chosen, for Databricks to refuse (the producer hears why).
-                (Parameters::Job(p), Some(ParameterStyle::Task)) => (Some(p.clone()), None),
+                // chosen, with the callback values, for Databricks to
+                // refuse (the producer hears why) or, if it takes them, for
+                // the run to call back.
+                (Parameters::Job(p), Some(ParameterStyle::Task)) => (Some(with(p, extra)), None),
                 (Parameters::Notebook(p), Some(ParameterStyle::Job { .. })) => {
-                    (None, Some(p.clone()))
+                    (None, Some(with(p, extra)))
                 }
             };
             LaunchRequest::RunNow {
@@ -329,14 +332,20 @@ mod tests {
     }
 
     #[test]
-    fn a_producer_style_the_job_refuses_is_sent_as_chosen() {
+    fn a_producer_style_the_job_refuses_is_sent_as_chosen_with_the_callback_values() {
         let t = trigger(r#"{"id":"p1","job_id":7,"job_parameters":{"date":"d"}}"#);
         let (jp, np) = run_now_for(&t, Some(&ParameterStyle::Task));
-        assert_eq!(jp.unwrap().len(), 1);
+        let jp = jp.unwrap();
+        assert_eq!(jp.len(), 4, "{jp:?}");
+        assert_eq!(jp["promise_id"], "p1");
         assert_eq!(np, None);
         // Unknown style: as before, where the producer put them.
         let (jp, _) = run_now_for(&t, None);
         assert_eq!(jp.unwrap().len(), 4);
+        let t = trigger(r#"{"id":"p1","job_id":7,"notebook_params":{"date":"d"}}"#);
+        let (jp, np) = run_now_for(&t, Some(&job_style(&["promise_id"])));
+        assert_eq!(jp, None);
+        assert_eq!(np.unwrap()["callback_token"], "v1.t");
     }
 
     #[test]

@@ -340,8 +340,9 @@ pub(crate) async fn launch_created<S: PromiseStore + Families, J: Jobs>(
             span.record("databricks.run_id", run.get());
             launched("launched");
             crate::failpoint!("worker.after_launch");
-            // 5. Record the run id, then ack.
-            match ctx.store.record_run(&t.id, run, None).await {
+            // 5. Record the run id (and its page), then ack.
+            let page = run_page(ctx, &promise.workspace, run).await;
+            match ctx.store.record_run(&t.id, run, page.as_deref()).await {
                 Ok(RecordOutcome::Recorded(_)) => Disposition::Ack,
                 Ok(RecordOutcome::NotFound) => {
                     tracing::warn!(
@@ -391,6 +392,30 @@ pub(crate) async fn launch_created<S: PromiseStore + Families, J: Jobs>(
             launched("failed_for_now");
             Disposition::Requeue(e.to_string())
         }
+    }
+}
+
+/// How long a launch waits for its run's page before it is recorded
+/// without one.
+const RUN_PAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The run's page, for its events to link: `run-now` and `runs/submit`
+/// answer only the run id, so one `runs/get` follows (as Airflow's provider
+/// reads the page after each launch). Best effort and bounded: without it,
+/// the reconciler's first check records the page, and a callback before
+/// that would publish no link.
+async fn run_page<S: PromiseStore + Families, J: Jobs>(
+    ctx: &WorkerContext<S, J>,
+    workspace: &str,
+    run: crate::domain::RunId,
+) -> Option<String> {
+    match tokio::time::timeout(RUN_PAGE_WAIT, ctx.jobs.get_run(workspace, run)).await {
+        Ok(Ok(info)) => info.run_page_url.filter(|u| !u.is_empty()),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "the run's page was not read; the reconciler records it");
+            None
+        }
+        Err(_) => None,
     }
 }
 
