@@ -8,7 +8,7 @@ TEST_FEATURES ?= --workspace --features runbridge-harness/failpoints
 # side by side in target/<profile>/.
 HARNESS = -p runbridge -p runbridge-harness --bins
 
-.PHONY: all build release test lint fmt services node demo compose-config k8s-check k8s-check-deps k8s-rules chaos chaos-small bench bench-smoke bench-venv notebook-test sdk-test bundle-test docs docs-test ui-test-deps ui-screenshot cluster-test fuzz clean
+.PHONY: all build release test lint fmt services node demo compose-config k8s-check k8s-check-deps k8s-rules chaos chaos-small bench bench-smoke bench-venv notebook-test sdk-test airflow-test bundle-test docs docs-test ui-test-deps ui-screenshot cluster-test fuzz clean
 
 # Fault-injection run (see crates/harness/src/bin/chaos): N triggers and
 # PARENTS parent triggers of CHILDREN children each among them, every fault
@@ -33,7 +33,7 @@ services:
 # The whole suite: the 1,000-trigger fault-injection profile, then unit and
 # integration tests against the real RabbitMQ and Redis on this machine and
 # the emulator over HTTP (last, so the test runner's summary closes the output).
-test: services compose-config k8s-check chaos-small bench-smoke notebook-test sdk-test bundle-test docs-test ui-test-deps
+test: services compose-config k8s-check chaos-small bench-smoke notebook-test sdk-test airflow-test bundle-test docs-test ui-test-deps
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run $(TEST_FEATURES) --no-fail-fast; \
 	else \
@@ -107,11 +107,20 @@ notebook-test: services
 # Databricks' own Python SDK (pinned) drives the emulator through every
 # Jobs API endpoint runbridge uses (tests/databricks): the emulator is
 # checked by Databricks' generated client, not by its author.
-DATABRICKS_SDK ?= databricks-sdk==0.162.0
+DATABRICKS_SDK ?= databricks-sdk==0.167.0
 sdk-test: build
 	@test -x target/pyvenv/bin/pytest || { python3 -m venv target/pyvenv && target/pyvenv/bin/pip install -q pytest; }
 	@target/pyvenv/bin/pip install -q "$(DATABRICKS_SDK)"
 	target/pyvenv/bin/pytest -q tests/databricks
+
+# Airflow's Databricks provider (pinned, with the Airflow it needs, in a
+# venv of its own under target/) drives the emulator unchanged
+# (tests/airflow): its hook's sync calls and its deferrable trigger.
+AIRFLOW_VENV = target/airflowvenv
+AIRFLOW_PACKAGES ?= apache-airflow-providers-databricks==7.23.0 apache-airflow==3.3.2 pytest
+airflow-test: build
+	@test -x $(AIRFLOW_VENV)/bin/pytest || { echo "[airflow-test] installing $(AIRFLOW_PACKAGES) in $(AIRFLOW_VENV)"; python3 -m venv $(AIRFLOW_VENV) && $(AIRFLOW_VENV)/bin/pip install -q $(AIRFLOW_PACKAGES); }
+	$(AIRFLOW_VENV)/bin/pytest -q -p no:cacheprovider tests/airflow
 
 # examples/databricks-bundle: its job validated by Databricks' typed job
 # definitions (databricks-bundles, pinned), then created in the emulator

@@ -217,7 +217,12 @@ def test_a_queued_run(w):
 
 
 def test_without_queueing_the_extra_run_is_skipped(w):
-    job_id = w.jobs.create(name="no queue", max_concurrent_runs=1, tags={"emulator.outcome": "never_finish"}).job_id
+    job_id = w.jobs.create(
+        name="no queue",
+        max_concurrent_runs=1,
+        queue=jobs.QueueSettings(enabled=False),
+        tags={"emulator.outcome": "never_finish"},
+    ).job_id
     first = w.jobs.run_now(job_id=job_id).response.run_id
     run = w.jobs.get_run(w.jobs.run_now(job_id=job_id).response.run_id)
     assert run.state.life_cycle_state == jobs.RunLifeCycleState.SKIPPED
@@ -292,3 +297,128 @@ def test_repair_and_its_history(w):
         with pytest.raises(errors.InvalidParameterValue):
             w.jobs.repair_run(run_id, rerun_tasks=["a"], latest_repair_id=stale)
     assert w.jobs.repair_run(run_id, rerun_tasks=["a"], latest_repair_id=repair_id).response.repair_id > repair_id
+
+
+def test_jobs_list_by_name_and_expanded(w):
+    prefix = f"listed-{time.time_ns()}"
+    ids = [w.jobs.create(name=f"{prefix}-{i}", tasks=[jobs.Task(task_key="nb", notebook_task=jobs.NotebookTask(notebook_path="/nb"))]).job_id for i in range(5)]
+    # The SDK's list follows next_page_token; newest first.
+    listed = [j.job_id for j in w.jobs.list(limit=2) if j.settings.name.startswith(prefix)]
+    assert listed == sorted(ids, reverse=True)
+    # `name` is the exact name, case-insensitive.
+    (one,) = list(w.jobs.list(name=f"{prefix}-3".upper()))
+    assert one.job_id == ids[3]
+    assert not one.settings.tasks
+    (expanded,) = list(w.jobs.list(name=f"{prefix}-3", expand_tasks=True))
+    assert expanded.settings.tasks[0].task_key == "nb"
+
+
+def test_create_fills_the_2_2_defaults_and_update_reset_delete(w):
+    job_id = w.jobs.create(name=f"defaults-{time.time_ns()}", description="first").job_id
+    settings = w.jobs.get(job_id).settings
+    assert settings.max_concurrent_runs == 1
+    assert settings.queue.enabled is True
+    w.jobs.update(job_id, new_settings=jobs.JobSettings(max_concurrent_runs=4), fields_to_remove=["description"])
+    settings = w.jobs.get(job_id).settings
+    assert settings.max_concurrent_runs == 4 and settings.description is None
+    w.jobs.reset(job_id, new_settings=jobs.JobSettings(name="reset"))
+    settings = w.jobs.get(job_id).settings
+    assert settings.name == "reset" and settings.max_concurrent_runs == 1
+    w.jobs.delete(job_id)
+    with pytest.raises(errors.ResourceDoesNotExist):
+        w.jobs.get(job_id)
+
+
+def test_a_job_with_max_concurrent_runs_0_skips_every_run(w):
+    job_id = w.jobs.create(name="zero", max_concurrent_runs=0, queue=jobs.QueueSettings(enabled=True)).job_id
+    run = w.jobs.get_run(w.jobs.run_now(job_id=job_id).response.run_id)
+    assert run.state.life_cycle_state == jobs.RunLifeCycleState.SKIPPED
+
+
+def test_cancel_all_runs_of_a_job_and_every_queued_run(w):
+    job_id = w.jobs.create(
+        name="cancel all", max_concurrent_runs=2, tags={"emulator.outcome": "never_finish"}
+    ).job_id
+    runs = [w.jobs.run_now(job_id=job_id).response.run_id for _ in range(3)]
+    assert w.jobs.get_run(runs[2]).status.state == jobs.RunLifecycleStateV2State.QUEUED
+    w.jobs.cancel_all_runs(job_id=job_id)
+    for run_id in runs:
+        assert terminated(w, run_id).state.result_state == jobs.RunResultState.CANCELED
+    other = w.jobs.create(name="queued", max_concurrent_runs=1, tags={"emulator.outcome": "never_finish"}).job_id
+    first, queued = (w.jobs.run_now(job_id=other).response.run_id for _ in range(2))
+    w.jobs.cancel_all_runs(all_queued_runs=True)
+    assert terminated(w, queued).state.result_state == jobs.RunResultState.CANCELED
+    assert w.jobs.get_run(first).status.state == jobs.RunLifecycleStateV2State.RUNNING
+    w.jobs.cancel_run(first)
+
+
+def test_a_deleted_run_and_its_token(w):
+    token = f"deleted-{time.time_ns()}"
+    run_id = w.jobs.run_now(job_id=NEVER_JOB, idempotency_token=token).response.run_id
+    with pytest.raises(errors.InvalidParameterValue):
+        w.jobs.delete_run(run_id)  # "Returns an error if the run is active."
+    w.jobs.cancel_run(run_id)
+    terminated(w, run_id)
+    w.jobs.delete_run(run_id)
+    with pytest.raises(errors.ResourceDoesNotExist):
+        w.jobs.get_run(run_id)
+    # "If a run with the provided token is deleted, an error is returned."
+    with pytest.raises(errors.InvalidParameterValue, match="deleted"):
+        w.jobs.run_now(job_id=NEVER_JOB, idempotency_token=token)
+
+
+def test_list_runs_filters(w):
+    job_id = w.jobs.create(
+        name="filtered", max_concurrent_runs=10, tags={"emulator.outcome": "success_no_callback", "emulator.delay_ms": "10"}
+    ).job_id
+    before = int(time.time() * 1000)
+    done = [w.jobs.run_now(job_id=job_id).response.run_id for _ in range(2)]
+    for run_id in done:
+        terminated(w, run_id)
+    w.jobs.update(job_id, new_settings=jobs.JobSettings(tags={"emulator.outcome": "never_finish"}))
+    active = w.jobs.run_now(job_id=job_id).response.run_id
+    assert [r.run_id for r in w.jobs.list_runs(job_id=job_id, active_only=True)] == [active]
+    assert sorted(r.run_id for r in w.jobs.list_runs(job_id=job_id, completed_only=True)) == sorted(done)
+    assert {r.run_id for r in w.jobs.list_runs(job_id=job_id, start_time_from=before)} == {*done, active}
+    assert not list(w.jobs.list_runs(job_id=job_id, start_time_to=before - 1))
+    plain = next(iter(w.jobs.list_runs(job_id=job_id)))
+    assert not plain.tasks
+    expanded = next(iter(w.jobs.list_runs(job_id=job_id, expand_tasks=True)))
+    assert expanded.tasks and expanded.tasks[0].task_key == "notebook"
+    w.jobs.cancel_run(active)
+
+
+def test_requests_are_read_by_the_json_mapping(w, emulator):
+    """int64 fields as JSON strings, `null` as absent, a GET's fields in a
+    JSON body: what Databricks' protobuf-defined API accepts."""
+    api = w.api_client
+    run_id = api.do(
+        "POST",
+        "/api/2.2/jobs/runs/submit",
+        body={
+            "run_name": "mapped",
+            "tasks": [{"task_key": "t", "notebook_task": {"notebook_path": "/x"}, "dbt_task": None}],
+            "timeout_seconds": None,
+        },
+    )["run_id"]
+    got = api.do("GET", "/api/2.2/jobs/runs/get", body={"run_id": str(run_id)})
+    assert got["run_id"] == run_id
+    api.do("POST", "/api/2.2/jobs/runs/cancel", body={"run_id": str(run_id)})
+    terminated(w, run_id)
+    # Jobs API 2.2 submits tasks in the multi-task form only.
+    with pytest.raises(errors.InvalidParameterValue, match="multi-task"):
+        api.do("POST", "/api/2.2/jobs/runs/submit", body={"run_name": "legacy", "notebook_task": {"notebook_path": "/x"}})
+
+
+def test_a_retried_task_lists_each_attempt(w):
+    job_id = w.jobs.create(
+        name="retried",
+        tasks=[jobs.Task(task_key="only", notebook_task=jobs.NotebookTask(notebook_path="/x"), max_retries=1)],
+        tags={"emulator.outcome": "retry_then_exit", "emulator.delay_ms": "50", "emulator.value": "second"},
+    ).job_id
+    run = terminated(w, w.jobs.run_now(job_id=job_id).response.run_id)
+    assert [(t.task_key, t.attempt_number) for t in run.tasks] == [("only", 0), ("only", 1)]
+    assert run.tasks[0].state.result_state == jobs.RunResultState.FAILED
+    assert w.jobs.get_run_output(run.tasks[1].run_id).notebook_output.result == "second"
+    # The parent of a one-task run answers with its latest attempt's output.
+    assert w.jobs.get_run_output(run.run_id).notebook_output.result == "second"
