@@ -157,3 +157,21 @@ pub fn history_json(run: &Run) -> Value {
     items.extend(run.repairs.iter().map(|r| item_json("REPAIR", r)));
     Value::Array(items)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::state_json;
+
+    #[test]
+    fn terminating_carries_the_result_and_termination_details_wait_for_the_end() {
+        let (state, status) = state_json("TERMINATING", Some("SUCCESS"), "");
+        assert_eq!(state["result_state"], "SUCCESS");
+        assert_eq!(status["state"], "TERMINATING");
+        assert!(status.get("termination_details").is_none());
+        let (state, status) = state_json("TERMINATED", Some("CANCELED"), "Run cancelled.");
+        assert_eq!(state["result_state"], "CANCELED");
+        assert_eq!(status["termination_details"]["code"], "USER_CANCELED");
+        let (state, _) = state_json("RUNNING", None, "");
+        assert!(state.get("result_state").is_none());
+    }
+}
