@@ -11,48 +11,15 @@
 use std::collections::{BTreeMap, HashSet};
 
 use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use utoipa::ToSchema;
 
 use super::ids::PromiseId;
-use super::promise::State;
-use super::trigger::{
+use super::launch::{
     Launch, ParamValue, Parameters, TriggerError, check_tags, check_workspace, kind, param_map,
     parse_launch,
 };
-
-/// How a parent's outcome follows from its children's.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum Join {
-    /// RESOLVED with every child's value, in order, once every child
-    /// resolved; REJECTED when a child is rejected, naming it.
-    #[default]
-    All,
-    /// RESOLVED with every child's outcome once every child settled.
-    AllSettled,
-    /// RESOLVED with the first child to resolve; REJECTED when none did.
-    Any,
-}
-
-impl Join {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Join::All => "all",
-            Join::AllSettled => "all_settled",
-            Join::Any => "any",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Join> {
-        [Join::All, Join::AllSettled, Join::Any]
-            .into_iter()
-            .find(|j| j.as_str() == s)
-    }
-}
+use super::promise::{Join, State};
 
 /// The children of a parent trigger and how they are joined.
 #[derive(Debug, Clone, PartialEq)]

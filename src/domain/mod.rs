@@ -6,6 +6,7 @@ pub mod event;
 pub mod fanout;
 pub mod id_pattern;
 pub mod ids;
+pub mod launch;
 pub mod progress;
 pub mod promise;
 pub mod retry;
@@ -14,10 +15,10 @@ pub mod trace;
 pub mod trigger;
 
 pub use event::CompletionEvent;
-pub use fanout::{FanOut, Join};
+pub use fanout::FanOut;
 pub use id_pattern::IdPattern;
 pub use ids::{CallbackSigner, CallbackToken, IdempotencyToken, Incarnation, PromiseId, RunId};
-pub use promise::{Completion, Payload, Promise, SettledBy, State};
+pub use promise::{Completion, Join, Payload, Promise, SettledBy, State};
 pub use retry::{RetryMode, RetryPolicy};
 pub use trigger::{Envelope, Launch, Parameters, Trigger, TriggerError, TriggerRules, Work};
 

@@ -14,9 +14,40 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::fanout::Join;
 use super::ids::{CallbackSigner, CallbackToken, IdempotencyToken, Incarnation, PromiseId, RunId};
 use super::retry::RetryPolicy;
+
+/// How a parent's outcome follows from its children's.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Join {
+    /// RESOLVED with every child's value, in order, once every child
+    /// resolved; REJECTED when a child is rejected, naming it.
+    #[default]
+    All,
+    /// RESOLVED with every child's outcome once every child settled.
+    AllSettled,
+    /// RESOLVED with the first child to resolve; REJECTED when none did.
+    Any,
+}
+
+impl Join {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Join::All => "all",
+            Join::AllSettled => "all_settled",
+            Join::Any => "any",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Join> {
+        [Join::All, Join::AllSettled, Join::Any]
+            .into_iter()
+            .find(|j| j.as_str() == s)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]

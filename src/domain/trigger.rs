@@ -12,7 +12,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::fanout::{self, FanOut};
-use super::ids::{IdError, PromiseId};
+use super::ids::PromiseId;
+pub use super::launch::{Launch, Parameters, TriggerError};
+use super::launch::{ParamValue, check_tags, check_workspace, kind, parse_launch};
+use super::promise::Join;
 use super::retry::{RetryMessage, RetryPolicy};
 
 /// What the broker module hands over from one AMQP delivery: the body plus
@@ -85,22 +88,6 @@ impl TriggerRules {
     }
 }
 
-/// What to ask Databricks for.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Launch {
-    /// `jobs/run-now`. Parameters go where the producer put them; with neither
-    /// given they go to `job_parameters` (Jobs API 2.2's default).
-    RunNow { job_id: u64, params: Parameters },
-    /// `jobs/runs/submit` with the producer's body.
-    Submit { body: Map<String, Value> },
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Parameters {
-    Job(BTreeMap<String, String>),
-    Notebook(BTreeMap<String, String>),
-}
-
 /// What a trigger asks for: one run, or children that each get one.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Work {
@@ -124,15 +111,6 @@ pub struct Trigger {
     pub raw: String,
     /// The trigger's own retry policy (for a parent: each child's).
     pub retry: Option<RetryPolicy>,
-}
-
-impl Launch {
-    pub fn job_id(&self) -> Option<u64> {
-        match self {
-            Launch::RunNow { job_id, .. } => Some(*job_id),
-            Launch::Submit { .. } => None,
-        }
-    }
 }
 
 impl Trigger {
@@ -178,23 +156,6 @@ impl Trigger {
             retry: self.retry.clone(),
         })
     }
-}
-
-/// Why a trigger was refused; its `Display` is the `x-runbridge-error` header.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum TriggerError {
-    #[error("body is not valid UTF-8 JSON: {0}")]
-    Json(String),
-    #[error("schema: {0}")]
-    Schema(String),
-    #[error("missing id: set \"id\" in the body or the AMQP message_id")]
-    MissingId,
-    #[error("invalid id: {0}")]
-    Id(#[from] IdError),
-    #[error("exactly one of \"job_id\", \"submit\" or \"children\" is required, {0}")]
-    LaunchChoice(&'static str),
-    #[error("{0}")]
-    Invalid(String),
 }
 
 /// The largest trigger body parsed (1 MiB). A trigger names a job and a
@@ -281,7 +242,7 @@ pub struct TriggerMessage {
     #[schemars(with = "Option<Vec<BTreeMap<String, ParamValue>>>", length(min = 1))]
     for_each: Option<Vec<Value>>,
     /// How a parent's outcome follows from its children's (default all).
-    join: Option<fanout::Join>,
+    join: Option<Join>,
     /// Settle the parent at the first outcome that decides it and cancel
     /// the children still running (default true for all and any; all_settled
     /// always waits for every child). When false the parent waits for every
@@ -295,110 +256,6 @@ pub struct TriggerMessage {
     /// each child's policy). Without it, the configuration's `[retry]`
     /// default for the job or workspace applies, if any.
     retry: Option<RetryMessage>,
-}
-
-/// A run parameter's value as the schema states it (the parser turns each
-/// into a string).
-#[derive(JsonSchema)]
-#[serde(untagged)]
-#[allow(dead_code)] // only describes; parsing goes through `param_map`
-pub(super) enum ParamValue {
-    String(String),
-    Number(f64),
-    Boolean(bool),
-}
-
-pub(super) fn param_map(
-    name: &str,
-    m: Map<String, Value>,
-) -> Result<BTreeMap<String, String>, TriggerError> {
-    m.into_iter()
-        .map(|(k, v)| {
-            let v = match v {
-                Value::String(s) => s,
-                Value::Number(n) => n.to_string(),
-                Value::Bool(b) => b.to_string(),
-                other => {
-                    return Err(TriggerError::Invalid(format!(
-                        "{name}.{k} must be a string, number or boolean, got {}",
-                        kind(&other)
-                    )));
-                }
-            };
-            Ok((k, v))
-        })
-        .collect()
-}
-
-pub(super) fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-/// The launch of one run: `job_id` with its parameters, or a `submit`
-/// body (a trigger's, or a child's).
-pub(super) fn parse_launch(
-    job_id: Option<Value>,
-    job_parameters: Option<Map<String, Value>>,
-    notebook_params: Option<Map<String, Value>>,
-    submit: Option<Value>,
-) -> Result<Launch, TriggerError> {
-    match (job_id, submit) {
-        (Some(_), Some(_)) => Err(TriggerError::LaunchChoice("both were given")),
-        (None, None) => Err(TriggerError::LaunchChoice("neither was given")),
-        (Some(job_id), None) => {
-            let job_id = job_id
-                .as_u64()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| TriggerError::Invalid("job_id must be a positive integer".into()))?;
-            let params = match (job_parameters, notebook_params) {
-                (Some(_), Some(_)) => {
-                    return Err(TriggerError::Invalid(
-                        "give job_parameters or notebook_params, not both".into(),
-                    ));
-                }
-                (Some(p), None) => Parameters::Job(param_map("job_parameters", p)?),
-                (None, Some(p)) => Parameters::Notebook(param_map("notebook_params", p)?),
-                (None, None) => Parameters::Job(BTreeMap::new()),
-            };
-            Ok(Launch::RunNow { job_id, params })
-        }
-        (None, Some(submit)) => {
-            if job_parameters.is_some() || notebook_params.is_some() {
-                return Err(TriggerError::Invalid(
-                    "job_parameters/notebook_params go with job_id; put a submit run's parameters in its tasks".into(),
-                ));
-            }
-            match submit {
-                Value::Object(body) => Ok(Launch::Submit { body }),
-                other => Err(TriggerError::Invalid(format!(
-                    "submit must be a runs/submit body (an object), got {}",
-                    kind(&other)
-                ))),
-            }
-        }
-    }
-}
-
-/// Tags as the contract limits them (a trigger's, or a child's).
-pub(super) fn check_tags(tags: &BTreeMap<String, String>) -> Result<(), TriggerError> {
-    super::tags::check_tags(tags).map_err(|e| TriggerError::Invalid(e.to_string()))
-}
-
-/// A workspace name as the contract limits it.
-pub(super) fn check_workspace(ws: Option<&str>) -> Result<(), TriggerError> {
-    match ws {
-        Some(ws) if ws.is_empty() || ws.len() > 64 => Err(TriggerError::Invalid(
-            "workspace must be 1-64 characters".into(),
-        )),
-        _ => Ok(()),
-    }
 }
 
 impl Trigger {
