@@ -413,8 +413,13 @@ async fn a_worker_killed_during_the_second_relaunch_still_makes_three_runs() {
     let mut first = app.spawn_worker("retry.after_relaunch=pause#2");
     let id = unique("killed-relaunch");
     app.publish(&retrying(&id, job, 3, "rerun")).await;
+    // What this waits for: a worker process started under the test's load,
+    // two 1.5 s runs each found failed by a check, two relaunches. Here it
+    // takes 10 s, also beside four busy loops on two cores; a loaded `make
+    // test` took over 30 s once, so the bound is the one the settlement
+    // below has.
     eventually(
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "the worker to reach the second relaunch",
         || async {
             std::fs::read_to_string(&marker)
