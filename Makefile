@@ -8,7 +8,7 @@ TEST_FEATURES ?= --workspace --features runbridge-harness/failpoints
 # side by side in target/<profile>/.
 HARNESS = -p runbridge -p runbridge-harness --bins
 
-.PHONY: all build release test lint fmt services node demo compose-config k8s-check k8s-check-deps k8s-rules chaos chaos-small bench bench-smoke bench-venv notebook-test sdk-test airflow-test bundle-test docs docs-test ui-test-deps ui-screenshot cluster-test fuzz clean
+.PHONY: all build release test lint fmt services node demo compose-config k8s-check k8s-check-deps k8s-rules chaos chaos-small bench bench-smoke bench-venv notebook-test sdk-test airflow-test bundle-test docs docs-test ui-test-deps resonate-sdk-deps ui-screenshot cluster-test fuzz clean
 
 # Fault-injection run (see crates/harness/src/bin/chaos): N triggers and
 # PARENTS parent triggers of CHILDREN children each among them, every fault
@@ -33,7 +33,7 @@ services:
 # The whole suite: the 1,000-trigger fault-injection profile, then unit and
 # integration tests against the real RabbitMQ and Redis on this machine and
 # the emulator over HTTP (last, so the test runner's summary closes the output).
-test: services compose-config k8s-check chaos-small bench-smoke notebook-test sdk-test airflow-test bundle-test docs-test ui-test-deps
+test: services compose-config k8s-check chaos-small bench-smoke notebook-test sdk-test airflow-test bundle-test docs-test ui-test-deps resonate-sdk-deps
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run $(TEST_FEATURES) --no-fail-fast; \
 	else \
@@ -197,6 +197,17 @@ ui-test-deps: node
 	@test -d target/node/node_modules/@resonatehq/sdk || { \
 		echo "[ui-test-deps] installing $(RESONATE_SDK) under target/node (tests/it/resonate.rs)"; \
 		npm install --silent --no-audit --no-fund --prefix target/node $(RESONATE_SDK); }
+
+# Resonate's Python SDK of both lines (tests/it/resonate.rs): 0.6 (classic
+# routes) and 0.8 (protocol envelopes), each in a venv of its own under
+# target/. Both need Python 3.12 or later: python3.13 from the PATH or pyenv.
+RESONATE_PY06 ?= resonate-sdk==0.6.7
+RESONATE_PY08 ?= resonate-sdk==0.8.1
+PYTHON313 ?= $(shell for p in $$HOME/.pyenv/versions/3.13*/bin/python3 $$(command -v python3.13); do "$$p" -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null && { echo "$$p"; break; }; done)
+resonate-sdk-deps:
+	@test -n "$(PYTHON313)" || { echo "[resonate-sdk-deps] Python 3.13 is needed (python3.13 on the PATH, or pyenv install 3.13)" >&2; exit 1; }
+	@test -x target/resonate-py06/bin/python || { echo "[resonate-sdk-deps] installing $(RESONATE_PY06) in target/resonate-py06"; $(PYTHON313) -m venv target/resonate-py06 && target/resonate-py06/bin/pip install -q "$(RESONATE_PY06)"; }
+	@test -x target/resonate-py08/bin/python || { echo "[resonate-sdk-deps] installing $(RESONATE_PY08) in target/resonate-py08"; $(PYTHON313) -m venv target/resonate-py08 && target/resonate-py08/bin/pip install -q "$(RESONATE_PY08)"; }
 
 # The scale tests, too long for `make test`; .ci/run runs them
 # after it. First the integration suite (core loop and the rest) against a

@@ -1,5 +1,9 @@
-//! Every error the sidecar answers is JSON: `{"error": {"code", "message"}}`
-//! with the status codes of docs/contracts.md, the HTTP API.
+//! Every error the sidecar answers is JSON, shaped as Resonate's server
+//! shapes its errors so Resonate's SDKs read them (`resonate-sdk` 0.6 reads
+//! `error.code` as a number): `{"error": {"code", "status", "reason",
+//! "message"}}`, `code` the HTTP status, `status` Resonate's status code,
+//! and `reason` runbridge's machine-readable reason (docs/contracts.md, the
+//! HTTP API).
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -20,8 +24,14 @@ pub struct ErrorBody {
 
 #[derive(Serialize, ToSchema)]
 pub struct ErrorDetail {
-    /// A stable, machine-readable code, e.g. `already_settled`.
-    pub code: String,
+    /// The HTTP status, as a number (Resonate's server's `code`).
+    pub code: u16,
+    /// Resonate's status code, as a string: the HTTP status times ten, and
+    /// for a settled promise its state (4030 resolved, 4031 rejected, 4032
+    /// canceled, 4033 timed out).
+    pub status: String,
+    /// A stable, machine-readable reason, e.g. `already_settled`.
+    pub reason: String,
     /// A sentence for people.
     pub message: String,
     /// With 403 `already_settled` and 409 `already_exists`: the promise's state.
@@ -35,17 +45,18 @@ pub struct ErrorDetail {
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    /// The machine-readable reason (`reason` in the body).
+    pub reason: &'static str,
     pub message: String,
     /// The promise the request ran into (403, 409).
     pub promise: Option<Box<PromiseView>>,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
-            code,
+            reason,
             message: message.into(),
             promise: None,
         }
@@ -83,7 +94,7 @@ impl ApiError {
     pub fn already_settled(p: &Promise) -> Self {
         Self {
             status: StatusCode::FORBIDDEN,
-            code: "already_settled",
+            reason: "already_settled",
             message: format!("promise {} is already {}", p.id, p.state),
             promise: Some(Box::new(p.view())),
         }
@@ -134,9 +145,19 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let promise = self.promise.map(|p| *p);
+        let code = self.status.as_u16();
+        let status = match promise.as_ref().map(|p| p.state) {
+            Some(State::Resolved) if code == 403 => 4030,
+            Some(State::Rejected) if code == 403 => 4031,
+            Some(State::RejectedCanceled) if code == 403 => 4032,
+            Some(State::RejectedTimedout) if code == 403 => 4033,
+            _ => u32::from(code) * 10,
+        };
         let body = ErrorBody {
             error: ErrorDetail {
-                code: self.code.to_owned(),
+                code,
+                status: status.to_string(),
+                reason: self.reason.to_owned(),
                 message: self.message,
                 state: promise.as_ref().map(|p| p.state),
                 promise,

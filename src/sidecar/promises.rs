@@ -335,7 +335,7 @@ pub(super) async fn create<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Api
             } else {
                 Err(ApiError {
                     status: StatusCode::CONFLICT,
-                    code: "already_exists",
+                    reason: "already_exists",
                     message: format!("promise {} already exists ({})", p.id, p.state),
                     promise: Some(Box::new(p.view())),
                 })

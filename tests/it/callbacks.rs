@@ -81,8 +81,12 @@ async fn repeat_resolve_is_deduplicated_and_conflicting_reject_is_403() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "already_settled");
+    assert_eq!(body["error"]["reason"], "already_settled");
     assert_eq!(body["error"]["state"], "RESOLVED");
+    // As Resonate's server answers it: the HTTP status as a number, and
+    // its status code for "already resolved".
+    assert_eq!(body["error"]["code"], 403);
+    assert_eq!(body["error"]["status"], "4030");
     // What clients see (the relay notes the event's publication on the
     // record by itself, so the whole record may differ in that field).
     assert_eq!(
@@ -151,7 +155,7 @@ async fn bad_tokens_are_401_and_big_bodies_413() {
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{what}");
         let body: Value = r.json().await.unwrap();
         assert_eq!(
-            body["error"]["code"], "unauthorized",
+            body["error"]["reason"], "unauthorized",
             "{what}: JSON error body"
         );
     }
@@ -167,7 +171,7 @@ async fn bad_tokens_are_401_and_big_bodies_413() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "payload_too_large");
+    assert_eq!(body["error"]["reason"], "payload_too_large");
 
     let r = app
         .http
@@ -413,7 +417,7 @@ async fn durable_promise_api() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
+        r.json::<Value>().await.unwrap()["error"]["reason"],
         "not_found"
     );
     let r = app
@@ -501,6 +505,6 @@ async fn health_and_readiness() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    assert!(r.json::<Value>().await.unwrap()["error"]["code"].is_string());
+    assert!(r.json::<Value>().await.unwrap()["error"]["reason"].is_string());
     app.stop().await;
 }

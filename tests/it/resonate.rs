@@ -1,8 +1,11 @@
-//! Resonate's protocol on the sidecar, driven by Resonate's own SDK from npm
-//! (`tests/resonate/sdk.mjs`: create, create again, get, search, settle,
-//! settle again, a kind runbridge does not offer, a wrong token), then
-//! checked here: the store holds what the SDK was told, and the settlement
-//! wrote exactly one completion event, as a classic settle does.
+//! Resonate's protocol on the sidecar, driven by Resonate's own SDKs: the
+//! TypeScript SDK from npm (`tests/resonate/sdk.mjs`: create, create again,
+//! get, search, settle, settle again, a kind runbridge does not offer, a
+//! wrong token) and the Python SDK of both lines from PyPI (0.6 on the
+//! classic routes, `tests/resonate/sdk_06.py`; 0.8 on the protocol
+//! endpoint, `tests/resonate/sdk_08.py`), then checked here: the store holds
+//! what the SDK was told, and the settlement wrote exactly one completion
+//! event, as a classic settle does.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -108,4 +111,72 @@ async fn malformed_envelopes_are_refused_and_change_nothing() {
     let r = post(with_auth, None).await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(app.promise(&id).await.is_some());
+}
+
+/// The Python of a virtualenv `make resonate-sdk-deps` (part of `make
+/// test`) made with one `resonate-sdk`, or a message saying how to get it.
+fn resonate_python(venv: &str) -> PathBuf {
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(venv)
+        .join("bin/python");
+    assert!(
+        python.exists(),
+        "the Resonate Python SDK test needs {}: run `make resonate-sdk-deps` (part of `make test`)",
+        python.display()
+    );
+    python
+}
+
+/// Runs one of the Python SDK scripts against a fresh app; then the store
+/// holds the resolved promise with the script's tag, and its settlement
+/// wrote one event.
+async fn python_sdk_settles_one_promise(venv: &str, script: &str, suite: &str) {
+    let python = resonate_python(venv);
+    let mut app = TestApp::spawn_with(Options {
+        worker: true,
+        ..Default::default()
+    })
+    .await;
+    let id = unique(suite);
+    let run = tokio::process::Command::new(&python)
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script))
+        .env("SIDECAR_URL", &app.sidecar_url)
+        .env("TOKEN", &app.operator_token)
+        .env("ID", &id)
+        .kill_on_drop(true)
+        .output();
+    let run = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .unwrap_or_else(|_| panic!("{script} did not finish within 60 s"))
+        .expect("python runs");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(run.status.success(), "the SDK test failed:\n{log}");
+    assert!(log.trim_end().ends_with("ok"), "{log}");
+    let p = app.promise(&id).await.expect("stored");
+    assert_eq!(p.state, State::Resolved, "{log}");
+    assert_eq!(p.tags.get("suite").map(String::as_str), Some(suite));
+    let events = app.events_for(&id, Duration::from_secs(3)).await;
+    assert_eq!(events.len(), 1, "one event for one settlement: {events:?}");
+    app.stop().await;
+}
+
+/// `resonate-sdk` 0.6 on the classic routes: its refusals (409 for
+/// another idempotency key, 404, 403 for a settled promise) arrive as
+/// its `ResonateStoreError` with Resonate's numeric codes.
+#[tokio::test]
+async fn resonates_python_sdk_of_the_classic_line_reads_every_answer() {
+    python_sdk_settles_one_promise("resonate-py06", "tests/resonate/sdk_06.py", "resonate-py06")
+        .await;
+}
+
+/// `resonate-sdk` 0.8 on the protocol endpoint.
+#[tokio::test]
+async fn resonates_python_sdk_of_the_current_line_works_unchanged() {
+    python_sdk_settles_one_promise("resonate-py08", "tests/resonate/sdk_08.py", "resonate-py08")
+        .await;
 }

@@ -347,7 +347,7 @@ async fn a_corrupt_record_leaves_search_and_the_console_working() {
         .unwrap();
     assert_eq!(r.status(), 500);
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "unreadable_record", "{body}");
+    assert_eq!(body["error"]["reason"], "unreadable_record", "{body}");
     let _: () = redis::cmd("DEL")
         .arg(&key)
         .query_async(&mut conn)
