@@ -100,6 +100,13 @@ impl Keys {
         format!("{}:{{p{partition}}}:settled_order", self.prefix)
     }
 
+    /// A partition's version: +1 at every create, settlement or indexing in
+    /// it (the scripts name it from a key of the partition: `common.lua`'s
+    /// `version_key`), so a search can tell a partition changed meanwhile.
+    pub fn version(&self, partition: u32) -> String {
+        format!("{}:{{p{partition}}}:version", self.prefix)
+    }
+
     /// The beginning of every promise key of a partition (searches add the id).
     pub fn promise_prefix(&self, partition: u32) -> String {
         format!("{}:{{p{partition}}}:promise:", self.prefix)

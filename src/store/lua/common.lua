@@ -18,6 +18,21 @@ local function state_if_opened(promise, bound)
   return f[1], tonumber(f[3]) == tonumber(bound)
 end
 
+-- The partition's version: +1 at every change of what a search sees of
+-- its promises (a promise created, settled or indexed), so a search that
+-- read several partitions can tell whether one changed while it read the
+-- others (RedisStore::search_indexes). Its key, `<prefix>:{p<N>}:version`,
+-- is named from a key of the partition: its hash tag ends at the first '}'
+-- (plain find: no pattern), and it shares the slot.
+local function version_key(partition_key)
+  local close = string.find(partition_key, '}', 1, true)
+  return string.sub(partition_key, 1, close) .. ':version'
+end
+
+local function bump_version(partition_key)
+  redis.call('INCR', version_key(partition_key))
+end
+
 -- Pending promises per creation second: their count (for the oldest
 -- pending age and the console's ages) and their ids (searches walk them in
 -- creation order), +1 at create, -1 at settle; a second whose count reaches
@@ -74,6 +89,7 @@ local function settle_record(k, id, state, value, iku, by, retention, now, cance
     redis.call('HDEL', k[1], 'pgq')
     emit_progress(k[1], k[3], now)
   end
+  bump_version(k[1])
   local created = tonumber(redis.call('HGET', k[1], 'created'))
   if created and not uncounted then count_pending(k[7], k[8], created, id, -1) end
   redis.call('HSET', k[1], 'state', state, 'value', value, 'completed', now, 'by', by)
@@ -142,6 +158,7 @@ local function create_record(k, a, first)
     fields[#fields + 1] = string.format('%d', deadline)
   end
   redis.call('HSET', k[1], unpack(fields))
+  bump_version(k[1])
   redis.call('ZADD', k[2], deadline, a[1])
   count_pending(k[3], k[4], now, a[1], 1)
   -- Backstop against leaks if no reconciler ever sweeps: gone a retention

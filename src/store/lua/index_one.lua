@@ -6,6 +6,7 @@
 -- ARGV[1] id, ARGV[2] retention ms
 local f = redis.call('HMGET', KEYS[1], 'state', 'created', 'completed')
 if not f[1] then return 0 end
+bump_version(KEYS[1])
 if f[1] == 'PENDING' then
   local created = tonumber(f[2])
   if not created then return 0 end

@@ -10,8 +10,10 @@
 -- (',STATE,...,' or ''), ARGV[9] id glob ('*' wildcards, runs collapsed, at
 -- most eight: IdPattern) or '', ARGV[10] job id
 -- or '', ARGV[11] workspace or '', ARGV[12] tags as a JSON object or ''.
--- Returns {{id, record}..., next phase, position, last id}: no next phase
--- when the partition is done.
+-- Returns {{id, record}..., the partition's version, next phase, position,
+-- last id}: no next phase when the partition is done. The version (see
+-- common.lua's bump_version) lets the caller check that the partition did
+-- not change while it read others.
 --
 -- Pending promises are walked in order of their creation second, the ids of
 -- a second in byte order; settled ones in order of settlement. Creation
@@ -30,6 +32,8 @@ local tags = nil
 if ARGV[12] ~= '' then tags = cjson.decode(ARGV[12]) end
 local now_s = math.floor(now_ms() / 1000)
 local out = {}
+local version = redis.call('GET', version_key(ARGV[1])) or '0'
+local function reply(...) return {out, version, ...} end
 
 -- The record's other filters (the id pattern was checked before reading it).
 local function matches(rec)
@@ -111,25 +115,25 @@ if phase == 'p' then
     local open = second >= now_s
     if open and #out > 0 and #ids > room then
       -- The open second does not fit on this page: the next step reads it whole.
-      return {out, 'p', s, ''}
+      return reply('p', s, '')
     end
     for _, id in ipairs(ids) do
       if second > pos or last == '' or id > last then
         visit(id)
-        if not open and full() then return {out, 'p', s, id} end
+        if not open and full() then return reply('p', s, id) end
       end
     end
     if open then reached_open = true; break end
-    if full() then return {out, 'p', fmt(second + 1), ''} end
+    if full() then return reply('p', fmt(second + 1), '') end
   end
   if not reached_open and #seconds == budget then
     -- More seconds may follow (a second counted before its ids were
     -- indexed holds none): the next step goes on from there.
-    return {out, 'p', fmt(tonumber(seconds[#seconds]) + 1), ''}
+    return reply('p', fmt(tonumber(seconds[#seconds]) + 1), '')
   end
-  if not string.find(ARGV[5], 's', 1, true) then return {out} end
+  if not string.find(ARGV[5], 's', 1, true) then return reply() end
   pos, last = 0, ''
-  if full() then return {out, 's', '0', ''} end
+  if full() then return reply('s', '0', '') end
 end
 
 -- Settled: by settlement ms; the ids of one ms in byte order (a sorted set's
@@ -140,7 +144,7 @@ while true do
       if id > last then
         visit(id)
         last = id
-        if full() then return {out, 's', fmt(pos), id} end
+        if full() then return reply('s', fmt(pos), id) end
       end
     end
   end
@@ -148,7 +152,7 @@ while true do
   for i = 1, #batch, 2 do
     pos, last = tonumber(batch[i + 1]), batch[i]
     visit(last)
-    if full() then return {out, 's', fmt(pos), last} end
+    if full() then return reply('s', fmt(pos), last) end
   end
-  if #batch < 400 then return {out} end
+  if #batch < 400 then return reply() end
 end

@@ -8,6 +8,16 @@
 //! one consistent snapshot of a stretch of one partition; a page may take
 //! several steps, and the cursor says where the next one starts
 //! (docs/contracts.md, searching, for what that guarantees).
+//!
+//! A page answers for one moment: each step returns its partition's
+//! version (bumped by every create, settlement and indexing in it), and
+//! once the page is collected the versions are read again. A partition
+//! unchanged from its first step to that read held, at the moment the read
+//! began, what its steps saw; the page keeps the steps before the first
+//! partition that changed (at least its first step, one moment by itself)
+//! and its cursor goes on from there.
+
+use std::collections::HashSet;
 
 use super::*;
 
@@ -91,42 +101,104 @@ fn walks(states: Option<&Vec<State>>) -> (bool, bool) {
     }
 }
 
+/// A query as each step's script takes it.
+struct Filter {
+    phases: &'static str,
+    pending: bool,
+    states: String,
+    pattern: String,
+    job: String,
+    workspace: String,
+    tags: String,
+    limit: usize,
+}
+
+/// One collection of a page: what it found, and the steps that found it.
+struct Collected {
+    out: Vec<Promise>,
+    unreadable: usize,
+    steps: Vec<Step>,
+    /// Where the next page starts (none: the walk is done).
+    cursor: Option<Position>,
+}
+
+/// Collections of one page before it settles for the steps that held still.
+const COLLECTIONS: usize = 3;
+
 impl RedisStore {
     pub(super) async fn search_indexes(&self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
         let (pending, settled) = walks(q.states.as_ref());
         let partitions = self.keys.partitions();
-        let mut at = match &q.cursor {
+        let start = match &q.cursor {
             None => Position::start(0, !pending),
             Some(c) => Position::decode(c, partitions).ok_or(StoreError::InvalidCursor)?,
         };
-        if (at.settled && !settled) || (!at.settled && !pending) {
+        if (start.settled && !settled) || (!start.settled && !pending) {
             // A cursor of another query's walk.
             return Err(StoreError::InvalidCursor);
         }
-        let phases = match (pending, settled) {
-            (true, true) => "ps",
-            (true, false) => "p",
-            _ => "s",
+        let filter = Filter {
+            phases: match (pending, settled) {
+                (true, true) => "ps",
+                (true, false) => "p",
+                _ => "s",
+            },
+            pending,
+            states: q.states.as_ref().map_or(String::new(), |s| {
+                let mut out = String::from(",");
+                for st in s {
+                    out.push_str(st.as_str());
+                    out.push(',');
+                }
+                out
+            }),
+            pattern: if q.id.is_any() {
+                String::new()
+            } else {
+                q.id.as_str().to_owned()
+            },
+            job: q.job_id.map(|j| j.to_string()).unwrap_or_default(),
+            workspace: q.workspace.clone().unwrap_or_default(),
+            tags: if q.tags.is_empty() {
+                String::new()
+            } else {
+                json(&q.tags)
+            },
+            limit: q.limit.max(1),
         };
-        let states = q.states.as_ref().map_or(String::new(), |s| {
-            let mut out = String::from(",");
-            for st in s {
-                out.push_str(st.as_str());
-                out.push(',');
+        let mut attempt = 1;
+        loop {
+            let c = self.collect(&filter, start.clone()).await?;
+            let changed = self.changed_since(&c.steps).await?;
+            let Some(cut) = first_unsettled_step(&c.steps, &changed) else {
+                return Ok(SearchPage {
+                    promises: c.out,
+                    cursor: c.cursor.map(|p| p.encode()),
+                    unreadable: c.unreadable,
+                });
+            };
+            if attempt == COLLECTIONS {
+                // Writes kept landing: the steps before the first partition
+                // that changed, and the next page goes on from there.
+                let mut out = c.out;
+                out.truncate(cut.found);
+                return Ok(SearchPage {
+                    promises: out,
+                    cursor: Some(cut.from.encode()),
+                    unreadable: cut.unreadable,
+                });
             }
-            out
-        });
-        let pattern = if q.id.is_any() { "" } else { q.id.as_str() };
-        let tags = if q.tags.is_empty() {
-            String::new()
-        } else {
-            json(&q.tags)
-        };
-        let job = q.job_id.map(|j| j.to_string()).unwrap_or_default();
-        let limit = q.limit.max(1);
+            attempt += 1;
+        }
+    }
+
+    /// Walks from `at` until the page is full or every partition is read.
+    async fn collect(&self, f: &Filter, mut at: Position) -> Result<Collected, StoreError> {
+        let partitions = self.keys.partitions();
         let mut out: Vec<Promise> = Vec::new();
         let mut unreadable = 0;
-        loop {
+        let mut steps: Vec<Step> = Vec::new();
+        let cursor = loop {
             let p = at.partition;
             let mut call = Call::new(&self.scripts.search);
             call.key(self.keys.pending_by_second(p))
@@ -136,16 +208,23 @@ impl RedisStore {
                 .arg(if at.settled { "s" } else { "p" })
                 .arg(at.at)
                 .arg(&at.last)
-                .arg(phases)
-                .arg(limit - out.len())
+                .arg(f.phases)
+                .arg(f.limit - out.len())
                 .arg(STEP_BUDGET)
-                .arg(&states)
-                .arg(pattern)
-                .arg(&job)
-                .arg(q.workspace.as_deref().unwrap_or(""))
-                .arg(&tags);
+                .arg(&f.states)
+                .arg(&f.pattern)
+                .arg(&f.job)
+                .arg(&f.workspace)
+                .arg(&f.tags);
             let reply = self.read(&call).await?;
-            let (records, next) = step_reply(reply)?;
+            let (records, version, next) = step_reply(reply)?;
+            steps.push(Step {
+                partition: p,
+                version,
+                found: out.len(),
+                unreadable,
+                from: at.clone(),
+            });
             for (id, flat) in records {
                 match Promise::from_fields(&to_map(flat)) {
                     Ok(promise) => out.push(promise),
@@ -162,24 +241,74 @@ impl RedisStore {
                     at,
                     last,
                 },
-                None if p + 1 < partitions => Position::start(p + 1, !pending),
-                None => {
-                    return Ok(SearchPage {
-                        promises: out,
-                        cursor: None,
-                        unreadable,
-                    });
-                }
+                None if p + 1 < partitions => Position::start(p + 1, !f.pending),
+                None => break None,
             };
-            if out.len() >= limit {
-                return Ok(SearchPage {
-                    promises: out,
-                    cursor: Some(at.encode()),
-                    unreadable,
-                });
+            if out.len() >= f.limit {
+                break Some(at);
+            }
+        };
+        Ok(Collected {
+            out,
+            unreadable,
+            steps,
+            cursor,
+        })
+    }
+
+    /// The partitions of `steps` whose version is no longer the one their
+    /// first step read. Nothing to read for a page of one partition read in
+    /// one step.
+    async fn changed_since(&self, steps: &[Step]) -> Result<HashSet<u32>, StoreError> {
+        if steps.len() < 2 {
+            return Ok(HashSet::new());
+        }
+        let mut first: Vec<(u32, u64)> = Vec::new();
+        for s in steps {
+            if !first.iter().any(|(p, _)| *p == s.partition) {
+                first.push((s.partition, s.version));
             }
         }
+        let conn = self.conn().await?;
+        let now: Vec<Option<u64>> = try_join_all(first.iter().map(|(p, _)| {
+            let mut conn = conn.clone();
+            let key = self.keys.version(*p);
+            async move {
+                redis::cmd("GET")
+                    .arg(key)
+                    .query_async::<Option<u64>>(&mut conn)
+                    .await
+            }
+        }))
+        .await
+        .map_err(unavailable)?;
+        Ok(first
+            .iter()
+            .zip(now)
+            .filter(|((_, then), now)| now.unwrap_or(0) != *then)
+            .map(|((p, _), _)| *p)
+            .collect())
     }
+}
+
+/// One step of a page: its partition, the version it read there, how many
+/// promises (and unreadable records) the page had before it, and where it
+/// began.
+#[derive(Debug)]
+struct Step {
+    partition: u32,
+    version: u64,
+    found: usize,
+    unreadable: usize,
+    from: Position,
+}
+
+/// The first step the page must not keep: the first step of the first
+/// partition that changed, but never the page's first step (one step is
+/// one moment by itself). `None`: every partition held still.
+fn first_unsettled_step<'a>(steps: &'a [Step], changed: &HashSet<u32>) -> Option<&'a Step> {
+    let cut = steps.iter().position(|s| changed.contains(&s.partition))?;
+    steps.get(cut.max(1))
 }
 
 impl RedisStore {
@@ -287,10 +416,11 @@ impl RedisStore {
     }
 }
 
-/// `{records, [phase, position, last id]}`: each record's id and its fields
-/// as a flat list, and where the partition's walk goes on (settled or
-/// pending, the position, the last id; none: it is done).
-type StepReply = (Vec<(String, Vec<String>)>, Option<(bool, u64, String)>);
+/// `{records, version, [phase, position, last id]}`: each record's id and
+/// its fields as a flat list, the partition's version, and where the
+/// partition's walk goes on (settled or pending, the position, the last id;
+/// none: it is done).
+type StepReply = (Vec<(String, Vec<String>)>, u64, Option<(bool, u64, String)>);
 
 fn step_reply(v: Value) -> Result<StepReply, StoreError> {
     fn bad(e: impl std::fmt::Display) -> StoreError {
@@ -303,11 +433,15 @@ fn step_reply(v: Value) -> Result<StepReply, StoreError> {
     let records: Vec<(String, Vec<String>)> =
         redis::from_redis_value(items.remove(0)).map_err(bad)?;
     if items.is_empty() {
-        return Ok((records, None));
+        return Err(StoreError::Protocol("search: no version".into()));
+    }
+    let version: u64 = redis::from_redis_value(items.remove(0)).map_err(bad)?;
+    if items.is_empty() {
+        return Ok((records, version, None));
     }
     let (phase, at, last): (String, u64, String) =
         redis::from_redis_value(Value::Array(items)).map_err(bad)?;
-    Ok((records, Some((phase == "s", at, last))))
+    Ok((records, version, Some((phase == "s", at, last))))
 }
 
 #[cfg(test)]
