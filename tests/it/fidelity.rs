@@ -584,3 +584,27 @@ async fn the_output_task_is_read_from_its_latest_attempt() {
     assert_eq!(v["data"]["value"], "rows=10");
     app.stop().await;
 }
+
+/// `get-output` refused for good (here 403 `PERMISSION_DENIED`, as many
+/// times as it is asked): the run's verdict stands without an exit value,
+/// once; the promise is not held, asking again at every check, until its
+/// timeout.
+#[tokio::test]
+async fn a_refused_output_reads_as_no_value_once() {
+    let mut app = TestApp::spawn().await;
+    app.inject("jobs/runs/get-output", json!(vec!["permission_denied"; 20]))
+        .await;
+    let id = unique("no-output");
+    app.publish(&json!({"id": id, "job_id": JOB_EXIT_ONLY, "timeout_seconds": 60}))
+        .await;
+    let (_, v) = app.first_event(&id, Duration::from_secs(15)).await;
+    // Without a value, the policy for a success without output (reject).
+    assert_eq!(v["data"]["state"], "REJECTED", "{v}");
+    assert_eq!(v["data"]["error"]["reason"], "completed_without_callback");
+    assert_eq!(
+        app.emulator_stats().await["calls"]["jobs/runs/get-output"],
+        1,
+        "asked once"
+    );
+    app.stop().await;
+}
