@@ -178,16 +178,12 @@ def test_repair_with_job_parameters(hook):
     assert hook.get_latest_repair_id(run_id) == repair_id
 
 
-def test_the_deferrable_trigger_follows_a_run_to_its_terminal_event(hook):
+def trigger_event(run_id):
+    """The first event of the provider's deferrable trigger following the
+    run, as Airflow's triggerer runs it: an async generator, polling with
+    GETs whose fields are a JSON body."""
     from airflow.providers.databricks.triggers.databricks import DatabricksExecutionTrigger
 
-    job_id = hook.create_job(
-        notebook_job(
-            f"deferred-{time.time_ns()}",
-            tags={"emulator.outcome": "success_no_callback", "emulator.delay_ms": "300", "emulator.value": "done"},
-        )
-    )
-    run_id = hook.run_now({"job_id": job_id})
     trigger = DatabricksExecutionTrigger(
         run_id=run_id, databricks_conn_id=CONN, polling_period_seconds=0.1, retry_limit=2, retry_delay=0.1
     )
@@ -196,7 +192,18 @@ def test_the_deferrable_trigger_follows_a_run_to_its_terminal_event(hook):
         async for event in trigger.run():
             return event.payload
 
-    payload = asyncio.run(asyncio.wait_for(first_event(), timeout=30))
+    return asyncio.run(asyncio.wait_for(first_event(), timeout=30))
+
+
+def test_the_deferrable_trigger_follows_a_run_to_its_terminal_event(hook):
+    job_id = hook.create_job(
+        notebook_job(
+            f"deferred-{time.time_ns()}",
+            tags={"emulator.outcome": "success_no_callback", "emulator.delay_ms": "300", "emulator.value": "done"},
+        )
+    )
+    run_id = hook.run_now({"job_id": job_id})
+    payload = trigger_event(run_id)
     assert payload["run_id"] == run_id
     state = json.loads(payload["run_state"])
     assert state["life_cycle_state"] == "TERMINATED"
@@ -205,21 +212,11 @@ def test_the_deferrable_trigger_follows_a_run_to_its_terminal_event(hook):
 
 
 def test_the_deferrable_trigger_reports_a_failed_task(hook):
-    from airflow.providers.databricks.triggers.databricks import DatabricksExecutionTrigger
-
     job_id = hook.create_job(
         notebook_job(f"deferred-fail-{time.time_ns()}", tags={"emulator.outcome": "fail", "emulator.delay_ms": "100"})
     )
     run_id = hook.run_now({"job_id": job_id})
-    trigger = DatabricksExecutionTrigger(
-        run_id=run_id, databricks_conn_id=CONN, polling_period_seconds=0.1, retry_limit=2, retry_delay=0.1
-    )
-
-    async def first_event():
-        async for event in trigger.run():
-            return event.payload
-
-    payload = asyncio.run(asyncio.wait_for(first_event(), timeout=30))
+    payload = trigger_event(run_id)
     assert json.loads(payload["run_state"])["result_state"] == "FAILED"
     (error,) = payload["errors"]
     assert error["task_key"] == "nb"

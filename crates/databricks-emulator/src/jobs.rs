@@ -16,6 +16,7 @@ use serde_json::{Map, Value, json};
 use super::gate::gate;
 use super::model::{Emulator, Job, now_ms, with_defaults};
 use super::request::{Emu, PAGE, Params, invalid, unknown_job};
+use super::view::list_page;
 
 /// A handler's work after auth and faults: its fields in, its answer out.
 async fn answer(
@@ -208,18 +209,7 @@ pub async fn list_jobs(
                 job_json(j, settings)
             })
             .collect();
-        let has_more = matching.len() > offset + limit;
-        let mut v = json!({ "has_more": has_more });
-        if !jobs.is_empty() {
-            v["jobs"] = json!(jobs);
-        }
-        if has_more {
-            v["next_page_token"] = json!((offset + limit).to_string());
-        }
-        if offset > 0 {
-            v["prev_page_token"] = json!(offset.saturating_sub(limit).to_string());
-        }
-        Ok(v)
+        Ok(list_page("jobs", jobs, matching.len(), offset, limit))
     })
     .await
 }

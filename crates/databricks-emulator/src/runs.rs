@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use super::gate::gate;
 use super::model::{Emulator, Run};
 use super::request::{Emu, Params, find_run, invalid, unknown_job, unknown_run};
-use super::view::{history_json, run_json};
+use super::view::{history_json, list_page, run_json};
 
 /// A run that has ended holds nothing any more.
 fn finished(r: &Run) -> bool {
@@ -337,16 +337,5 @@ fn list(emu: &Emulator, p: &Params) -> Result<Value, Response> {
             v
         })
         .collect();
-    let has_more = matching.len() > offset + limit;
-    let mut v = json!({ "has_more": has_more });
-    if !page.is_empty() {
-        v["runs"] = json!(page);
-    }
-    if has_more {
-        v["next_page_token"] = json!((offset + limit).to_string());
-    }
-    if offset > 0 {
-        v["prev_page_token"] = json!(offset.saturating_sub(limit).to_string());
-    }
-    Ok(v)
+    Ok(list_page("runs", page, matching.len(), offset, limit))
 }

@@ -133,6 +133,24 @@ pub fn run_json(emu: &Emulator, r: &Run, page: Option<usize>) -> Value {
     v
 }
 
+/// A page of a list (`jobs/list`, `runs/list`): its items under `key`
+/// (absent when there are none, as Databricks leaves empty lists out),
+/// `has_more`, and the tokens of the next and previous pages (offsets).
+pub fn list_page(key: &str, items: Vec<Value>, total: usize, offset: usize, limit: usize) -> Value {
+    let has_more = total > offset + limit;
+    let mut v = json!({ "has_more": has_more });
+    if !items.is_empty() {
+        v[key] = json!(items);
+    }
+    if has_more {
+        v["next_page_token"] = json!((offset + limit).to_string());
+    }
+    if offset > 0 {
+        v["prev_page_token"] = json!(offset.saturating_sub(limit).to_string());
+    }
+    v
+}
+
 fn item_json(kind: &str, r: &RepairRecord) -> Value {
     let (state, status) = state_json(r.life_cycle_state, r.result_state, "");
     let mut v = json!({
