@@ -112,9 +112,15 @@ impl ApiErrorBody {
             Some(Value::String(s)) => Some(s.clone()),
             Some(other) => Some(other.to_string()),
         };
+        let message = match m.get("message") {
+            Some(Value::String(s)) => s.clone(),
+            // Not the documented body: cut like any other text.
+            Some(_) => clip(&text("message").unwrap_or_default()),
+            None => "request failed".into(),
+        };
         let mut body = ApiErrorBody {
             error_code: text("error_code").unwrap_or_default(),
-            message: text("message").unwrap_or_else(|| "request failed".into()),
+            message,
         };
         if let Some(e) = text("error") {
             body.message = clip(&e);
@@ -238,6 +244,14 @@ mod tests {
         assert_eq!(
             ApiErrorBody::from_answer(400, b"{}").message,
             "request failed"
+        );
+        // A message that is not a string is not the documented body: cut.
+        let long = format!(r#"{{"message": ["{}"]}}"#, "x".repeat(2000));
+        assert!(
+            ApiErrorBody::from_answer(400, long.as_bytes())
+                .message
+                .len()
+                <= 500
         );
     }
 
