@@ -403,6 +403,9 @@ def test_requests_are_read_by_the_json_mapping(w, emulator):
     )["run_id"]
     got = api.do("GET", "/api/2.2/jobs/runs/get", body={"run_id": str(run_id)})
     assert got["run_id"] == run_id
+    # The null dbt_task is no dbt task: a notebook task, with notebook output.
+    task_run = got["tasks"][0]["run_id"]
+    assert "notebook_output" in api.do("GET", "/api/2.2/jobs/runs/get-output", query={"run_id": task_run})
     api.do("POST", "/api/2.2/jobs/runs/cancel", body={"run_id": str(run_id)})
     terminated(w, run_id)
     # Jobs API 2.2 submits tasks in the multi-task form only.

@@ -80,9 +80,8 @@ impl Params {
         }
     }
 
-    fn without_nulls(mut m: Map<String, Value>) -> Self {
-        m.retain(|_, v| !v.is_null());
-        Self(m)
+    fn without_nulls(m: Map<String, Value>) -> Self {
+        Self(drop_nulls(m))
     }
 
     /// The fields as an object (a job's settings, a submitted run).
@@ -143,6 +142,23 @@ impl Params {
                 .map(Some)
                 .map_err(|_| invalid(format!("Invalid page token: {t}"))),
         }
+    }
+}
+
+/// An object without its `null` fields, at any depth (a task's
+/// `"dbt_task": null` is no dbt task).
+fn drop_nulls(m: Map<String, Value>) -> Map<String, Value> {
+    m.into_iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k, without_null_fields(v)))
+        .collect()
+}
+
+fn without_null_fields(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(drop_nulls(m)),
+        Value::Array(a) => Value::Array(a.into_iter().map(without_null_fields).collect()),
+        other => other,
     }
 }
 
@@ -216,12 +232,17 @@ mod tests {
     #[test]
     fn int64s_come_as_numbers_or_strings_and_nulls_are_absent() {
         let p = Params::post(&Bytes::from_static(
-            br#"{"job_id": "42", "run_id": 7, "dbt_task": null, "bad": "x7"}"#,
+            br#"{"job_id": "42", "run_id": 7, "dbt_task": null, "bad": "x7",
+                 "tasks": [{"task_key": "t", "dbt_task": null, "notebook_task": {"notebook_path": "/x", "source": null}}]}"#,
         ))
         .unwrap();
         assert_eq!(p.int("job_id").unwrap(), Some(42));
         assert_eq!(p.int("run_id").unwrap(), Some(7));
         assert!(p.value("dbt_task").is_none());
+        assert_eq!(
+            p.value("tasks").unwrap(),
+            &serde_json::json!([{"task_key": "t", "notebook_task": {"notebook_path": "/x"}}])
+        );
         assert!(p.int("bad").is_err());
         assert!(p.required_int("missing").is_err());
     }
