@@ -425,3 +425,16 @@ def test_a_retried_task_lists_each_attempt(w):
     assert w.jobs.get_run_output(run.tasks[1].run_id).notebook_output.result == "second"
     # The parent of a one-task run answers with its latest attempt's output.
     assert w.jobs.get_run_output(run.run_id).notebook_output.result == "second"
+
+
+def test_the_2_1_paths_serve_the_same(w):
+    """Clients still on Jobs API 2.1 reach the same operations."""
+    api = w.api_client
+    job_id = api.do("POST", "/api/2.1/jobs/create", body={"name": f"on-2.1-{time.time_ns()}", "tags": {"emulator.outcome": "never_finish"}})["job_id"]
+    assert [j["job_id"] for j in api.do("GET", "/api/2.1/jobs/list", query={"name": api.do("GET", "/api/2.1/jobs/get", query={"job_id": job_id})["settings"]["name"]})["jobs"]] == [job_id]
+    run_id = api.do("POST", "/api/2.1/jobs/run-now", body={"job_id": job_id})["run_id"]
+    api.do("POST", "/api/2.1/jobs/runs/cancel-all", body={"job_id": job_id})
+    assert terminated(w, run_id).state.result_state == jobs.RunResultState.CANCELED
+    api.do("POST", "/api/2.1/jobs/runs/delete", body={"run_id": run_id})
+    assert not api.do("GET", "/api/2.1/jobs/runs/list", query={"job_id": job_id}).get("runs")
+    api.do("POST", "/api/2.1/jobs/delete", body={"job_id": job_id})
