@@ -172,10 +172,7 @@ pub async fn list_jobs(
                 "limit must be greater than 0 and less than or equal to 100",
             ));
         }
-        let offset = match p.page_token()? {
-            Some(o) => o,
-            None => p.int("offset")?.unwrap_or(0) as usize,
-        };
+        let offset = p.offset()?;
         let inner = emu.lock();
         let matching: Vec<&Job> = inner
             .jobs

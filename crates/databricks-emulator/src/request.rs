@@ -133,6 +133,15 @@ impl Params {
         string_map(self.0.get(name), name).map(|m| m.filter(|m| !m.is_empty()))
     }
 
+    /// Where a list's page starts: its page token, else the deprecated
+    /// `offset`, else the top.
+    pub fn offset(&self) -> Result<usize, Response> {
+        match self.page_token()? {
+            Some(o) => Ok(o),
+            None => Ok(self.int("offset")?.unwrap_or(0) as usize),
+        }
+    }
+
     /// A page token (the emulator's are offsets); an empty one is none.
     pub fn page_token(&self) -> Result<Option<usize>, Response> {
         match self.text("page_token")?.filter(|t| !t.is_empty()) {

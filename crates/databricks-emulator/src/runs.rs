@@ -309,10 +309,7 @@ fn list(emu: &Emulator, p: &Params) -> Result<Value, Response> {
     if !(1..=25).contains(&limit) {
         return Err(invalid("limit must be between 1 and 25"));
     }
-    let offset = match p.page_token()? {
-        Some(o) => o,
-        None => p.int("offset")?.unwrap_or(0) as usize,
-    };
+    let offset = p.offset()?;
     let inner = emu.lock();
     let matching: Vec<&Run> = inner
         .runs
