@@ -124,9 +124,10 @@ enum Round {
     Refused,
 }
 
-/// A confirmed settlement of a parent or a child is followed up in its
-/// family ([`crate::join`]) before its entry goes; if that fails the entry
-/// stays, and comes back (event and follow-up again) once reclaimed.
+/// A settlement of a parent or a child is followed up in its family
+/// ([`crate::join`]) once its event is confirmed or kept for want of a
+/// listener, before its entry goes; if that fails the entry stays, and
+/// comes back (event and follow-up again) once reclaimed.
 async fn follow_up<S: PromiseStore + Families>(store: &S, entry: &OutboxEntry) -> bool {
     let Ok(p) = &entry.promise else { return true };
     if !p.state.is_settled() || (p.parent.is_none() && p.family.is_none()) {
@@ -171,17 +172,23 @@ async fn publish_batch<O: Outbox, S: PromiseStore + Families>(
         publish_entry(publisher, e).await
     }))
     .await;
-    let confirmed: Vec<&OutboxEntry> = entries
+    // A settlement's family moves on whether or not anyone listens: an
+    // event kept because no queue is bound (unroutable) is followed up as
+    // a confirmed one is (the follow-up is idempotent; a kept entry comes
+    // back and is followed up again until its event is confirmed).
+    let settled: Vec<&OutboxEntry> = entries
         .iter()
         .zip(&results)
-        .filter(|(_, r)| **r == Published::Confirmed)
+        .filter(|(_, r)| matches!(r, Published::Confirmed | Published::Kept))
         .map(|(e, _)| e)
         .collect();
-    let followed = join_all(confirmed.into_iter().map(|e| follow_up(store, e))).await;
+    let followed = join_all(settled.into_iter().map(|e| follow_up(store, e))).await;
     let mut followed = followed.into_iter();
     let mut round = Round::Healthy;
     for (entry, r) in entries.iter().zip(results) {
-        if r == Published::Confirmed && followed.next() == Some(false) {
+        let follow_failed =
+            matches!(r, Published::Confirmed | Published::Kept) && followed.next() == Some(false);
+        if r == Published::Confirmed && follow_failed {
             continue;
         }
         match r {

@@ -524,3 +524,48 @@ async fn a_parent_timed_out_or_resolved_by_hand_leaves_no_child_running() {
     }
     app.stop().await;
 }
+
+/// Nothing waits on a listener: with no queue bound to the events exchange
+/// every event is unroutable and kept in the outbox, yet a parent of seven
+/// children, two at a time, launches them all and settles; once a queue is
+/// bound, the kept events are delivered.
+#[tokio::test]
+async fn a_family_completes_while_nobody_listens_and_its_events_follow() {
+    let mut app = TestApp::spawn_with(Options {
+        unheard: true,
+        ..Default::default()
+    })
+    .await;
+    let job = echo_job(&app, "callback", 50).await;
+    let parent = unique("unheard");
+    let sets: Vec<Value> = (0..7).map(|n| json!({"n": n})).collect();
+    app.publish(&json!({"id": parent, "job_id": job, "for_each": sets, "max_concurrency": 2}))
+        .await;
+    let children = child_ids(&parent, 7);
+    eventually(
+        Duration::from_secs(60),
+        "every child and the parent settled",
+        || async {
+            for id in children.iter().chain([&parent]) {
+                if !app.promise(id).await?.state.is_settled() {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        app.promise(&parent).await.unwrap().state.as_str(),
+        "RESOLVED"
+    );
+    // Bound now: the events kept for want of a listener arrive.
+    app.events = app
+        .broker
+        .listen(Some(&app.settings.amqp.events_exchange), "promise.#")
+        .await
+        .unwrap();
+    let events = family_events(&mut app, &parent, &children, Duration::from_secs(30)).await;
+    assert_eq!(events[&parent][0]["data"]["state"], "RESOLVED");
+    app.stop().await;
+}

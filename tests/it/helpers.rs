@@ -62,6 +62,9 @@ pub struct Options {
     pub redis_cluster: Vec<String>,
     /// The personal access token the emulator accepts (and the bridge sends).
     pub databricks_token: Option<String>,
+    /// Bind no queue to the events exchange: every event is unroutable
+    /// until the test binds one (`events` then listens on nothing).
+    pub unheard: bool,
 }
 
 impl Default for Options {
@@ -77,6 +80,7 @@ impl Default for Options {
             redis_sentinels: Vec::new(),
             redis_cluster: Vec::new(),
             databricks_token: None,
+            unheard: false,
         }
     }
 }
@@ -248,10 +252,8 @@ impl TestApp {
         let broker = Broker::connect(&bs).await.expect("rabbitmq reachable");
         broker.declare_topology().await.expect("topology");
         let publisher = broker.publisher().await.expect("publisher");
-        let events = broker
-            .listen(Some(&bs.events_exchange), "promise.#")
-            .await
-            .expect("listen");
+        let heard = (!opts.unheard).then_some(bs.events_exchange.as_str());
+        let events = broker.listen(heard, "promise.#").await.expect("listen");
 
         let mut tasks = vec![t];
         tasks.push(tokio::spawn({
