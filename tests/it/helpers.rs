@@ -780,7 +780,19 @@ pub async fn run_node(
     env: &[(&str, &std::ffi::OsStr)],
     limit: Duration,
 ) -> (std::process::ExitStatus, String) {
-    let run = tokio::process::Command::new("node")
+    run_script("node".as_ref(), script, env, limit).await
+}
+
+/// Runs a script of the tests (a path under the repository) with
+/// `program` (node, a venv's python) and these environment variables; it
+/// must finish within `limit`. Its exit status and its stdout then stderr.
+pub async fn run_script(
+    program: &std::path::Path,
+    script: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+    limit: Duration,
+) -> (std::process::ExitStatus, String) {
+    let run = tokio::process::Command::new(program)
         .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script))
         .envs(env.iter().copied())
         .kill_on_drop(true)
@@ -788,7 +800,7 @@ pub async fn run_node(
     let run = tokio::time::timeout(limit, run)
         .await
         .unwrap_or_else(|_| panic!("{script} did not finish within {limit:?}"))
-        .expect("node runs");
+        .unwrap_or_else(|e| panic!("{} runs: {e}", program.display()));
     let log = format!(
         "{}{}",
         String::from_utf8_lossy(&run.stdout),

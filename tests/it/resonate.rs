@@ -139,23 +139,18 @@ async fn python_sdk_settles_one_promise(venv: &str, script: &str, suite: &str) {
     })
     .await;
     let id = unique(suite);
-    let run = tokio::process::Command::new(&python)
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script))
-        .env("SIDECAR_URL", &app.sidecar_url)
-        .env("TOKEN", &app.operator_token)
-        .env("ID", &id)
-        .kill_on_drop(true)
-        .output();
-    let run = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .unwrap_or_else(|_| panic!("{script} did not finish within 60 s"))
-        .expect("python runs");
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert!(run.status.success(), "the SDK test failed:\n{log}");
+    let (status, log) = run_script(
+        &python,
+        script,
+        &[
+            ("SIDECAR_URL", app.sidecar_url.as_ref()),
+            ("TOKEN", app.operator_token.as_ref()),
+            ("ID", id.as_ref()),
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(status.success(), "the SDK test failed:\n{log}");
     assert!(log.trim_end().ends_with("ok"), "{log}");
     let p = app.promise(&id).await.expect("stored");
     assert_eq!(p.state, State::Resolved, "{log}");

@@ -12,8 +12,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use axum::body::Bytes;
+
 use super::model::{Emulator, Injected, now_ms};
-use super::request::err;
+use super::request::{Params, err};
 
 /// The page older workspaces answer a refused token with (Jetty's error
 /// page); Databricks' SDK reads its `<pre>` (`_HtmlErrorDeserializer`).
@@ -147,4 +149,29 @@ pub async fn gate(
 
 fn invalid_state(message: &str) -> Response {
     err(StatusCode::BAD_REQUEST, "INVALID_STATE", message)
+}
+
+/// The fields of a GET, after the version check, auth and faults.
+pub async fn get_params(
+    emu: &Emulator,
+    version: &str,
+    headers: &HeaderMap,
+    endpoint: &str,
+    query: Option<&str>,
+    body: &Bytes,
+) -> Result<Params, Response> {
+    gate(emu, version, headers, endpoint).await?;
+    Params::get(query, body)
+}
+
+/// The fields of a POST, after the version check, auth and faults.
+pub async fn post_params(
+    emu: &Emulator,
+    version: &str,
+    headers: &HeaderMap,
+    endpoint: &str,
+    body: &Bytes,
+) -> Result<Params, Response> {
+    gate(emu, version, headers, endpoint).await?;
+    Params::post(body)
 }

@@ -6,35 +6,16 @@
 // size does not matter for an emulator.
 #![allow(clippy::result_large_err)]
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde_json::{Map, Value, json};
 
-use super::gate::gate;
+use super::gate::{get_params, post_params};
 use super::model::{Emulator, Job, now_ms, with_defaults};
-use super::request::{Emu, PAGE, Params, invalid, unknown_job};
+use super::request::{Emu, PAGE, Params, invalid, reply, unknown_job};
 use super::view::list_page;
-
-/// A handler's work after auth and faults: its fields in, its answer out.
-async fn answer(
-    emu: &Emulator,
-    version: &str,
-    headers: &HeaderMap,
-    endpoint: &str,
-    params: impl FnOnce() -> Result<Params, Response>,
-    work: impl FnOnce(Params) -> Result<Value, Response>,
-) -> Response {
-    if let Err(r) = gate(emu, version, headers, endpoint).await {
-        return r;
-    }
-    match params().and_then(work) {
-        Ok(v) => Json(v).into_response(),
-        Err(r) => r,
-    }
-}
 
 /// A job's settings as a request gives them: an object, `null`s dropped.
 fn settings_of(v: Option<&Value>, name: &str) -> Result<Map<String, Value>, Response> {
@@ -57,31 +38,24 @@ pub async fn create_job(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    answer(
-        &emu,
-        &version,
-        &headers,
-        "jobs/create",
-        || Params::post(&body),
-        |p| {
-            let settings = Value::Object(with_defaults(p.into_object()));
-            let behaviour = emu.behaviour_of_job(&settings);
-            let mut inner = emu.lock();
-            inner.next_job_id += 1;
-            let job_id = inner.next_job_id;
-            inner.jobs.insert(
+    let p = post_params(&emu, &version, &headers, "jobs/create", &body).await;
+    reply(p.map(|p| {
+        let settings = Value::Object(with_defaults(p.into_object()));
+        let behaviour = emu.behaviour_of_job(&settings);
+        let mut inner = emu.lock();
+        inner.next_job_id += 1;
+        let job_id = inner.next_job_id;
+        inner.jobs.insert(
+            job_id,
+            Job {
                 job_id,
-                Job {
-                    job_id,
-                    settings,
-                    created_time: now_ms(),
-                    behaviour,
-                },
-            );
-            Ok(json!({"job_id": job_id}))
-        },
-    )
-    .await
+                settings,
+                created_time: now_ms(),
+                behaviour,
+            },
+        );
+        json!({"job_id": job_id})
+    }))
 }
 
 /// The job a request's `job_id` names.
@@ -117,8 +91,16 @@ pub async fn get_job(
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
-    let params = || Params::get(query.as_deref(), &body);
-    answer(&emu, &version, &headers, "jobs/get", params, |p| {
+    let p = get_params(
+        &emu,
+        &version,
+        &headers,
+        "jobs/get",
+        query.as_deref(),
+        &body,
+    )
+    .await;
+    reply(p.and_then(|p| {
         let page = p.page_token()?.unwrap_or(0);
         let j = find_job(&emu, &p)?;
         let mut settings = j.settings.clone();
@@ -146,8 +128,7 @@ pub async fn get_job(
             v["next_page_token"] = json!((page + 1).to_string());
         }
         Ok(v)
-    })
-    .await
+    }))
 }
 
 /// `jobs/list`: newest job first, `limit` 1-100 (default 20), paged with
@@ -162,8 +143,16 @@ pub async fn list_jobs(
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
-    let params = || Params::get(query.as_deref(), &body);
-    answer(&emu, &version, &headers, "jobs/list", params, |p| {
+    let p = get_params(
+        &emu,
+        &version,
+        &headers,
+        "jobs/list",
+        query.as_deref(),
+        &body,
+    )
+    .await;
+    reply(p.and_then(|p| {
         let expand = p.flag("expand_tasks")?.unwrap_or(false);
         let name = p.text("name")?.map(str::to_lowercase);
         let limit = p.int("limit")?.unwrap_or(20) as usize;
@@ -207,8 +196,7 @@ pub async fn list_jobs(
             })
             .collect();
         Ok(list_page("jobs", jobs, matching.len(), offset, limit))
-    })
-    .await
+    }))
 }
 
 /// Replaces the job's settings and what its tags make the emulator do.
@@ -231,65 +219,58 @@ pub async fn update_job(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    answer(
-        &emu,
-        &version,
-        &headers,
-        "jobs/update",
-        || Params::post(&body),
-        |p| {
-            let job = find_job(&emu, &p)?;
-            let new = settings_of(p.value("new_settings"), "new_settings")?;
-            let remove: Vec<String> = match p.value("fields_to_remove") {
-                None => Vec::new(),
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .map(|v| v.as_str().map(str::to_owned))
-                    .collect::<Option<_>>()
-                    .ok_or_else(|| invalid("fields_to_remove must be a list of strings"))?,
-                Some(_) => return Err(invalid("fields_to_remove must be a list of strings")),
-            };
-            let mut settings = job.settings.as_object().cloned().unwrap_or_default();
-            for (k, v) in new {
-                match (k.as_str(), settings.get_mut(&k), v) {
-                    ("tasks", Some(Value::Array(old)), Value::Array(add)) => {
-                        merge(old, add, "task_key")
-                    }
-                    ("job_clusters", Some(Value::Array(old)), Value::Array(add)) => {
-                        merge(old, add, "job_cluster_key")
-                    }
-                    (_, _, v) => {
-                        settings.insert(k, v);
-                    }
+    let p = post_params(&emu, &version, &headers, "jobs/update", &body).await;
+    reply(p.and_then(|p| {
+        let job = find_job(&emu, &p)?;
+        let new = settings_of(p.value("new_settings"), "new_settings")?;
+        let remove: Vec<String> = match p.value("fields_to_remove") {
+            None => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<_>>()
+                .ok_or_else(|| invalid("fields_to_remove must be a list of strings"))?,
+            Some(_) => return Err(invalid("fields_to_remove must be a list of strings")),
+        };
+        let mut settings = job.settings.as_object().cloned().unwrap_or_default();
+        for (k, v) in new {
+            match (k.as_str(), settings.get_mut(&k), v) {
+                ("tasks", Some(Value::Array(old)), Value::Array(add)) => {
+                    merge(old, add, "task_key")
+                }
+                ("job_clusters", Some(Value::Array(old)), Value::Array(add)) => {
+                    merge(old, add, "job_cluster_key")
+                }
+                (_, _, v) => {
+                    settings.insert(k, v);
                 }
             }
-            for f in remove {
-                match f.split_once('/') {
-                    Some((list @ ("tasks" | "job_clusters"), key)) => {
-                        let key_field = if list == "tasks" {
-                            "task_key"
-                        } else {
-                            "job_cluster_key"
-                        };
-                        if let Some(Value::Array(items)) = settings.get_mut(list) {
-                            items.retain(|i| i.get(key_field).and_then(Value::as_str) != Some(key));
-                        }
-                    }
-                    Some(_) => {
-                        return Err(invalid(format!(
-                            "Removing the nested field {f} is not supported"
-                        )));
-                    }
-                    None => {
-                        settings.remove(&f);
+        }
+        for f in remove {
+            match f.split_once('/') {
+                Some((list @ ("tasks" | "job_clusters"), key)) => {
+                    let key_field = if list == "tasks" {
+                        "task_key"
+                    } else {
+                        "job_cluster_key"
+                    };
+                    if let Some(Value::Array(items)) = settings.get_mut(list) {
+                        items.retain(|i| i.get(key_field).and_then(Value::as_str) != Some(key));
                     }
                 }
+                Some(_) => {
+                    return Err(invalid(format!(
+                        "Removing the nested field {f} is not supported"
+                    )));
+                }
+                None => {
+                    settings.remove(&f);
+                }
             }
-            store_settings(&emu, job.job_id, Value::Object(with_defaults(settings)));
-            Ok(json!({}))
-        },
-    )
-    .await
+        }
+        store_settings(&emu, job.job_id, Value::Object(with_defaults(settings)));
+        Ok(json!({}))
+    }))
 }
 
 /// Entries of `add` replace those of `old` with the same `key`; the rest
@@ -315,23 +296,16 @@ pub async fn reset_job(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    answer(
-        &emu,
-        &version,
-        &headers,
-        "jobs/reset",
-        || Params::post(&body),
-        |p| {
-            let job = find_job(&emu, &p)?;
-            if p.value("new_settings").is_none() {
-                return Err(invalid("Missing required field: new_settings"));
-            }
-            let new = settings_of(p.value("new_settings"), "new_settings")?;
-            store_settings(&emu, job.job_id, Value::Object(with_defaults(new)));
-            Ok(json!({}))
-        },
-    )
-    .await
+    let p = post_params(&emu, &version, &headers, "jobs/reset", &body).await;
+    reply(p.and_then(|p| {
+        let job = find_job(&emu, &p)?;
+        if p.value("new_settings").is_none() {
+            return Err(invalid("Missing required field: new_settings"));
+        }
+        let new = settings_of(p.value("new_settings"), "new_settings")?;
+        store_settings(&emu, job.job_id, Value::Object(with_defaults(new)));
+        Ok(json!({}))
+    }))
 }
 
 /// `jobs/delete`: the job goes; its runs stay readable (as in the
@@ -343,17 +317,10 @@ pub async fn delete_job(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    answer(
-        &emu,
-        &version,
-        &headers,
-        "jobs/delete",
-        || Params::post(&body),
-        |p| {
-            let job = find_job(&emu, &p)?;
-            emu.lock().jobs.remove(&job.job_id);
-            Ok(json!({}))
-        },
-    )
-    .await
+    let p = post_params(&emu, &version, &headers, "jobs/delete", &body).await;
+    reply(p.and_then(|p| {
+        let job = find_job(&emu, &p)?;
+        emu.lock().jobs.remove(&job.job_id);
+        Ok(json!({}))
+    }))
 }

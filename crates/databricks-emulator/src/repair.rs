@@ -43,9 +43,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::gate::gate;
+use super::gate::post_params;
 use super::model::{Emulator, RepairRecord, now_ms};
-use super::request::{Emu, Params, err, find_run, invalid};
+use super::request::{Emu, err, find_run, invalid};
 
 /// Parameters by name, as a request carries them.
 type Named = BTreeMap<String, String>;
@@ -164,10 +164,7 @@ pub async fn repair(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = gate(&emu, &version, &headers, "jobs/runs/repair").await {
-        return r;
-    }
-    let p = match Params::post(&body) {
+    let p = match post_params(&emu, &version, &headers, "jobs/runs/repair", &body).await {
         Ok(p) => p,
         Err(r) => return r,
     };

@@ -50,6 +50,14 @@ fn malformed(message: impl Into<String>) -> Response {
     err(StatusCode::BAD_REQUEST, "MALFORMED_REQUEST", message)
 }
 
+/// A handler's answer: its JSON, or the error it met.
+pub fn reply(r: Result<Value, Response>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(r) => r,
+    }
+}
+
 /// A request's fields, `null`s dropped.
 #[derive(Debug, Default)]
 pub struct Params(Map<String, Value>);

@@ -17,39 +17,14 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::gate::gate;
+use super::gate::{get_params, post_params};
 use super::model::{Emulator, Run};
-use super::request::{Emu, Params, find_run, invalid, unknown_job, unknown_run};
+use super::request::{Emu, Params, find_run, invalid, reply, unknown_job, unknown_run};
 use super::view::{history_json, list_page, run_json};
 
 /// A run that has ended holds nothing any more.
 fn finished(r: &Run) -> bool {
     matches!(r.life_cycle_state, "TERMINATED" | "SKIPPED")
-}
-
-/// The fields of a GET, after auth and faults.
-async fn get_params(
-    emu: &Emulator,
-    version: &str,
-    headers: &HeaderMap,
-    endpoint: &str,
-    query: Option<&str>,
-    body: &Bytes,
-) -> Result<Params, Response> {
-    gate(emu, version, headers, endpoint).await?;
-    Params::get(query, body)
-}
-
-/// The fields of a POST, after auth and faults.
-async fn post_params(
-    emu: &Emulator,
-    version: &str,
-    headers: &HeaderMap,
-    endpoint: &str,
-    body: &Bytes,
-) -> Result<Params, Response> {
-    gate(emu, version, headers, endpoint).await?;
-    Params::post(body)
 }
 
 pub async fn get_run(
@@ -59,7 +34,7 @@ pub async fn get_run(
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
-    let p = match get_params(
+    let p = get_params(
         &emu,
         &version,
         &headers,
@@ -67,12 +42,8 @@ pub async fn get_run(
         query.as_deref(),
         &body,
     )
-    .await
-    {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let read = || -> Result<Value, Response> {
+    .await;
+    reply(p.and_then(|p| {
         let page = p.page_token()?.unwrap_or(0);
         let history = p.flag("include_history")?.unwrap_or(false);
         let run = find_run(&emu, &p)?;
@@ -81,11 +52,7 @@ pub async fn get_run(
             v["repair_history"] = history_json(&run);
         }
         Ok(v)
-    };
-    match read() {
-        Ok(v) => Json(v).into_response(),
-        Err(r) => r,
-    }
+    }))
 }
 
 /// `runs/get-output` of a task run, or of a run with one task (its latest
@@ -282,10 +249,7 @@ pub async fn list_runs(
         Ok(p) => p,
         Err(r) => return r,
     };
-    match list(&emu, &p) {
-        Ok(v) => Json(v).into_response(),
-        Err(r) => r,
-    }
+    reply(list(&emu, &p))
 }
 
 fn list(emu: &Emulator, p: &Params) -> Result<Value, Response> {
