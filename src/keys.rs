@@ -169,6 +169,29 @@ impl Keys {
         format!("{}:{{ws:{workspace}}}:pause:{class}", self.prefix)
     }
 
+    /// The worker auditing a workspace (string, with an expiry; see
+    /// `audit`): one at a time, in the workspace's slot.
+    pub fn audit_lease(&self, workspace: &str) -> String {
+        format!("{}:{{ws:{workspace}}}:audit:lease", self.prefix)
+    }
+
+    /// When the workspace's last audit began (epoch ms): the next one
+    /// lists the runs started since then, less an overlap.
+    pub fn audit_last(&self, workspace: &str) -> String {
+        format!("{}:{{ws:{workspace}}}:audit:last", self.prefix)
+    }
+
+    /// Where the audit's walk of the pending promises' runs stands
+    /// (`<partition>:<HSCAN cursor>`).
+    pub fn audit_cursor(&self, workspace: &str) -> String {
+        format!("{}:{{ws:{workspace}}}:audit:cursor", self.prefix)
+    }
+
+    /// The workspace's audit findings (hash: finding id → JSON record).
+    pub fn audit_findings(&self, workspace: &str) -> String {
+        format!("{}:{{ws:{workspace}}}:audit:findings", self.prefix)
+    }
+
     /// The worker owning a partition (string, with an expiry; see
     /// `partitions`). In the partition's slot, like everything of it.
     pub fn lease(&self, partition: u32) -> String {

@@ -5,6 +5,7 @@
 //! `broker` (lapin), `store` (redis), `databricks` (reqwest), `sidecar` (axum).
 //! The core (`domain`, `worker`, `relay`) works through their traits.
 
+pub mod audit;
 pub mod broker;
 pub mod check;
 pub mod config;

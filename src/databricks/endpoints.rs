@@ -1,11 +1,11 @@
 //! The Jobs API endpoints the bridge uses, on [`Client::call`]: `run-now`,
 //! `runs/submit`, `runs/get` and `jobs/get` (every page), `runs/get-output`,
-//! `runs/cancel`, `runs/repair`, and SCIM `Me` for `runbridge check`.
+//! `runs/list` (a page at a time), `runs/cancel`, `runs/repair`, and SCIM `Me` for `runbridge check`.
 
 use serde_json::{Value, json};
 
 use super::client::Client;
-use super::{CallClass, DatabricksError, JobInfo, Jobs, LaunchRequest, RunInfo};
+use super::{CallClass, DatabricksError, JobInfo, Jobs, LaunchRequest, RunInfo, RunsPage, RunsQuery};
 use crate::domain::{IdempotencyToken, RunId};
 
 fn run_id_of(endpoint: &'static str, v: &Value) -> Result<RunId, DatabricksError> {
@@ -234,6 +234,24 @@ impl Jobs for Client {
     async fn get_job(&self, workspace: &str, job_id: u64) -> Result<JobInfo, DatabricksError> {
         self.get_all_pages(workspace, "api/2.2/jobs/get", json!({ "job_id": job_id }))
             .await
+    }
+
+    async fn list_runs(
+        &self,
+        workspace: &str,
+        query: &RunsQuery,
+        page_token: Option<&str>,
+    ) -> Result<RunsPage, DatabricksError> {
+        // 25 is the most runs/list gives per page.
+        let mut q = json!({ "limit": 25, "expand_tasks": true });
+        match query {
+            RunsQuery::Active => q["active_only"] = json!(true),
+            RunsQuery::StartedSince(ms) => q["start_time_from"] = json!(ms),
+        }
+        if let Some(t) = page_token {
+            q["page_token"] = json!(t);
+        }
+        self.get_page(workspace, "api/2.2/jobs/runs/list", q).await
     }
 
     async fn get_output(

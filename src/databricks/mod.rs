@@ -116,6 +116,65 @@ pub struct RunInfo {
     /// Only with `include_history=true` ([`Jobs::get_run_history`]).
     #[serde(default)]
     pub repair_history: Vec<RepairHistoryItem>,
+    /// `JOB_RUN`, `WORKFLOW_RUN` or `SUBMIT_RUN` (a one-time run).
+    #[serde(default)]
+    pub run_type: Option<String>,
+    /// Epoch ms.
+    #[serde(default)]
+    pub start_time: i64,
+    /// The run's job parameters (`JobParameter`: name, default, value).
+    #[serde(default)]
+    pub job_parameters: Vec<RunJobParameter>,
+    /// What `run-now` overrode (`RunParameters`): the task parameters.
+    #[serde(default)]
+    pub overriding_parameters: Option<RunParameters>,
+}
+
+/// One of a run's job parameters as `runs/get` and `runs/list` show it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunJobParameter {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub default: Option<String>,
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+/// A run's `overriding_parameters` (`RunParameters`), the part the bridge
+/// sends.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunParameters {
+    #[serde(default)]
+    pub notebook_params: BTreeMap<String, String>,
+}
+
+/// A task's notebook, as a one-time run's tasks show it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NotebookTask {
+    #[serde(default)]
+    pub base_parameters: BTreeMap<String, String>,
+}
+
+/// One page of `runs/list` (`ListRunsResponse`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunsPage {
+    #[serde(default)]
+    pub runs: Vec<RunInfo>,
+    #[serde(default)]
+    pub has_more: bool,
+    #[serde(default)]
+    pub next_page_token: Option<String>,
+}
+
+/// What `runs/list` is asked for: runs of every job and one-time runs,
+/// active ones (whenever they started) or those started since `since`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunsQuery {
+    /// `active_only`: every run not yet ended.
+    Active,
+    /// `start_time_from`: every run started at or after this (epoch ms).
+    StartedSince(i64),
 }
 
 /// One play of a run: the original (`type` ORIGINAL, no id) or a repair
@@ -167,9 +226,41 @@ pub struct TaskRun {
     /// `run_id` and the next number.
     #[serde(default)]
     pub attempt_number: u32,
+    /// A one-time run's notebook task (with its `base_parameters`).
+    #[serde(default)]
+    pub notebook_task: Option<NotebookTask>,
 }
 
 impl RunInfo {
+    /// A parameter the run was given, by name, wherever the bridge puts
+    /// it: a job parameter (its value, else its default), a task parameter
+    /// of `run-now`, or a notebook task's base parameter (one-time runs).
+    /// Empty values count as absent (a job defines the callback parameters
+    /// with empty defaults).
+    pub fn parameter(&self, name: &str) -> Option<&str> {
+        let job = self
+            .job_parameters
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.value.as_deref().or(p.default.as_deref()));
+        let notebook = || {
+            self.overriding_parameters
+                .as_ref()
+                .and_then(|o| o.notebook_params.get(name))
+                .map(String::as_str)
+        };
+        let task = || {
+            self.tasks
+                .iter()
+                .filter_map(|t| t.notebook_task.as_ref())
+                .find_map(|n| n.base_parameters.get(name))
+                .map(String::as_str)
+        };
+        job.filter(|v| !v.is_empty())
+            .or_else(|| notebook().filter(|v| !v.is_empty()))
+            .or_else(|| task().filter(|v| !v.is_empty()))
+    }
+
     /// Each task's latest attempt (the highest `attempt_number` of its
     /// `task_key`; the later entry on a tie), in the order the tasks
     /// first appear.
@@ -371,6 +462,14 @@ pub trait Jobs: Clone + Send + Sync + 'static {
         workspace: &str,
         job_id: u64,
     ) -> impl Future<Output = Result<JobInfo, DatabricksError>> + Send;
+    /// One page of `runs/list` (25 runs, tasks expanded, so a one-time
+    /// run's parameters show), from `page_token` (none: the first).
+    fn list_runs(
+        &self,
+        workspace: &str,
+        query: &RunsQuery,
+        page_token: Option<&str>,
+    ) -> impl Future<Output = Result<RunsPage, DatabricksError>> + Send;
     /// `runs/get-output` of one task run: the notebook's exit value
     /// (`notebook_output.result`). Databricks refuses it for the parent of a
     /// run with several tasks: ask each task run.

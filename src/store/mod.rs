@@ -313,6 +313,68 @@ pub trait Lifecycle: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<PromiseId>, StoreError>> + Send;
 }
 
+/// What the audit (`audit`) keeps and changes in the store. Findings are
+/// stored as the audit's JSON records; the store does not read them.
+pub trait Audits: Clone + Send + Sync + 'static {
+    /// Takes or renews the workspace's audit lease for `ttl`; false while
+    /// another worker holds it.
+    fn hold_audit(
+        &self,
+        workspace: &str,
+        member: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// When the last audit of the workspace began (epoch ms).
+    fn last_audit(&self, workspace: &str)
+    -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
+    fn audit_done(
+        &self,
+        workspace: &str,
+        began: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Up to about `count` (run, promise) pairs of pending promises with a
+    /// run, continuing the walk where the last call left it (over every
+    /// partition, then from the start again).
+    fn pending_runs(
+        &self,
+        workspace: &str,
+        count: usize,
+    ) -> impl Future<Output = Result<Vec<(RunId, PromiseId)>, StoreError>> + Send;
+    /// Schedules `run` for cancellation in the promise's partition, where
+    /// the reconciler sends every cancel.
+    fn schedule_cancel(
+        &self,
+        promise: &PromiseId,
+        workspace: &str,
+        run: RunId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Makes a pending promise's run check due now, putting it back on the
+    /// schedule if it fell off; false if the promise is not pending with a run.
+    fn check_run_now(&self, id: &PromiseId)
+    -> impl Future<Output = Result<bool, StoreError>> + Send;
+    fn finding(
+        &self,
+        workspace: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+    /// Stores a finding's record; false (nothing stored) when the
+    /// workspace already keeps `cap` findings and this one is new.
+    fn put_finding(
+        &self,
+        workspace: &str,
+        id: &str,
+        record: &str,
+        cap: usize,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    fn findings(&self, workspace: &str)
+    -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+    fn drop_findings(
+        &self,
+        workspace: &str,
+        ids: &[String],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
 /// One child as its parent's record lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChildEntry {

@@ -24,6 +24,7 @@ use crate::partitions::{Leases, Membership};
 use crate::redact::redact_url;
 
 mod attempts;
+mod audit;
 mod budget;
 mod families;
 mod insights;
@@ -69,6 +70,7 @@ struct Scripts {
     progress_emit: Script,
     search: Script,
     index_one: Script,
+    check_run_now: Script,
 }
 
 impl Scripts {
@@ -100,6 +102,7 @@ impl Scripts {
             progress_emit: script(include_str!("lua/progress_emit.lua")),
             search: script(include_str!("lua/search.lua")),
             index_one: script(include_str!("lua/index_one.lua")),
+            check_run_now: script(include_str!("lua/check_run_now.lua")),
         }
     }
 }

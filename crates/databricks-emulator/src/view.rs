@@ -84,14 +84,21 @@ pub fn run_json(emu: &Emulator, r: &Run, page: Option<usize>) -> Value {
                 (life, None) => (life, None),
             };
             let (state, status) = state_json(life, result, "");
-            json!({
+            let mut task = json!({
                 "task_key": t.task_key,
                 "run_id": t.run_id,
                 "state": state,
                 "status": status,
                 "attempt_number": t.attempt_number,
                 "run_page_url": page_url(t.run_id),
-            })
+            });
+            // A one-time run's tasks are its definition: each notebook
+            // task shows its base parameters (the emulator keeps one map
+            // for the run's notebook tasks).
+            if r.run_type == "SUBMIT_RUN" && t.kind == "notebook_task" {
+                task["notebook_task"] = json!({"base_parameters": r.params});
+            }
+            task
         })
         .collect();
     let mut v = json!({
