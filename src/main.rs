@@ -55,6 +55,12 @@ enum Command {
     /// credentials and each --job-id's definition; a table of what is ready
     /// and what to change; exits 1 when something must change.
     Check(CheckArgs),
+    /// Hold the workspace against the promises once: list its runs (every
+    /// active one, and those started within --since), read each run's
+    /// promise and each pending promise's run, print what disagrees
+    /// (orphan, duplicate, mismatch, lost); exits 1 when something is found.
+    /// With --fix, does what `[audit.actions]` says for each finding.
+    Audit(AuditArgs),
     /// Print a machine-readable contract, generated from the code: JSON
     /// Schemas, the sidecar's OpenAPI document, the AsyncAPI document.
     Schema(SchemaArgs),
@@ -68,6 +74,23 @@ struct CheckArgs {
     /// The workspace of the jobs (default: databricks.default_workspace).
     #[arg(long)]
     workspace: Option<String>,
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    /// How far back to list the runs started (30m, 24h, 7d).
+    #[arg(long, default_value = "24h")]
+    since: String,
+    /// Only this workspace (default: every configured one).
+    #[arg(long)]
+    workspace: Option<String>,
+    /// Apply the configured actions (cancel orphans and duplicates, settle
+    /// lost promises) and keep the findings, as the worker's audit does.
+    #[arg(long)]
+    fix: bool,
+    /// Print the findings as JSON, one per line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -399,6 +422,43 @@ async fn promise(s: &Settings, cmd: PromiseCmd) -> Result<()> {
     Ok(())
 }
 
+/// `runbridge audit`: true when nothing was found.
+async fn audit(settings: &Settings, a: AuditArgs) -> Result<bool> {
+    use runbridge::audit::{Auditor, Mode, parse_window, render};
+    settings.validate(Role::Client)?;
+    let window = parse_window(&a.since).map_err(anyhow::Error::msg)?;
+    let workspaces: Vec<String> = match a.workspace {
+        Some(w) if settings.databricks.workspaces.contains_key(&w) => vec![w],
+        Some(w) => bail!(
+            "unknown workspace {w:?}: configured are {:?}",
+            settings.databricks.workspaces.keys().collect::<Vec<_>>()
+        ),
+        None => settings.databricks.workspaces.keys().cloned().collect(),
+    };
+    let store = startup::store(settings).await?;
+    let jobs = startup::jobs_client(settings, Some(Arc::new(store.clone())))?;
+    let auditor = Auditor::new(store, jobs, startup::audit_settings(settings));
+    let since = chrono::Utc::now().timestamp_millis()
+        - i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+    let mode = if a.fix { Mode::Act } else { Mode::ReportOnly };
+    let mut reports = Vec::new();
+    for ws in &workspaces {
+        let r = auditor
+            .audit(ws, since, mode)
+            .await
+            .with_context(|| format!("auditing workspace {ws:?}"))?;
+        reports.push(r);
+    }
+    if a.json {
+        for f in reports.iter().flat_map(|r| &r.findings) {
+            println!("{}", serde_json::to_string(f)?);
+        }
+    } else {
+        print!("{}", render(&reports));
+    }
+    Ok(reports.iter().all(|r| r.findings.is_empty()))
+}
+
 #[tokio::main]
 async fn main() -> Result<std::process::ExitCode> {
     let cli = Cli::parse();
@@ -472,6 +532,7 @@ async fn run(cli: Cli, settings: Settings) -> Result<bool> {
             promise(&settings, cmd).await?;
         }
         Command::Schema(a) => schema(&settings, a)?,
+        Command::Audit(a) => return audit(&settings, a).await,
         Command::Check(a) => {
             let report = runbridge::check::run(&settings, &a.job_ids, a.workspace.as_deref()).await;
             print!("{}", report.render());

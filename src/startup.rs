@@ -11,7 +11,8 @@ use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, BrokerSettings};
+use crate::audit::{Actions, AuditSettings, Auditor, FindingSink};
+use crate::broker::{Broker, BrokerSettings, Publisher};
 use crate::config::{ConfigError, Settings, read_pem};
 use crate::databricks::{self, ClientSettings, RateBudget, WorkspaceSettings};
 use crate::domain::{CallbackSigner, TriggerRules};
@@ -231,6 +232,10 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
                 .with_assignment(assignment.clone()),
         )
     });
+    let auditor = s.audit.enabled.then(|| {
+        let sink: Arc<dyn FindingSink> = Arc::new(EventsSink::new(broker_settings(s, "audit")));
+        Arc::new(Auditor::new(store.clone(), ctx.jobs.clone(), audit_settings(s)).with_sink(sink))
+    });
     let fanouts = crate::worker::fanout::run(
         ctx.clone(),
         assignment.clone(),
@@ -256,6 +261,18 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
         },
         shutdown.clone(),
     );
+    let audit = {
+        let (workspaces, member, sd) = (
+            s.databricks.workspaces.keys().cloned().collect::<Vec<_>>(),
+            name.clone(),
+            shutdown.clone(),
+        );
+        async move {
+            if let Some(a) = auditor {
+                a.run(workspaces, member, sd).await;
+            }
+        }
+    };
     let relay = relay::run(
         store,
         broker_settings(s, "relay"),
@@ -282,7 +299,7 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
         }
     };
     let work = async {
-        tokio::join!(consumer, relay, reconcile, gauges, fanouts, retries);
+        tokio::join!(consumer, relay, reconcile, gauges, fanouts, retries, audit);
         leases_done.cancel();
     };
     tokio::join!(work, leases);
@@ -339,6 +356,77 @@ pub fn reconciler_settings(s: &Settings) -> ReconcilerSettings {
         output_task_key: Some(r.output_task_key.clone()).filter(|k| !k.is_empty()),
         cancel_retry_max: Duration::from_millis(r.cancel_retry_max_ms),
         concurrency: r.concurrency,
+    }
+}
+
+pub fn audit_settings(s: &Settings) -> AuditSettings {
+    let a = &s.audit;
+    AuditSettings {
+        interval: Duration::from_millis(a.interval_ms),
+        lookback: Duration::from_millis(a.lookback_ms),
+        overlap: Duration::from_millis(a.overlap_ms),
+        grace: Duration::from_millis(a.grace_ms),
+        lost_after: Duration::from_millis(a.lost_after_ms),
+        max_pages: a.max_pages,
+        max_checks: a.max_checks,
+        keep: Duration::from_millis(a.keep_ms),
+        max_findings: a.max_findings,
+        actions: Actions {
+            orphan: a.actions.orphan,
+            duplicate: a.actions.duplicate,
+            mismatch: a.actions.mismatch,
+            lost: a.actions.lost,
+        },
+        promise_param: s.databricks.param_promise_id.clone(),
+        token_param: s.databricks.param_callback_token.clone(),
+    }
+}
+
+/// The audit's finding events, on a connection of their own made when the
+/// first finding is published and made again after it broke.
+struct EventsSink {
+    settings: BrokerSettings,
+    open: tokio::sync::Mutex<Option<(Broker, Publisher)>>,
+}
+
+impl EventsSink {
+    fn new(settings: BrokerSettings) -> Self {
+        Self {
+            settings,
+            open: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl FindingSink for EventsSink {
+    fn publish<'a>(
+        &'a self,
+        routing_key: &'a str,
+        id: &'a str,
+        body: &'a [u8],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut open = self.open.lock().await;
+            if open
+                .as_ref()
+                .is_none_or(|(b, p)| !b.is_connected() || !p.is_connected())
+            {
+                if let Some((b, _)) = open.take() {
+                    b.close().await;
+                }
+                let b = Broker::connect(&self.settings)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let p = b.publisher().await.map_err(|e| e.to_string())?;
+                *open = Some((b, p));
+            }
+            let Some((_, p)) = open.as_ref() else {
+                return Err("no broker connection".into());
+            };
+            p.publish_other_event(routing_key, id, crate::audit::finding::EVENT_TYPE, body)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 

@@ -209,15 +209,22 @@ fn mismatch(p: &Promise, run: &RunSide) -> Option<Verdict> {
         return None;
     }
     let success = result.starts_with("SUCCESS");
-    let cancelled_after = result == "CANCELED" && run.end_time >= p.completed_on.unwrap_or(i64::MAX);
+    let cancelled_after =
+        result == "CANCELED" && run.end_time >= p.completed_on.unwrap_or(i64::MAX);
     match p.state {
         State::Resolved if !success && !cancelled_after => found(
             FindingKind::Mismatch,
-            format!("the promise was resolved (by {by}) but its run {} ended {result}", run.run_id),
+            format!(
+                "the promise was resolved (by {by}) but its run {} ended {result}",
+                run.run_id
+            ),
         ),
         State::Rejected if success => found(
             FindingKind::Mismatch,
-            format!("the promise was rejected (by {by}) but its run {} ended {result}", run.run_id),
+            format!(
+                "the promise was rejected (by {by}) but its run {} ended {result}",
+                run.run_id
+            ),
         ),
         _ => None,
     }
@@ -236,11 +243,13 @@ pub fn classify_run(
     let settled_long_ago = |p: &Promise| p.completed_on.is_some_and(|c| m.since(c) >= m.grace_ms);
     let young = m.since(run.start_time) < m.grace_ms;
     let Some(p) = promise else {
-        return (active && !young)
-            .then(|| Verdict {
-                kind: FindingKind::Orphan,
-                reason: format!("run {} is active and its promise is unknown (expired, deleted or never created)", run.run_id),
-            });
+        return (active && !young).then(|| Verdict {
+            kind: FindingKind::Orphan,
+            reason: format!(
+                "run {} is active and its promise is unknown (expired, deleted or never created)",
+                run.run_id
+            ),
+        });
     };
     if let Some(c) = created
         && c != p.created_on
@@ -330,7 +339,9 @@ pub fn classify_run(
 pub fn gone(run_id: u64) -> Verdict {
     Verdict {
         kind: FindingKind::Lost,
-        reason: format!("the promise is pending but its run {run_id} no longer exists in Databricks"),
+        reason: format!(
+            "the promise is pending but its run {run_id} no longer exists in Databricks"
+        ),
     }
 }
 
@@ -383,15 +394,30 @@ mod tests {
     fn an_active_run_of_a_settled_or_unknown_promise_is_an_orphan() {
         let r = run(7, "ACTIVE", None, 300_000);
         let settled = promise(State::Resolved, Some(7));
-        assert_eq!(kind(classify_run(&M, &r, None, Some(&settled))), Some(FindingKind::Orphan));
-        assert_eq!(kind(classify_run(&M, &r, None, None)), Some(FindingKind::Orphan));
+        assert_eq!(
+            kind(classify_run(&M, &r, None, Some(&settled))),
+            Some(FindingKind::Orphan)
+        );
+        assert_eq!(
+            kind(classify_run(&M, &r, None, None)),
+            Some(FindingKind::Orphan)
+        );
         // Out of band, for a settled promise with another run.
         let other = promise(State::RejectedCanceled, Some(3));
-        assert_eq!(kind(classify_run(&M, &r, None, Some(&other))), Some(FindingKind::Orphan));
+        assert_eq!(
+            kind(classify_run(&M, &r, None, Some(&other))),
+            Some(FindingKind::Orphan)
+        );
         // An earlier incarnation of the id.
         let pending = promise(State::Pending, Some(7));
-        assert_eq!(kind(classify_run(&M, &r, Some(999), Some(&pending))), Some(FindingKind::Orphan));
-        assert_eq!(kind(classify_run(&M, &r, Some(1_000), Some(&pending))), None);
+        assert_eq!(
+            kind(classify_run(&M, &r, Some(999), Some(&pending))),
+            Some(FindingKind::Orphan)
+        );
+        assert_eq!(
+            kind(classify_run(&M, &r, Some(1_000), Some(&pending))),
+            None
+        );
     }
 
     #[test]
@@ -401,21 +427,35 @@ mod tests {
         let mut just = promise(State::RejectedCanceled, Some(7));
         just.completed_on = Some(NOW - 1_000);
         let r = run(7, "ACTIVE", None, 300_000);
-        assert_eq!(classify_run(&M, &r, None, Some(&just)), None, "its cancel may not be sent yet");
+        assert_eq!(
+            classify_run(&M, &r, None, Some(&just)),
+            None,
+            "its cancel may not be sent yet"
+        );
         // Not recorded yet: a launch records its run right after run-now.
         let launching = promise(State::Pending, None);
         assert_eq!(classify_run(&M, &young, None, Some(&launching)), None);
-        assert_eq!(classify_run(&M, &r, None, Some(&launching)), None, "a redelivery records it");
+        assert_eq!(
+            classify_run(&M, &r, None, Some(&launching)),
+            None,
+            "a redelivery records it"
+        );
     }
 
     #[test]
     fn a_second_run_for_a_promise_with_its_run_is_a_duplicate() {
         let p = promise(State::Pending, Some(3));
         let extra = run(7, "ACTIVE", None, 300_000);
-        assert_eq!(kind(classify_run(&M, &extra, None, Some(&p))), Some(FindingKind::Duplicate));
+        assert_eq!(
+            kind(classify_run(&M, &extra, None, Some(&p))),
+            Some(FindingKind::Duplicate)
+        );
         let ended = run(7, "ENDED", Some("SUCCESS"), 3_000_000);
         let settled = promise(State::Resolved, Some(3));
-        assert_eq!(kind(classify_run(&M, &ended, None, Some(&settled))), Some(FindingKind::Duplicate));
+        assert_eq!(
+            kind(classify_run(&M, &ended, None, Some(&settled))),
+            Some(FindingKind::Duplicate)
+        );
         // The promise's own run is no duplicate of itself.
         let own = run(3, "ACTIVE", None, 300_000);
         assert_eq!(classify_run(&M, &own, None, Some(&p)), None);
@@ -440,11 +480,18 @@ mod tests {
         let resolved = promise(State::Resolved, Some(7));
         let v = classify_run(&M, &failed, None, Some(&resolved)).unwrap();
         assert_eq!(v.kind, FindingKind::Mismatch);
-        assert!(v.reason.contains("resolved (by callback)") && v.reason.contains("FAILED"), "{}", v.reason);
+        assert!(
+            v.reason.contains("resolved (by callback)") && v.reason.contains("FAILED"),
+            "{}",
+            v.reason
+        );
         let ok = run(7, "ENDED", Some("SUCCESS"), 3_000_000);
         let mut rejected = promise(State::Rejected, Some(7));
         rejected.settled_by = Some("operator".into());
-        assert_eq!(kind(classify_run(&M, &ok, None, Some(&rejected))), Some(FindingKind::Mismatch));
+        assert_eq!(
+            kind(classify_run(&M, &ok, None, Some(&rejected))),
+            Some(FindingKind::Mismatch)
+        );
         // Agreements, and the reconciler's own reading of the run.
         assert_eq!(classify_run(&M, &ok, None, Some(&resolved)), None);
         rejected.settled_by = Some("reconciler".into());
@@ -461,15 +508,25 @@ mod tests {
     fn a_pending_promise_whose_run_ended_long_ago_is_lost() {
         let p = promise(State::Pending, Some(7));
         let ended = run(7, "ENDED", Some("SUCCESS"), 3_000_000);
-        assert_eq!(kind(classify_run(&M, &ended, None, Some(&p))), Some(FindingKind::Lost));
+        assert_eq!(
+            kind(classify_run(&M, &ended, None, Some(&p))),
+            Some(FindingKind::Lost)
+        );
         let mut recent = ended.clone();
         recent.end_time = NOW - 1_000;
-        assert_eq!(classify_run(&M, &recent, None, Some(&p)), None, "the reconciler has it");
+        assert_eq!(
+            classify_run(&M, &recent, None, Some(&p)),
+            None,
+            "the reconciler has it"
+        );
     }
 
     #[test]
     fn the_incarnation_is_read_from_a_bound_token_only() {
-        assert_eq!(incarnation_of(Some("v2.1700000000123.abcDEF")), Some(1_700_000_000_123));
+        assert_eq!(
+            incarnation_of(Some("v2.1700000000123.abcDEF")),
+            Some(1_700_000_000_123)
+        );
         assert_eq!(incarnation_of(Some("v1.abcDEF")), None);
         assert_eq!(incarnation_of(Some("v2.x.abc")), None);
         assert_eq!(incarnation_of(None), None);

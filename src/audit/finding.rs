@@ -11,28 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::classify::{FindingKind, PromiseSide, RunSide};
 
-/// What was done about a finding (`audit.actions`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Action {
-    /// Nothing but the report (event, metric, console).
-    Report,
-    /// The run is cancelled through the reconciler's cancel schedule.
-    Cancel,
-    /// The promise's run check is made due now: the reconciler settles it
-    /// from its run.
-    Settle,
-}
-
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Report => "report",
-            Action::Cancel => "cancel",
-            Action::Settle => "settle",
-        }
-    }
-}
+pub use crate::config::FindingAction as Action;
 
 /// One finding, as stored and as the event's `data`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

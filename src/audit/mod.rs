@@ -71,16 +71,6 @@ impl Actions {
             FindingKind::Lost => self.lost,
         }
     }
-
-    /// The actions each kind can take: a run can be cancelled, a pending
-    /// promise settled, a mismatch only reported (both sides have ended).
-    pub fn allowed(kind: FindingKind) -> &'static [Action] {
-        match kind {
-            FindingKind::Orphan | FindingKind::Duplicate => &[Action::Report, Action::Cancel],
-            FindingKind::Mismatch => &[Action::Report],
-            FindingKind::Lost => &[Action::Report, Action::Settle],
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -241,7 +231,8 @@ impl<S: PromiseStore + Audits, J: Jobs> Auditor<S, J> {
         }
         self.walk_pending(workspace, &margins, &mut seen, &mut report, &mut observed)
             .await?;
-        self.act(workspace, now, observed, mode, &mut report).await?;
+        self.act(workspace, now, observed, mode, &mut report)
+            .await?;
         Ok(report)
     }
 
@@ -429,7 +420,11 @@ impl<S: PromiseStore + Audits, J: Jobs> Auditor<S, J> {
                     .put_finding(workspace, &f.id, &record, self.settings.max_findings)
                     .await?
                 {
-                    tracing::warn!(workspace, max = self.settings.max_findings, "audit.max_findings reached: a finding is reported but not kept");
+                    tracing::warn!(
+                        workspace,
+                        max = self.settings.max_findings,
+                        "audit.max_findings reached: a finding is reported but not kept"
+                    );
                 }
             }
             report.findings.push(f);
@@ -559,6 +554,126 @@ impl<S: PromiseStore + Audits, J: Jobs> Auditor<S, J> {
             Err(e) => {
                 tracing::warn!(workspace = %ws, error = %e, "audit failed; trying again next interval")
             }
+        }
+    }
+}
+
+/// A window as `runbridge audit --since` takes it: a number and a unit
+/// (`s`, `m`, `h`, `d`), at most 60 days (as long as Databricks keeps runs).
+pub fn parse_window(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("--since must be a number and a unit (30m, 24h, 7d), got {text:?}"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => {
+            return Err(format!(
+                "--since takes the units s, m, h or d (30m, 24h, 7d), got {text:?}"
+            ));
+        }
+    };
+    if secs == 0 || secs > 60 * 86_400 {
+        return Err(format!(
+            "--since must be between 1s and 60d (Databricks keeps runs 60 days), got {text:?}"
+        ));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// The findings as a table for people, one line each, after a summary of
+/// what was read.
+pub fn render(reports: &[AuditReport]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for r in reports {
+        let _ = writeln!(
+            out,
+            "workspace {}: {} runs read since {} ({} Databricks calls{}), {} finding(s)",
+            r.workspace,
+            r.runs_seen,
+            finding::rfc3339(r.since),
+            r.calls,
+            if r.truncated {
+                ", listing cut at audit.max_pages"
+            } else {
+                ""
+            },
+            r.findings.len()
+        );
+    }
+    let rows: Vec<[String; 7]> = reports
+        .iter()
+        .flat_map(|r| &r.findings)
+        .map(|f| {
+            [
+                f.kind.to_string(),
+                f.promise_id.clone(),
+                f.promise
+                    .as_ref()
+                    .map_or("(none)".into(), |p| p.state.clone()),
+                f.run.run_id.to_string(),
+                match &f.run.result {
+                    Some(r) => format!("{} {r}", f.run.state),
+                    None => f.run.state.clone(),
+                },
+                f.action.as_str().to_owned(),
+                f.reason.clone(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return out;
+    }
+    let head = [
+        "KIND",
+        "PROMISE",
+        "PROMISE STATE",
+        "RUN",
+        "RUN STATE",
+        "ACTION",
+        "REASON",
+    ];
+    let mut width = head.map(str::len);
+    for row in &rows {
+        for (w, cell) in width.iter_mut().zip(row).take(6) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; 7]| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i < 6 {
+                let _ = write!(l, "{c:<w$}  ", w = width[i]);
+            } else {
+                l.push_str(c);
+            }
+        }
+        l
+    };
+    let _ = writeln!(out, "{}", line(head));
+    for row in &rows {
+        let _ = writeln!(out, "{}", line(row.each_ref().map(String::as_str)));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_are_a_number_and_a_unit_within_sixty_days() {
+        assert_eq!(parse_window("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_window("30m"), Ok(Duration::from_secs(1_800)));
+        assert_eq!(parse_window("7d"), Ok(Duration::from_secs(604_800)));
+        for bad in ["", "h", "24", "24w", "0h", "61d", "-1h", "1.5h"] {
+            assert!(parse_window(bad).is_err(), "{bad:?}");
         }
     }
 }

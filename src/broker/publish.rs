@@ -83,6 +83,24 @@ impl Publisher {
         .await
     }
 
+    /// Publishes another kind of event (an audit finding) to the events
+    /// exchange: persistent, mandatory, confirmed, `message_id` = `id`.
+    pub async fn publish_other_event(
+        &self,
+        routing_key: &str,
+        id: &str,
+        kind: &str,
+        body: &[u8],
+    ) -> Result<(), BrokerError> {
+        let props = BasicProperties::default()
+            .with_message_id(id.into())
+            .with_content_type(crate::domain::event::CONTENT_TYPE.into())
+            .with_delivery_mode(2)
+            .with_type(kind.into());
+        self.raw_publish(&self.events_exchange, routing_key, body, props, true)
+            .await
+    }
+
     /// Sends the event to the trigger's `reply_to` queue with its
     /// `correlation_id` (RPC over RabbitMQ). `Ok(false)` if it has none.
     pub async fn publish_reply(&self, e: &CompletionEvent) -> Result<bool, BrokerError> {

@@ -60,6 +60,7 @@ pub struct Settings {
     pub databricks: DatabricksSection,
     pub emulator: EmulatorSection,
     pub reconciler: ReconcilerSection,
+    pub audit: AuditSection,
     #[serde(default)]
     pub retry: RetrySection,
     /// `[workspaces.<name>]`: the same as `[databricks.workspaces.<name>]`

@@ -429,6 +429,54 @@ pub struct ReconcilerSection {
     pub concurrency: usize,
 }
 
+/// What the audit does with a finding (`[audit.actions]`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingAction {
+    /// Nothing but the report (event, metric, console).
+    Report,
+    /// The run is cancelled through the reconciler's cancel schedule.
+    Cancel,
+    /// The promise's run check is made due now: the reconciler settles it
+    /// from its run.
+    Settle,
+}
+
+impl FindingAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FindingAction::Report => "report",
+            FindingAction::Cancel => "cancel",
+            FindingAction::Settle => "settle",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuditActionsSection {
+    pub orphan: FindingAction,
+    pub duplicate: FindingAction,
+    pub mismatch: FindingAction,
+    pub lost: FindingAction,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuditSection {
+    pub enabled: bool,
+    pub interval_ms: u64,
+    pub lookback_ms: u64,
+    pub overlap_ms: u64,
+    pub grace_ms: u64,
+    pub lost_after_ms: u64,
+    pub max_pages: usize,
+    pub max_checks: usize,
+    pub keep_ms: u64,
+    pub max_findings: usize,
+    pub actions: AuditActionsSection,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct EmulatorSection {
     pub listen: String,

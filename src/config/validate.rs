@@ -181,6 +181,7 @@ impl Settings {
                 if let Err(e) = self.retry.policies() {
                     return bad(e);
                 }
+                self.validate_audit()?;
                 if !(1..=100_000).contains(&self.worker.max_children) {
                     return bad(format!(
                         "worker.max_children must be between 1 and 100000, got {}",
@@ -403,4 +404,32 @@ pub(super) fn committed_development_secrets() -> Vec<String> {
         walk(&c.cache, "", &mut out);
     }
     out
+}
+
+impl Settings {
+    /// `[audit]`: positive intervals, and each kind's action one it can take.
+    pub(crate) fn validate_audit(&self) -> Result<(), ConfigError> {
+        use super::FindingAction::{Cancel, Report, Settle};
+        let a = &self.audit;
+        if a.interval_ms < 100 || a.max_pages == 0 || a.max_findings == 0 {
+            return Err(ConfigError::Invalid(
+                "audit.interval_ms must be at least 100, audit.max_pages and audit.max_findings positive".into(),
+            ));
+        }
+        for (kind, action, allowed) in [
+            ("orphan", a.actions.orphan, &[Report, Cancel][..]),
+            ("duplicate", a.actions.duplicate, &[Report, Cancel][..]),
+            ("mismatch", a.actions.mismatch, &[Report][..]),
+            ("lost", a.actions.lost, &[Report, Settle][..]),
+        ] {
+            if !allowed.contains(&action) {
+                let names: Vec<&str> = allowed.iter().map(|x| x.as_str()).collect();
+                return Err(ConfigError::Invalid(format!(
+                    "audit.actions.{kind} must be one of {names:?}, got {:?}",
+                    action.as_str()
+                )));
+            }
+        }
+        Ok(())
+    }
 }

@@ -5,7 +5,9 @@
 use serde_json::{Value, json};
 
 use super::client::Client;
-use super::{CallClass, DatabricksError, JobInfo, Jobs, LaunchRequest, RunInfo, RunsPage, RunsQuery};
+use super::{
+    CallClass, DatabricksError, JobInfo, Jobs, LaunchRequest, RunInfo, RunsPage, RunsQuery,
+};
 use crate::domain::{IdempotencyToken, RunId};
 
 fn run_id_of(endpoint: &'static str, v: &Value) -> Result<RunId, DatabricksError> {

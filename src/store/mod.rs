@@ -325,8 +325,10 @@ pub trait Audits: Clone + Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// When the last audit of the workspace began (epoch ms).
-    fn last_audit(&self, workspace: &str)
-    -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
+    fn last_audit(
+        &self,
+        workspace: &str,
+    ) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
     fn audit_done(
         &self,
         workspace: &str,
@@ -350,8 +352,10 @@ pub trait Audits: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Makes a pending promise's run check due now, putting it back on the
     /// schedule if it fell off; false if the promise is not pending with a run.
-    fn check_run_now(&self, id: &PromiseId)
-    -> impl Future<Output = Result<bool, StoreError>> + Send;
+    fn check_run_now(
+        &self,
+        id: &PromiseId,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     fn finding(
         &self,
         workspace: &str,
@@ -366,8 +370,10 @@ pub trait Audits: Clone + Send + Sync + 'static {
         record: &str,
         cap: usize,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-    fn findings(&self, workspace: &str)
-    -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+    fn findings(
+        &self,
+        workspace: &str,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
     fn drop_findings(
         &self,
         workspace: &str,

@@ -3,6 +3,7 @@
 // Test helpers panic on purpose: a failed set-up step is the test's failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod audit;
 mod auth;
 mod budget;
 mod callbacks;

@@ -354,6 +354,10 @@ impl Emulator {
                 self.call_back(run_id, "reject").await;
                 ("FAILED", "Workload failed, see run output for details")
             }
+            Outcome::CallbackThenFail => {
+                self.call_back(run_id, "resolve").await;
+                ("FAILED", "Workload failed, see run output for details")
+            }
             Outcome::RetryThenCallback => {
                 self.set_state(
                     run_id,

@@ -30,6 +30,10 @@ pub enum Outcome {
     NeverFinish,
     /// Calls `{url}/reject` with the value as the error, then fails.
     RejectCallback,
+    /// Calls `{url}/resolve` once, then fails: a later cell raised after
+    /// the notebook reported success (the promise says resolved, the run
+    /// says FAILED; what the audit reports as a mismatch).
+    CallbackThenFail,
     /// The first attempt fails; Databricks retries (WAITING_FOR_RETRY, a new
     /// attempt_number) and the second attempt calls back.
     RetryThenCallback,
@@ -43,7 +47,7 @@ impl FromStr for Outcome {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         serde_json::from_value(Value::String(s.replace('-', "_")))
-            .map_err(|_| format!("unknown outcome {s:?} (callback, duplicate_callback, early_callback, fail, success_no_callback, success_no_output, never_finish, reject_callback, retry_then_callback, retry_then_exit)"))
+            .map_err(|_| format!("unknown outcome {s:?} (callback, duplicate_callback, early_callback, fail, success_no_callback, success_no_output, never_finish, reject_callback, callback_then_fail, retry_then_callback, retry_then_exit)"))
     }
 }
 

@@ -1,0 +1,263 @@
+//! The audit: runs started outside runbridge, or left behind, found in the
+//! workspace and dealt with as `[audit.actions]` says (docs/operating.md).
+
+use std::time::Duration;
+
+use runbridge::broker::{EventListener, ReceivedEvent};
+use runbridge::domain::State;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+/// Settings that let an audit see what a test just did: every 300 ms, a
+/// grace of one second, a pending promise lost one second after its run ended.
+fn audited() -> Vec<(&'static str, String)> {
+    vec![
+        ("audit.interval_ms", "300".into()),
+        ("audit.grace_ms", "1000".into()),
+        ("audit.lost_after_ms", "1000".into()),
+    ]
+}
+
+async fn spawn_audited(extra: Vec<(&'static str, String)>) -> (TestApp, EventListener) {
+    let mut overrides = audited();
+    overrides.extend(extra);
+    let app = TestApp::spawn_with(Options {
+        overrides,
+        ..Default::default()
+    })
+    .await;
+    let findings = findings_listener(&app).await;
+    (app, findings)
+}
+
+async fn findings_listener(app: &TestApp) -> EventListener {
+    app.broker
+        .listen(Some(&app.settings.amqp.events_exchange), "audit.#")
+        .await
+        .expect("listen for findings")
+}
+
+/// `run-now` as a person or another tool sends it: no idempotency token,
+/// whatever job parameters they chose. The run's id.
+async fn start_by_hand(app: &TestApp, job_id: u64, params: Value) -> u64 {
+    let r: Value = app
+        .http
+        .post(format!("{}/api/2.2/jobs/run-now", app.emulator_url))
+        .bearer_auth("dapi-test")
+        .json(&json!({"job_id": job_id, "job_parameters": params}))
+        .send()
+        .await
+        .expect("emulator reachable")
+        .json()
+        .await
+        .expect("emulator json");
+    r["run_id"].as_u64().expect("a run id")
+}
+
+/// The emulator's record of run `run_id`.
+async fn emulator_run(app: &TestApp, run_id: u64) -> Value {
+    app.emulator_get("/emulator/runs").await["runs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|r| r["run_id"] == json!(run_id))
+        .expect("the run is in the emulator")
+}
+
+async fn wait_cancelled(app: &TestApp, run_id: u64) -> Value {
+    eventually(Duration::from_secs(20), "the run cancelled", || async {
+        let r = emulator_run(app, run_id).await;
+        (r["result_state"] == "CANCELED" && r["life_cycle_state"] == "TERMINATED").then_some(r)
+    })
+    .await
+}
+
+/// The next finding event of `kind` for promise `id` (others are skipped).
+async fn next_finding(
+    findings: &mut EventListener,
+    kind: &str,
+    id: &str,
+) -> (ReceivedEvent, Value) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let ev = tokio::time::timeout(left, findings.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {kind} finding for {id} within 20 s"))
+            .expect("listener open");
+        let v: Value = serde_json::from_slice(&ev.body).expect("finding JSON");
+        if v["data"]["kind"] == kind && v["subject"] == id {
+            return (ev, v);
+        }
+    }
+}
+
+/// No second event with the same id while several more audits run.
+async fn assert_not_repeated(findings: &mut EventListener, event_id: &str) {
+    let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while let Ok(Some(ev)) = tokio::time::timeout_at(until, findings.next()).await {
+        assert_ne!(
+            ev.message_id.as_deref(),
+            Some(event_id),
+            "a re-audit repeated the finding"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_orphan_started_by_hand_for_a_settled_promise_is_found_and_cancelled() {
+    let (mut app, mut findings) = spawn_audited(vec![]).await;
+    let id = unique("orphan");
+    app.publish(&trigger(&id, JOB_CALLBACK)).await;
+    let (_, v) = app.first_event(&id, Duration::from_secs(20)).await;
+    assert_eq!(v["data"]["state"], "RESOLVED");
+
+    // Someone runs the job again by hand with the settled promise's id.
+    let run = start_by_hand(&app, JOB_NEVER, json!({"promise_id": id})).await;
+    let (ev, f) = next_finding(&mut findings, "orphan", &id).await;
+    assert_eq!(ev.routing_key, "audit.orphan");
+    assert_eq!(f["type"], "io.runbridge.audit.finding");
+    assert_eq!(f["id"], format!("audit/orphan/{id}/{run}"));
+    assert_eq!(ev.message_id.as_deref(), f["id"].as_str());
+    assert_eq!(f["data"]["run"]["run_id"], run);
+    assert_eq!(f["data"]["promise"]["state"], "RESOLVED");
+    assert_eq!(f["data"]["action"], "cancel");
+    wait_cancelled(&app, run).await;
+    assert_not_repeated(&mut findings, f["id"].as_str().unwrap()).await;
+    assert_eq!(app.promise(&id).await.unwrap().state, State::Resolved);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_duplicate_is_cancelled_and_its_promise_left_alone() {
+    let (app, mut findings) = spawn_audited(vec![]).await;
+    let id = unique("dup");
+    app.publish(&trigger(&id, JOB_NEVER)).await;
+    wait_run_recorded(&app, &id).await;
+    let own = app.promise(&id).await.unwrap().run_id.unwrap().get();
+
+    let extra = start_by_hand(&app, JOB_NEVER, json!({"promise_id": id})).await;
+    let (_, f) = next_finding(&mut findings, "duplicate", &id).await;
+    assert_eq!(f["data"]["run"]["run_id"], extra);
+    assert_eq!(f["data"]["promise"]["run_id"], own);
+    wait_cancelled(&app, extra).await;
+
+    let p = app.promise(&id).await.unwrap();
+    assert_eq!(p.state, State::Pending, "the promise is undisturbed");
+    assert_eq!(p.run_id.map(|r| r.get()), Some(own));
+    assert_eq!(emulator_run(&app, own).await["life_cycle_state"], "RUNNING");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_mismatch_is_reported_with_both_sides_and_nothing_changes() {
+    let (mut app, mut findings) = spawn_audited(vec![]).await;
+    let param = |name: &str| json!({"name": name, "default": ""});
+    let job = app
+        .create_job(json!({
+            "name": unique("raises-after-callback"),
+            "tasks": [{"task_key": "nb", "notebook_task": {"notebook_path": "/nb"}}],
+            "parameters": [param("promise_id"), param("url"), param("callback_token")],
+            "tags": {"emulator.outcome": "callback_then_fail", "emulator.delay_ms": "50"},
+        }))
+        .await;
+    let id = unique("mismatch");
+    app.publish(&trigger(&id, job)).await;
+    let (_, v) = app.first_event(&id, Duration::from_secs(20)).await;
+    assert_eq!(v["data"]["state"], "RESOLVED", "the notebook called back");
+
+    let (_, f) = next_finding(&mut findings, "mismatch", &id).await;
+    assert_eq!(f["data"]["promise"]["state"], "RESOLVED");
+    assert_eq!(f["data"]["promise"]["settled_by"], "callback");
+    assert_eq!(f["data"]["run"]["state"], "ENDED");
+    assert_eq!(f["data"]["run"]["result"], "FAILED");
+    assert_eq!(f["data"]["action"], "report");
+    let p = app.promise(&id).await.unwrap();
+    assert_eq!(p.state, State::Resolved, "nothing changed");
+    app.assert_no_event(
+        &id,
+        Duration::from_millis(800),
+        "no second completion event",
+    )
+    .await;
+    app.stop().await;
+}
+
+/// The reconciler's first check of a run is ten minutes away (as if its
+/// check had fallen off the schedule): the run ends, the promise stays
+/// pending, and only the audit notices.
+#[tokio::test]
+async fn a_lost_promise_is_settled_from_its_run() {
+    let (mut app, mut findings) = spawn_audited(vec![
+        ("reconciler.first_poll_ms", "600000".into()),
+        ("reconciler.max_poll_ms", "600000".into()),
+    ])
+    .await;
+    let id = unique("lost");
+    app.publish(&trigger(&id, JOB_EXIT_ONLY)).await;
+    let (_, f) = next_finding(&mut findings, "lost", &id).await;
+    assert_eq!(f["data"]["promise"]["state"], "PENDING");
+    assert_eq!(f["data"]["run"]["result"], "SUCCESS");
+    assert_eq!(f["data"]["action"], "settle");
+    let (_, v) = app.first_event(&id, Duration::from_secs(20)).await;
+    assert_eq!(v["data"]["state"], "RESOLVED");
+    assert_eq!(v["data"]["settled_by"], "reconciler");
+    assert_eq!(v["data"]["value"], "exit value");
+    app.stop().await;
+}
+
+/// An operator cancels a promise while its worker is between `run-now`
+/// and recording the run, and the worker dies there: nothing recorded the
+/// run, so nothing would cancel it. The audit sees an active run whose
+/// promise is cancelled and cancels it.
+#[cfg(feature = "failpoints")]
+#[tokio::test]
+async fn an_operators_cancel_in_the_launch_window_leaves_no_run_going() {
+    let app = TestApp::spawn_with(Options {
+        worker: false,
+        overrides: audited(),
+        ..Default::default()
+    })
+    .await;
+    let marker = app.failpoint_marker();
+    let mut first = app.spawn_worker("worker.after_launch=pause");
+    let id = unique("window");
+    app.publish(&trigger(&id, JOB_NEVER)).await;
+    eventually(
+        Duration::from_secs(20),
+        "the worker to reach the crash point",
+        || async {
+            std::fs::read_to_string(&marker)
+                .ok()
+                .filter(|s| s.contains("worker.after_launch"))
+        },
+    )
+    .await;
+    let r = app
+        .operator(
+            app.http
+                .post(format!("{}/promises/cancel", app.sidecar_url)),
+        )
+        .json(&json!({"id": id, "reason": "not needed"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    first.start_kill().expect("SIGKILL");
+    let _ = first.wait().await;
+    let p = app.promise(&id).await.unwrap();
+    assert_eq!(p.state, State::RejectedCanceled);
+    assert!(p.run_id.is_none(), "the run was never recorded");
+
+    let mut second = app.spawn_worker("");
+    let runs = app.runs_for(&id).await;
+    assert_eq!(runs.len(), 1);
+    let run = runs[0]["run_id"].as_u64().unwrap();
+    wait_cancelled(&app, run).await;
+    assert_eq!(app.runs_for(&id).await.len(), 1, "no second run");
+    second.start_kill().ok();
+    let _ = std::fs::remove_file(&marker);
+    app.stop().await;
+}
