@@ -212,6 +212,16 @@ enum PromiseCmd {
     },
     /// Start the next attempt of a promise waiting to retry, now.
     Retry { id: String },
+    /// Make a pending promise follow a run started outside runbridge (a
+    /// re-run from the Databricks UI): checked, timed out and settled from
+    /// that run as if runbridge had launched it. The run must be one of the
+    /// promise's job, in its workspace.
+    Adopt {
+        id: String,
+        /// The Databricks run id.
+        #[arg(long = "run", value_name = "RUN_ID")]
+        run: u64,
+    },
 }
 
 fn kv(items: &[String], what: &str) -> Result<BTreeMap<String, String>> {
@@ -407,6 +417,15 @@ async fn promise(s: &Settings, cmd: PromiseCmd) -> Result<()> {
             }
             let report = cancel_matching(&store, &filter, &reason, SettledBy::Operator).await?;
             json!(report)
+        }
+        PromiseCmd::Adopt { id, run } => {
+            let id = PromiseId::parse(&id).map_err(anyhow::Error::msg)?;
+            let run = runbridge::domain::RunId::new(run).map_err(anyhow::Error::msg)?;
+            let jobs = startup::jobs_client(s, Some(Arc::new(store.clone())))?;
+            let first_poll = Duration::from_millis(s.reconciler.first_poll_ms);
+            runbridge::audit::adopt::adopt(&store, &jobs, &id, run, first_poll)
+                .await?
+                .to_json()
         }
         PromiseCmd::Retry { id } => {
             use runbridge::sidecar::progress::{RetryNow, retry_promise};

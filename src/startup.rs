@@ -499,7 +499,21 @@ pub async fn run_sidecar(
         ready.clone(),
         shutdown.clone(),
     ));
+    // Adoption reads the run: with the workspaces' credentials when the
+    // sidecar has them.
+    let runs: Option<Arc<dyn databricks::RunReader>> = match jobs_client(
+        s,
+        Some(Arc::new(store.clone())),
+    ) {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) => {
+            tracing::info!(reason = %e, "no Databricks client in the sidecar: adopting a run is refused here (runbridge promise adopt works)");
+            None
+        }
+    };
     let state = Arc::new(AppState {
+        runs,
+        first_poll: Duration::from_millis(s.reconciler.first_poll_ms),
         store,
         signer: signer(s)?,
         operator_tokens: s.auth.operator_tokens.clone(),
@@ -510,6 +524,7 @@ pub async fn run_sidecar(
             default_timeout: Duration::from_secs(s.worker.default_timeout_seconds),
             max_timeout: Duration::from_secs(s.worker.max_timeout_seconds),
             default_workspace: s.databricks.default_workspace.clone(),
+            workspaces: s.databricks.workspaces.keys().cloned().collect(),
             secure_cookies: !s.sidecar.tls_cert_file.is_empty()
                 || s.sidecar.public_url.starts_with("https://"),
             session_idle: Duration::from_secs(s.sidecar.session_idle_seconds),

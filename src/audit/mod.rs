@@ -24,6 +24,7 @@
 //! audit once from the command line. The audit's calls are `runs/list` pages
 //! and `runs/get`s, in the workspace's poll budget like every check.
 
+pub mod adopt;
 pub mod classify;
 pub mod finding;
 

@@ -412,6 +412,26 @@ pub trait RateBudget: Send + Sync + 'static {
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
 }
 
+/// `runs/get` alone, object-safe: what the sidecar holds (as `Arc<dyn _>`)
+/// to check a run an operator adopts. Every [`Jobs`] is one.
+pub trait RunReader: Send + Sync + 'static {
+    fn read_run<'a>(
+        &'a self,
+        workspace: &'a str,
+        run: RunId,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<RunInfo, DatabricksError>> + Send + 'a>>;
+}
+
+impl<J: Jobs> RunReader for J {
+    fn read_run<'a>(
+        &'a self,
+        workspace: &'a str,
+        run: RunId,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<RunInfo, DatabricksError>> + Send + 'a>> {
+        Box::pin(self.get_run(workspace, run))
+    }
+}
+
 /// The Jobs API operations the bridge uses.
 pub trait Jobs: Clone + Send + Sync + 'static {
     /// `run-now` or `runs/submit` with the token; the run id Databricks gave.

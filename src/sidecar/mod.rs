@@ -75,6 +75,8 @@ pub struct SidecarSettings {
     /// The latest deadline a created promise may have, from now.
     pub max_timeout: Duration,
     pub default_workspace: String,
+    /// Every configured workspace (the console's audit page).
+    pub workspaces: Vec<String>,
     /// The console's cookie gets `Secure` (the sidecar serves HTTPS).
     pub secure_cookies: bool,
     /// A console session ends after this long unused...
@@ -103,6 +105,11 @@ pub struct AppState<S> {
     /// Where the console reads and republishes dead letters, on a
     /// connection it keeps (`None`: it says the broker is not configured).
     pub dead_letters: Option<crate::broker::DeadLetterQueue>,
+    /// Reads a run an operator adopts (`None`: this sidecar has no
+    /// Databricks credentials, and adoption is refused with that reason).
+    pub runs: Option<Arc<dyn crate::databricks::RunReader>>,
+    /// The first check of an adopted run, this long after adoption.
+    pub first_poll: Duration,
 }
 
 type St<S> = AxState<Arc<AppState<S>>>;
@@ -183,6 +190,11 @@ fn operator_routes<S: Store>() -> Router<Arc<AppState<S>>> {
             "/promises/cancel",
             post(bulk_cancel::<S>).get(get_cancel_promise::<S>),
         )
+        // Likewise the promise whose id is "adopt".
+        .route(
+            "/promises/adopt",
+            post(adopt::<S>).get(get_adopt_promise::<S>),
+        )
         // Resonate's protocol: its SDKs post every envelope to the base URL.
         .route("/", post(resonate::envelope::<S>))
         // The operator console (ui.rs).
@@ -195,6 +207,8 @@ fn operator_routes<S: Store>() -> Router<Arc<AppState<S>>> {
         .route("/ui/promises/{*id}", get(ui::promise::<S>))
         .route("/ui/act", post(ui::act::<S>))
         .route("/ui/dead-letters", get(ui::dead_letters::<S>))
+        .route("/ui/audit", get(ui::audit::<S>))
+        .route("/ui/adopt", post(ui::adopt_action::<S>))
         .route("/ui/dead-letters/republish", post(ui::republish::<S>))
         .route("/ui/dead-letters/body", get(ui::dead_letter_body::<S>))
         .route("/promises/{*id}", get(get_promise::<S>).patch(patch::<S>))

@@ -16,7 +16,7 @@ use crate::reconciler::CancelReport;
 
 use super::error::{ErrorBody, ErrorDetail};
 use super::progress;
-use super::{__path_bulk_cancel, __path_create, PromiseAnswer};
+use super::{__path_adopt, __path_bulk_cancel, __path_create, PromiseAnswer};
 use super::{__path_get_promise, __path_healthz, __path_heartbeat, __path_metrics};
 use super::{__path_notification, __path_openapi_json, __path_patch, __path_readyz};
 use super::{__path_reject, __path_resolve, __path_search};
@@ -97,7 +97,7 @@ pub struct Readiness {
     ),
     paths(
         resolve, reject, heartbeat, progress::progress,
-        get_promise, patch, create, search, bulk_cancel, progress::retry_now,
+        get_promise, patch, create, search, bulk_cancel, adopt, progress::retry_now,
         notification, healthz, readyz, metrics, openapi_json
     ),
     components(schemas(

@@ -507,3 +507,80 @@ pub(super) async fn get_cancel_promise<S: Store>(
     };
     get_promise(st, Path(path), h, RawQuery(q)).await
 }
+
+/// Adopt a run started outside runbridge for a pending promise.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AdoptBody {
+    /// The pending promise.
+    id: String,
+    /// The Databricks run it follows from now on: a run of the promise's
+    /// job in its workspace (a one-time run for a `runs/submit` promise).
+    run_id: u64,
+}
+
+/// `POST /promises/adopt`: the pending promise follows the given run from
+/// now on, as if runbridge had launched it (checks, deadline, exit value;
+/// its event names the run). Refused, with the reason, for a settled
+/// promise, a run that does not exist or a run of another job.
+#[utoipa::path(
+    post,
+    path = "/promises/adopt",
+    tag = "promises",
+    request_body(content = AdoptBody, content_type = "application/json"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Adopted: the promise as it is now", body = PromiseAnswer),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such promise", body = ErrorBody),
+        (status = 409, description = "Refused: the promise is settled or launching, the run does not exist, is another job's or another promise's", body = ErrorBody),
+        (status = 503, description = "Databricks or the store is unavailable, or this sidecar has no Databricks credentials", body = ErrorBody),
+    )
+)]
+pub(super) async fn adopt<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> ApiResult {
+    use crate::audit::adopt::{AdoptError, adopt};
+    let bytes = read_body(&st, &h, body).await?;
+    require_operator(&st, &h)?;
+    let b: AdoptBody = json_body(&h, &bytes)?
+        .ok_or_else(|| ApiError::bad_request("missing body: {\"id\": ..., \"run_id\": ...}"))?;
+    let id = PromiseId::parse(&b.id)?;
+    let run = RunId::new(b.run_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let Some(runs) = st.runs.as_deref() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_databricks",
+            "this sidecar has no Databricks credentials to read the run with: adopt with `runbridge promise adopt`, or give the sidecar the workspace's credentials",
+        ));
+    };
+    match adopt(&st.store, runs, &id, run, st.first_poll).await {
+        Ok(p) => Ok(promise_response(StatusCode::OK, &p, false)),
+        Err(AdoptError::NotFound(_)) => Err(ApiError::not_found(id.as_str())),
+        Err(AdoptError::Store(e)) => Err(e.into()),
+        Err(e @ AdoptError::Databricks(_)) => {
+            tracing::warn!(error = %e, "adoption: the run could not be read");
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("{e}; retry"),
+            ))
+        }
+        Err(e) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "refused",
+            e.to_string(),
+        )),
+    }
+}
+
+pub(super) async fn get_adopt_promise<S: Store>(
+    st: St<S>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    let path = PromisePath {
+        token: None,
+        id: "adopt".into(),
+    };
+    get_promise(st, Path(path), h, RawQuery(q)).await
+}

@@ -313,6 +313,18 @@ pub trait Lifecycle: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<PromiseId>, StoreError>> + Send;
 }
 
+/// What adopting a run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdoptOutcome {
+    Adopted,
+    NotFound,
+    Settled(State),
+    /// An attempt is being launched right now.
+    Launching,
+    /// Another pending promise follows this run.
+    Taken(String),
+}
+
 /// What the audit (`audit`) keeps and changes in the store. Findings are
 /// stored as the audit's JSON records; the store does not read them.
 pub trait Audits: Clone + Send + Sync + 'static {
@@ -379,6 +391,16 @@ pub trait Audits: Clone + Send + Sync + 'static {
         workspace: &str,
         ids: &[String],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The pending promise `id` follows `run` from now on (`adopt.lua`);
+    /// `replaced` is the attempt entry its previous run gets, if it had one
+    /// (`ATTEMPT` and `RUN` stand for its attempt number and run id).
+    fn adopt_run(
+        &self,
+        id: &PromiseId,
+        run: RunId,
+        first_poll: Duration,
+        replaced: &str,
+    ) -> impl Future<Output = Result<AdoptOutcome, StoreError>> + Send;
 }
 
 /// One child as its parent's record lists it.
@@ -572,8 +594,11 @@ pub trait Attempts: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<usize, StoreError>> + Send;
 }
 
-pub trait Store: PromiseStore + Lifecycle + Insights + Sessions + Families + Attempts {}
-impl<T: PromiseStore + Lifecycle + Insights + Sessions + Families + Attempts> Store for T {}
+pub trait Store:
+    PromiseStore + Lifecycle + Insights + Sessions + Families + Attempts + Audits
+{
+}
+impl<T: PromiseStore + Lifecycle + Insights + Sessions + Families + Attempts + Audits> Store for T {}
 
 /// A logged-in operator console session, kept on the server: the browser
 /// holds only a random id, so logging out or expiring ends it for good.

@@ -71,6 +71,7 @@ struct Scripts {
     search: Script,
     index_one: Script,
     check_run_now: Script,
+    adopt: Script,
 }
 
 impl Scripts {
@@ -103,6 +104,7 @@ impl Scripts {
             search: script(include_str!("lua/search.lua")),
             index_one: script(include_str!("lua/index_one.lua")),
             check_run_now: script(include_str!("lua/check_run_now.lua")),
+            adopt: script(include_str!("lua/adopt.lua")),
         }
     }
 }

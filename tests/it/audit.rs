@@ -261,3 +261,182 @@ async fn an_operators_cancel_in_the_launch_window_leaves_no_run_going() {
     let _ = std::fs::remove_file(&marker);
     app.stop().await;
 }
+
+/// A job whose first run for a promise fails and whose later runs exit
+/// with `value` without calling back.
+async fn fails_once_job(app: &TestApp, value: &str) -> u64 {
+    let param = |name: &str| json!({"name": name, "default": ""});
+    app.create_job(json!({
+        "name": unique("fails-once"),
+        "tasks": [{"task_key": "nb", "notebook_task": {"notebook_path": "/nb"}}],
+        "parameters": [param("promise_id"), param("url"), param("callback_token")],
+        "max_concurrent_runs": 10,
+        "tags": {
+            "emulator.outcome": "success_no_callback",
+            "emulator.delay_ms": "50",
+            "emulator.value": value,
+            "emulator.fail_attempts": "1",
+        },
+    }))
+    .await
+}
+
+async fn adopt_over_http(app: &TestApp, id: &str, run: u64) -> (reqwest::StatusCode, Value) {
+    let r = app
+        .operator(app.http.post(format!("{}/promises/adopt", app.sidecar_url)))
+        .json(&json!({"id": id, "run_id": run}))
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.json().await.unwrap())
+}
+
+/// The first run failed and the promise waits an hour for its retry; a
+/// person re-runs the job from the UI and an operator adopts that run.
+#[tokio::test]
+async fn an_adopted_run_settles_its_promise_and_the_event_names_it() {
+    let (mut app, _) = spawn_audited(vec![]).await;
+    let job = fails_once_job(&app, "done by hand").await;
+    let id = unique("adopt");
+    let mut t = trigger(&id, job);
+    t["retry"] = json!({"max_attempts": 3, "backoff": {"initial_seconds": 3600}});
+    app.publish(&t).await;
+    let p = eventually(
+        Duration::from_secs(20),
+        "the first attempt failed",
+        || async { app.promise(&id).await.filter(|p| p.retry.next_at.is_some()) },
+    )
+    .await;
+    let first = p.retry.failed[0]["run_id"].as_u64().unwrap();
+
+    // Re-run with the promise's id (the emulator fails only the first run
+    // of a promise).
+    let by_hand = start_by_hand(&app, job, json!({"promise_id": id})).await;
+    let (status, body) = adopt_over_http(&app, &id, by_hand).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "PENDING");
+
+    let (_, v) = app.first_event(&id, Duration::from_secs(20)).await;
+    assert_eq!(v["data"]["state"], "RESOLVED");
+    assert_eq!(v["data"]["value"], "done by hand");
+    assert_eq!(
+        v["data"]["run_id"], by_hand,
+        "the event names the adopted run"
+    );
+    let attempts = v["data"]["attempts"].as_array().unwrap();
+    assert_eq!(attempts[0]["run_id"], first);
+    assert_eq!(
+        app.runs_for(&id).await.len(),
+        2,
+        "the first and the adopted: no retry was launched"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn adoption_is_refused_with_the_reason_and_changes_nothing() {
+    let (mut app, _) = spawn_audited(vec![]).await;
+    let pending = unique("adopt-pending");
+    app.publish(&trigger(&pending, JOB_NEVER)).await;
+    wait_run_recorded(&app, &pending).await;
+    let before = app.promise(&pending).await.unwrap();
+    let other_job = start_by_hand(&app, JOB_CALLBACK, json!({})).await;
+    let (status, body) = adopt_over_http(&app, &pending, other_job).await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT, "{body}");
+    let said = body["error"]["message"].as_str().unwrap();
+    assert!(
+        said.contains(&format!("job {JOB_CALLBACK}")) && said.contains(&format!("job {JOB_NEVER}")),
+        "{said}"
+    );
+    let (status, body) = adopt_over_http(&app, &pending, 987_654_321).await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not exist"),
+        "{body}"
+    );
+    assert_eq!(
+        app.promise(&pending).await.unwrap(),
+        before,
+        "nothing changed"
+    );
+
+    let settled = unique("adopt-settled");
+    app.publish(&trigger(&settled, JOB_CALLBACK)).await;
+    app.first_event(&settled, Duration::from_secs(20)).await;
+    let again = start_by_hand(&app, JOB_CALLBACK, json!({})).await;
+    let (status, body) = adopt_over_http(&app, &settled, again).await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already settled"),
+        "{body}"
+    );
+    app.stop().await;
+}
+
+/// `runbridge audit`: a table and exit 1 when something is found, exit 0
+/// when nothing is; `--fix` cancels the orphan. The worker's own audit is
+/// off here, so only the command acts.
+#[tokio::test]
+async fn runbridge_audit_prints_what_it_finds_and_fix_applies_the_actions() {
+    let app = TestApp::spawn_with(Options {
+        overrides: vec![
+            ("audit.enabled", "false".into()),
+            ("audit.grace_ms", "500".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let audit = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_runbridge"));
+        c.arg("audit").args(args).envs(app.env_vars());
+        c
+    };
+    let out = audit(&["--since", "1h"]).output().await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 finding(s)"));
+
+    let id = unique("cli-orphan");
+    let run = start_by_hand(&app, JOB_NEVER, json!({"promise_id": id})).await;
+    let text = eventually(Duration::from_secs(20), "the orphan reported", || async {
+        let out = audit(&["--since", "1h"]).output().await.unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code() == Some(1) && text.contains("orphan")).then_some(text)
+    })
+    .await;
+    assert!(
+        text.contains(&run.to_string()) && text.contains(&id),
+        "{text}"
+    );
+    assert!(text.contains("KIND") && text.contains("report"), "{text}");
+    assert_eq!(
+        emulator_run(&app, run).await["life_cycle_state"],
+        "RUNNING",
+        "a report changes nothing"
+    );
+
+    let out = audit(&["--since", "1h", "--fix", "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let f: Value =
+        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(f["kind"], "orphan");
+    assert_eq!(f["action"], "cancel");
+    wait_cancelled(&app, run).await;
+    let bad = audit(&["--since", "3w"]).output().await.unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("units"));
+    app.stop().await;
+}

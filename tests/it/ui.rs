@@ -371,8 +371,43 @@ fn browser_tools() -> (PathBuf, PathBuf) {
 #[tokio::test]
 async fn console_in_a_real_browser() {
     let (chromium, modules) = browser_tools();
-    let mut app = TestApp::spawn().await;
+    let mut app = TestApp::spawn_with(Options {
+        overrides: vec![
+            ("audit.interval_ms", "300".into()),
+            ("audit.grace_ms", "500".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
     let (pending, _) = real_data(&mut app).await;
+    // A run started by hand for a promise nobody made: the audit's orphan.
+    let orphan_of = unique("never-made");
+    let r: serde_json::Value = app
+        .http
+        .post(format!("{}/api/2.2/jobs/run-now", app.emulator_url))
+        .bearer_auth("dapi-test")
+        .json(
+            &serde_json::json!({"job_id": JOB_NEVER, "job_parameters": {"promise_id": orphan_of}}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let orphan_run = r["run_id"].as_u64().unwrap().to_string();
+    eventually(
+        Duration::from_secs(20),
+        "the audit kept the orphan",
+        || async {
+            runbridge::audit::kept_findings(&app.store, "default", 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|f| f.promise_id == orphan_of)
+        },
+    )
+    .await;
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/ui");
     std::fs::create_dir_all(&out).unwrap();
     let shot = out.join("overview.png");
@@ -383,6 +418,8 @@ async fn console_in_a_real_browser() {
             ("BASE_URL", app.sidecar_url.as_ref()),
             ("TOKEN", app.operator_token.as_ref()),
             ("PROMISE_ID", pending.as_ref()),
+            ("ORPHAN_PROMISE", orphan_of.as_ref()),
+            ("ORPHAN_RUN", orphan_run.as_ref()),
             ("SCREENSHOT", shot.as_os_str()),
             ("CHROMIUM", chromium.as_os_str()),
             ("PLAYWRIGHT_MODULES", modules.as_os_str()),

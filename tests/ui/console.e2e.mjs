@@ -1,7 +1,8 @@
 // The operator console in a real headless browser (Debian's chromium,
 // driven by playwright-core). Run by tests/it/ui.rs against a live sidecar
 // with real promises; see that file for the environment it passes:
-//   BASE_URL, TOKEN, PROMISE_ID (pending, to find and cancel), SCREENSHOT,
+//   BASE_URL, TOKEN, PROMISE_ID (pending, to find and cancel), ORPHAN_PROMISE
+//   and ORPHAN_RUN (an audit finding: a run by hand for a promise never made), SCREENSHOT,
 //   CHROMIUM (the browser), PLAYWRIGHT_MODULES (node_modules with playwright-core).
 // Prints one line per step; exits 1 at the first failed expectation.
 import { createRequire } from 'node:module';
@@ -11,8 +12,9 @@ const env = (k) => {
   if (!v) { console.error(`missing ${k}`); process.exit(2); }
   return v;
 };
-const [base, token, promiseId, shot, chromiumPath, modules] =
-  ['BASE_URL', 'TOKEN', 'PROMISE_ID', 'SCREENSHOT', 'CHROMIUM', 'PLAYWRIGHT_MODULES'].map(env);
+const [base, token, promiseId, orphanPromise, orphanRun, shot, chromiumPath, modules] =
+  ['BASE_URL', 'TOKEN', 'PROMISE_ID', 'ORPHAN_PROMISE', 'ORPHAN_RUN', 'SCREENSHOT', 'CHROMIUM',
+    'PLAYWRIGHT_MODULES'].map(env);
 const require = createRequire(modules.endsWith('/') ? modules : modules + '/');
 const { chromium } = require('playwright-core');
 
@@ -77,6 +79,11 @@ try {
   // Open it; cancel it, confirming with the keyboard.
   await Promise.all([page.waitForNavigation(), link.click()]);
   expect((await page.textContent('#promise-state')).trim() === 'PENDING', 'the promise page shows PENDING');
+  expect(await page.locator('#adopt-run').count() === 1, 'a pending promise offers to adopt a run');
+  const unlabeledPromise = await page.evaluate(() =>
+    [...document.querySelectorAll('input:not([type=hidden]), select, textarea')]
+      .filter((e) => e.labels.length === 0).length);
+  expect(unlabeledPromise === 0, `every control on the promise page has a label (${unlabeledPromise} without)`);
   await page.focus('#cancel-reason');
   await page.keyboard.press('Tab');          // to the confirmation box
   await page.keyboard.press('Space');        // tick it
@@ -85,6 +92,15 @@ try {
   const state = (await page.textContent('#promise-state')).trim();
   expect(state === 'REJECTED_CANCELED', `after cancelling, the page shows ${state}`);
   expect((await page.textContent('[role=status]')).includes('cancelled'), 'and says it was cancelled');
+
+  // The audit's findings: the orphan, its promise and its run side by side.
+  await Promise.all([page.waitForNavigation(), page.click('nav >> text=Audit')]);
+  const row = page.locator('tr.finding[data-kind=orphan]', { hasText: orphanPromise });
+  expect(await row.count() === 1, `the audit page lists the orphan of ${orphanPromise}`);
+  const cells = await row.locator('td').allTextContents();
+  expect(cells[2].includes('no such promise') && cells[3].trim() === orphanRun,
+    `with the promise side and the run side (${JSON.stringify(cells.slice(0, 6))})`);
+  expect(cells[5].trim() === 'cancel', `and what was done (${cells[5]})`);
 
   // Log out: the console is closed again.
   await Promise.all([page.waitForNavigation(), page.click('header button')]);

@@ -19,6 +19,7 @@ pub(super) enum Nav {
     Overview,
     Promises,
     DeadLetters,
+    Audit,
     None,
 }
 
@@ -45,6 +46,7 @@ pub(super) fn page(title: &str, nav: Nav, csrf: Option<&str>, body: Markup) -> M
                             (link("/ui", "Overview", Nav::Overview))
                             (link("/ui/promises", "Promises", Nav::Promises))
                             (link("/ui/dead-letters", "Dead letters", Nav::DeadLetters))
+                            (link("/ui/audit", "Audit", Nav::Audit))
                         }
                         form method="post" action="/ui/logout" {
                             (csrf_field(csrf))

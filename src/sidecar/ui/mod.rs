@@ -13,10 +13,12 @@
 //! buttons settle through the same `settle` (cancel also cancels the run).
 //!
 //! The parts: [`layout`] (the frame and the response headers), one module
-//! per page family ([`overview`], [`promises`], [`dead_letters`]), and
+//! per page family ([`overview`], [`promises`], [`dead_letters`],
+//! [`audit`]), and
 //! [`session`] (log in, log out, who is asking). Here: the responses every
 //! route may give (login form, refusals, errors) and form plumbing.
 
+mod audit;
 mod dead_letters;
 mod layout;
 mod overview;
@@ -36,6 +38,7 @@ use crate::store::Store;
 use layout::{Nav, alert, csrf_field, page, respond};
 use session::{Cookies, csrf_ok};
 
+pub use audit::{adopt_action, audit};
 pub use dead_letters::{body as dead_letter_body, dead_letters, republish};
 pub use overview::{overview, overview_fragment_route};
 pub use promises::{act, promise, promises};

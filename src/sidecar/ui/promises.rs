@@ -450,6 +450,9 @@ fn promise_page(
                     (confirm_box())
                     p { button.danger type="submit" id="cancel-button" { "Cancel promise" } }
                 }
+                @if p.family.is_none() {
+                    (super::audit::adopt_form(csrf, id))
+                }
                 form method="post" action="/ui/act" {
                     (act_fields(csrf, id, "resolve"))
                     label for="resolve-value" { "Resolve with value" textarea id="resolve-value" name="value" {} }

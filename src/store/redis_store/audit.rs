@@ -194,4 +194,41 @@ impl Audits for RedisStore {
             .map_err(unavailable)?;
         Ok(())
     }
+
+    async fn adopt_run(
+        &self,
+        id: &PromiseId,
+        run: RunId,
+        first_poll: Duration,
+        replaced: &str,
+    ) -> Result<AdoptOutcome, StoreError> {
+        let mut conn = self.conn().await?;
+        let p = self.keys.partition(id);
+        let r: Vec<String> = self
+            .scripts
+            .adopt
+            .key(self.keys.promise(id))
+            .key(self.keys.runs(p))
+            .key(self.keys.polls(p))
+            .key(self.keys.retries(p))
+            .arg(id.as_str())
+            .arg(run.get())
+            .arg(millis(first_poll))
+            .arg(replaced)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let second = || r.get(1).cloned().unwrap_or_default();
+        match r.first().map(String::as_str) {
+            Some("OK") => Ok(AdoptOutcome::Adopted),
+            Some("NOT_FOUND") => Ok(AdoptOutcome::NotFound),
+            Some("SETTLED") => second()
+                .parse()
+                .map(AdoptOutcome::Settled)
+                .map_err(|e| StoreError::Protocol(format!("adopt: {e}"))),
+            Some("LAUNCHING") => Ok(AdoptOutcome::Launching),
+            Some("TAKEN") => Ok(AdoptOutcome::Taken(second())),
+            other => Err(StoreError::Protocol(format!("adopt answered {other:?}"))),
+        }
+    }
 }
