@@ -139,6 +139,7 @@ docs: build
 	target/debug/runbridge schema event > docs/schemas/event.schema.json
 	target/debug/runbridge schema control > docs/schemas/control.schema.json
 	target/debug/runbridge schema progress-event > docs/schemas/progress-event.schema.json
+	target/debug/runbridge schema finding-event > docs/schemas/finding-event.schema.json
 	target/debug/runbridge schema openapi > docs/openapi.json
 	target/debug/runbridge schema asyncapi --defaults > docs/asyncapi.yaml
 

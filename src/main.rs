@@ -113,6 +113,8 @@ enum SchemaDoc {
     Control,
     /// JSON Schema of a progress event.
     ProgressEvent,
+    /// JSON Schema of an audit finding event.
+    FindingEvent,
     /// OpenAPI 3.1 of the sidecar (as served at /openapi.json).
     Openapi,
     /// AsyncAPI 3.0 (YAML) of the queues and exchanges.
@@ -127,6 +129,7 @@ fn schema(settings: &Settings, a: SchemaArgs) -> Result<()> {
         SchemaDoc::Event => pretty(schemas::event())?,
         SchemaDoc::Control => pretty(schemas::control())?,
         SchemaDoc::ProgressEvent => pretty(schemas::progress_event())?,
+        SchemaDoc::FindingEvent => pretty(schemas::finding_event())?,
         SchemaDoc::Openapi => runbridge::sidecar::openapi::document(),
         SchemaDoc::Asyncapi => {
             let defaults;

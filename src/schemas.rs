@@ -38,6 +38,11 @@ pub fn progress_event() -> Value {
     schemars::schema_for!(crate::domain::event::ProgressCloudEvent).to_value()
 }
 
+/// JSON Schema of an audit finding event (docs/contracts.md, the audit).
+pub fn finding_event() -> Value {
+    schemars::schema_for!(crate::audit::finding::FindingCloudEvent).to_value()
+}
+
 /// JSON Schema of an operator's control-queue message.
 pub fn control() -> Value {
     schemars::schema_for!(ControlMessage).to_value()
@@ -87,6 +92,8 @@ pub fn asyncapi(amqp: &AmqpSection) -> Value {
     let control = into_components(control(), &mut schemas);
     let progress = into_components(progress_event(), &mut schemas);
     schemas.insert("ProgressEvent".into(), progress);
+    let finding = into_components(finding_event(), &mut schemas);
+    schemas.insert("FindingEvent".into(), finding);
     schemas.insert("Trigger".into(), trigger);
     schemas.insert("CompletionEvent".into(), event);
     schemas.insert("ControlMessage".into(), control);
@@ -153,6 +160,15 @@ pub fn asyncapi(amqp: &AmqpSection) -> Value {
                 "bindings": {"amqp": {"is": "routingKey", "exchange": {"name": amqp.events_exchange,
                     "type": "topic", "durable": true, "autoDelete": false, "vhost": "/"}, "bindingVersion": "0.3.0"}}
             },
+            "findings": {
+                "address": "audit.{kind}",
+                "title": "Audit findings",
+                "description": format!("What the audit found in the workspace, on the topic exchange {}: one event per finding (a later audit that sees it again publishes nothing new). Bind a queue with audit.# for every finding.", amqp.events_exchange),
+                "parameters": {"kind": {"enum": ["orphan", "duplicate", "mismatch", "lost"], "description": "The kind of finding."}},
+                "messages": {"findingEvent": {"$ref": "#/components/messages/FindingEvent"}},
+                "bindings": {"amqp": {"is": "routingKey", "exchange": {"name": amqp.events_exchange,
+                    "type": "topic", "durable": true, "autoDelete": false, "vhost": "/"}, "bindingVersion": "0.3.0"}}
+            },
             "replies": {
                 "address": null,
                 "title": "reply_to queues",
@@ -195,6 +211,13 @@ pub fn asyncapi(amqp: &AmqpSection) -> Value {
                 "messages": [{"$ref": "#/channels/progress/messages/progressEvent"}],
                 "bindings": {"amqp": {"deliveryMode": 2, "mandatory": true, "bindingVersion": "0.3.0"}}
             },
+            "publishFindings": {
+                "action": "send",
+                "channel": {"$ref": "#/channels/findings"},
+                "summary": "Each audit finding once, mandatory and persistent with publisher confirms; one the broker did not confirm is published again by the next audit, with the same message_id.",
+                "messages": [{"$ref": "#/channels/findings/messages/findingEvent"}],
+                "bindings": {"amqp": {"deliveryMode": 2, "mandatory": true, "bindingVersion": "0.3.0"}}
+            },
             "deadLetter": {
                 "action": "send",
                 "channel": {"$ref": "#/channels/deadLetters"},
@@ -233,6 +256,13 @@ pub fn asyncapi(amqp: &AmqpSection) -> Value {
                     "contentType": "application/cloudevents+json",
                     "headers": {"type": "object", "properties": {"traceparent": traceparent}},
                     "payload": {"$ref": "#/components/schemas/ProgressEvent"}
+                },
+                "FindingEvent": {
+                    "name": "findingEvent",
+                    "title": "Audit finding",
+                    "summary": "A CloudEvents 1.0 structured event, type io.runbridge.audit.finding, id audit/<kind>/<promise id>/<run id>. AMQP message_id = the event id.",
+                    "contentType": "application/cloudevents+json",
+                    "payload": {"$ref": "#/components/schemas/FindingEvent"}
                 },
                 "DeadLetter": {
                     "name": "deadLetter",

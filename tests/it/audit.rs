@@ -124,6 +124,23 @@ async fn an_orphan_started_by_hand_for_a_settled_promise_is_found_and_cancelled(
     assert_eq!(f["data"]["run"]["run_id"], run);
     assert_eq!(f["data"]["promise"]["state"], "RESOLVED");
     assert_eq!(f["data"]["action"], "cancel");
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/schemas/finding-event.schema.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let errors: Vec<String> = jsonschema::validator_for(&schema)
+        .unwrap()
+        .iter_errors(&f)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "the event breaks docs/schemas/finding-event.schema.json: {errors:?}"
+    );
     wait_cancelled(&app, run).await;
     assert_not_repeated(&mut findings, f["id"].as_str().unwrap()).await;
     assert_eq!(app.promise(&id).await.unwrap().state, State::Resolved);

@@ -42,6 +42,10 @@ fn docs_hold_the_generated_documents() {
             pretty(schemas::progress_event()),
         ),
         (
+            "schemas/finding-event.schema.json",
+            pretty(schemas::finding_event()),
+        ),
+        (
             "openapi.json",
             printed(runbridge::sidecar::openapi::document()),
         ),
