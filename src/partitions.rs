@@ -19,7 +19,6 @@
 //! would have run out.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,42 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::keys::fnv1a32;
 use crate::store::StoreError;
-
-/// Leases and membership, as the store keeps them.
-pub trait Leases: Send + Sync + 'static {
-    /// Announces `member` as live for `ttl`, holding `holding` partitions,
-    /// and forgets members silent for longer.
-    fn announce(
-        &self,
-        member: &str,
-        ttl: Duration,
-        holding: usize,
-    ) -> impl Future<Output = Result<Membership, StoreError>> + Send;
-    /// Removes `member` from the live set (a clean shutdown).
-    fn leave(&self, member: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Takes the partition's lease if free, or renews it if `member` holds
-    /// it; false if another member holds it.
-    fn hold(
-        &self,
-        partition: u32,
-        member: &str,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-    /// Gives the lease back if `member` holds it.
-    fn release(
-        &self,
-        partition: u32,
-        member: &str,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-}
-
-/// What the live workers look like (this one included).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Membership {
-    pub live: usize,
-    /// The fewest partitions a live worker said it holds.
-    pub fewest: usize,
-}
+pub use crate::store::{Leases, Membership};
 
 /// The most partitions a worker should own when `members` share
 /// `partitions`: the count divided by the workers, rounded up.

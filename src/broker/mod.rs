@@ -19,6 +19,7 @@ mod topology;
 
 use std::time::Duration;
 
+pub use crate::config::QueueType;
 pub use check::{Found, TopologyFinding};
 pub use connect::Broker;
 pub use consume::{EventListener, Incoming, ReceivedEvent, TriggerConsumer};
@@ -37,7 +38,6 @@ use lapin::{
 };
 pub use publish::Publisher;
 use secrecy::{ExposeSecret, SecretString};
-pub use topology::QueueType;
 
 use crate::domain::{CompletionEvent, Envelope};
 use crate::redact::redact_url;

@@ -2,27 +2,6 @@
 
 use super::*;
 
-/// A RabbitMQ queue type, as `x-queue-type` names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QueueType {
-    /// Not replicated, durable on its node; a message returned unacked
-    /// keeps its place and gains no delivery count, so the console can
-    /// browse it for free.
-    Classic,
-    /// Replicated (Raft). Before RabbitMQ 4.3 every return of a message,
-    /// browsing included, raises its delivery count.
-    Quorum,
-}
-
-impl QueueType {
-    pub(super) fn as_str(self) -> &'static str {
-        match self {
-            QueueType::Classic => "classic",
-            QueueType::Quorum => "quorum",
-        }
-    }
-}
-
 /// A durable quorum queue's arguments.
 pub(super) fn quorum_args() -> FieldTable {
     let mut args = FieldTable::default();

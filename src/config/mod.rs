@@ -339,7 +339,6 @@ mod tests {
 
     #[test]
     fn the_dead_letter_queue_is_quorum_on_a_cluster_by_default() {
-        use crate::broker::QueueType;
         let mut s = load(&[]).unwrap();
         assert_eq!(s.amqp.dead_letter_queue_type, DeadLetterQueueType::Auto);
         assert_eq!(s.amqp.dead_letter_queue_type(), QueueType::Classic);

@@ -158,8 +158,7 @@ pub enum DeadLetterQueueType {
 }
 
 impl AmqpSection {
-    pub fn dead_letter_queue_type(&self) -> crate::broker::QueueType {
-        use crate::broker::QueueType;
+    pub fn dead_letter_queue_type(&self) -> QueueType {
         match self.dead_letter_queue_type {
             DeadLetterQueueType::Classic => QueueType::Classic,
             DeadLetterQueueType::Quorum => QueueType::Quorum,
@@ -450,6 +449,27 @@ impl FindingAction {
             FindingAction::Report => "report",
             FindingAction::Cancel => "cancel",
             FindingAction::Settle => "settle",
+        }
+    }
+}
+
+/// A RabbitMQ queue type, as `x-queue-type` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// Not replicated, durable on its node; a message returned unacked
+    /// keeps its place and gains no delivery count, so the console can
+    /// browse it for free.
+    Classic,
+    /// Replicated (Raft). Before RabbitMQ 4.3 every return of a message,
+    /// browsing included, raises its delivery count.
+    Quorum,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
         }
     }
 }

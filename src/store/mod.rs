@@ -313,6 +313,43 @@ pub trait Lifecycle: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<PromiseId>, StoreError>> + Send;
 }
 
+/// Partition leases and worker membership, as the store keeps them (what
+/// `partitions` shares out).
+pub trait Leases: Send + Sync + 'static {
+    /// Announces `member` as live for `ttl`, holding `holding` partitions,
+    /// and forgets members silent for longer.
+    fn announce(
+        &self,
+        member: &str,
+        ttl: Duration,
+        holding: usize,
+    ) -> impl Future<Output = Result<Membership, StoreError>> + Send;
+    /// Removes `member` from the live set (a clean shutdown).
+    fn leave(&self, member: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Takes the partition's lease if free, or renews it if `member` holds
+    /// it; false if another member holds it.
+    fn hold(
+        &self,
+        partition: u32,
+        member: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Gives the lease back if `member` holds it.
+    fn release(
+        &self,
+        partition: u32,
+        member: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// What the live workers look like (this one included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Membership {
+    pub live: usize,
+    /// The fewest partitions a live worker said it holds.
+    pub fewest: usize,
+}
+
 /// What adopting a run did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdoptOutcome {

@@ -20,7 +20,6 @@ use super::*;
 use crate::databricks::{CallClass, RateBudget};
 use crate::domain::promise::field;
 use crate::keys::Keys;
-use crate::partitions::{Leases, Membership};
 use crate::redact::redact_url;
 
 mod attempts;
