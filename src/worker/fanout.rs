@@ -174,7 +174,13 @@ async fn cancel_unlaunched<S: PromiseStore + Families, J: Jobs>(
                 .parent
                 .as_ref()
                 .is_some_and(|o| o.parent == p.id && o.index == n);
-            if !ours || c.state.is_settled() || c.run_id.is_some() {
+            if !ours || c.run_id.is_some() {
+                return Ok(());
+            }
+            if c.state.is_settled() {
+                if let Some(run) = child.launch() {
+                    super::record_called_back_run(ctx, &child, run, &c).await;
+                }
                 return Ok(());
             }
             launch_child(ctx, &child, &c).await
@@ -275,6 +281,9 @@ async fn ensure_child<S: PromiseStore + Families, J: Jobs>(
         }
     };
     if promise.state.is_settled() {
+        if let Some(run) = child.launch() {
+            super::record_called_back_run(ctx, &child, run, &promise).await;
+        }
         return Ok(());
     }
     launch_child(ctx, &child, &promise).await

@@ -311,10 +311,41 @@ async fn process_in_span<S: PromiseStore + Families, J: Jobs>(
         Err(e) => return store_failure(e),
     };
     if promise.state.is_settled() {
+        record_called_back_run(ctx, &t, run, &promise).await;
         launched("already_settled");
         return reply_for(&promise, &t);
     }
     launch_created(ctx, &t, run, &promise).await
+}
+
+/// A promise its run settled (by calling back) before the run's id was
+/// recorded: the record failed (the store was away) and this redelivery,
+/// or a fan-out step, finds the promise settled. The run exists, since it
+/// called back, so `run-now` with the promise's token makes no second run:
+/// Databricks answers with that run, and the promise records it (its
+/// record, the console and the audit then name it). First attempts only (a
+/// later attempt's run is recorded by its retry step). Best effort: a
+/// failure leaves the promise without its run id, as before.
+pub(crate) async fn record_called_back_run<S: PromiseStore + Families, J: Jobs>(
+    ctx: &WorkerContext<S, J>,
+    t: &Trigger,
+    run: &Launch,
+    promise: &Promise,
+) {
+    if promise.run_id.is_some()
+        || promise.retry.attempt > 1
+        || promise.settled_by.as_deref() != Some(SettledBy::Callback.as_str())
+    {
+        return;
+    }
+    let token = promise.idempotency_token();
+    match launch(ctx, t, run, promise, &token).await {
+        Ok(r) => match ctx.store.record_run(&t.id, r, None).await {
+            Ok(_) => tracing::debug!(run_id = r.get(), "a called-back run's id recorded late"),
+            Err(e) => tracing::debug!(error = %e, "a called-back run's id not recorded"),
+        },
+        Err(e) => tracing::debug!(error = %e, "a called-back run's id not asked for again"),
+    }
 }
 
 /// Steps 3 to 5 for a created promise (a trigger's, or a parent's child):

@@ -75,6 +75,53 @@ async fn worker_killed_after_launch_converges_on_one_run() {
     app.stop().await;
 }
 
+/// The run calls back while its worker is between `run-now` and recording
+/// the run, and the worker dies there: the promise is settled without its
+/// run id. The redelivery asks again with the same token (Databricks
+/// answers the same run) and records it.
+#[cfg(feature = "failpoints")]
+#[tokio::test]
+async fn a_run_that_called_back_before_it_was_recorded_is_recorded_on_redelivery() {
+    let mut app = TestApp::spawn_with(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let marker = app.failpoint_marker();
+    let mut first = app.spawn_worker("worker.after_launch=pause");
+    let id = unique("called-back");
+    app.publish(&trigger(&id, JOB_CALLBACK)).await;
+    let (_, v) = app.first_event(&id, Duration::from_secs(20)).await;
+    assert_eq!(v["data"]["settled_by"], "callback");
+    eventually(
+        Duration::from_secs(20),
+        "the worker paused after launch",
+        || async {
+            std::fs::read_to_string(&marker)
+                .ok()
+                .filter(|s| s.contains("worker.after_launch"))
+        },
+    )
+    .await;
+    first.start_kill().expect("SIGKILL");
+    let _ = first.wait().await;
+    assert!(app.promise(&id).await.unwrap().run_id.is_none());
+
+    let mut second = app.spawn_worker("");
+    let runs = app.runs_for(&id).await;
+    assert_eq!(runs.len(), 1);
+    let p = eventually(Duration::from_secs(20), "the run id recorded", || async {
+        app.promise(&id).await.filter(|p| p.run_id.is_some())
+    })
+    .await;
+    assert_eq!(p.run_id.map(|r| r.get()), runs[0]["run_id"].as_u64());
+    assert_eq!(app.runs_for(&id).await.len(), 1, "no second run");
+    assert_eq!(p.state, runbridge::domain::State::Resolved);
+    second.start_kill().ok();
+    let _ = std::fs::remove_file(&marker);
+    app.stop().await;
+}
+
 /// (i) With the broker unreachable the event stays in the outbox; when the
 /// broker is back it is published, once. Uses a private vhost whose
 /// permissions are revoked (connections closed and refused), never the
