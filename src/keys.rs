@@ -187,6 +187,12 @@ impl Keys {
         format!("{}:{{ws:{workspace}}}:audit:cursor", self.prefix)
     }
 
+    /// The runs the workspace's last audit saw active (set of run ids): the
+    /// next audit reads those no longer active, which have ended since.
+    pub fn audit_active(&self, workspace: &str) -> String {
+        format!("{}:{{ws:{workspace}}}:audit:active", self.prefix)
+    }
+
     /// The workspace's audit findings (hash: finding id → JSON record).
     pub fn audit_findings(&self, workspace: &str) -> String {
         format!("{}:{{ws:{workspace}}}:audit:findings", self.prefix)

@@ -262,7 +262,24 @@ pub fn classify_run(
             ),
         });
     }
-    if p.run_id.map(|r| r.get()) == Some(run.run_id) {
+    let current = p.run_id.map(|r| r.get()) == Some(run.run_id);
+    // A repair keeps the run: the current run may be an earlier attempt's too.
+    if !current && earlier_attempt(p, run.run_id) {
+        return (active && !young).then(|| Verdict {
+            kind: FindingKind::Orphan,
+            reason: format!(
+                "run {} is active and belongs to an earlier attempt (the promise is on attempt {})",
+                run.run_id,
+                p.retry.attempt.max(1)
+            ),
+        });
+    }
+    // A settled promise that recorded no run, and a run launched for this
+    // very incarnation (its callback token says so): the promise's own
+    // run, which called back before its id was recorded.
+    let unrecorded_own =
+        p.run_id.is_none() && p.state.is_settled() && created == Some(p.created_on);
+    if unrecorded_own || current {
         if p.state.is_settled() {
             if active && settled_long_ago(p) {
                 return found(
@@ -278,7 +295,14 @@ pub fn classify_run(
             }
             return if active { None } else { mismatch(p, run) };
         }
-        if run.state == "ENDED" && run.end_time > 0 && m.since(run.end_time) >= m.lost_after_ms {
+        // Waiting for its next attempt (or launching it), a promise's run
+        // has ended by design.
+        let between_attempts = p.retry.next_at.is_some() || p.retry.launching;
+        if run.state == "ENDED"
+            && !between_attempts
+            && run.end_time > 0
+            && m.since(run.end_time) >= m.lost_after_ms
+        {
             return found(
                 FindingKind::Lost,
                 format!(
@@ -290,16 +314,6 @@ pub fn classify_run(
             );
         }
         return None;
-    }
-    if earlier_attempt(p, run.run_id) {
-        return (active && !young).then(|| Verdict {
-            kind: FindingKind::Orphan,
-            reason: format!(
-                "run {} is active and belongs to an earlier attempt (the promise is on attempt {})",
-                run.run_id,
-                p.retry.attempt.max(1)
-            ),
-        });
     }
     // A run the promise does not know. Just started, its id may be on its
     // way to the store (a launch records it right after run-now answers).
@@ -472,6 +486,9 @@ mod tests {
         assert!(v.reason.contains("attempt 2"), "{}", v.reason);
         let ended = run(7, "ENDED", Some("FAILED"), 3_000_000);
         assert_eq!(classify_run(&M, &ended, None, Some(&p)), None);
+        // A repair's attempt goes on in the same run: it is the current one.
+        p.run_id = Some(RunId::new(7).unwrap());
+        assert_eq!(classify_run(&M, &r, None, Some(&p)), None);
     }
 
     #[test]
@@ -506,18 +523,52 @@ mod tests {
 
     #[test]
     fn a_pending_promise_whose_run_ended_long_ago_is_lost() {
-        let p = promise(State::Pending, Some(7));
+        let mut p = promise(State::Pending, Some(7));
         let ended = run(7, "ENDED", Some("SUCCESS"), 3_000_000);
         assert_eq!(
             kind(classify_run(&M, &ended, None, Some(&p))),
             Some(FindingKind::Lost)
         );
+        // Unless it waits for its next attempt.
+        p.retry.next_at = Some(NOW + 600_000);
+        assert_eq!(classify_run(&M, &ended, None, Some(&p)), None);
+        p.retry.next_at = None;
         let mut recent = ended.clone();
         recent.end_time = NOW - 1_000;
         assert_eq!(
             classify_run(&M, &recent, None, Some(&p)),
             None,
             "the reconciler has it"
+        );
+    }
+
+    #[test]
+    fn a_settled_promises_unrecorded_run_with_its_token_is_its_own() {
+        let mut p = promise(State::Resolved, None);
+        p.created_on = 1_000;
+        let ended = run(7, "ENDED", Some("SUCCESS"), 3_000_000);
+        assert_eq!(
+            classify_run(&M, &ended, Some(1_000), Some(&p)),
+            None,
+            "it called back"
+        );
+        let failed = run(7, "ENDED", Some("FAILED"), 3_000_000);
+        assert_eq!(
+            kind(classify_run(&M, &failed, Some(1_000), Some(&p))),
+            Some(FindingKind::Mismatch)
+        );
+        // Without the token (started by hand), it is no run of the promise.
+        assert_eq!(
+            kind(classify_run(&M, &ended, None, Some(&p))),
+            Some(FindingKind::Orphan)
+        );
+        // Still going after its promise was cancelled (the launch window).
+        let mut cancelled = promise(State::RejectedCanceled, None);
+        cancelled.created_on = 1_000;
+        let active = run(7, "ACTIVE", None, 300_000);
+        assert_eq!(
+            kind(classify_run(&M, &active, Some(1_000), Some(&cancelled))),
+            Some(FindingKind::Orphan)
         );
     }
 

@@ -7,6 +7,8 @@
 //!    expanded so a one-time run's parameters show): every active run,
 //!    whenever it started, and every run started since the last audit
 //!    (less an overlap). A run that names a promise is read with it.
+//!    A run the last audit saw active and this one does not has ended
+//!    since: it is read with `runs/get`, whenever it started.
 //! 2. **Walk** the pending promises' recorded runs a few at a time (the
 //!    walk goes on where the last audit left it): a run not listed above is
 //!    read with `runs/get`, so a run that ended or vanished long ago is
@@ -147,6 +149,8 @@ struct Observed {
     promise_id: String,
     promise: Option<PromiseSide>,
     run: RunSide,
+    /// The incarnation the run's callback token names.
+    created: Option<i64>,
 }
 
 pub struct Auditor<S, J> {
@@ -204,7 +208,9 @@ impl<S: PromiseStore + Audits, J: Jobs> Auditor<S, J> {
         };
         let mut promises: HashMap<String, Option<Promise>> = HashMap::new();
         let mut seen: HashSet<u64> = HashSet::new();
+        let mut active: Vec<u64> = Vec::new();
         let mut observed = Vec::new();
+        let was_active = self.store.audit_active(workspace).await?;
         for query in [RunsQuery::Active, RunsQuery::StartedSince(since)] {
             let mut token: Option<String> = None;
             for page_no in 0.. {
@@ -218,6 +224,9 @@ impl<S: PromiseStore + Audits, J: Jobs> Auditor<S, J> {
                     .await?;
                 report.calls += 1;
                 for run in &page.runs {
+                    if query == RunsQuery::Active {
+                        active.push(run.run_id);
+                    }
                     if seen.insert(run.run_id) {
                         report.runs_seen += 1;
                         self.look_at(workspace, run, &margins, &mut promises, &mut observed)
@@ -230,8 +239,31 @@ impl<S: PromiseStore + Audits, J: Jobs> Auditor<S, J> {
                 }
             }
         }
+        // Runs the last audit saw active have ended since, and may have
+        // started before this listing's window: each is read on its own.
+        for run in was_active {
+            let Ok(id) = RunId::new(run) else { continue };
+            if !seen.insert(run) {
+                continue;
+            }
+            report.calls += 1;
+            match self.jobs.get_run(workspace, id).await {
+                Ok(info) => {
+                    report.runs_seen += 1;
+                    self.look_at(workspace, &info, &margins, &mut promises, &mut observed)
+                        .await?;
+                }
+                // Deleted since: nothing of it to hold against a promise.
+                Err(e) if e.is_unknown_run() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         self.walk_pending(workspace, &margins, &mut seen, &mut report, &mut observed)
             .await?;
+        if mode == Mode::Act {
+            self.store.set_audit_active(workspace, &active).await?;
+        }
+        let observed = self.confirm(workspace, &margins, observed).await?;
         self.act(workspace, now, observed, mode, &mut report)
             .await?;
         Ok(report)
@@ -278,6 +310,7 @@ impl<S: PromiseStore + Audits, J: Jobs> Auditor<S, J> {
                 promise_id: id.to_string(),
                 promise: promise.map(PromiseSide::of),
                 run: side,
+                created,
             });
         }
         Ok(())
@@ -327,6 +360,7 @@ impl<S: PromiseStore + Audits, J: Jobs> Auditor<S, J> {
                         promise_id: id.to_string(),
                         promise: Some(PromiseSide::of(&p)),
                         run: RunSide::gone(run.get()),
+                        created: None,
                     });
                     continue;
                 }
@@ -339,10 +373,56 @@ impl<S: PromiseStore + Audits, J: Jobs> Auditor<S, J> {
                     promise_id: id.to_string(),
                     promise: Some(PromiseSide::of(&p)),
                     run: side,
+                    created: None,
                 });
             }
         }
         Ok(())
+    }
+
+    /// Reads each disagreement's promise again and classifies once more: a
+    /// listing of many pages takes a while, and a promise the reconciler
+    /// settled (or a worker recorded a run for) meanwhile is no finding.
+    async fn confirm(
+        &self,
+        workspace: &str,
+        margins: &Margins,
+        observed: Vec<Observed>,
+    ) -> Result<Vec<Observed>, StoreError> {
+        let mut out = Vec::with_capacity(observed.len());
+        for o in observed {
+            let Ok(id) = PromiseId::parse(&o.promise_id) else {
+                continue;
+            };
+            let fresh = self
+                .store
+                .get(&id)
+                .await?
+                .filter(|p| p.workspace == workspace);
+            let m = Margins {
+                now: now_ms(),
+                ..*margins
+            };
+            let again = if o.run.state == "GONE" {
+                fresh
+                    .as_ref()
+                    .filter(|p| {
+                        !p.state.is_settled() && p.run_id.map(|r| r.get()) == Some(o.run.run_id)
+                    })
+                    .map(|_| classify::gone(o.run.run_id))
+            } else {
+                classify_run(&m, &o.run, o.created, fresh.as_ref())
+            };
+            if let Some(v) = again {
+                out.push(Observed {
+                    kind: v.kind,
+                    reason: v.reason,
+                    promise: fresh.as_ref().map(PromiseSide::of),
+                    ..o
+                });
+            }
+        }
+        Ok(out)
     }
 
     async fn act(
@@ -521,15 +601,16 @@ impl<S: PromiseStore + Audits, J: Jobs> Auditor<S, J> {
                         continue;
                     }
                 }
-                self.audit_in_turn(ws).await;
+                self.audit_in_turn(ws, &member).await;
             }
             pause(interval, &shutdown).await;
         }
         tracing::info!("audit stopped");
     }
 
-    async fn audit_in_turn(&self, ws: &str) {
+    async fn audit_in_turn(&self, ws: &str, member: &str) {
         let began = now_ms();
+        let clock = std::time::Instant::now();
         let since = match self.store.last_audit(ws).await {
             Ok(Some(last)) => last - ms(self.settings.overlap),
             Ok(None) => began - ms(self.settings.lookback),
@@ -538,7 +619,26 @@ impl<S: PromiseStore + Audits, J: Jobs> Auditor<S, J> {
                 return;
             }
         };
-        match self.audit(ws, since, Mode::Act).await {
+        // The lease is renewed while a long audit (a wide window, a slow
+        // workspace) goes on, so no other worker starts the same audit;
+        // one that loses it stops.
+        let interval = self.settings.interval;
+        let renew = async {
+            loop {
+                tokio::time::sleep(interval).await;
+                if let Ok(false) = self.store.hold_audit(ws, member, interval * 3).await {
+                    return;
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            r = self.audit(ws, since, Mode::Act) => r,
+            () = renew => {
+                tracing::warn!(workspace = %ws, "audit lease lost mid-audit; another worker audits");
+                return;
+            }
+        };
+        match outcome {
             Ok(r) => {
                 if let Err(e) = self.store.audit_done(ws, began).await {
                     tracing::warn!(workspace = %ws, error = %e, "audit's end not recorded; the next one lists from further back");
@@ -550,10 +650,10 @@ impl<S: PromiseStore + Audits, J: Jobs> Auditor<S, J> {
                 if r.truncated {
                     tracing::warn!(workspace = %ws, max_pages = self.settings.max_pages, "audit listing stopped at audit.max_pages; older runs of the window were not read");
                 }
-                tracing::debug!(workspace = %ws, runs = r.runs_seen, calls = r.calls, findings = r.findings.len(), new = r.new, "audit done");
+                tracing::debug!(workspace = %ws, runs = r.runs_seen, calls = r.calls, findings = r.findings.len(), new = r.new, took_ms = clock.elapsed().as_millis() as u64, "audit done");
             }
             Err(e) => {
-                tracing::warn!(workspace = %ws, error = %e, "audit failed; trying again next interval")
+                tracing::warn!(workspace = %ws, error = %e, took_ms = clock.elapsed().as_millis() as u64, "audit failed; trying again next interval")
             }
         }
     }

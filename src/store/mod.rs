@@ -391,6 +391,17 @@ pub trait Audits: Clone + Send + Sync + 'static {
         workspace: &str,
         count: usize,
     ) -> impl Future<Output = Result<Vec<(RunId, PromiseId)>, StoreError>> + Send;
+    /// The runs the last audit saw active.
+    fn audit_active(
+        &self,
+        workspace: &str,
+    ) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
+    /// Replaces them with `runs`.
+    fn set_audit_active(
+        &self,
+        workspace: &str,
+        runs: &[u64],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Schedules `run` for cancellation in the promise's partition, where
     /// the reconciler sends every cancel.
     fn schedule_cancel(

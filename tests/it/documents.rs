@@ -230,6 +230,14 @@ async fn real_messages_and_answers_match_the_documents() {
         "no retry policy, not waiting"
     );
     api.check("post", "/promises/retry", r).await;
+    let r = app
+        .operator(http.post(format!("{base}/promises/adopt")))
+        .json(&json!({"id": never, "run_id": 987_654_321u64}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT, "no such run");
+    api.check("post", "/promises/adopt", r).await;
     let r = http
         .post(token_path("/resolve"))
         .query(&[("id", never.as_str()), ("value", "{\"rows\": 3}")])

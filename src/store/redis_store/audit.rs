@@ -94,6 +94,28 @@ impl Audits for RedisStore {
         Ok(out)
     }
 
+    async fn audit_active(&self, workspace: &str) -> Result<Vec<u64>, StoreError> {
+        let mut conn = self.conn().await?;
+        redis::cmd("SMEMBERS")
+            .arg(self.keys.audit_active(workspace))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn set_audit_active(&self, workspace: &str, runs: &[u64]) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let key = self.keys.audit_active(workspace);
+        // One auditor per workspace writes it: a pipeline, no transaction.
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(&key).ignore();
+        for chunk in runs.chunks(1000) {
+            pipe.cmd("SADD").arg(&key).arg(chunk).ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn schedule_cancel(
         &self,
         promise: &PromiseId,

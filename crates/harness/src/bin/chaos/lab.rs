@@ -38,6 +38,8 @@ pub struct Lab {
     /// The harness's own view (direct, not through the proxies).
     pub settings: Settings,
     pub bs: BrokerSettings,
+    /// The private Redis, direct (the audit's lost plant edits a schedule).
+    pub redis_url: String,
 }
 
 impl Lab {
@@ -113,6 +115,8 @@ impl Lab {
         b.declare_topology().await?;
         b.declare_bound_queue(EVENTS_QUEUE, &bs.events_exchange, "promise.#")
             .await?;
+        b.declare_bound_queue(crate::audit::FINDINGS_QUEUE, &bs.events_exchange, "audit.#")
+            .await?;
         b.close().await;
 
         let lab = Lab {
@@ -126,6 +130,7 @@ impl Lab {
             env,
             settings,
             bs,
+            redis_url: format!("redis://127.0.0.1:{redis_port}"),
         };
         Ok((lab, Servers { redis, node }))
     }
@@ -143,7 +148,7 @@ impl Lab {
             "--listen".into(),
             format!("127.0.0.1:{}", self.emu_port),
         ];
-        for job in JOBS {
+        for job in JOBS.iter().chain(&crate::audit::JOBS) {
             args.extend(["--job".to_string(), job.to_string()]);
         }
         args.extend(crate::workload::job_flags());
@@ -304,5 +309,10 @@ fn runbridge_env(
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
+    .chain(
+        crate::audit::ENV
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    )
     .collect()
 }

@@ -16,9 +16,11 @@
 //!
 //! The parts: [`lab`] sets up that world, [`supervisor`] keeps the runbridge
 //! processes running, [`workload`] publishes, [`faults`] injects on a
-//! schedule, [`proxy`] carries the links, and [`invariants`] checks what
-//! happened.
+//! schedule, [`proxy`] carries the links, [`audit`] plants one disagreement
+//! of each kind for the workers' audit to find, and [`invariants`] checks
+//! what happened.
 
+mod audit;
 mod families;
 mod faults;
 mod invariants;
@@ -95,6 +97,7 @@ async fn main() -> Result<()> {
         .unwrap_or_else(|| chrono::Utc::now().timestamp_millis() as u64);
     let mut faults = faults::parse(args.faults.as_deref())?;
     let bin = runbridge_bin(args.bin.as_ref(), "make chaos")?;
+    let started_ms = chrono::Utc::now().timestamp_millis();
     let (lab, servers) = Lab::start(&args, seed, bin, &mut faults).await?;
     let mut emulator = lab.emulator(faults.contains("emulator")).await?;
 
@@ -112,7 +115,8 @@ async fn main() -> Result<()> {
 
     // The workload, the faults and the memory samples, until publishing ends.
     let plan = Plan::draw(seed, args.triggers, args.parents, args.children);
-    let expected_promises = plan.promises();
+    let plants = audit::Plants::new(seed);
+    let expected_promises = plan.promises() + plants.ids().len();
     let Plan {
         bodies,
         valid_ids,
@@ -137,6 +141,15 @@ async fn main() -> Result<()> {
     }
     .spawn(stop_faults.clone(), fault_counts.clone());
     let sampling = tokio::spawn(supervisor::sample_rss(procs.clone(), stop_faults.clone()));
+    // The audit's plants, a few seconds in, while the faults go on.
+    let planting = tokio::spawn(audit::plant(
+        lab.bs.clone(),
+        runbridge::startup::store(&lab.settings).await?,
+        lab.redis_url.clone(),
+        lab.emu_port,
+        audit::Plants::new(seed),
+        Duration::from_secs(3),
+    ));
     publishing.await?;
     println!(
         "[chaos] published {} triggers; faults stop now, quiet period while promises settle (up to {}s without one)",
@@ -146,6 +159,7 @@ async fn main() -> Result<()> {
     stop_faults.store(true, Ordering::Relaxed);
     let mut servers = injecting.await?;
     let samples = sampling.await?;
+    let planted = planting.await?;
     let rss = invariants::rss_report(&samples);
     // The whole series, kept beside the logs (which go on success) to look at
     // the shape: a leak climbs, a backlog after an outage spikes and recedes.
@@ -204,6 +218,9 @@ async fn main() -> Result<()> {
         procs: &ps,
         faults: &counts,
         rss: &rss,
+        plants: &plants,
+        planted: &planted,
+        started_ms,
     };
     let violations = invariants::check(&run, &lab, &store).await?;
 
