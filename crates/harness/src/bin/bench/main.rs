@@ -17,16 +17,19 @@
 //! B3 settle throughput, B4 settle → event latency, B5 Redis memory per
 //! pending promise, B6 worker RSS with 10,000 promises in flight, B7 deadline
 //! sweep cost with 1,000,000 pending, B8 against a hand-written Python
-//! bridge, B9 a search among 1,000,000 settled. `--smoke` runs every scenario
+//! bridge, B9 a search among 1,000,000 settled, B11 the Databricks calls of
+//! one audit. `--smoke` runs every scenario
 //! with a few hundred messages, to keep the harness working (`make test`);
 //! its numbers mean nothing and nothing asserts on timings.
 //!
 //! The parts: [`lab`] (settings, child processes, publishing), the scenarios
 //! by what they load ([`triggers`]: B1, B1′, B2, B6; [`settle`]: B3, B4;
-//! [`store_cost`]: B5, B7; [`bridge`]: B8; [`search_cost`]: B9), [`cpu`]
+//! [`store_cost`]: B5, B7; [`bridge`]: B8; [`search_cost`]: B9;
+//! [`audit_cost`]: B11), [`cpu`]
 //! (CPU per operation by process), [`measure`] (load and statistics) and
 //! [`report`] (the table, the JSON, the chart).
 
+mod audit_cost;
 mod bridge;
 mod cpu;
 mod lab;
@@ -102,6 +105,7 @@ pub(crate) struct Sizes {
     pub(crate) b5_promises: usize,
     pub(crate) b7_pending: usize,
     pub(crate) b9_settled: usize,
+    pub(crate) b11_runs: usize,
     pub(crate) b8_triggers: usize,
     pub(crate) b8_rate: u64,
     pub(crate) b8_seconds: u64,
@@ -122,6 +126,7 @@ impl Sizes {
             b5_promises: 10_000,
             b7_pending: 1_000_000,
             b9_settled: 1_000_000,
+            b11_runs: 2_000,
             b8_triggers: 5_000,
             b8_rate: 100,
             b8_seconds: 10,
@@ -138,6 +143,7 @@ impl Sizes {
             b5_promises: 300,
             b7_pending: 3_000,
             b9_settled: 3_000,
+            b11_runs: 100,
             b8_triggers: 200,
             b8_rate: 50,
             b8_seconds: 2,
@@ -422,6 +428,13 @@ async fn scenarios(
             sz.b9_settled
         );
         rows.push(search_cost::b9(env, sz.b9_settled).await?);
+    }
+    if want("B11") {
+        println!(
+            "[bench] B11: one audit of {} runs started in its window",
+            sz.b11_runs
+        );
+        rows.push(audit_cost::b11(env, sz.b11_runs).await?);
     }
     Ok((rows, curves))
 }
