@@ -38,23 +38,6 @@ async fn findings_listener(app: &TestApp) -> EventListener {
         .expect("listen for findings")
 }
 
-/// `run-now` as a person or another tool sends it: no idempotency token,
-/// whatever job parameters they chose. The run's id.
-async fn start_by_hand(app: &TestApp, job_id: u64, params: Value) -> u64 {
-    let r: Value = app
-        .http
-        .post(format!("{}/api/2.2/jobs/run-now", app.emulator_url))
-        .bearer_auth("dapi-test")
-        .json(&json!({"job_id": job_id, "job_parameters": params}))
-        .send()
-        .await
-        .expect("emulator reachable")
-        .json()
-        .await
-        .expect("emulator json");
-    r["run_id"].as_u64().expect("a run id")
-}
-
 /// The emulator's record of run `run_id`.
 async fn emulator_run(app: &TestApp, run_id: u64) -> Value {
     app.emulator_get("/emulator/runs").await["runs"]
@@ -115,7 +98,7 @@ async fn an_orphan_started_by_hand_for_a_settled_promise_is_found_and_cancelled(
     assert_eq!(v["data"]["state"], "RESOLVED");
 
     // Someone runs the job again by hand with the settled promise's id.
-    let run = start_by_hand(&app, JOB_NEVER, json!({"promise_id": id})).await;
+    let run = app.run_by_hand(JOB_NEVER, json!({"promise_id": id})).await;
     let (ev, f) = next_finding(&mut findings, "orphan", &id).await;
     assert_eq!(ev.routing_key, "audit.orphan");
     assert_eq!(f["type"], "io.runbridge.audit.finding");
@@ -155,7 +138,7 @@ async fn a_duplicate_is_cancelled_and_its_promise_left_alone() {
     wait_run_recorded(&app, &id).await;
     let own = app.promise(&id).await.unwrap().run_id.unwrap().get();
 
-    let extra = start_by_hand(&app, JOB_NEVER, json!({"promise_id": id})).await;
+    let extra = app.run_by_hand(JOB_NEVER, json!({"promise_id": id})).await;
     let (_, f) = next_finding(&mut findings, "duplicate", &id).await;
     assert_eq!(f["data"]["run"]["run_id"], extra);
     assert_eq!(f["data"]["promise"]["run_id"], own);
@@ -242,16 +225,8 @@ async fn an_operators_cancel_in_the_launch_window_leaves_no_run_going() {
     let mut first = app.spawn_worker("worker.after_launch=pause");
     let id = unique("window");
     app.publish(&trigger(&id, JOB_NEVER)).await;
-    eventually(
-        Duration::from_secs(20),
-        "the worker to reach the crash point",
-        || async {
-            std::fs::read_to_string(&marker)
-                .ok()
-                .filter(|s| s.contains("worker.after_launch"))
-        },
-    )
-    .await;
+    app.wait_failpoint("worker.after_launch", Duration::from_secs(20))
+        .await;
     let r = app
         .operator(
             app.http
@@ -328,7 +303,7 @@ async fn an_adopted_run_settles_its_promise_and_the_event_names_it() {
 
     // Re-run with the promise's id (the emulator fails only the first run
     // of a promise).
-    let by_hand = start_by_hand(&app, job, json!({"promise_id": id})).await;
+    let by_hand = app.run_by_hand(job, json!({"promise_id": id})).await;
     let (status, body) = adopt_over_http(&app, &id, by_hand).await;
     assert_eq!(status, reqwest::StatusCode::OK, "{body}");
     assert_eq!(body["state"], "PENDING");
@@ -357,7 +332,7 @@ async fn adoption_is_refused_with_the_reason_and_changes_nothing() {
     app.publish(&trigger(&pending, JOB_NEVER)).await;
     wait_run_recorded(&app, &pending).await;
     let before = app.promise(&pending).await.unwrap();
-    let other_job = start_by_hand(&app, JOB_CALLBACK, json!({})).await;
+    let other_job = app.run_by_hand(JOB_CALLBACK, json!({})).await;
     let (status, body) = adopt_over_http(&app, &pending, other_job).await;
     assert_eq!(status, reqwest::StatusCode::CONFLICT, "{body}");
     let said = body["error"]["message"].as_str().unwrap();
@@ -383,7 +358,7 @@ async fn adoption_is_refused_with_the_reason_and_changes_nothing() {
     let settled = unique("adopt-settled");
     app.publish(&trigger(&settled, JOB_CALLBACK)).await;
     app.first_event(&settled, Duration::from_secs(20)).await;
-    let again = start_by_hand(&app, JOB_CALLBACK, json!({})).await;
+    let again = app.run_by_hand(JOB_CALLBACK, json!({})).await;
     let (status, body) = adopt_over_http(&app, &settled, again).await;
     assert_eq!(status, reqwest::StatusCode::CONFLICT, "{body}");
     assert!(
@@ -424,7 +399,7 @@ async fn runbridge_audit_prints_what_it_finds_and_fix_applies_the_actions() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 finding(s)"));
 
     let id = unique("cli-orphan");
-    let run = start_by_hand(&app, JOB_NEVER, json!({"promise_id": id})).await;
+    let run = app.run_by_hand(JOB_NEVER, json!({"promise_id": id})).await;
     let text = eventually(Duration::from_secs(20), "the orphan reported", || async {
         let out = audit(&["--since", "1h"]).output().await.unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();

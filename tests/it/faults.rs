@@ -25,16 +25,8 @@ async fn worker_killed_after_launch_converges_on_one_run() {
     let id = unique("killed");
     app.publish(&trigger(&id, JOB_SLOW_CALLBACK)).await;
 
-    eventually(
-        Duration::from_secs(20),
-        "the worker to reach the crash point",
-        || async {
-            std::fs::read_to_string(&marker)
-                .ok()
-                .filter(|s| s.contains("worker.after_launch"))
-        },
-    )
-    .await;
+    app.wait_failpoint("worker.after_launch", Duration::from_secs(20))
+        .await;
     assert_eq!(app.runs_for(&id).await.len(), 1, "run-now returned");
     first.start_kill().expect("SIGKILL"); // tokio's kill is SIGKILL on Unix
     let status = first.wait().await.unwrap();
@@ -93,16 +85,8 @@ async fn a_run_that_called_back_before_it_was_recorded_is_recorded_on_redelivery
     app.publish(&trigger(&id, JOB_CALLBACK)).await;
     let (_, v) = app.first_event(&id, Duration::from_secs(20)).await;
     assert_eq!(v["data"]["settled_by"], "callback");
-    eventually(
-        Duration::from_secs(20),
-        "the worker paused after launch",
-        || async {
-            std::fs::read_to_string(&marker)
-                .ok()
-                .filter(|s| s.contains("worker.after_launch"))
-        },
-    )
-    .await;
+    app.wait_failpoint("worker.after_launch", Duration::from_secs(20))
+        .await;
     first.start_kill().expect("SIGKILL");
     let _ = first.wait().await;
     assert!(app.promise(&id).await.unwrap().run_id.is_none());

@@ -330,6 +330,36 @@ impl TestApp {
         std::env::temp_dir().join(format!("{}.failpoints", self.name))
     }
 
+    /// Waits (up to `limit`) until a child worker noted crash point `point`.
+    #[cfg(feature = "failpoints")]
+    pub async fn wait_failpoint(&self, point: &str, limit: Duration) {
+        let marker = self.failpoint_marker();
+        eventually(limit, &format!("a worker to reach {point}"), || async {
+            std::fs::read_to_string(&marker)
+                .ok()
+                .filter(|s| s.contains(point))
+        })
+        .await;
+    }
+
+    /// `run-now` as a person or another tool sends it, straight to the
+    /// emulator: no idempotency token, whatever job parameters they chose.
+    /// The run's id.
+    pub async fn run_by_hand(&self, job_id: u64, job_parameters: Value) -> u64 {
+        let r: Value = self
+            .http
+            .post(format!("{}/api/2.2/jobs/run-now", self.emulator_url))
+            .bearer_auth("dapi-test")
+            .json(&json!({"job_id": job_id, "job_parameters": job_parameters}))
+            .send()
+            .await
+            .expect("emulator reachable")
+            .json()
+            .await
+            .expect("emulator json");
+        r["run_id"].as_u64().expect("a run id")
+    }
+
     /// A `runbridge worker` child process of this app with `failpoints`
     /// armed (`RUNBRIDGE_FAILPOINTS`), noting them in
     /// [`TestApp::failpoint_marker`]; killed when dropped.

@@ -418,16 +418,8 @@ async fn a_worker_killed_during_the_second_relaunch_still_makes_three_runs() {
     // takes 10 s, also beside four busy loops on two cores; a loaded `make
     // test` took over 30 s once, so the bound is the one the settlement
     // below has.
-    eventually(
-        Duration::from_secs(60),
-        "the worker to reach the second relaunch",
-        || async {
-            std::fs::read_to_string(&marker)
-                .ok()
-                .filter(|s| s.contains("retry.after_relaunch"))
-        },
-    )
-    .await;
+    app.wait_failpoint("retry.after_relaunch", Duration::from_secs(60))
+        .await;
     assert_eq!(app.runs_for(&id).await.len(), 3, "the third run exists");
     first.start_kill().expect("SIGKILL");
     assert!(!first.wait().await.unwrap().success());

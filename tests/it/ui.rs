@@ -382,20 +382,10 @@ async fn console_in_a_real_browser() {
     let (pending, _) = real_data(&mut app).await;
     // A run started by hand for a promise nobody made: the audit's orphan.
     let orphan_of = unique("never-made");
-    let r: serde_json::Value = app
-        .http
-        .post(format!("{}/api/2.2/jobs/run-now", app.emulator_url))
-        .bearer_auth("dapi-test")
-        .json(
-            &serde_json::json!({"job_id": JOB_NEVER, "job_parameters": {"promise_id": orphan_of}}),
-        )
-        .send()
+    let orphan_run = app
+        .run_by_hand(JOB_NEVER, serde_json::json!({"promise_id": orphan_of}))
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let orphan_run = r["run_id"].as_u64().unwrap().to_string();
+        .to_string();
     eventually(
         Duration::from_secs(20),
         "the audit kept the orphan",

@@ -11,12 +11,11 @@ use maud::{Markup, html};
 use super::layout::{Nav, page, respond, state_class};
 use super::session::Cookies;
 use super::{
-    checked_form, error_page, see_other, session, unauthorized, unavailable_page, unconfirmed,
-    url_enc,
+    confirmed_promise_form, error_page, see_other, session, unauthorized, unavailable_page, url_enc,
 };
 use crate::audit::adopt::{AdoptError, adopt};
 use crate::audit::{Finding, kept_findings};
-use crate::domain::{PromiseId, RunId};
+use crate::domain::RunId;
 use crate::sidecar::St;
 use crate::store::Store;
 
@@ -108,20 +107,10 @@ pub(super) fn adopt_form(csrf: &str, id: &str) -> Markup {
 
 /// `POST /ui/adopt`.
 pub async fn adopt_action<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
-    let (s, f) = match checked_form(&st, &h, body).await {
+    let (s, f, id) = match confirmed_promise_form(&st, &h, body).await {
         Ok(x) => x,
         Err(refused) => return refused,
     };
-    let Some(Ok(id)) = f.get("id").map(|i| PromiseId::parse(i)) else {
-        return error_page(
-            &s,
-            StatusCode::BAD_REQUEST,
-            "The form names no valid promise id.",
-        );
-    };
-    if let Some(refused) = unconfirmed(&s, &f) {
-        return refused;
-    }
     let Some(run) = f
         .get("run_id")
         .and_then(|r| r.trim().parse::<u64>().ok())

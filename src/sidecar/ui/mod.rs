@@ -131,6 +131,28 @@ async fn checked_form<S: Store>(
     Ok((s, f))
 }
 
+/// A checked form ([`checked_form`]) that acts on one promise: it names a
+/// valid promise id and its "I am sure" box is ticked, else the page that
+/// says so (nothing changed).
+async fn confirmed_promise_form<S: Store>(
+    st: &AppState<S>,
+    h: &HeaderMap,
+    body: Body,
+) -> Result<(String, HashMap<String, String>, crate::domain::PromiseId), Response> {
+    let (s, f) = checked_form(st, h, body).await?;
+    let Some(Ok(id)) = f.get("id").map(|i| crate::domain::PromiseId::parse(i)) else {
+        return Err(error_page(
+            &s,
+            StatusCode::BAD_REQUEST,
+            "The form names no valid promise id.",
+        ));
+    };
+    if let Some(refused) = unconfirmed(&s, &f) {
+        return Err(refused);
+    }
+    Ok((s, f, id))
+}
+
 /// The "I am sure" box of a form that settles or republishes, unticked.
 fn unconfirmed(session: &str, f: &HashMap<String, String>) -> Option<Response> {
     (f.get("confirm").map(String::as_str) != Some("yes")).then(|| {

@@ -12,8 +12,8 @@ use maud::{Markup, html};
 use super::layout::{Nav, alert, confirm_box, csrf_field, notice, page, respond, state_class};
 use super::session::Cookies;
 use super::{
-    checked_form, done_notice, error_page, query, see_other, session, unauthorized,
-    unavailable_page, unconfirmed, url_enc,
+    confirmed_promise_form, done_notice, error_page, query, see_other, session, unauthorized,
+    unavailable_page, url_enc,
 };
 use crate::domain::IdPattern;
 use crate::domain::{Completion, Payload, Promise, PromiseId, SettledBy, State};
@@ -535,20 +535,10 @@ pub async fn promise<S: Store>(
 /// `POST /ui/act`: cancel, resolve, reject or retry one promise by hand. The
 /// CSRF token and the confirmation box are checked before anything else.
 pub async fn act<S: Store>(st: St<S>, h: HeaderMap, body: Body) -> Response {
-    let (s, f) = match checked_form(&st, &h, body).await {
+    let (s, f, id) = match confirmed_promise_form(&st, &h, body).await {
         Ok(x) => x,
         Err(refused) => return refused,
     };
-    let Some(Ok(id)) = f.get("id").map(|i| PromiseId::parse(i)) else {
-        return error_page(
-            &s,
-            StatusCode::BAD_REQUEST,
-            "The form names no valid promise id.",
-        );
-    };
-    if let Some(refused) = unconfirmed(&s, &f) {
-        return refused;
-    }
     let value = f.get("value").cloned().unwrap_or_default();
     let back = format!("/ui/promises/{}", id.as_str());
     if f.get("action").map(String::as_str) == Some("retry") {

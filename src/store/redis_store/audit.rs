@@ -12,18 +12,8 @@ impl Audits for RedisStore {
         member: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn().await?;
-        let held: i64 = self
-            .scripts
-            .lease
-            .key(self.keys.audit_lease(workspace))
-            .arg(member)
-            .arg(millis(ttl).max(1))
-            .arg("hold")
-            .invoke_async(&mut conn)
+        self.hold_lease(self.keys.audit_lease(workspace), member, ttl)
             .await
-            .map_err(unavailable)?;
-        Ok(held == 1)
     }
 
     async fn last_audit(&self, workspace: &str) -> Result<Option<i64>, StoreError> {

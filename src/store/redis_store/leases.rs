@@ -42,18 +42,8 @@ impl Leases for RedisStore {
     }
 
     async fn hold(&self, partition: u32, member: &str, ttl: Duration) -> Result<bool, StoreError> {
-        let mut conn = self.conn().await?;
-        let held: i64 = self
-            .scripts
-            .lease
-            .key(self.keys.lease(partition))
-            .arg(member)
-            .arg(millis(ttl).max(1))
-            .arg("hold")
-            .invoke_async(&mut conn)
+        self.hold_lease(self.keys.lease(partition), member, ttl)
             .await
-            .map_err(unavailable)?;
-        Ok(held == 1)
     }
 
     async fn release(&self, partition: u32, member: &str) -> Result<(), StoreError> {
@@ -69,5 +59,30 @@ impl Leases for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+}
+
+impl RedisStore {
+    /// Takes the lease `key` if it is free, or renews it if `member` holds
+    /// it (`lease.lua`); false while another member holds it. A partition's
+    /// lease and a workspace's audit lease alike.
+    pub(super) async fn hold_lease(
+        &self,
+        key: String,
+        member: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let held: i64 = self
+            .scripts
+            .lease
+            .key(key)
+            .arg(member)
+            .arg(millis(ttl).max(1))
+            .arg("hold")
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(held == 1)
     }
 }

@@ -168,8 +168,8 @@ async fn plant_all(
     p: &Plants,
     out: &mut Planted,
 ) -> Result<()> {
-    let b = Broker::connect(bs).await?;
-    let publisher = b.publisher().await?;
+    // The broker, Redis and the emulator come and go under the faults:
+    // every step is retried until it goes through.
     for body in [
         json!({"id": p.orphan, "job_id": 1}),
         json!({"id": p.duplicate, "job_id": 10}),
@@ -178,14 +178,16 @@ async fn plant_all(
     ] {
         let bytes = serde_json::to_vec(&body)?;
         wait_for("publishing a planted trigger", || async {
-            publisher
-                .publish_trigger(&bytes, None, None, None)
-                .await
-                .ok()
+            let b = Broker::connect(bs).await.ok()?;
+            let sent = match b.publisher().await {
+                Ok(p) => p.publish_trigger(&bytes, None, None, None).await.ok(),
+                Err(_) => None,
+            };
+            b.close().await;
+            sent
         })
         .await?;
     }
-    b.close().await;
 
     // lost: its check off the schedule while its run goes on (8 s).
     let run = wait_for("the lost plant's run recorded", || async {
@@ -194,14 +196,18 @@ async fn plant_all(
     .await?;
     let id = PromiseId::parse(&p.lost)?;
     let keys = store.keys();
-    let mut conn = redis::Client::open(redis_url)?
-        .get_multiplexed_async_connection()
-        .await?;
-    let _: i64 = redis::cmd("ZREM")
-        .arg(keys.polls(keys.partition(&id)))
-        .arg(&p.lost)
-        .query_async(&mut conn)
-        .await?;
+    let polls = keys.polls(keys.partition(&id));
+    let client = redis::Client::open(redis_url)?;
+    wait_for("taking the lost plant's check off the schedule", || async {
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("ZREM")
+            .arg(&polls)
+            .arg(&p.lost)
+            .query_async::<i64>(&mut conn)
+            .await
+            .ok()
+    })
+    .await?;
     // Visible once its run has ended and lost_after has passed.
     out.visible_at.insert(
         FindingKind::Lost,
