@@ -339,6 +339,43 @@ fn databricks_detail(e: &DatabricksError) -> String {
 
 /// Runs every check. `jobs`: job ids to look at, in `workspace` (the
 /// default workspace when `None`).
+/// Whether anyone listens to the events: a relay notes when a completion
+/// event came back unroutable (no queue bound to the events exchange for
+/// it) and clears the note once one is routed. AMQP cannot list an
+/// exchange's bindings, so this is what the relays saw.
+fn listener_finding(
+    unroutable: Result<Option<i64>, crate::store::StoreError>,
+    exchange: &str,
+) -> Finding {
+    match unroutable {
+        Ok(None) => finding(
+            "rabbitmq",
+            "event listeners",
+            Level::Ok,
+            format!(
+                "no completion event came back unroutable from {exchange} since one was last routed"
+            ),
+        ),
+        Ok(Some(at)) => {
+            let ago = (chrono::Utc::now().timestamp_millis() - at).max(0) / 1000;
+            finding(
+                "rabbitmq",
+                "event listeners",
+                Level::Warn,
+                format!(
+                    "completion events come back unroutable (the last {ago} s ago): no queue is bound to {exchange} for them; they wait in the outbox until one is (bind your consumers' queue with promise.#)"
+                ),
+            )
+        }
+        Err(e) => finding(
+            "rabbitmq",
+            "event listeners",
+            Level::Warn,
+            format!("could not read: {e}"),
+        ),
+    }
+}
+
 pub async fn run(settings: &Settings, job_ids: &[u64], workspace: Option<&str>) -> Report {
     let mut r = Report::default();
     for role in [Role::Worker, Role::Sidecar] {
@@ -381,9 +418,14 @@ pub async fn run(settings: &Settings, job_ids: &[u64], workspace: Option<&str>) 
                 let policy = store.server_setting("maxmemory-policy").await;
                 let aof = store.server_setting("appendonly").await;
                 match (policy, aof) {
-                    (Ok(p), Ok(a)) => r
-                        .findings
-                        .extend(redis_findings(p.as_deref(), a.as_deref())),
+                    (Ok(p), Ok(a)) => {
+                        r.findings
+                            .extend(redis_findings(p.as_deref(), a.as_deref()));
+                        r.findings.push(listener_finding(
+                            store.events_unroutable().await,
+                            &settings.amqp.events_exchange,
+                        ));
+                    }
                     (Err(e), _) | (_, Err(e)) => {
                         r.findings
                             .push(finding("redis", "settings", Level::Fail, e.to_string()))

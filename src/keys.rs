@@ -169,6 +169,13 @@ impl Keys {
         format!("{}:{{ws:{workspace}}}:pause:{class}", self.prefix)
     }
 
+    /// When a completion event last came back unroutable (ms; absent once
+    /// one is routed again): no queue was bound to the events exchange.
+    /// Written by the relays, read by `runbridge check`.
+    pub fn events_unroutable(&self) -> String {
+        format!("{}:{{events}}:unroutable", self.prefix)
+    }
+
     /// The worker auditing a workspace (string, with an expiry; see
     /// `audit`): one at a time, in the workspace's slot.
     pub fn audit_lease(&self, workspace: &str) -> String {

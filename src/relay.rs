@@ -154,6 +154,15 @@ async fn is_stale_progress<S: PromiseStore>(store: &S, entry: &OutboxEntry) -> b
     matches!(store.get(&p.id).await, Ok(Some(now)) if now.activity.published_on.is_some())
 }
 
+/// Whether a batch's events found a queue: some came back unroutable, or
+/// some were confirmed and none came back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Routing {
+    Unroutable,
+    Routed,
+    Unknown,
+}
+
 /// Publishes a batch concurrently (confirms awaited together), follows up
 /// families, and acks what was confirmed.
 async fn publish_batch<O: Outbox, S: PromiseStore + Families>(
@@ -161,7 +170,7 @@ async fn publish_batch<O: Outbox, S: PromiseStore + Families>(
     outbox: &mut O,
     store: &S,
     entries: Vec<OutboxEntry>,
-) -> Result<Round, crate::store::StoreError> {
+) -> Result<(Round, Routing), crate::store::StoreError> {
     // Checked first, so that the publishes below start in stream order (a
     // progress event before its promise's completion event).
     let stale = join_all(entries.iter().map(|e| is_stale_progress(store, e))).await;
@@ -184,6 +193,13 @@ async fn publish_batch<O: Outbox, S: PromiseStore + Families>(
         .collect();
     let followed = join_all(settled.into_iter().map(|e| follow_up(store, e))).await;
     let mut followed = followed.into_iter();
+    let routing = if results.contains(&Published::Kept) {
+        Routing::Unroutable
+    } else if results.contains(&Published::Confirmed) {
+        Routing::Routed
+    } else {
+        Routing::Unknown
+    };
     let mut round = Round::Healthy;
     for (entry, r) in entries.iter().zip(results) {
         let follow_failed =
@@ -202,7 +218,7 @@ async fn publish_batch<O: Outbox, S: PromiseStore + Families>(
             Published::Broken => round = Round::Broken,
         }
     }
-    Ok(round)
+    Ok((round, routing))
 }
 
 /// Runs the relay until `shutdown`, reconnecting to Redis and RabbitMQ as
@@ -246,6 +262,9 @@ pub async fn run(
         backoff = reconnect_backoff();
         tracing::info!(consumer = %settings.consumer, "outbox relay running");
         let mut last_reclaim = tokio::time::Instant::now() - settings.reclaim_interval;
+        // What this relay last noted of the listeners, for `runbridge check`
+        // (written when it changes, and each round that finds none).
+        let mut noted_routed: Option<bool> = None;
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -272,6 +291,25 @@ pub async fn run(
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = round => r,
+            };
+            let outcome = match outcome {
+                Ok((round, routing)) => {
+                    let note = match routing {
+                        Routing::Unroutable => Some(Some(chrono::Utc::now().timestamp_millis())),
+                        Routing::Routed if noted_routed != Some(true) => Some(None),
+                        _ => None,
+                    };
+                    if let Some(at) = note {
+                        match store.note_events_unroutable(at).await {
+                            Ok(()) => noted_routed = Some(at.is_none()),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "could not note whether events are routed")
+                            }
+                        }
+                    }
+                    Ok(round)
+                }
+                Err(e) => Err(e),
             };
             match outcome {
                 Ok(Round::Healthy) => progress.mark(),

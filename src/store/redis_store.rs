@@ -619,6 +619,36 @@ impl RedisStore {
 }
 
 impl RedisStore {
+    /// Notes when a completion event came back unroutable (`Some(ms)`), or
+    /// that events are routed again (`None`).
+    pub async fn note_events_unroutable(&self, at: Option<i64>) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let key = self.keys.events_unroutable();
+        let _: () = match at {
+            Some(ms) => {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(ms)
+                    .query_async(&mut conn)
+                    .await
+            }
+            None => redis::cmd("DEL").arg(&key).query_async(&mut conn).await,
+        }
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// When a completion event last came back unroutable, if none was
+    /// routed since (`runbridge check`).
+    pub async fn events_unroutable(&self) -> Result<Option<i64>, StoreError> {
+        let mut conn = self.conn().await?;
+        redis::cmd("GET")
+            .arg(self.keys.events_unroutable())
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
     /// A server setting (`CONFIG GET`), for `runbridge check`: `Ok(None)`
     /// when the server will not say (managed services often rename or
     /// refuse CONFIG).

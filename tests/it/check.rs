@@ -138,3 +138,56 @@ async fn check_says_what_is_ready_and_what_to_change() {
     );
     app.stop().await;
 }
+
+/// With no queue bound to the events exchange, a completion event comes
+/// back unroutable and `runbridge check` says so; once a queue is bound and
+/// the event is routed, it says all is well.
+#[tokio::test]
+async fn check_warns_while_nobody_listens_to_the_events() {
+    let app = TestApp::spawn_with(Options {
+        unheard: true,
+        ..Default::default()
+    })
+    .await;
+    let id = unique("unheard");
+    app.publish(&trigger(&id, JOB_CALLBACK)).await;
+    eventually(Duration::from_secs(20), "the relay noted it", || async {
+        app.store.events_unroutable().await.ok().flatten()
+    })
+    .await;
+    let (_, out) = check(&app, &[], &[]).await;
+    let l = line(&out, "rabbitmq", "event listeners");
+    assert!(l.starts_with("warn") && l.contains("promise.#"), "{out}");
+
+    let mut heard = app
+        .broker
+        .listen(Some(&app.settings.amqp.events_exchange), "promise.#")
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(20), heard.next())
+        .await
+        .expect("the kept event arrives")
+        .unwrap();
+    assert_eq!(
+        ev.message_id.as_deref(),
+        Some(format!("{id}/RESOLVED").as_str())
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the relay noted it routed",
+        || async {
+            app.store
+                .events_unroutable()
+                .await
+                .ok()
+                .filter(Option::is_none)
+        },
+    )
+    .await;
+    let (_, out) = check(&app, &[], &[]).await;
+    assert!(
+        line(&out, "rabbitmq", "event listeners").starts_with("ok"),
+        "{out}"
+    );
+    app.stop().await;
+}
