@@ -267,11 +267,13 @@ pub async fn run_worker(s: &Settings, shutdown: CancellationToken) -> Result<(),
             name.clone(),
             shutdown.clone(),
         );
-        async move {
+        // Boxed, as the audit's future is large and the worker's join of
+        // its loops is polled on one stack.
+        Box::pin(async move {
             if let Some(a) = auditor {
                 a.run(workspaces, member, sd).await;
             }
-        }
+        })
     };
     let relay = relay::run(
         store,

@@ -39,14 +39,6 @@ pub enum AdoptError {
     Store(#[from] StoreError),
 }
 
-impl AdoptError {
-    /// The refusals that are the caller's to fix (HTTP 4xx), as opposed to
-    /// a dependency that is down.
-    pub fn is_refusal(&self) -> bool {
-        !matches!(self, AdoptError::Databricks(_) | AdoptError::Store(_))
-    }
-}
-
 fn what_runs(job_id: Option<u64>) -> String {
     match job_id {
         Some(j) => format!("job {j}"),

@@ -632,7 +632,7 @@ impl<S: PromiseStore + Audits, J: Jobs> Auditor<S, J> {
             }
         };
         let outcome = tokio::select! {
-            r = self.audit(ws, since, Mode::Act) => r,
+            r = Box::pin(self.audit(ws, since, Mode::Act)) => r,
             () = renew => {
                 tracing::warn!(workspace = %ws, "audit lease lost mid-audit; another worker audits");
                 return;

@@ -179,7 +179,7 @@ async fn cancel_unlaunched<S: PromiseStore + Families, J: Jobs>(
             }
             if c.state.is_settled() {
                 if let Some(run) = child.launch() {
-                    super::record_called_back_run(ctx, &child, run, &c).await;
+                    Box::pin(super::record_called_back_run(ctx, &child, run, &c)).await;
                 }
                 return Ok(());
             }
@@ -282,7 +282,7 @@ async fn ensure_child<S: PromiseStore + Families, J: Jobs>(
     };
     if promise.state.is_settled() {
         if let Some(run) = child.launch() {
-            super::record_called_back_run(ctx, &child, run, &promise).await;
+            Box::pin(super::record_called_back_run(ctx, &child, run, &promise)).await;
         }
         return Ok(());
     }

@@ -311,7 +311,10 @@ async fn process_in_span<S: PromiseStore + Families, J: Jobs>(
         Err(e) => return store_failure(e),
     };
     if promise.state.is_settled() {
-        record_called_back_run(ctx, &t, run, &promise).await;
+        // Boxed: a launch's future is large, and this path is rare; kept
+        // inline it grew every delivery's future past a thread's stack in
+        // debug builds.
+        Box::pin(record_called_back_run(ctx, &t, run, &promise)).await;
         launched("already_settled");
         return reply_for(&promise, &t);
     }
