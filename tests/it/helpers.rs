@@ -346,18 +346,30 @@ impl TestApp {
     /// emulator: no idempotency token, whatever job parameters they chose.
     /// The run's id.
     pub async fn run_by_hand(&self, job_id: u64, job_parameters: Value) -> u64 {
-        let r: Value = self
-            .http
-            .post(format!("{}/api/2.2/jobs/run-now", self.emulator_url))
-            .bearer_auth("dapi-test")
-            .json(&json!({"job_id": job_id, "job_parameters": job_parameters}))
+        let body = json!({"job_id": job_id, "job_parameters": job_parameters});
+        let r = self.emulator_post("/api/2.2/jobs/run-now", &body).await;
+        r["run_id"].as_u64().expect("a run id")
+    }
+
+    /// POST to the emulator's Jobs API with the token the app's workspace
+    /// uses; the answer as JSON.
+    async fn emulator_post(&self, path: &str, body: &Value) -> Value {
+        let token = self
+            .overrides
+            .iter()
+            .find(|(k, _)| *k == "databricks.workspaces.default.token")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        self.http
+            .post(format!("{}{path}", self.emulator_url))
+            .bearer_auth(token)
+            .json(body)
             .send()
             .await
             .expect("emulator reachable")
             .json()
             .await
-            .expect("emulator json");
-        r["run_id"].as_u64().expect("a run id")
+            .expect("emulator json")
     }
 
     /// A `runbridge worker` child process of this app with `failpoints`
@@ -557,23 +569,7 @@ impl TestApp {
     /// `jobs/create` on the emulator, with the token the app's workspace
     /// uses; the new job's id.
     pub async fn create_job(&self, settings: Value) -> u64 {
-        let token = self
-            .overrides
-            .iter()
-            .find(|(k, _)| *k == "databricks.workspaces.default.token")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
-        let r: Value = self
-            .http
-            .post(format!("{}/api/2.2/jobs/create", self.emulator_url))
-            .bearer_auth(token)
-            .json(&settings)
-            .send()
-            .await
-            .expect("emulator reachable")
-            .json()
-            .await
-            .expect("emulator json");
+        let r = self.emulator_post("/api/2.2/jobs/create", &settings).await;
         r["job_id"].as_u64().expect("a job id")
     }
 

@@ -200,6 +200,14 @@ async fn main() -> Result<()> {
         Duration::from_secs(args.quiet_seconds),
     )
     .await;
+    // The audit works through what the faults left it; its findings of the
+    // plants are waited for (bounded) before the processes stop.
+    audit::wait_found(
+        &store,
+        &planted,
+        Duration::from_secs(args.quiet_seconds * 3),
+    )
+    .await;
     stop_supervisor.store(true, Ordering::Relaxed);
     let _ = supervisor.await;
     let mut ps = procs.lock().await;
