@@ -224,7 +224,11 @@ impl<S: PromiseStore + Audits, J: Jobs> Auditor<S, J> {
                     .await?;
                 report.calls += 1;
                 for run in &page.runs {
-                    if query == RunsQuery::Active {
+                    // Active runs of either listing are kept: a run the
+                    // window showed active may end before the next audit,
+                    // whose window then starts after it did (and a listing
+                    // paged while runs end can skip one).
+                    if query == RunsQuery::Active || RunSide::of(run).is_active() {
                         active.push(run.run_id);
                     }
                     if seen.insert(run.run_id) {
